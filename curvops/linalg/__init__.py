@@ -1,0 +1,43 @@
+"""Structured linear algebra: symmetric operators that know their own fast paths.
+
+No neural-network code lives here; every operator is tested against ``torch.linalg`` on
+its dense matrix.
+"""
+
+from .base import CurvatureOperator
+from .composite import BlockDiagonal, Scaled, Sum
+from .diagonal import Diagonal, Identity
+from .estimators import (
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_diagonal,
+    hutchpp_trace,
+    lanczos,
+    slq_logdet,
+)
+from .kronecker import Dense, Kronecker, KroneckerEigen
+from .lowrank import LowRankUpdate
+from .solvers import CGInverse, cg
+from .state import from_state_dict
+
+__all__ = [
+    "BlockDiagonal",
+    "CGInverse",
+    "CurvatureOperator",
+    "Dense",
+    "Diagonal",
+    "Identity",
+    "Kronecker",
+    "KroneckerEigen",
+    "LowRankUpdate",
+    "Scaled",
+    "Sum",
+    "cg",
+    "from_state_dict",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "hutchpp_diagonal",
+    "hutchpp_trace",
+    "lanczos",
+    "slq_logdet",
+]

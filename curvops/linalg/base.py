@@ -1,0 +1,451 @@
+"""The base class of every curvops operator: a symmetric ``D x D`` linear operator.
+
+A subclass implements ``_matmat`` and, where it has structure, the hooks ``_to_dense``,
+``_diagonal``, ``_trace``, ``_logdet`` and ``_inverse``. Everything else — input checks,
+NumPy and SciPy interop, estimator selection, ``det``, composition and state dicts — lives
+here once.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from numbers import Real
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse.linalg
+import torch
+from torch import Tensor
+
+from . import estimators, spectral
+
+TRACE_METHODS = ("exact", "hutchinson", "hutch++")
+DIAGONAL_METHODS = ("exact", "hutchinson", "hutch++")
+LOGDET_METHODS = ("exact", "slq")
+INVERSE_METHODS = ("exact", "cg")
+
+_REGISTRY: dict[str, type[CurvatureOperator]] = {}
+
+
+def check_damping(damping: float) -> float:
+    """Return ``damping`` as a float, raising ``ValueError`` unless it is finite and ``>= 0``."""
+    if isinstance(damping, Tensor):
+        damping = damping.item()
+    if not isinstance(damping, Real) or not math.isfinite(damping) or damping < 0:
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}.")
+    return float(damping)
+
+
+def _check_method(method: str, allowed: tuple[str, ...], what: str) -> None:
+    if method not in allowed:
+        raise ValueError(f"Unknown {what} method {method!r}; choose one of {allowed}.")
+
+
+class CurvatureOperator(ABC):
+    """A symmetric linear operator ``op`` of shape ``(D, D)`` on one flat parameter vector.
+
+    Vectors are torch tensors of shape ``[D]`` and matrices of vectors ``[D, K]``, on the
+    operator's ``device`` and of its ``dtype``. ``matvec``/``matmat`` also take NumPy arrays
+    (cast to ``dtype``) and return NumPy, for SciPy; :meth:`to_scipy` wraps the operator as a
+    ``scipy.sparse.linalg.LinearOperator``.
+
+    Every quantity has an ``"exact"`` method, which uses the operator's structure where it
+    has one and otherwise the dense matrix, and stochastic estimators for matrix-free use:
+    Hutchinson / Hutch++ for ``trace`` and ``diagonal``, stochastic Lanczos quadrature for
+    ``logdet`` and conjugate gradients for ``inverse``.
+
+    Operators compose: ``op1 + op2`` (:class:`Sum`), ``c * op`` (:class:`Scaled`) and
+    ``op + λ * Identity(D)``, whose inverse and logdet stay exact through ``op``'s structure.
+
+    Example:
+        >>> import curvops
+        >>> op = curvops.Diagonal(torch.tensor([1.0, 2.0, 3.0]))
+        >>> (op @ torch.ones(3)).tolist()
+        [1.0, 2.0, 3.0]
+        >>> op.trace().item(), round(op.logdet(damping=1.0).item(), 4)  # log(2 * 3 * 4)
+        (6.0, 3.1781)
+    """
+
+    _state_type: ClassVar[str]
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.shape = (int(size), int(size))
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._state_type = cls.__name__
+        _REGISTRY[cls.__name__] = cls
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+
+    # ----------------------------------------------------------------- hooks to implement
+    @abstractmethod
+    def _matmat(self, x: Tensor) -> Tensor:
+        """``op @ x`` for a checked ``[D, K]`` tensor on the operator's device and dtype."""
+
+    def _to_dense(self) -> Tensor:
+        size = self.shape[0]
+        eye = torch.eye(size, dtype=self.dtype, device=self.device)
+        return torch.cat([self._matmat(cols) for cols in eye.split(self._chunk_size(), dim=1)], dim=1)
+
+    def _diagonal(self) -> Tensor:
+        size = self.shape[0]
+        eye = torch.eye(size, dtype=self.dtype, device=self.device)
+        parts, start = [], 0
+        for cols in eye.split(self._chunk_size(), dim=1):
+            stop = start + cols.shape[1]
+            parts.append(self._matmat(cols)[start:stop].diagonal())
+            start = stop
+        return torch.cat(parts)
+
+    def _trace(self) -> Tensor:
+        return self._diagonal().sum()
+
+    def _logdet(self, damping: float) -> Tensor:
+        dense = self._to_dense()
+        eigenvalues = torch.linalg.eigvalsh(0.5 * (dense + dense.T).to(torch.float64))
+        return spectral.logdet_from_eigenvalues(eigenvalues, damping, self._rtol()).to(self.dtype)
+
+    def _inverse(self, damping: float, factored: bool) -> CurvatureOperator:
+        from .kronecker import KroneckerEigen
+
+        dense = self._to_dense()
+        eigenvalues, eigenvectors = spectral.eigh(0.5 * (dense + dense.T))
+        inverse = spectral.inverse_eigenvalues(eigenvalues, damping, self._rtol())
+        return KroneckerEigen([eigenvectors], inverse)
+
+    # state dict hooks: tensors, child operators and plain settings that rebuild the operator
+    def _state_tensors(self) -> dict[str, Tensor]:
+        return {}
+
+    def _state_children(self) -> list[CurvatureOperator]:
+        return []
+
+    def _state_config(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def _from_state(
+        cls,
+        tensors: dict[str, Tensor],
+        children: list[CurvatureOperator],
+        config: dict[str, Any],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> CurvatureOperator:
+        raise TypeError(f"{cls.__name__} cannot be rebuilt from a state dict.")
+
+    # ------------------------------------------------------------------------ helpers
+    def _rtol(self) -> float:
+        """Relative size under which an eigenvalue computed by ``eigh`` counts as zero."""
+        return torch.finfo(self.dtype).eps * max(self.shape[0], 1)
+
+    def _chunk_size(self) -> int:
+        """Columns per block when the operator is applied to unit vectors."""
+        return max(1, min(self.shape[0], 2**22 // max(self.shape[0], 1)))
+
+    def _check_tensor(self, x: Tensor) -> None:
+        size = self.shape[0]
+        if x.ndim not in (1, 2) or x.shape[0] != size:
+            raise ValueError(
+                f"{type(self).__name__} of shape {self.shape} takes a tensor of shape [{size}] or "
+                f"[{size}, K], got {list(x.shape)}."
+            )
+        if x.device != self.device:
+            raise ValueError(
+                f"Input is on {x.device} but the operator is on {self.device}; "
+                f"move it with x.to({str(self.device)!r})."
+            )
+        if x.dtype != self.dtype:
+            raise TypeError(
+                f"Input has dtype {x.dtype} but the operator has dtype {self.dtype}; "
+                f"cast it with x.to({self.dtype})."
+            )
+
+    # ------------------------------------------------------------------ products
+    def __matmul__(self, x: Tensor | np.ndarray) -> Tensor | np.ndarray:
+        """``op @ x`` for ``x`` of shape ``[D]`` or ``[D, K]``; see :meth:`matmat`."""
+        if isinstance(x, (Tensor, np.ndarray)):
+            return self.matmat(x)
+        return NotImplemented
+
+    def matmat(self, x: Tensor | np.ndarray) -> Tensor | np.ndarray:
+        """``op @ x`` for ``x`` of shape ``[D]`` or ``[D, K]``, returning the same shape.
+
+        A torch tensor must be on the operator's device and of its dtype (else a clear error);
+        a NumPy array is cast to the operator's dtype and device and the result returned as
+        NumPy, so SciPy can call this method.
+
+        Example:
+            >>> op = curvops.Dense(torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
+            >>> op.matmat(np.array([1.0, 0.0])).tolist()
+            [2.0, 1.0]
+        """
+        if isinstance(x, np.ndarray):
+            tensor = torch.as_tensor(np.ascontiguousarray(x), device=self.device).to(self.dtype)
+            return self.matmat(tensor).cpu().numpy()
+        if not isinstance(x, Tensor):
+            raise TypeError(f"Expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}.")
+        self._check_tensor(x)
+        if x.ndim == 1:
+            return self._matmat(x.unsqueeze(1)).squeeze(1)
+        return self._matmat(x)
+
+    matvec = matmat
+    rmatvec = matmat
+    rmatmat = matmat
+
+    def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
+        """This operator as a ``scipy.sparse.linalg.LinearOperator`` (NumPy in, NumPy out).
+
+        Example:
+            >>> from scipy.sparse.linalg import eigsh
+            >>> op = curvops.Diagonal(torch.arange(1.0, 6.0, dtype=torch.float64))
+            >>> sorted(eigsh(op.to_scipy(), k=2)[0].round(6).tolist())
+            [4.0, 5.0]
+        """
+        numpy_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        return scipy.sparse.linalg.LinearOperator(
+            self.shape,
+            matvec=self.matmat,
+            rmatvec=self.matmat,
+            matmat=self.matmat,
+            rmatmat=self.matmat,
+            dtype=numpy_dtype,
+        )
+
+    # --------------------------------------------------------------- quantities
+    def to_dense(self) -> Tensor:
+        """The ``[D, D]`` matrix (exact; memory ``D²``).
+
+        Example:
+            >>> curvops.Identity(2, dtype=torch.float32).to_dense().tolist()
+            [[1.0, 0.0], [0.0, 1.0]]
+        """
+        return self._to_dense()
+
+    def trace(
+        self, method: str = "exact", num_samples: int = 100, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``tr(op)`` as a 0-dim tensor.
+
+        Args:
+            method: ``"exact"`` (structure, or ``D`` products with unit vectors),
+                ``"hutchinson"`` (``mean_i z_i^T op z_i``, Rademacher ``z``) or ``"hutch++"``
+                (Meyer et al. 2021: a rank ``num_samples/3`` sketch taken exactly, Hutchinson on
+                the rest).
+            num_samples: products with ``op`` an estimator may spend.
+            generator: random source of the estimators' probes.
+
+        Example:
+            >>> curvops.Diagonal(torch.tensor([1.0, 2.0])).trace().item()
+            3.0
+        """
+        _check_method(method, TRACE_METHODS, "trace")
+        if method == "exact":
+            return self._trace()
+        estimate = estimators.hutchinson_trace if method == "hutchinson" else estimators.hutchpp_trace
+        return estimate(self._matmat, self.shape[0], num_samples, self.dtype, self.device, generator)
+
+    def diagonal(
+        self, method: str = "exact", num_samples: int = 100, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``diag(op)`` of shape ``[D]``.
+
+        Args:
+            method: ``"exact"``, ``"hutchinson"`` (``mean_i z_i ⊙ op z_i``) or ``"hutch++"``
+                (Diag++: a low-rank sketch taken exactly, Hutchinson on the rest).
+            num_samples: products with ``op`` an estimator may spend.
+            generator: random source of the estimators' probes.
+
+        Example:
+            >>> curvops.Dense(torch.tensor([[2.0, 1.0], [1.0, 3.0]])).diagonal().tolist()
+            [2.0, 3.0]
+        """
+        _check_method(method, DIAGONAL_METHODS, "diagonal")
+        if method == "exact":
+            return self._diagonal()
+        estimate = estimators.hutchinson_diagonal if method == "hutchinson" else estimators.hutchpp_diagonal
+        return estimate(self._matmat, self.shape[0], num_samples, self.dtype, self.device, generator)
+
+    def logdet(
+        self,
+        damping: float = 0.0,
+        method: str = "exact",
+        num_samples: int = 10,
+        num_steps: int = 30,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``log det(op + λI)`` of a positive semi-definite operator, ``λ = damping``.
+
+        With ``damping=0`` a singular operator gives ``-inf`` and a
+        :class:`~curvops.errors.SingularOperatorWarning` (never NaN); a negative eigenvalue
+        raises :class:`~curvops.errors.NotPositiveDefiniteError`.
+
+        Args:
+            damping: ``λ >= 0`` added to every eigenvalue.
+            method: ``"exact"`` (structure, or the dense eigenvalues) or ``"slq"``
+                (stochastic Lanczos quadrature: ``num_samples`` Rademacher probes,
+                ``num_steps`` Lanczos steps each; needs ``op + λI`` positive definite).
+            num_samples: SLQ probes.
+            num_steps: SLQ Lanczos steps per probe.
+            generator: random source of the SLQ probes.
+
+        Example:
+            >>> round(curvops.Diagonal(torch.tensor([1.0, 2.0])).logdet(damping=1.0).item(), 4)
+            1.7918
+        """
+        damping = check_damping(damping)
+        _check_method(method, LOGDET_METHODS, "logdet")
+        if method == "exact":
+            return self._logdet(damping)
+        return estimators.slq_logdet(
+            self._matmat, self.shape[0], damping, num_samples, num_steps, self.dtype, self.device, generator
+        )
+
+    def det(self, damping: float = 0.0) -> Tensor:
+        """``det(op + λI) = exp(logdet(op + λI))`` of a positive semi-definite operator.
+
+        The determinant of a curvature matrix over- or underflows easily (``D`` eigenvalues
+        multiplied). Where ``logdet`` is finite but ``exp(logdet)`` is not representable in
+        the operator's dtype this raises ``OverflowError`` instead of returning ``inf`` or
+        ``0``: use :meth:`logdet`. A singular operator with ``damping=0`` gives ``0``.
+
+        Example:
+            >>> curvops.Diagonal(torch.tensor([2.0, 3.0])).det(damping=1.0).item()
+            12.0
+        """
+        logdet = self.logdet(damping)
+        det = logdet.exp()
+        if bool(torch.isfinite(logdet)) and (bool(torch.isinf(det)) or bool(det == 0)):
+            raise OverflowError(
+                f"det(op + {damping}*I) = exp({logdet.item():.6g}) is not representable in "
+                f"{self.dtype}; use logdet() instead."
+            )
+        return det
+
+    def inverse(
+        self,
+        damping: float = 0.0,
+        method: str = "exact",
+        factored: bool = False,
+        rtol: float | None = None,
+        maxiter: int | None = None,
+    ) -> CurvatureOperator:
+        """An operator for ``(op + λI)^-1``, ``λ = damping``.
+
+        Args:
+            damping: ``λ >= 0``. A singular ``op + λI`` raises
+                :class:`~curvops.errors.SingularOperatorError` (pass ``damping > 0``).
+            method: ``"exact"`` (structure, or the dense eigendecomposition) or ``"cg"``
+                (each product solves ``(op + λI) y = x`` by conjugate gradients; needs a
+                positive-definite ``op + λI``).
+            factored: for Kronecker blocks, the factored π-damping of Martens & Grosse (2015),
+                ``(G + λ^½/π I)^-1 ⊗ (A + π λ^½ I)^-1``, instead of the exact damped inverse.
+                Other structures have no factored variant and give the exact inverse.
+            rtol: CG's relative residual tolerance per column (default ``sqrt(eps)``).
+            maxiter: CG's iteration limit (default ``10 D``).
+
+        Example:
+            >>> inv = curvops.Diagonal(torch.tensor([1.0, 3.0])).inverse(damping=1.0)
+            >>> (inv @ torch.ones(2)).tolist()
+            [0.5, 0.25]
+        """
+        damping = check_damping(damping)
+        _check_method(method, INVERSE_METHODS, "inverse")
+        if method == "exact":
+            return self._inverse(damping, bool(factored))
+        from .solvers import CGInverse
+
+        return CGInverse(self, damping, rtol=rtol, maxiter=maxiter)
+
+    # ------------------------------------------------------------------ algebra
+    def __add__(self, other: CurvatureOperator) -> CurvatureOperator:
+        if not isinstance(other, CurvatureOperator):
+            return NotImplemented
+        from .composite import Sum
+
+        return Sum([self, other])
+
+    def __sub__(self, other: CurvatureOperator) -> CurvatureOperator:
+        if not isinstance(other, CurvatureOperator):
+            return NotImplemented
+        return self + (-1.0) * other
+
+    def __mul__(self, scale: float) -> CurvatureOperator:
+        if isinstance(scale, Tensor) and scale.numel() == 1:
+            scale = scale.item()
+        if not isinstance(scale, Real):
+            return NotImplemented
+        from .composite import Scaled
+
+        return Scaled(self, float(scale))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scale: float) -> CurvatureOperator:
+        if not isinstance(scale, Real):
+            return NotImplemented
+        return self * (1.0 / float(scale))
+
+    def __neg__(self) -> CurvatureOperator:
+        return self * -1.0
+
+    # ---------------------------------------------------------------- state dicts
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and small metadata that rebuild this operator; no pickled code.
+
+        The result holds only tensors, strings, numbers, lists and dicts, so it survives
+        ``torch.save`` and ``torch.load(..., weights_only=True)``. Rebuild it with
+        :func:`curvops.from_state_dict` or load it into an operator of the same type and
+        shapes with :meth:`load_state_dict`.
+
+        Example:
+            >>> op = curvops.Kronecker(torch.eye(2), torch.eye(3))
+            >>> sd = op.state_dict()
+            >>> sd["type"], sd["shape"], sorted(sd["tensors"])
+            ('Kronecker', [6, 6], ['factor0', 'factor1'])
+        """
+        return {
+            "type": self._state_type,
+            "shape": list(self.shape),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "tensors": dict(self._state_tensors()),
+            "children": [child.state_dict() for child in self._state_children()],
+            "config": dict(self._state_config()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace this operator's contents by ``state``, keeping its device.
+
+        ``state`` must come from an operator of the same type, shape, dtype and tensor
+        shapes; any mismatch raises :class:`~curvops.errors.StateDictError` naming the key.
+
+        Example:
+            >>> op = curvops.Diagonal(torch.ones(2))
+            >>> op.load_state_dict(curvops.Diagonal(torch.tensor([2.0, 3.0])).state_dict())
+            >>> op.diagonal().tolist()
+            [2.0, 3.0]
+        """
+        from .state import check_state_matches, from_state_dict
+
+        check_state_matches(self.state_dict(), state, type(self).__name__)
+        rebuilt = from_state_dict(state, device=self.device)
+        self.__dict__.update(rebuilt.__dict__)
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> CurvatureOperator:
+        """A copy of this operator on another device and/or dtype.
+
+        Example:
+            >>> curvops.Diagonal(torch.ones(2)).to(dtype=torch.float64).dtype
+            torch.float64
+        """
+        from .state import from_state_dict
+
+        return from_state_dict(self.state_dict(), device=device or self.device, dtype=dtype)

@@ -1,0 +1,97 @@
+"""Diagonal operators: ``Diagonal(d)`` and ``Identity(D)``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import spectral
+from .base import CurvatureOperator
+
+
+class Diagonal(CurvatureOperator):
+    """``diag(d)``: products, trace, logdet and inverse are all elementwise and exact.
+
+    ``logdet(diag(d) + λI) = Σ log(d_i + λ)``; ``(diag(d) + λI)^-1 = diag(1 / (d + λ))``.
+    The entries are taken as exact: only an entry ``d_i + λ == 0`` is singular.
+
+    Args:
+        diagonal: ``[D]`` finite floating-point tensor.
+
+    Example:
+        >>> op = curvops.Diagonal(torch.tensor([1.0, 4.0]))
+        >>> (op.inverse() @ torch.tensor([1.0, 1.0])).tolist()
+        [1.0, 0.25]
+    """
+
+    def __init__(self, diagonal: Tensor) -> None:
+        if not isinstance(diagonal, Tensor) or diagonal.ndim != 1 or not diagonal.is_floating_point():
+            raise ValueError("Diagonal takes a 1-D floating-point tensor.")
+        if not bool(torch.isfinite(diagonal).all()):
+            raise ValueError("Diagonal entries contain NaN or inf.")
+        super().__init__(diagonal.shape[0], diagonal.dtype, diagonal.device)
+        self.entries = diagonal
+
+    def _matmat(self, x: Tensor) -> Tensor:
+        return self.entries.unsqueeze(1) * x
+
+    def _to_dense(self) -> Tensor:
+        return torch.diag(self.entries)
+
+    def _diagonal(self) -> Tensor:
+        return self.entries.clone()
+
+    def _trace(self) -> Tensor:
+        return self.entries.sum()
+
+    def _logdet(self, damping: float) -> Tensor:
+        return spectral.logdet_from_eigenvalues(self.entries, damping, 0.0)
+
+    def _inverse(self, damping: float, factored: bool) -> CurvatureOperator:
+        return Diagonal(spectral.inverse_eigenvalues(self.entries, damping, 0.0))
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        return {"diagonal": self.entries}
+
+    @classmethod
+    def _from_state(cls, tensors, children, config, dtype, device) -> Diagonal:
+        return cls(tensors["diagonal"])
+
+
+class Identity(Diagonal):
+    """The ``D x D`` identity; stores nothing. ``op + λ * Identity(D)`` is damping.
+
+    Args:
+        size: ``D``.
+        dtype: default ``torch.get_default_dtype()``.
+        device: default CPU.
+
+    Example:
+        >>> eye = curvops.Identity(3, dtype=torch.float64)
+        >>> eye.trace().item(), eye.logdet(damping=1.0).item() == 3 * math.log(2.0)
+        (3.0, True)
+    """
+
+    def __init__(
+        self, size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> None:
+        if int(size) < 0:
+            raise ValueError(f"Identity size must be >= 0, got {size}.")
+        dtype = dtype or torch.get_default_dtype()
+        super().__init__(torch.ones((), dtype=dtype, device=device).expand(int(size)))
+
+    def _matmat(self, x: Tensor) -> Tensor:
+        return x.clone()
+
+    def _inverse(self, damping: float, factored: bool) -> CurvatureOperator:
+        return (1.0 / (1.0 + damping)) * Identity(self.shape[0], self.dtype, self.device)
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        return {}
+
+    def _state_config(self) -> dict[str, int]:
+        return {"size": self.shape[0]}
+
+    @classmethod
+    def _from_state(cls, tensors, children, config, dtype, device) -> Identity:
+        return cls(config["size"], dtype, device)

@@ -1,0 +1,37 @@
+"""The README's demo and the benchmark script run end to end."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs(capsys):
+    from curvops import demo
+
+    demo.main()
+    out = capsys.readouterr().out
+    assert "KFAC vs exact GGN: relative Frobenius error" in out
+    assert "eigendecomposition vs CG: relative difference" in out
+
+
+def test_benchmark_quick_mode_runs():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kronecker.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    assert "inv-matvec" in result.stdout and result.stdout.count("x)") >= 12
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    block = re.search(r"## A taste\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    x = namespace["torch"].randn(660, dtype=namespace["torch"].float64)
+    assert namespace["torch"].allclose(namespace["same"] @ x, namespace["model"] @ x)
