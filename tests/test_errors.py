@@ -177,3 +177,14 @@ def test_load_keeps_the_device_and_replaces_the_contents(op):
 def test_kronecker_eigen_accepts_nearly_orthonormal_float32():
     q = random_orthogonal(50, dtype=torch.float32)
     curvops.KroneckerEigen([q], torch.ones(50))
+
+
+def test_user_subclass_does_not_shadow_a_built_in_operator():
+    class Dense(curvops.Diagonal):
+        pass
+
+    mine = Dense(torch.ones(2))
+    assert mine.state_dict()["type"].endswith("test_user_subclass_does_not_shadow_a_built_in_operator.<locals>.Dense")
+    rebuilt = curvops.from_state_dict(curvops.Dense(torch.eye(2)).state_dict())
+    assert type(rebuilt) is curvops.Dense
+    assert type(curvops.from_state_dict(mine.state_dict())) is Dense

@@ -75,9 +75,15 @@ class CurvatureOperator(ABC):
         self.device = torch.device(device)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register the subclass for :func:`~curvops.from_state_dict`.
+
+        curvops' own operators are known by their class name (``"Kronecker"``); others by
+        their full dotted path, so a user's class never shadows a built-in one.
+        """
         super().__init_subclass__(**kwargs)
-        cls._state_type = cls.__name__
-        _REGISTRY[cls.__name__] = cls
+        own = cls.__module__.startswith("curvops.")
+        cls._state_type = cls.__name__ if own else f"{cls.__module__}.{cls.__qualname__}"
+        _REGISTRY[cls._state_type] = cls
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
