@@ -184,7 +184,9 @@ def test_user_subclass_does_not_shadow_a_built_in_operator():
         pass
 
     mine = Dense(torch.ones(2))
-    assert mine.state_dict()["type"].endswith("test_user_subclass_does_not_shadow_a_built_in_operator.<locals>.Dense")
+    assert mine.state_dict()["type"].endswith(
+        "test_user_subclass_does_not_shadow_a_built_in_operator.<locals>.Dense"
+    )
     rebuilt = curvops.from_state_dict(curvops.Dense(torch.eye(2)).state_dict())
     assert type(rebuilt) is curvops.Dense
     assert type(curvops.from_state_dict(mine.state_dict())) is Dense

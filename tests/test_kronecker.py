@@ -109,3 +109,18 @@ def test_zero_trace_factor_has_no_pi_damping():
     with pytest.raises(curvops.SingularOperatorError, match="positive trace"):
         op.inverse(0.1, factored=True)
     torch.testing.assert_close(op.inverse(0.1).to_dense(), torch.eye(4, dtype=DOUBLE) / 0.1)
+
+
+def test_damping_below_the_rounding_tolerance_is_still_exact():
+    """float32, n = 64: eps·n·max|e| ≈ 1e-5·max, yet damping 1e-6·max is a valid damping."""
+    g = random_psd(64, rank=60, seed=3)
+    a = random_psd(64, seed=4)
+    op = curvops.Kronecker(g.float(), a.float())
+    damping = 1e-6 * op.eigenvalues().max().item()
+    x = torch.randn(64 * 64, dtype=torch.float64, generator=generator(0))
+    expected = dense_inverse(kron(g, a), damping) @ x
+    result = (op.inverse(damping) @ x.float()).double()
+    assert (result - expected).norm() / expected.norm() < 1e-3
+    torch.testing.assert_close(op.logdet(damping).double(), dense_logdet(kron(g, a), damping), rtol=1e-4, atol=0)
+    with pytest.warns(curvops.SingularOperatorWarning):
+        assert op.logdet() == -math.inf

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from numbers import Real
 from typing import Any, ClassVar
 
@@ -94,18 +95,13 @@ class CurvatureOperator(ABC):
         """``op @ x`` for a checked ``[D, K]`` tensor on the operator's device and dtype."""
 
     def _to_dense(self) -> Tensor:
-        size = self.shape[0]
-        eye = torch.eye(size, dtype=self.dtype, device=self.device)
-        return torch.cat([self._matmat(cols) for cols in eye.split(self._chunk_size(), dim=1)], dim=1)
+        return torch.cat([self._matmat(block) for _, block in self._unit_blocks()], dim=1)
 
     def _diagonal(self) -> Tensor:
-        size = self.shape[0]
-        eye = torch.eye(size, dtype=self.dtype, device=self.device)
-        parts, start = [], 0
-        for cols in eye.split(self._chunk_size(), dim=1):
-            stop = start + cols.shape[1]
-            parts.append(self._matmat(cols)[start:stop].diagonal())
-            start = stop
+        parts = [
+            self._matmat(block)[start : start + block.shape[1]].diagonal()
+            for start, block in self._unit_blocks()
+        ]
         return torch.cat(parts)
 
     def _trace(self) -> Tensor:
@@ -150,9 +146,15 @@ class CurvatureOperator(ABC):
         """Relative size under which an eigenvalue computed by ``eigh`` counts as zero."""
         return torch.finfo(self.dtype).eps * max(self.shape[0], 1)
 
-    def _chunk_size(self) -> int:
-        """Columns per block when the operator is applied to unit vectors."""
-        return max(1, min(self.shape[0], 2**22 // max(self.shape[0], 1)))
+    def _unit_blocks(self) -> Iterator[tuple[int, Tensor]]:
+        """``(start, [e_start, ..., e_stop-1])``: the unit vectors, a ``[D, c]`` block at a time."""
+        size = self.shape[0]
+        width = max(1, min(size, 2**22 // max(size, 1)))
+        for start in range(0, size, width):
+            stop = min(start + width, size)
+            block = torch.zeros(size, stop - start, dtype=self.dtype, device=self.device)
+            block[start:stop].fill_diagonal_(1.0)
+            yield start, block
 
     def _check_tensor(self, x: Tensor) -> None:
         size = self.shape[0]

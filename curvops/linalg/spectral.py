@@ -33,17 +33,27 @@ def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     return e.to(matrix.dtype), q.to(matrix.dtype)
 
 
-def eigenvalue_tolerance(eigenvalues: Tensor, rtol: float, scale: float | None = None) -> Tensor:
-    """Threshold ``rtol * scale`` under which a (damped) eigenvalue counts as zero.
+def damped_eigenvalues(
+    eigenvalues: Tensor, damping: float, rtol: float, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """``e + λ`` with rounding noise removed, and which of the results are zero.
 
-    ``scale`` is the size of the numbers whose rounding errors the eigenvalues carry;
-    by default ``max|e|``.
+    An eigenvalue within ``tol = rtol * scale`` of zero (``scale`` the size of the numbers
+    whose rounding errors ``e`` carries; by default ``max|e|``) is rounding noise and is set
+    to exactly zero before the (exact) damping is added. ``e + λ`` is then zero where it
+    is exactly ``0`` (a zero eigenvalue, no damping) or within ``tol`` of zero for a
+    negative ``e`` (damping that cancels a negative eigenvalue).
+
+    Returns:
+        ``(values, singular)``: ``e + λ`` and a boolean mask of its zeros.
     """
-    if scale is not None:
-        return eigenvalues.new_tensor(rtol * scale)
     if eigenvalues.numel() == 0:
-        return eigenvalues.new_zeros(())
-    return rtol * eigenvalues.abs().max()
+        return eigenvalues + damping, eigenvalues.new_zeros(0, dtype=torch.bool)
+    tol = rtol * (eigenvalues.abs().max() if scale is None else scale)
+    cleaned = torch.where(eigenvalues.abs() <= tol, 0, eigenvalues)
+    values = cleaned + damping
+    singular = (values == 0) | ((cleaned < 0) & (values.abs() <= tol))
+    return values, singular
 
 
 def logdet_from_eigenvalues(
@@ -51,26 +61,24 @@ def logdet_from_eigenvalues(
 ) -> Tensor:
     """``Σ_i log(e_i + λ)`` for the eigenvalues ``e`` of a positive semi-definite operator.
 
-    Eigenvalues within ``rtol * scale`` (default ``scale = max|e + λ|``) of zero count as
-    zero: the operator is singular, a :class:`~curvops.errors.SingularOperatorWarning` is
-    issued and ``-inf`` returned.
-    A clearly negative eigenvalue raises :class:`~curvops.errors.NotPositiveDefiniteError`.
+    Zeros of ``e + λ`` (see :func:`damped_eigenvalues`) make the operator singular: a
+    :class:`~curvops.errors.SingularOperatorWarning` is issued and ``-inf`` returned, never
+    NaN. A negative ``e + λ`` raises :class:`~curvops.errors.NotPositiveDefiniteError`.
     The sum is accumulated in float64 and returned in the eigenvalues' dtype.
 
     Example:
         >>> round(logdet_from_eigenvalues(torch.tensor([1.0, 3.0]), 1.0, 0.0).item(), 4)  # log 8
         2.0794
     """
-    values = eigenvalues.to(torch.float64) + damping
-    tol = eigenvalue_tolerance(values, rtol, scale)
-    if bool((values < -tol).any()):
+    values, singular = damped_eigenvalues(eigenvalues.to(torch.float64), damping, rtol, scale)
+    if bool(((values < 0) & ~singular).any()):
         raise NotPositiveDefiniteError(
             f"logdet needs a positive semi-definite operator, but an eigenvalue of op + {damping}*I "
             f"is {values.min().item():.3e}; logdet is undefined (use a larger damping)."
         )
-    if bool((values <= tol).any()):
+    if bool(singular.any()):
         warnings.warn(
-            "logdet of a singular operator with damping=0 is -inf; pass damping > 0 "
+            "logdet of a singular operator is -inf; pass damping > 0 "
             "for a finite, exact log-determinant of op + damping*I.",
             SingularOperatorWarning,
             stacklevel=3,
@@ -84,18 +92,17 @@ def inverse_eigenvalues(
 ) -> Tensor:
     """``1 / (e + λ)``, raising :class:`~curvops.errors.SingularOperatorError` at a zero.
 
-    An eigenvalue ``e + λ`` within ``rtol * scale`` (default ``max|e + λ|``) of zero means ``op + λI`` is
-    singular; the error says to pass ``damping > 0``.
+    Zeros of ``e + λ`` are found as in :func:`damped_eigenvalues`; the error says to pass
+    ``damping > 0``.
 
     Example:
         >>> inverse_eigenvalues(torch.tensor([1.0, 3.0]), 1.0, 0.0).tolist()
         [0.5, 0.25]
     """
-    values = eigenvalues + damping
-    tol = eigenvalue_tolerance(values, rtol, scale)
-    if bool((values.abs() <= tol).any()):
+    values, singular = damped_eigenvalues(eigenvalues, damping, rtol, scale)
+    if bool(singular.any()):
         raise SingularOperatorError(
-            f"op + {damping}*I is singular (an eigenvalue is {values.abs().min().item():.3e}), "
+            f"op + {damping}*I is singular (an eigenvalue is {values[singular].abs().max().item():.3e}), "
             "so its inverse does not exist; pass damping > 0."
         )
     return values.reciprocal()
