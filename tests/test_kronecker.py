@@ -121,6 +121,8 @@ def test_damping_below_the_rounding_tolerance_is_still_exact():
     expected = dense_inverse(kron(g, a), damping) @ x
     result = (op.inverse(damping) @ x.float()).double()
     assert (result - expected).norm() / expected.norm() < 1e-3
-    torch.testing.assert_close(op.logdet(damping).double(), dense_logdet(kron(g, a), damping), rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        op.logdet(damping).double(), dense_logdet(kron(g, a), damping), rtol=1e-4, atol=0
+    )
     with pytest.warns(curvops.SingularOperatorWarning):
         assert op.logdet() == -math.inf

@@ -19,7 +19,7 @@ import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
-from . import estimators, spectral
+from . import estimators
 
 TRACE_METHODS = ("exact", "hutchinson", "hutch++")
 DIAGONAL_METHODS = ("exact", "hutchinson", "hutch++")
@@ -73,7 +73,10 @@ class CurvatureOperator(ABC):
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str) -> None:
         self.shape = (int(size), int(size))
         self.dtype = dtype
-        self.device = torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Register the subclass for :func:`~curvops.from_state_dict`.
@@ -108,17 +111,17 @@ class CurvatureOperator(ABC):
         return self._diagonal().sum()
 
     def _logdet(self, damping: float) -> Tensor:
-        dense = self._to_dense()
-        eigenvalues = torch.linalg.eigvalsh(0.5 * (dense + dense.T).to(torch.float64))
-        return spectral.logdet_from_eigenvalues(eigenvalues, damping, self._rtol()).to(self.dtype)
+        return self._as_dense_operator()._logdet(damping)
 
     def _inverse(self, damping: float, factored: bool) -> CurvatureOperator:
-        from .kronecker import KroneckerEigen
+        return self._as_dense_operator()._inverse(damping, factored)
+
+    def _as_dense_operator(self) -> CurvatureOperator:
+        """The fallback without structure: the (symmetrised) dense matrix as a ``Dense``."""
+        from .kronecker import Dense
 
         dense = self._to_dense()
-        eigenvalues, eigenvectors = spectral.eigh(0.5 * (dense + dense.T))
-        inverse = spectral.inverse_eigenvalues(eigenvalues, damping, self._rtol())
-        return KroneckerEigen([eigenvectors], inverse)
+        return Dense(0.5 * (dense + dense.T))
 
     # state dict hooks: tensors, child operators and plain settings that rebuild the operator
     def _state_tensors(self) -> dict[str, Tensor]:
@@ -204,8 +207,6 @@ class CurvatureOperator(ABC):
         return self._matmat(x)
 
     matvec = matmat
-    rmatvec = matmat
-    rmatmat = matmat
 
     def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
         """This operator as a ``scipy.sparse.linalg.LinearOperator`` (NumPy in, NumPy out).
