@@ -13,6 +13,7 @@ from .estimators import (
     hutchpp_diagonal,
     hutchpp_trace,
     lanczos,
+    rademacher,
     slq_logdet,
 )
 from .kronecker import Dense, Kronecker, KroneckerEigen
@@ -39,5 +40,6 @@ __all__ = [
     "hutchpp_diagonal",
     "hutchpp_trace",
     "lanczos",
+    "rademacher",
     "slq_logdet",
 ]

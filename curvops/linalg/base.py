@@ -149,6 +149,9 @@ class CurvatureOperator(ABC):
         """Relative size under which an eigenvalue computed by ``eigh`` counts as zero."""
         return torch.finfo(self.dtype).eps * max(self.shape[0], 1)
 
+    def _probes(self, generator: torch.Generator | None) -> estimators.Sampler:
+        return estimators.rademacher(self.shape[0], self.dtype, self.device, generator)
+
     def _unit_blocks(self) -> Iterator[tuple[int, Tensor]]:
         """``(start, [e_start, ..., e_stop-1])``: the unit vectors, a ``[D, c]`` block at a time."""
         size = self.shape[0]
@@ -258,7 +261,7 @@ class CurvatureOperator(ABC):
         if method == "exact":
             return self._trace()
         estimate = estimators.hutchinson_trace if method == "hutchinson" else estimators.hutchpp_trace
-        return estimate(self._matmat, self.shape[0], num_samples, self.dtype, self.device, generator)
+        return estimate(self._matmat, self._probes(generator), num_samples)
 
     def diagonal(
         self, method: str = "exact", num_samples: int = 100, generator: torch.Generator | None = None
@@ -279,7 +282,7 @@ class CurvatureOperator(ABC):
         if method == "exact":
             return self._diagonal()
         estimate = estimators.hutchinson_diagonal if method == "hutchinson" else estimators.hutchpp_diagonal
-        return estimate(self._matmat, self.shape[0], num_samples, self.dtype, self.device, generator)
+        return estimate(self._matmat, self._probes(generator), num_samples)
 
     def logdet(
         self,
@@ -312,9 +315,7 @@ class CurvatureOperator(ABC):
         _check_method(method, LOGDET_METHODS, "logdet")
         if method == "exact":
             return self._logdet(damping)
-        return estimators.slq_logdet(
-            self._matmat, self.shape[0], damping, num_samples, num_steps, self.dtype, self.device, generator
-        )
+        return estimators.slq_logdet(self._matmat, self._probes(generator), num_samples, num_steps, damping)
 
     def det(self, damping: float = 0.0) -> Tensor:
         """``det(op + λI) = exp(logdet(op + λI))`` of a positive semi-definite operator.

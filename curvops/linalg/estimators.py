@@ -1,8 +1,9 @@
 """Stochastic estimators for operators known only through products.
 
 Each takes ``matmat``, a function from ``[D, K]`` to ``[D, K]`` tensors, so it serves any
-operator (structured, matrix-free, damped). All probes of one call are applied as one
-``[D, K]`` block.
+operator (structured, matrix-free, damped), and ``sample``, a function from a count ``k`` to
+``[D, k]`` random probes (:func:`rademacher`). The probes of one stage are applied as one
+``[D, k]`` block.
 """
 
 from __future__ import annotations
@@ -16,20 +17,28 @@ from torch import Tensor
 from ..errors import NotPositiveDefiniteError
 
 MatMat = Callable[[Tensor], Tensor]
+Sampler = Callable[[int], Tensor]
 
 
 def rademacher(
-    size: int, count: int, dtype: torch.dtype, device: torch.device, generator: torch.Generator | None = None
-) -> Tensor:
-    """``[size, count]`` independent random signs ``±1``.
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Sampler:
+    """A source of Rademacher probes: ``sample(k)`` gives ``[size, k]`` independent signs ``±1``.
 
     Example:
-        >>> z = rademacher(4, 2, torch.float32, torch.device("cpu"))
+        >>> z = rademacher(4, torch.float32)(2)
         >>> z.shape, bool((z.abs() == 1).all())
         (torch.Size([4, 2]), True)
     """
-    bits = torch.randint(0, 2, (size, count), device=device, generator=generator)
-    return (2 * bits - 1).to(dtype)
+
+    def sample(count: int) -> Tensor:
+        bits = torch.randint(0, 2, (size, count), device=device, generator=generator)
+        return (2 * bits - 1).to(dtype)
+
+    return sample
 
 
 def _check_samples(num_samples: int, minimum: int, what: str) -> None:
@@ -37,36 +46,22 @@ def _check_samples(num_samples: int, minimum: int, what: str) -> None:
         raise ValueError(f"{what} needs num_samples >= {minimum}, got {num_samples!r}.")
 
 
-def hutchinson_trace(
-    matmat: MatMat,
-    size: int,
-    num_samples: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def hutchinson_trace(matmat: MatMat, sample: Sampler, num_samples: int) -> Tensor:
     """Hutchinson's estimate ``tr(A) ≈ (1/m) Σ_i z_i^T A z_i`` with Rademacher ``z_i``.
 
     Unbiased; variance ``(2/m) (‖A‖_F² - Σ_i A_ii²)``.
 
     Example:
         >>> a = torch.diag(torch.tensor([1.0, 2.0, 3.0]))
-        >>> hutchinson_trace(lambda x: a @ x, 3, 10, torch.float32, torch.device("cpu")).item()
+        >>> hutchinson_trace(lambda x: a @ x, rademacher(3, torch.float32), 10).item()
         6.0
     """
     _check_samples(num_samples, 1, "Hutchinson")
-    z = rademacher(size, num_samples, dtype, device, generator)
+    z = sample(num_samples)
     return (z * matmat(z)).sum() / num_samples
 
 
-def hutchpp_trace(
-    matmat: MatMat,
-    size: int,
-    num_samples: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def hutchpp_trace(matmat: MatMat, sample: Sampler, num_samples: int) -> Tensor:
     """Hutch++ (Meyer, Musco, Musco & Woodruff 2021) with ``m = num_samples`` products.
 
     ``Q`` spans ``A S`` for ``m/3`` random signs ``S``; ``tr(A) ≈ tr(Q^T A Q) +``
@@ -75,47 +70,33 @@ def hutchpp_trace(
 
     Example:
         >>> u = torch.randn(50, 2, dtype=torch.float64)
-        >>> estimate = hutchpp_trace(lambda x: u @ (u.T @ x), 50, 9, torch.float64, torch.device("cpu"))
+        >>> estimate = hutchpp_trace(lambda x: u @ (u.T @ x), rademacher(50, torch.float64), 9)
         >>> torch.allclose(estimate, (u * u).sum())
         True
     """
     _check_samples(num_samples, 3, "Hutch++")
     k = num_samples // 3
-    q, _ = torch.linalg.qr(matmat(rademacher(size, k, dtype, device, generator)))
+    q, _ = torch.linalg.qr(matmat(sample(k)))
     sketched = (q * matmat(q)).sum()
-    g = rademacher(size, num_samples - 2 * k, dtype, device, generator)
+    g = sample(num_samples - 2 * k)
     g = g - q @ (q.T @ g)
     return sketched + (g * matmat(g)).sum() / g.shape[1]
 
 
-def hutchinson_diagonal(
-    matmat: MatMat,
-    size: int,
-    num_samples: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def hutchinson_diagonal(matmat: MatMat, sample: Sampler, num_samples: int) -> Tensor:
     """Bekas et al.'s estimate ``diag(A) ≈ (1/m) Σ_i z_i ⊙ A z_i`` with Rademacher ``z_i``.
 
     Example:
         >>> a = torch.diag(torch.tensor([1.0, 2.0]))
-        >>> hutchinson_diagonal(lambda x: a @ x, 2, 5, torch.float32, torch.device("cpu")).tolist()
+        >>> hutchinson_diagonal(lambda x: a @ x, rademacher(2, torch.float32), 5).tolist()
         [1.0, 2.0]
     """
     _check_samples(num_samples, 1, "Hutchinson")
-    z = rademacher(size, num_samples, dtype, device, generator)
+    z = sample(num_samples)
     return (z * matmat(z)).mean(dim=1)
 
 
-def hutchpp_diagonal(
-    matmat: MatMat,
-    size: int,
-    num_samples: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: torch.Generator | None = None,
-) -> Tensor:
+def hutchpp_diagonal(matmat: MatMat, sample: Sampler, num_samples: int) -> Tensor:
     """Diag++ (Baston & Nakatsukasa 2022): ``diag(Q Q^T A)`` exactly plus Hutchinson on the rest.
 
     ``Q`` spans ``A S`` for ``m/3`` random signs; ``diag(QQ^T A)_i = Σ_j Q_ij (AQ)_ij`` for
@@ -124,15 +105,15 @@ def hutchpp_diagonal(
 
     Example:
         >>> u = torch.randn(30, 2, dtype=torch.float64)
-        >>> estimate = hutchpp_diagonal(lambda x: u @ (u.T @ x), 30, 9, torch.float64, torch.device("cpu"))
+        >>> estimate = hutchpp_diagonal(lambda x: u @ (u.T @ x), rademacher(30, torch.float64), 9)
         >>> torch.allclose(estimate, (u * u).sum(1))
         True
     """
     _check_samples(num_samples, 3, "Diag++")
     k = num_samples // 3
-    q, _ = torch.linalg.qr(matmat(rademacher(size, k, dtype, device, generator)))
+    q, _ = torch.linalg.qr(matmat(sample(k)))
     aq = matmat(q)
-    z = rademacher(size, num_samples - 2 * k, dtype, device, generator)
+    z = sample(num_samples - 2 * k)
     remainder = matmat(z) - q @ (aq.T @ z)
     return (q * aq).sum(dim=1) + (z * remainder).mean(dim=1)
 
@@ -179,30 +160,23 @@ def lanczos(matmat: MatMat, start: Tensor, num_steps: int) -> tuple[Tensor, Tens
 
 
 def slq_logdet(
-    matmat: MatMat,
-    size: int,
-    damping: float,
-    num_samples: int,
-    num_steps: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: torch.Generator | None = None,
+    matmat: MatMat, sample: Sampler, num_samples: int, num_steps: int, damping: float = 0.0
 ) -> Tensor:
     """Stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017) for ``logdet(A + λI)``.
 
     ``logdet = tr log(A + λI) ≈ (1/m) Σ_p ‖z_p‖² Σ_k τ_pk² log θ_pk``, where ``θ_pk`` and
     ``τ_pk`` are the eigenvalues and first eigenvector components of the Lanczos tridiagonal
-    ``T_p`` started at the Rademacher probe ``z_p``. Needs ``A + λI`` positive definite: a
+    ``T_p`` (``num_steps`` Lanczos steps) started at the probe ``z_p``. Needs ``A + λI`` positive definite: a
     non-positive Ritz value raises :class:`~curvops.errors.NotPositiveDefiniteError`.
 
     Example:
         >>> a = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
-        >>> estimate = slq_logdet(lambda x: a @ x, 3, 0.0, 4, 3, torch.float64, torch.device("cpu"))
+        >>> estimate = slq_logdet(lambda x: a @ x, rademacher(3, torch.float64), 4, 3)
         >>> round(estimate.item(), 4)  # log 8, exact here: a diagonal A is all probes alike
         2.0794
     """
     _check_samples(num_samples, 1, "SLQ")
-    z = rademacher(size, num_samples, dtype, device, generator)
+    z = sample(num_samples)
     alphas, betas, lengths = lanczos(lambda v: matmat(v) + damping * v, z, num_steps)
     estimates = []
     for p, length in enumerate(lengths):
@@ -216,5 +190,5 @@ def slq_logdet(
                 f"SLQ found a Ritz value {ritz.min().item():.3e} <= 0: op + {damping}*I is not positive "
                 "definite. Pass damping > 0 or use method='exact'."
             )
-        estimates.append(size * (vectors[0].square() * ritz.log()).sum())
-    return torch.stack(estimates).mean().to(dtype)
+        estimates.append(z[:, p].square().sum() * (vectors[0].square() * ritz.log()).sum())
+    return torch.stack(estimates).mean().to(z.dtype)
