@@ -1,15 +1,17 @@
 """curvops: curvature matrices of neural networks as PyTorch linear operators.
 
-The structured linear algebra lives in :mod:`curvops.linalg`; its operators and the
-errors they raise are re-exported here.
+The structured linear algebra lives in :mod:`curvops.linalg`, the operators defined by a
+model, a loss and data in :mod:`curvops.nn`; both are re-exported here.
 """
 
-from . import linalg
+from . import linalg, nn
 from .errors import (
     ConvergenceWarning,
+    NonDeterministicDataError,
     NotPositiveDefiniteError,
     SingularOperatorError,
     SingularOperatorWarning,
+    StaleParametersError,
     StateDictError,
 )
 from .linalg import (
@@ -21,31 +23,42 @@ from .linalg import (
     Identity,
     Kronecker,
     KroneckerEigen,
+    LinearMap,
     LowRankUpdate,
     Scaled,
     Sum,
     from_state_dict,
 )
+from .nn import GGN, EmpiricalFisher, FisherMC, Hessian, Jacobian
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "GGN",
     "BlockDiagonal",
     "CGInverse",
     "ConvergenceWarning",
     "CurvatureOperator",
     "Dense",
     "Diagonal",
+    "EmpiricalFisher",
+    "FisherMC",
+    "Hessian",
     "Identity",
+    "Jacobian",
     "Kronecker",
     "KroneckerEigen",
+    "LinearMap",
     "LowRankUpdate",
+    "NonDeterministicDataError",
     "NotPositiveDefiniteError",
     "Scaled",
     "SingularOperatorError",
     "SingularOperatorWarning",
+    "StaleParametersError",
     "StateDictError",
     "Sum",
     "from_state_dict",
     "linalg",
+    "nn",
 ]

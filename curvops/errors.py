@@ -26,3 +26,11 @@ class SingularOperatorWarning(RuntimeWarning):
 
 class ConvergenceWarning(RuntimeWarning):
     """An iterative method stopped at its iteration limit before reaching its tolerance."""
+
+
+class StaleParametersError(RuntimeError):
+    """A model-based operator was used after its parameters changed; build a new operator."""
+
+
+class NonDeterministicDataError(RuntimeError):
+    """A pass over the data saw different batches or model outputs than the first pass."""

@@ -36,7 +36,7 @@ def test_exact_quantities_from_products(case):
 
 def test_unit_vectors_come_in_bounded_blocks():
     op = MatrixFree(torch.zeros(3000, 3000, dtype=torch.float32))
-    blocks = list(op._unit_blocks())
+    blocks = list(op._unit_blocks(3000))
     assert [start for start, _ in blocks] == [0, 1398, 2796]
     assert max(block.numel() for _, block in blocks) <= 2**22
     torch.testing.assert_close(torch.cat([block for _, block in blocks], dim=1), torch.eye(3000))

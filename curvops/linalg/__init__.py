@@ -17,6 +17,7 @@ from .estimators import (
     slq_logdet,
 )
 from .kronecker import Dense, Kronecker, KroneckerEigen
+from .linear_map import LinearMap, Transposed
 from .lowrank import LowRankUpdate
 from .solvers import CGInverse, cg
 from .state import from_state_dict
@@ -30,9 +31,11 @@ __all__ = [
     "Identity",
     "Kronecker",
     "KroneckerEigen",
+    "LinearMap",
     "LowRankUpdate",
     "Scaled",
     "Sum",
+    "Transposed",
     "cg",
     "from_state_dict",
     "hutchinson_diagonal",

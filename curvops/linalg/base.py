@@ -9,17 +9,14 @@ here once.
 from __future__ import annotations
 
 import math
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from numbers import Real
 from typing import Any, ClassVar
 
-import numpy as np
-import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
 from . import estimators
+from .linear_map import LinearMap
 
 TRACE_METHODS = ("exact", "hutchinson", "hutch++")
 DIAGONAL_METHODS = ("exact", "hutchinson", "hutch++")
@@ -43,7 +40,7 @@ def _check_method(method: str, allowed: tuple[str, ...], what: str) -> None:
         raise ValueError(f"Unknown {what} method {method!r}; choose one of {allowed}.")
 
 
-class CurvatureOperator(ABC):
+class CurvatureOperator(LinearMap):
     """A symmetric linear operator ``op`` of shape ``(D, D)`` on one flat parameter vector.
 
     Vectors are torch tensors of shape ``[D]`` and matrices of vectors ``[D, K]``, on the
@@ -69,14 +66,11 @@ class CurvatureOperator(ABC):
     """
 
     _state_type: ClassVar[str]
+    _inverse_method: ClassVar[str] = "exact"
+    _logdet_method: ClassVar[str] = "exact"
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str) -> None:
-        self.shape = (int(size), int(size))
-        self.dtype = dtype
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
+        super().__init__((size, size), dtype, device)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Register the subclass for :func:`~curvops.from_state_dict`.
@@ -89,21 +83,14 @@ class CurvatureOperator(ABC):
         cls._state_type = cls.__name__ if own else f"{cls.__module__}.{cls.__qualname__}"
         _REGISTRY[cls._state_type] = cls
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, device={self.device})"
-
-    # ----------------------------------------------------------------- hooks to implement
-    @abstractmethod
-    def _matmat(self, x: Tensor) -> Tensor:
-        """``op @ x`` for a checked ``[D, K]`` tensor on the operator's device and dtype."""
-
-    def _to_dense(self) -> Tensor:
-        return torch.cat([self._matmat(block) for _, block in self._unit_blocks()], dim=1)
+    # ------------------------------------------------- hooks: _matmat, and structure if any
+    def _rmatmat(self, y: Tensor) -> Tensor:
+        return self._matmat(y)
 
     def _diagonal(self) -> Tensor:
         parts = [
             self._matmat(block)[start : start + block.shape[1]].diagonal()
-            for start, block in self._unit_blocks()
+            for start, block in self._unit_blocks(self.shape[0])
         ]
         return torch.cat(parts)
 
@@ -152,93 +139,11 @@ class CurvatureOperator(ABC):
     def _probes(self, generator: torch.Generator | None) -> estimators.Sampler:
         return estimators.rademacher(self.shape[0], self.dtype, self.device, generator)
 
-    def _unit_blocks(self) -> Iterator[tuple[int, Tensor]]:
-        """``(start, [e_start, ..., e_stop-1])``: the unit vectors, a ``[D, c]`` block at a time."""
-        size = self.shape[0]
-        width = max(1, min(size, 2**22 // max(size, 1)))
-        for start in range(0, size, width):
-            stop = min(start + width, size)
-            block = torch.zeros(size, stop - start, dtype=self.dtype, device=self.device)
-            block[start:stop].fill_diagonal_(1.0)
-            yield start, block
-
-    def _check_tensor(self, x: Tensor) -> None:
-        size = self.shape[0]
-        if x.ndim not in (1, 2) or x.shape[0] != size:
-            raise ValueError(
-                f"{type(self).__name__} of shape {self.shape} takes a tensor of shape [{size}] or "
-                f"[{size}, K], got {list(x.shape)}."
-            )
-        if x.device != self.device:
-            raise ValueError(
-                f"Input is on {x.device} but the operator is on {self.device}; "
-                f"move it with x.to({str(self.device)!r})."
-            )
-        if x.dtype != self.dtype:
-            raise TypeError(
-                f"Input has dtype {x.dtype} but the operator has dtype {self.dtype}; "
-                f"cast it with x.to({self.dtype})."
-            )
-
-    # ------------------------------------------------------------------ products
-    def __matmul__(self, x: Tensor | np.ndarray) -> Tensor | np.ndarray:
-        """``op @ x`` for ``x`` of shape ``[D]`` or ``[D, K]``; see :meth:`matmat`."""
-        if isinstance(x, (Tensor, np.ndarray)):
-            return self.matmat(x)
-        return NotImplemented
-
-    def matmat(self, x: Tensor | np.ndarray) -> Tensor | np.ndarray:
-        """``op @ x`` for ``x`` of shape ``[D]`` or ``[D, K]``, returning the same shape.
-
-        A torch tensor must be on the operator's device and of its dtype (else a clear error);
-        a NumPy array is cast to the operator's dtype and device and the result returned as
-        NumPy, so SciPy can call this method.
-
-        Example:
-            >>> op = curvops.Dense(torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
-            >>> op.matmat(np.array([1.0, 0.0])).tolist()
-            [2.0, 1.0]
-        """
-        if isinstance(x, np.ndarray):
-            tensor = torch.as_tensor(np.ascontiguousarray(x), device=self.device).to(self.dtype)
-            return self.matmat(tensor).cpu().numpy()
-        if not isinstance(x, Tensor):
-            raise TypeError(f"Expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}.")
-        self._check_tensor(x)
-        if x.ndim == 1:
-            return self._matmat(x.unsqueeze(1)).squeeze(1)
-        return self._matmat(x)
-
-    matvec = matmat
-
-    def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:
-        """This operator as a ``scipy.sparse.linalg.LinearOperator`` (NumPy in, NumPy out).
-
-        Example:
-            >>> from scipy.sparse.linalg import eigsh
-            >>> op = curvops.Diagonal(torch.arange(1.0, 6.0, dtype=torch.float64))
-            >>> sorted(eigsh(op.to_scipy(), k=2)[0].round(6).tolist())
-            [4.0, 5.0]
-        """
-        numpy_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
-        return scipy.sparse.linalg.LinearOperator(
-            self.shape,
-            matvec=self.matmat,
-            rmatvec=self.matmat,
-            matmat=self.matmat,
-            rmatmat=self.matmat,
-            dtype=numpy_dtype,
-        )
-
     # --------------------------------------------------------------- quantities
-    def to_dense(self) -> Tensor:
-        """The ``[D, D]`` matrix (exact; memory ``D²``).
-
-        Example:
-            >>> curvops.Identity(2, dtype=torch.float32).to_dense().tolist()
-            [[1.0, 0.0], [0.0, 1.0]]
-        """
-        return self._to_dense()
+    @property
+    def T(self) -> CurvatureOperator:
+        """The transpose: the operator itself (it is symmetric)."""
+        return self
 
     def trace(
         self, method: str = "exact", num_samples: int = 100, generator: torch.Generator | None = None
@@ -287,7 +192,7 @@ class CurvatureOperator(ABC):
     def logdet(
         self,
         damping: float = 0.0,
-        method: str = "exact",
+        method: str | None = None,
         num_samples: int = 10,
         num_steps: int = 30,
         generator: torch.Generator | None = None,
@@ -303,6 +208,8 @@ class CurvatureOperator(ABC):
             method: ``"exact"`` (structure, or the dense eigenvalues) or ``"slq"``
                 (stochastic Lanczos quadrature: ``num_samples`` Rademacher probes,
                 ``num_steps`` Lanczos steps each; needs ``op + λI`` positive definite).
+                Default: ``"exact"`` for structured operators, ``"slq"`` for matrix-free
+                model operators (:class:`~curvops.Hessian`, :class:`~curvops.GGN`, ...).
             num_samples: SLQ probes.
             num_steps: SLQ Lanczos steps per probe.
             generator: random source of the SLQ probes.
@@ -312,6 +219,7 @@ class CurvatureOperator(ABC):
             1.7918
         """
         damping = check_damping(damping)
+        method = method or self._logdet_method
         _check_method(method, LOGDET_METHODS, "logdet")
         if method == "exact":
             return self._logdet(damping)
@@ -341,7 +249,7 @@ class CurvatureOperator(ABC):
     def inverse(
         self,
         damping: float = 0.0,
-        method: str = "exact",
+        method: str | None = None,
         factored: bool = False,
         rtol: float | None = None,
         maxiter: int | None = None,
@@ -353,7 +261,8 @@ class CurvatureOperator(ABC):
                 :class:`~curvops.errors.SingularOperatorError` (pass ``damping > 0``).
             method: ``"exact"`` (structure, or the dense eigendecomposition) or ``"cg"``
                 (each product solves ``(op + λI) y = x`` by conjugate gradients; needs a
-                positive-definite ``op + λI``).
+                positive-definite ``op + λI``). Default: ``"exact"`` for structured
+                operators, ``"cg"`` for matrix-free model operators.
             factored: for Kronecker blocks, the factored π-damping of Martens & Grosse (2015),
                 ``(G + λ^½/π I)^-1 ⊗ (A + π λ^½ I)^-1``, instead of the exact damped inverse.
                 Other structures have no factored variant and give the exact inverse.
@@ -366,6 +275,7 @@ class CurvatureOperator(ABC):
             [0.5, 0.25]
         """
         damping = check_damping(damping)
+        method = method or self._inverse_method
         _check_method(method, INVERSE_METHODS, "inverse")
         if method == "exact":
             return self._inverse(damping, bool(factored))

@@ -1,0 +1,17 @@
+"""Statistics from a model: curvature operators defined by a network, a loss and data."""
+
+from .curvature import GGN, EmpiricalFisher, FisherMC, Hessian, ModelCurvature
+from .jacobian import Jacobian
+from .losses import LossAdapter
+from .model import ModelData
+
+__all__ = [
+    "GGN",
+    "EmpiricalFisher",
+    "FisherMC",
+    "Hessian",
+    "Jacobian",
+    "LossAdapter",
+    "ModelCurvature",
+    "ModelData",
+]

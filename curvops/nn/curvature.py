@@ -1,0 +1,275 @@
+"""Exact, matrix-free curvature of a model's loss over a data set.
+
+With ``L(θ) = (1/Z) Σ_n ℓ(f(x_n, θ), y_n)`` — ``Z`` the number of terms the loss averages
+over for ``reduction="mean"`` (see :mod:`curvops.nn.losses`), ``Z = 1`` for ``"sum"`` — and
+``J_n = ∂f(x_n)/∂θ``:
+
+- :class:`Hessian`: ``∇²L``;
+- :class:`GGN`: ``(1/Z) Σ_n J_n^T ∇²_f ℓ_n J_n``;
+- :class:`EmpiricalFisher`: ``(1/Z) Σ_n ∇ℓ_n ∇ℓ_n^T`` with the true labels;
+- :class:`FisherMC`: ``(1/Z) Σ_n (1/M) Σ_m ∇ℓ(f_n, ŷ_nm) ∇ℓ(f_n, ŷ_nm)^T``, ``ŷ_nm`` drawn from
+  the model's predictive distribution; its expectation is the GGN.
+
+All but the Hessian are ``J^T Λ J`` with a different ``Λ_n``, so they share one product: per
+batch a forward pass with ``vjp``, ``J V`` for all ``K`` columns at once (``vmap`` of ``jvp``),
+``Λ`` applied to the output tangents, and ``J^T`` for all columns (``vmap`` of the ``vjp``).
+The Hessian uses forward-over-reverse (``jvp`` of ``grad``), again vmapped over columns.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from ..linalg.base import CurvatureOperator
+from .losses import LossAdapter
+from .model import ModelData
+
+Tree = dict[str, Tensor]
+
+
+def _add(total: Tree | None, part: Tree) -> Tree:
+    return part if total is None else {name: total[name] + part[name] for name in total}
+
+
+class ModelCurvature(CurvatureOperator):
+    """Base of the operators on a model's loss over a data set (see the module docstring).
+
+    Products are exact and matrix-free; parameters are snapshotted by reference (a product
+    after they change raises :class:`~curvops.errors.StaleParametersError`). By default
+    ``inverse`` uses conjugate gradients and ``logdet`` stochastic Lanczos quadrature;
+    ``method="exact"`` goes through the dense ``D x D`` matrix, fine for small ``D``.
+
+    Args:
+        model: the network ``f``.
+        loss_fn: the loss (see :class:`~curvops.nn.losses.LossAdapter`).
+        data: a re-iterable of ``(X, y)`` batches (a list or a ``DataLoader``).
+        params: the parameters ``θ`` (default: the model's trainable ones, in order).
+        progressbar: a tqdm bar on every pass over the data.
+        check_deterministic: raise when a pass sees other data or outputs than the first.
+    """
+
+    _inverse_method = "cg"
+    _logdet_method = "slq"
+    _needs_likelihood = False
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        data: Iterable,
+        params: Sequence[nn.Parameter] | None = None,
+        progressbar: bool = False,
+        check_deterministic: bool = False,
+    ) -> None:
+        name = type(self).__name__
+        self._loss = LossAdapter(loss_fn, likelihood=self._needs_likelihood, what=name)
+        self._model = ModelData(model, data, params, progressbar, check_deterministic)
+        super().__init__(self._model.size, self._model.dtype, self._model.device)
+        self._counts = [self._loss.count(y) for _, _, y in self._model.batches(f"{name}: reading data")]
+        if sum(self._counts) == 0:
+            raise ValueError("The data has no loss terms (every target is ignored).")
+        self._normalizer = sum(self._counts) if self._loss.reduction == "mean" else 1.0
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The parameters ``θ``, in the order of the flat vector."""
+        return list(self._model.params)
+
+    def _batch_scale(self, index: int) -> float:
+        """``s_b`` with ``s_b · loss_fn(f(X_b), y_b) = Σ_{n in b} ℓ_n``."""
+        return self._counts[index] if self._loss.reduction == "mean" else 1.0
+
+    def _matmat(self, x: Tensor) -> Tensor:
+        tree = self._model.to_tree(x)
+        params = self._model.param_dict()
+        total = None
+        for index, inputs, targets in self._model.batches(f"{type(self).__name__} product"):
+            if self._counts[index] == 0:
+                continue
+            total = _add(total, self._batch_product(index, params, inputs, targets, tree))
+        return self._model.from_tree(total) / self._normalizer
+
+    @abstractmethod
+    def _batch_product(self, index: int, params: Tree, inputs, targets: Tensor, tree: Tree) -> Tree:
+        """``∇²_θ (s_b · loss_b) V`` (or its GGN / Fisher counterpart) for one batch."""
+
+    def _check_loss(self, index: int, output: Tensor, loss: Tensor) -> None:
+        self._model.check_output(index, output)
+        if not bool(torch.isfinite(loss)):
+            raise ValueError(f"Batch {index}: the loss is {loss.item()} (NaN or inf).")
+
+    def state_dict(self) -> dict:
+        """Not available: the operator is a model and a data set, not tensors.
+
+        Save ``curvops.Dense(op.to_dense())`` (small ``D``) or the model's own state dict.
+        """
+        raise TypeError(
+            f"{type(self).__name__} is defined by a model and data, not by tensors, so it has no "
+            "state dict; save the model's state_dict, or curvops.Dense(op.to_dense()) for small D."
+        )
+
+
+class Hessian(ModelCurvature):
+    """The Hessian ``∇²L(θ)`` of the loss over the whole data set (forward-over-reverse).
+
+    Accepts any ``torch.func``-differentiable loss. Symmetric but in general indefinite:
+    ``logdet`` then raises :class:`~curvops.errors.NotPositiveDefiniteError`, and CG needs
+    enough damping to make ``H + λI`` positive definite.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> data = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))]
+        >>> hessian = curvops.Hessian(model, torch.nn.MSELoss(), data)
+        >>> hessian.shape
+        (8, 8)
+    """
+
+    def _batch_product(self, index, params, inputs, targets, tree):
+        scale = self._batch_scale(index)
+
+        def loss_and_output(p: Tree) -> tuple[Tensor, Tensor]:
+            output = functional_call(self._model.model, p, (inputs,))
+            return scale * self._loss(output, targets), output
+
+        gradient = grad(loss_and_output, has_aux=True)
+
+        def hessian_product(v: Tree) -> tuple[Tree, Tensor]:
+            _, product, output = jvp(gradient, (params,), (v,), has_aux=True)
+            return product, output
+
+        products, output = vmap(hessian_product, out_dims=(0, None))(tree)
+        self._check_loss(index, output, self._loss(output, targets))
+        return products
+
+
+class _OutputCurvature(ModelCurvature):
+    """``J^T Λ J`` operators: subclasses say how ``Λ_n`` acts on the output tangents."""
+
+    def _batch_product(self, index, params, inputs, targets, tree):
+        forward = lambda p: self._model.forward(p, inputs)  # noqa: E731
+        output, pullback = vjp(forward, params)
+        output = output.detach()
+        self._check_loss(index, output, self._loss(output, targets))
+        tangents = vmap(lambda v: jvp(forward, (params,), (v,))[1])(tree)
+        cotangents = self._apply_output_curvature(index, output, targets, tangents)
+        return vmap(pullback)(cotangents)[0]
+
+    @abstractmethod
+    def _apply_output_curvature(
+        self, index: int, output: Tensor, targets: Tensor, tangents: Tensor
+    ) -> Tensor:
+        """``Λ_b U`` for output tangents ``U`` of shape ``[K, *output.shape]``."""
+
+    def _datum_gradients(self, index: int, output: Tensor, targets: Tensor) -> Tensor:
+        """``∇_f ℓ_n`` for every datum of the batch: the gradient of ``s_b · loss`` w.r.t. the output."""
+        scale = self._batch_scale(index)
+        return grad(lambda o: scale * self._loss(o, targets))(output)
+
+
+def _outer_products(gradients: Tensor, tangents: Tensor) -> Tensor:
+    """``(1/M) Σ_m r_m (r_m · u)`` per datum; ``gradients [M, N, ...]``, ``tangents [K, N, ...]``."""
+    projections = gradients.unsqueeze(0) * tangents.unsqueeze(1)
+    datum_axes = tuple(range(3, projections.ndim))
+    if datum_axes:
+        projections = projections.sum(dim=datum_axes, keepdim=True)
+    return (gradients.unsqueeze(0) * projections).mean(dim=1)
+
+
+class GGN(_OutputCurvature):
+    """The generalized Gauss-Newton ``(1/Z) Σ_n J_n^T ∇²_f ℓ_n J_n`` (positive semi-definite
+    for convex losses; the type-2 Fisher for MSE, cross-entropy and BCE).
+
+    Accepts any ``torch.func``-differentiable loss; ``∇²_f ℓ`` acts by forward-over-reverse
+    on the output.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> data = [(torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64))]
+        >>> ggn = curvops.GGN(model, torch.nn.MSELoss(), data)
+        >>> torch.allclose(ggn.to_dense(), curvops.Hessian(model, torch.nn.MSELoss(), data).to_dense())
+        True
+    """
+
+    def _apply_output_curvature(self, index, output, targets, tangents):
+        scale = self._batch_scale(index)
+        gradient = grad(lambda o: scale * self._loss(o, targets))
+        return vmap(lambda u: jvp(gradient, (output,), (u,))[1])(tangents)
+
+
+class EmpiricalFisher(_OutputCurvature):
+    """The empirical Fisher ``(1/Z) Σ_n ∇ℓ_n ∇ℓ_n^T`` of per-datum gradients at the true labels.
+
+    Needs ``MSELoss``, ``CrossEntropyLoss`` or ``BCEWithLogitsLoss``. Never forms per-datum
+    gradients: ``∇ℓ_n = J_n^T r_n`` with the output gradient ``r_n``, so a product is
+    ``J^T (r (r · J V))``.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> data = [(torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))]
+        >>> fisher = curvops.EmpiricalFisher(model, torch.nn.CrossEntropyLoss(), data)
+        >>> bool(torch.linalg.eigvalsh(fisher.to_dense()).min() > -1e-12)
+        True
+    """
+
+    _needs_likelihood = True
+
+    def _apply_output_curvature(self, index, output, targets, tangents):
+        return _outer_products(self._datum_gradients(index, output, targets).unsqueeze(0), tangents)
+
+
+class FisherMC(_OutputCurvature):
+    """The Monte-Carlo Fisher: labels ``ŷ_nm`` (``mc_samples`` per datum) drawn from the model's
+    predictive distribution, ``(1/Z) Σ_n (1/M) Σ_m ∇ℓ(f_n, ŷ_nm) ∇ℓ(f_n, ŷ_nm)^T``.
+
+    An unbiased estimate of the GGN (= type-2 Fisher) for ``MSELoss`` (``N(f, ½ I)``),
+    ``CrossEntropyLoss`` and ``BCEWithLogitsLoss``. The labels of batch ``b`` come from a
+    generator seeded with ``(seed, b)``, so the operator is one fixed matrix: every product,
+    and every operator built with the same ``seed``, uses the same labels.
+
+    Args:
+        mc_samples: ``M``, labels drawn per datum.
+        seed: seed of the label draws.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> data = [(torch.randn(4, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0]))]
+        >>> a = curvops.FisherMC(model, torch.nn.CrossEntropyLoss(), data, mc_samples=2, seed=1)
+        >>> b = curvops.FisherMC(model, torch.nn.CrossEntropyLoss(), data, mc_samples=2, seed=1)
+        >>> torch.equal(a.to_dense(), b.to_dense())
+        True
+    """
+
+    _needs_likelihood = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        data: Iterable,
+        params: Sequence[nn.Parameter] | None = None,
+        mc_samples: int = 1,
+        seed: int = 0,
+        progressbar: bool = False,
+        check_deterministic: bool = False,
+    ) -> None:
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        super().__init__(model, loss_fn, data, params, progressbar, check_deterministic)
+        self._loss.check_sampling(type(self).__name__)
+        self.mc_samples = mc_samples
+        self.seed = int(seed)
+
+    def sample_targets(self, index: int, output: Tensor, targets: Tensor) -> Tensor:
+        """The ``[M, *targets.shape]`` labels this operator draws for batch ``index``."""
+        generator = torch.Generator(device=output.device).manual_seed(self.seed * 1_000_003 + index)
+        return self._loss.sample(output, targets, self.mc_samples, generator)
+
+    def _apply_output_curvature(self, index, output, targets, tangents):
+        sampled = self.sample_targets(index, output, targets)
+        gradients = vmap(lambda t: self._datum_gradients(index, output, t))(sampled)
+        return _outer_products(gradients, tangents)
