@@ -27,13 +27,9 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from ..linalg.base import CurvatureOperator
 from .losses import LossAdapter
-from .model import ModelData
+from .model import ModelData, add_trees, fixed_forward
 
 Tree = dict[str, Tensor]
-
-
-def _add(total: Tree | None, part: Tree) -> Tree:
-    return part if total is None else {name: total[name] + part[name] for name in total}
 
 
 class ModelCurvature(CurvatureOperator):
@@ -88,10 +84,10 @@ class ModelCurvature(CurvatureOperator):
         tree = self._model.to_tree(x)
         params = self._model.param_dict()
         total = None
-        for index, inputs, targets in self._model.batches(f"{type(self).__name__} product"):
-            if self._counts[index] == 0:
-                continue
-            total = _add(total, self._batch_product(index, params, inputs, targets, tree))
+        with fixed_forward():
+            for index, inputs, targets in self._model.batches(f"{type(self).__name__} product"):
+                if self._counts[index]:
+                    total = add_trees(total, self._batch_product(index, params, inputs, targets, tree))
         return self._model.from_tree(total) / self._normalizer
 
     @abstractmethod

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from ..linalg.linear_map import LinearMap
-from .model import ModelData
+from .model import ModelData, add_trees, fixed_forward
 
 
 class Jacobian(LinearMap):
@@ -64,21 +64,22 @@ class Jacobian(LinearMap):
         tree = self._model.to_tree(x)
         params = self._model.param_dict()
         blocks = []
-        for index, inputs, _ in self._model.batches("Jacobian product"):
-            forward = lambda p: self._model.forward(p, inputs)  # noqa: E731, B023
-            output, tangents = vmap(lambda v: jvp(forward, (params,), (v,)), out_dims=(None, 0))(tree)  # noqa: B023
-            self._model.check_output(index, output)
-            blocks.append(tangents.reshape(x.shape[1], -1).T)
+        with fixed_forward():
+            for index, inputs, _ in self._model.batches("Jacobian product"):
+                forward = lambda p: self._model.forward(p, inputs)  # noqa: E731, B023
+                output, tangents = vmap(lambda v: jvp(forward, (params,), (v,)), out_dims=(None, 0))(tree)  # noqa: B023
+                self._model.check_output(index, output)
+                blocks.append(tangents.reshape(x.shape[1], -1).T)
         return torch.cat(blocks, dim=0)
 
     def _rmatmat(self, y: Tensor) -> Tensor:
         params = self._model.param_dict()
         parts = y.split([shape.numel() for shape in self._output_shapes], dim=0)
         total = None
-        for index, inputs, _ in self._model.batches("Jacobian transpose product"):
-            output, pullback = vjp(lambda p: self._model.forward(p, inputs), params)  # noqa: B023
-            self._model.check_output(index, output)
-            cotangents = parts[index].T.reshape(y.shape[1], *self._output_shapes[index])
-            tree = vmap(pullback)(cotangents)[0]
-            total = tree if total is None else {name: total[name] + tree[name] for name in total}
+        with fixed_forward():
+            for index, inputs, _ in self._model.batches("Jacobian transpose product"):
+                output, pullback = vjp(lambda p: self._model.forward(p, inputs), params)  # noqa: B023
+                self._model.check_output(index, output)
+                cotangents = parts[index].T.reshape(y.shape[1], *self._output_shapes[index])
+                total = add_trees(total, vmap(pullback)(cotangents)[0])
         return self._model.from_tree(total)

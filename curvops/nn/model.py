@@ -10,6 +10,7 @@ used by mistake. Build a new operator after the parameters change.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -36,6 +37,25 @@ def _same(first: tuple, second: tuple) -> bool:
         ):
             return False
     return True
+
+
+def add_trees(total: dict[str, Tensor] | None, part: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``total + part`` for ``{name: tensor}`` trees; ``part`` when there is no total yet."""
+    return part if total is None else {name: total[name] + part[name] for name in total}
+
+
+@contextmanager
+def fixed_forward() -> Iterator[None]:
+    """Turn torch.func's error for a random forward pass into one that says what to do."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "random operation" not in str(error):
+            raise
+        raise NonDeterministicDataError(
+            "The model draws random numbers in its forward pass (dropout or another random layer "
+            "in train mode?), so its curvature is not one fixed matrix; call model.eval()."
+        ) from error
 
 
 class ModelData:
