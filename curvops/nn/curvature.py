@@ -12,7 +12,8 @@ over for ``reduction="mean"`` (see :mod:`curvops.nn.losses`), ``Z = 1`` for ``"s
 
 All but the Hessian are ``J^T Λ J`` with a different ``Λ_n``, so they share one product: per
 batch a forward pass with ``vjp``, ``J V`` for all ``K`` columns at once (``vmap`` of ``jvp``),
-``Λ`` applied to the output tangents, and ``J^T`` for all columns (``vmap`` of the ``vjp``).
+``Λ`` applied to the output tangents, and ``J^T`` for each column through the one recorded
+forward pass.
 The Hessian uses forward-over-reverse (``jvp`` of ``grad``), again vmapped over columns.
 """
 
@@ -27,7 +28,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from ..linalg.base import CurvatureOperator
 from .losses import LossAdapter
-from .model import ModelData, add_trees, fixed_forward
+from .model import ModelData, add_trees, fixed_forward, pull_back
 
 Tree = dict[str, Tensor]
 
@@ -132,15 +133,10 @@ class Hessian(ModelCurvature):
             output = functional_call(self._model.model, p, (inputs,))
             return scale * self._loss(output, targets), output
 
-        gradient = grad(loss_and_output, has_aux=True)
-
-        def hessian_product(v: Tree) -> tuple[Tree, Tensor]:
-            _, product, output = jvp(gradient, (params,), (v,), has_aux=True)
-            return product, output
-
-        products, output = vmap(hessian_product, out_dims=(0, None))(tree)
+        _, pullback, output = vjp(grad(loss_and_output, has_aux=True), params, has_aux=True)
+        output = output.detach()
         self._check_loss(index, output, self._loss(output, targets))
-        return products
+        return pull_back(pullback, tree)
 
 
 class _OutputCurvature(ModelCurvature):
@@ -153,7 +149,7 @@ class _OutputCurvature(ModelCurvature):
         self._check_loss(index, output, self._loss(output, targets))
         tangents = vmap(lambda v: jvp(forward, (params,), (v,))[1])(tree)
         cotangents = self._apply_output_curvature(index, output, targets, tangents)
-        return vmap(pullback)(cotangents)[0]
+        return pull_back(pullback, cotangents)
 
     @abstractmethod
     def _apply_output_curvature(

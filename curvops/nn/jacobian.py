@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
 from ..linalg.linear_map import LinearMap
-from .model import ModelData, add_trees, fixed_forward
+from .model import ModelData, add_trees, fixed_forward, pull_back
 
 
 class Jacobian(LinearMap):
@@ -18,7 +18,7 @@ class Jacobian(LinearMap):
     Row order: batch by batch, each output ``f(X_b)`` flattened row-major, so ``J @ v`` is
     ``torch.cat([jvp(f(X_b)).flatten() for b])``; ``M`` is the total number of output entries.
     ``J @ V`` runs one ``vmap``-ed ``jvp`` per batch for all columns of ``V``; ``J.T @ U`` one
-    ``vjp`` per batch, vmapped over columns. Used for GLM predictives in Laplace
+    ``vjp`` per batch, pulled back column by column. Used for GLM predictives in Laplace
     approximations (``J P^-1 J^T``). Parameters are snapshotted by reference as for the
     curvature operators: after they change, products raise
     :class:`~curvops.errors.StaleParametersError`.
@@ -81,5 +81,5 @@ class Jacobian(LinearMap):
                 output, pullback = vjp(lambda p: self._model.forward(p, inputs), params)  # noqa: B023
                 self._model.check_output(index, output)
                 cotangents = parts[index].T.reshape(y.shape[1], *self._output_shapes[index])
-                total = add_trees(total, vmap(pullback)(cotangents)[0])
+                total = add_trees(total, pull_back(pullback, cotangents))
         return self._model.from_tree(total)

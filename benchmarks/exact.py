@@ -1,0 +1,99 @@
+"""Speed of the exact, matrix-free curvature operators, as ratios to a forward+backward pass.
+
+Workloads (random data, float32):
+
+- ``mlp``: MLP 784-1024-1024-10 (ReLU), cross-entropy, 4096 examples in batches of 512;
+- ``cnn``: Conv(3→16)-ReLU-MaxPool-Conv(16→32)-ReLU-MaxPool-Linear(2048→10) on 32x32 RGB
+  images, cross-entropy, 4096 examples in batches of 512.
+
+For each it times, in one run, one plain forward+backward pass over the whole data set
+(``loss.backward()`` per batch) and then one product over the same data: ``GGN @ v``,
+``GGN @ V`` with 16 columns, ``Hessian @ v``, ``EmpiricalFisher @ v`` and ``FisherMC @ v``
+(one sample), each printed as a ratio to the forward+backward pass.
+
+Usage: ``python benchmarks/exact.py [--device cuda] [--workloads mlp cnn] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+import curvops
+
+
+def seconds(function, min_run_time: float) -> float:
+    """Median seconds of ``function()`` (torch.utils.benchmark; synchronises CUDA)."""
+    return (
+        Timer(stmt="function()", globals={"function": function})
+        .blocked_autorange(min_run_time=min_run_time)
+        .median
+    )
+
+
+def workload(name: str, examples: int, batch: int, device: torch.device) -> tuple[nn.Module, list]:
+    torch.manual_seed(0)
+    if name == "mlp":
+        model = nn.Sequential(
+            nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+        )
+        x = torch.randn(examples, 784)
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+        )  # fmt: skip
+        x = torch.randn(examples, 3, 32, 32)
+    y = torch.randint(0, 10, (examples,))
+    data = [(xb.to(device), yb.to(device)) for xb, yb in zip(x.split(batch), y.split(batch), strict=True)]
+    return model.to(device), data
+
+
+def forward_backward(model: nn.Module, loss_fn: nn.Module, data: list) -> None:
+    for x, y in data:
+        loss_fn(model(x), y).backward()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workloads", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    parser.add_argument("--quick", action="store_true", help="256 examples: checks the script runs")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    examples, batch, min_run_time = (256, 128, 0.05) if args.quick else (4096, 512, 1.0)
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(f"exact curvature products on {name}, float32, {examples} examples in batches of {batch}")
+    print("times in ms; (x) = ratio to one forward+backward pass over the same data\n")
+    loss_fn = nn.CrossEntropyLoss()
+    for workload_name in args.workloads:
+        model, data = workload(workload_name, examples, batch, device)
+        size = sum(p.numel() for p in model.parameters())
+        reference = seconds(lambda: forward_backward(model, loss_fn, data), min_run_time)  # noqa: B023
+        v = torch.randn(size, device=device)
+        block = torch.randn(size, 16, device=device)
+        rows = [
+            ("GGN @ v", curvops.GGN(model, loss_fn, data), v),
+            ("GGN @ V (16 columns)", curvops.GGN(model, loss_fn, data), block),
+            ("Hessian @ v", curvops.Hessian(model, loss_fn, data), v),
+            ("EmpiricalFisher @ v", curvops.EmpiricalFisher(model, loss_fn, data), v),
+            ("FisherMC @ v", curvops.FisherMC(model, loss_fn, data), v),
+        ]
+        print(f"{workload_name}: D = {size:,}; forward+backward {1e3 * reference:.1f} ms")
+        for label, op, x in rows:
+            time = seconds(lambda: op @ x, min_run_time)  # noqa: B023
+            print(f"  {label:<22} {1e3 * time:>10.1f} ms ({time / reference:5.2f}x)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
