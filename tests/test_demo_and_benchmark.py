@@ -14,7 +14,7 @@ def test_demo_runs(capsys):
     demo.main()
     out = capsys.readouterr().out
     assert "KFAC vs exact GGN: relative Frobenius error" in out
-    assert "eigendecomposition vs CG: relative difference" in out
+    assert "matrix-free CG vs dense eigendecomposition: relative difference" in out
 
 
 def test_benchmark_quick_mode_runs():
