@@ -64,10 +64,10 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workloads", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
-    parser.add_argument("--quick", action="store_true", help="256 examples: checks the script runs")
+    parser.add_argument("--quick", action="store_true", help="64 examples: checks the script runs")
     args = parser.parse_args()
     device = torch.device(args.device)
-    examples, batch, min_run_time = (256, 128, 0.05) if args.quick else (4096, 512, 1.0)
+    examples, batch, min_run_time = (64, 32, 0.01) if args.quick else (4096, 512, 1.0)
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"

@@ -17,15 +17,19 @@ def test_demo_runs(capsys):
     assert "matrix-free CG vs dense eigendecomposition: relative difference" in out
 
 
-def test_benchmark_quick_mode_runs():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "kronecker.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    assert "inv-matvec" in result.stdout and result.stdout.count("x)") >= 12
+def _quick(script):
+    command = [sys.executable, str(ROOT / "benchmarks" / script), "--quick"]
+    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=300).stdout
+
+
+def test_kronecker_benchmark_quick_mode_runs():
+    out = _quick("kronecker.py")
+    assert "inv-matvec" in out and out.count("x)") >= 12
+
+
+def test_exact_benchmark_quick_mode_runs():
+    out = _quick("exact.py")
+    assert "GGN @ V (16 columns)" in out and out.count("x)") >= 10
 
 
 def test_readme_example_runs(tmp_path, monkeypatch):
