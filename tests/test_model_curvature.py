@@ -255,3 +255,20 @@ def test_progressbar_on_every_pass(capsys):
     op @ torch.zeros(op.shape[0], dtype=DOUBLE)
     err = capsys.readouterr().err
     assert "GGN: reading data" in err and "GGN product" in err
+
+
+def test_operators_run_on_the_parameters_device(device):
+    model, loss_fn, x, y, data = _problem("cnn", "ce", "mean")
+    expected = {cls: cls(model, loss_fn, data).to_dense() for cls in (curvops.GGN, curvops.Hessian)}
+    jacobian = curvops.Jacobian(model, data).to_dense()
+    model = model.to(device)
+    moved = [(xb.to(device), yb.to(device)) for xb, yb in data]
+    for cls, dense in expected.items():
+        op = cls(model, loss_fn, moved)
+        assert op.device.type == device.type
+        torch.testing.assert_close(op.to_dense().cpu(), dense)
+    torch.testing.assert_close(curvops.Jacobian(model, moved).to_dense().cpu(), jacobian)
+    fisher = curvops.FisherMC(model, loss_fn, moved, mc_samples=2)
+    v = torch.randn(fisher.shape[0], 2, dtype=DOUBLE, device=fisher.device)
+    torch.testing.assert_close(fisher @ v, fisher @ v)
+    assert bool(torch.isfinite(fisher.inverse(1.0) @ v).all())
