@@ -45,11 +45,24 @@ def _kronecker_singular(seed, device):
     return curvops.Kronecker(g, a), kron(g, a)
 
 
+def _kronecker_with_diagonal_factor(seed, device):
+    g, a = random_psd(3, seed=seed, device=device), random_psd(2, seed=seed + 1, device=device)
+    d = torch.rand(4, generator=generator(seed), dtype=DOUBLE).to(device) + 0.1
+    return curvops.Kronecker(g, d, a), kron(g, torch.diag(d), a)
+
+
 def _kronecker_eigen(seed, device):
     qs = [random_orthogonal(n, seed + n).to(device) for n in (3, 2)]
     s = torch.rand(3, 2, generator=generator(seed), dtype=DOUBLE).to(device) + 0.2
     basis = kron(*qs)
     return curvops.KroneckerEigen(qs, s), basis @ torch.diag(s.flatten()) @ basis.T
+
+
+def _permuted(seed, device):
+    op, m = _kronecker_with_diagonal_factor(seed, device)
+    perm = torch.randperm(m.shape[0], generator=generator(seed)).to(device)
+    p = torch.eye(m.shape[0], dtype=DOUBLE, device=device)[:, perm]  # P^T x = x[perm]
+    return curvops.Permuted(op, perm), p @ m @ p.T
 
 
 def _block_diagonal(seed, device):
@@ -97,7 +110,9 @@ FACTORIES = {
         _kronecker,
         _kronecker3,
         _kronecker_singular,
+        _kronecker_with_diagonal_factor,
         _kronecker_eigen,
+        _permuted,
         _block_diagonal,
         _scaled,
         _sum,

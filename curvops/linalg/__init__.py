@@ -19,6 +19,7 @@ from .estimators import (
 from .kronecker import Dense, Kronecker, KroneckerEigen
 from .linear_map import LinearMap, Transposed
 from .lowrank import LowRankUpdate
+from .permuted import Permuted
 from .solvers import CGInverse, cg
 from .state import from_state_dict
 
@@ -33,6 +34,7 @@ __all__ = [
     "KroneckerEigen",
     "LinearMap",
     "LowRankUpdate",
+    "Permuted",
     "Scaled",
     "Sum",
     "Transposed",

@@ -4,6 +4,8 @@
 Convention: for factors ``F_1, ..., F_k`` of sizes ``n_1, ..., n_k`` a vector of length
 ``D = Π n_i`` is a row-major ``[n_1, ..., n_k]`` tensor, and ``(F_1 ⊗ ... ⊗ F_k) vec(X)``
 applies ``F_i`` along axis ``i``. For two factors, ``(G ⊗ A) vec(V) = vec(G V A^T)``.
+A factor given as a 1-D tensor ``d`` is the diagonal matrix ``diag(d)``: it scales axis ``i``
+elementwise and is never materialised as an ``[n_i, n_i]`` matrix (except by ``to_dense``).
 """
 
 from __future__ import annotations
@@ -23,19 +25,25 @@ from . import spectral
 from .base import CurvatureOperator
 
 
-def check_matrix(matrix: Any, name: str, symmetric: bool) -> None:
+def check_matrix(matrix: Any, name: str, symmetric: bool, allow_diagonal: bool = False) -> None:
     """Raise a clear error unless ``matrix`` is a finite, square, floating-point ``[n, n]`` tensor.
 
     With ``symmetric=True`` it must also equal its transpose up to ``sqrt(eps)`` relative.
+    With ``allow_diagonal=True`` a finite floating-point 1-D ``[n]`` tensor (the diagonal of a
+    diagonal matrix, symmetric by construction) passes too.
     """
-    if not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+    vector = allow_diagonal and isinstance(matrix, Tensor) and matrix.ndim == 1
+    if not vector and (
+        not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]
+    ):
         shape = list(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
-        raise ValueError(f"{name} must be a square [n, n] tensor, got {shape}.")
+        expected = "a square [n, n] tensor" + (" or a 1-D [n] diagonal" if allow_diagonal else "")
+        raise ValueError(f"{name} must be {expected}, got {shape}.")
     if not matrix.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {matrix.dtype}.")
     if not bool(torch.isfinite(matrix).all()):
         raise ValueError(f"{name} contains NaN or inf.")
-    if symmetric and matrix.numel():
+    if symmetric and not vector and matrix.numel():
         tol = math.sqrt(torch.finfo(matrix.dtype).eps) * matrix.abs().max()
         if bool((matrix - matrix.T).abs().max() > tol):
             raise ValueError(f"{name} is not symmetric; curvops operators are symmetric.")
@@ -53,11 +61,15 @@ def check_same_place(tensors: Sequence[Tensor], what: str) -> tuple[torch.dtype,
     return tensors[0].dtype, tensors[0].device
 
 
-def mode_product(matrices: Sequence[Tensor], x: Tensor, transpose: bool = False) -> Tensor:
+def mode_product(matrices: Sequence[Tensor | None], x: Tensor, transpose: bool = False) -> Tensor:
     """Apply ``matrices[i]`` (or its transpose) along axis ``i`` of ``x``.
 
+    The dense matrices go through one opt_einsum contraction (its order found once per
+    shapes and cached); a 1-D entry ``d`` is ``diag(d)`` and scales axis ``i`` elementwise, and
+    ``None`` is the identity, so neither is ever materialised as a matrix.
+
     Args:
-        matrices: ``k`` matrices, the ``i``-th of shape ``[m_i, n_i]``.
+        matrices: ``k`` entries: ``[m_i, n_i]`` matrices, ``[n_i]`` diagonals or ``None``.
         x: ``[n_1, ..., n_k, ...]``; trailing axes are carried along.
         transpose: apply ``M_i^T`` instead of ``M_i``.
 
@@ -68,13 +80,24 @@ def mode_product(matrices: Sequence[Tensor], x: Tensor, transpose: bool = False)
         >>> g, a, v = torch.randn(2, 2), torch.randn(3, 3), torch.randn(2, 3)
         >>> torch.allclose(mode_product([g, a], v), g @ v @ a.T, atol=1e-6)
         True
+        >>> d = torch.tensor([1.0, 2.0, 3.0])
+        >>> torch.allclose(mode_product([g, d], v), g @ v @ torch.diag(d), atol=1e-6)
+        True
     """
-    k = len(matrices)
-    outs = [opt_einsum.get_symbol(i) for i in range(k)]
-    ins = [opt_einsum.get_symbol(k + i) for i in range(k)]
-    rest = "".join(opt_einsum.get_symbol(2 * k + i) for i in range(x.ndim - k))
-    terms = [i + o if transpose else o + i for o, i in zip(outs, ins, strict=True)]
-    expr = f"{','.join(terms)},{''.join(ins)}{rest}->{''.join(outs)}{rest}"
+    for axis, m in enumerate(matrices):
+        if m is not None and m.ndim == 1:
+            x = x * m.reshape(-1, *[1] * (x.ndim - axis - 1))
+    dense = [(axis, m) for axis, m in enumerate(matrices) if m is not None and m.ndim == 2]
+    if not dense:
+        return x
+    symbols = [opt_einsum.get_symbol(i) for i in range(x.ndim)]
+    outs = list(symbols)
+    terms = []
+    for axis, _ in dense:
+        outs[axis] = opt_einsum.get_symbol(x.ndim + axis)
+        terms.append(symbols[axis] + outs[axis] if transpose else outs[axis] + symbols[axis])
+    expr = f"{','.join(terms)},{''.join(symbols)}->{''.join(outs)}"
+    matrices = [m for _, m in dense]
     return _contraction(expr, *(tuple(t.shape) for t in (*matrices, x)))(*matrices, x)
 
 
@@ -84,9 +107,19 @@ def _contraction(expr: str, *shapes: tuple[int, ...]) -> opt_einsum.contract.Con
     return opt_einsum.contract_expression(expr, *shapes)
 
 
+def _kron(matrices: Sequence[Tensor]) -> Tensor:
+    """``M_1 ⊗ ... ⊗ M_k`` (``torch.kron`` on contiguous copies: it fails on some mixed strides)."""
+    return functools.reduce(torch.kron, [m.contiguous() for m in matrices])
+
+
 def _outer(vectors: Sequence[Tensor]) -> Tensor:
     """``v_1 ∘ ... ∘ v_k`` of shape ``[n_1, ..., n_k]``: the Kronecker product's eigenvalues."""
     return functools.reduce(lambda acc, v: acc.unsqueeze(-1) * v, vectors[1:], vectors[0])
+
+
+def _factor_diagonal(factor: Tensor) -> Tensor:
+    """The diagonal of a factor: the factor itself if it is 1-D, else its matrix diagonal."""
+    return factor if factor.ndim == 1 else factor.diagonal()
 
 
 class Kronecker(CurvatureOperator):
@@ -103,10 +136,17 @@ class Kronecker(CurvatureOperator):
       ``⊗_i (F_i + π_i λ^{1/k} I)^-1`` with ``π_i = (tr F_i / n_i) / (geometric mean over j)``,
       for two factors Martens & Grosse's ``(G + λ^½/π I)^-1 ⊗ (A + π λ^½ I)^-1``.
 
-    Products cost ``O(D Σ n_i)`` instead of ``O(D²)``.
+    A factor may be a 1-D tensor ``d``, meaning ``diag(d)`` (e.g. the input factor of an
+    ``nn.Embedding``, of the vocabulary's size). It is never materialised as a matrix except
+    by ``to_dense``: products scale its axis elementwise, its eigenvalues are ``d`` itself
+    (exact, in ``d``'s order) with identity eigenvectors, represented by ``None`` (see
+    :meth:`eigendecompositions`), and its factored damped inverse is again diagonal.
+
+    Products cost ``O(D Σ n_i)`` over the dense factors instead of ``O(D²)``.
 
     Args:
-        *factors: symmetric ``[n_i, n_i]`` tensors on one device and dtype, finite.
+        *factors: on one device and dtype, finite, floating point: symmetric ``[n_i, n_i]``
+            matrices or 1-D ``[n_i]`` diagonals.
 
     Example:
         >>> g = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
@@ -117,27 +157,34 @@ class Kronecker(CurvatureOperator):
         >>> v = torch.randn(2, 2)
         >>> torch.allclose(op @ v.flatten(), (g @ v @ a.T).flatten(), atol=1e-6)
         True
+        >>> diagonal = curvops.Kronecker(g, torch.tensor([1.0, 3.0]))  # the same operator
+        >>> torch.allclose(diagonal @ v.flatten(), op @ v.flatten(), atol=1e-6)
+        True
     """
 
     def __init__(self, *factors: Tensor) -> None:
         if not factors:
             raise ValueError("Kronecker needs at least one factor.")
         for i, factor in enumerate(factors):
-            check_matrix(factor, f"{type(self).__name__} factor {i}", symmetric=True)
+            check_matrix(factor, f"{type(self).__name__} factor {i}", symmetric=True, allow_diagonal=True)
         dtype, device = check_same_place(factors, "Kronecker factors")
         super().__init__(math.prod(f.shape[0] for f in factors), dtype, device)
         self.factors = tuple(factors)
-        self._eigen: list[tuple[Tensor, Tensor]] | None = None
+        self._eigen: list[tuple[Tensor, Tensor | None]] | None = None
 
     @property
     def sizes(self) -> tuple[int, ...]:
         """The factors' sizes ``(n_1, ..., n_k)``."""
         return tuple(f.shape[0] for f in self.factors)
 
-    def eigendecompositions(self) -> list[tuple[Tensor, Tensor]]:
-        """``[(e_i, Q_i)]`` with ``F_i = Q_i diag(e_i) Q_i^T``; computed once in float64, cached."""
+    def eigendecompositions(self) -> list[tuple[Tensor, Tensor | None]]:
+        """``[(e_i, Q_i)]`` with ``F_i = Q_i diag(e_i) Q_i^T``; computed once in float64, cached.
+
+        A diagonal (1-D) factor ``d`` gives ``(d, None)``: its eigenvalues are its entries, in
+        their order, and ``None`` stands for the identity eigenvectors, which are never built.
+        """
         if self._eigen is None:
-            self._eigen = [spectral.eigh(f) for f in self.factors]
+            self._eigen = [(f, None) if f.ndim == 1 else spectral.eigh(f) for f in self.factors]
         return self._eigen
 
     def eigenvalues(self) -> Tensor:
@@ -145,31 +192,47 @@ class Kronecker(CurvatureOperator):
         return _outer([e for e, _ in self.eigendecompositions()])
 
     def _rtol(self) -> float:
-        return torch.finfo(self.dtype).eps * max(self.sizes)
+        """Rounding noise comes from the dense factors' ``eigh`` only; diagonals are exact."""
+        return torch.finfo(self.dtype).eps * max((f.shape[0] for f in self.factors if f.ndim == 2), default=0)
+
+    def _noise_scale(self) -> Tensor | None:
+        """Per eigenvalue, the size of the numbers whose rounding errors it carries.
+
+        That is ``Π_i max|e_i|`` over the dense factors times ``Π_i |d_i|`` over the diagonal
+        ones, whose entries are exact: a small diagonal entry is not rounding noise. Without
+        diagonal factors it is ``max|e_1 ∘ ... ∘ e_k|``, the default (``None``).
+        """
+        eigen = self.eigendecompositions()
+        if all(q is not None for _, q in eigen) or self.shape[0] == 0:
+            return None
+        return _outer([e.abs() if q is None else e.abs().max().expand_as(e) for e, q in eigen])
 
     def _matmat(self, x: Tensor) -> Tensor:
         return mode_product(self.factors, x.reshape(*self.sizes, -1)).reshape(x.shape)
 
     def _to_dense(self) -> Tensor:
-        return functools.reduce(torch.kron, self.factors)
+        return _kron([torch.diag(f) if f.ndim == 1 else f for f in self.factors])
 
     def _diagonal(self) -> Tensor:
-        return functools.reduce(torch.kron, [f.diagonal() for f in self.factors])
+        return _kron([_factor_diagonal(f) for f in self.factors])
 
     def _trace(self) -> Tensor:
-        return functools.reduce(operator.mul, [f.diagonal().sum() for f in self.factors])
+        return functools.reduce(operator.mul, [_factor_diagonal(f).sum() for f in self.factors])
 
     def _logdet(self, damping: float) -> Tensor:
-        return spectral.logdet_from_eigenvalues(self.eigenvalues().flatten(), damping, self._rtol())
+        scale = self._noise_scale()
+        return spectral.logdet_from_eigenvalues(
+            self.eigenvalues().flatten(), damping, self._rtol(), None if scale is None else scale.flatten()
+        )
 
     def _inverse(self, damping: float, factored: bool) -> CurvatureOperator:
         if factored and len(self.factors) > 1:
             return self._factored_inverse(damping)
-        inverse = spectral.inverse_eigenvalues(self.eigenvalues(), damping, self._rtol())
+        inverse = spectral.inverse_eigenvalues(self.eigenvalues(), damping, self._rtol(), self._noise_scale())
         return KroneckerEigen([q for _, q in self.eigendecompositions()], inverse)
 
     def _factored_inverse(self, damping: float) -> Kronecker:
-        mean_eigenvalues = torch.stack([f.diagonal().mean() for f in self.factors])
+        mean_eigenvalues = torch.stack([_factor_diagonal(f).mean() for f in self.factors])
         if bool((mean_eigenvalues <= 0).any()):
             raise SingularOperatorError(
                 "Factored (π) damping needs every Kronecker factor to have a positive trace; "
@@ -179,6 +242,9 @@ class Kronecker(CurvatureOperator):
         strength = damping ** (1.0 / len(self.factors))
         inverses = []
         for (e, q), pi in zip(self.eigendecompositions(), pis, strict=True):
+            if q is None:  # a diagonal factor: exact entries, and its inverse stays diagonal
+                inverses.append(spectral.inverse_eigenvalues(e, strength * pi, 0.0))
+                continue
             inverse = spectral.inverse_eigenvalues(e, strength * pi, self._rtol())
             matrix = (q * inverse) @ q.T
             inverses.append(0.5 * (matrix + matrix.T))
@@ -207,6 +273,8 @@ class Dense(Kronecker):
     """
 
     def __init__(self, matrix: Tensor) -> None:
+        if isinstance(matrix, Tensor) and matrix.ndim == 1:
+            raise ValueError("Dense takes a square [D, D] matrix; use Diagonal for a 1-D diagonal.")
         super().__init__(matrix)
 
     @property
@@ -234,29 +302,43 @@ class KroneckerEigen(CurvatureOperator):
     ``(· + λI)^-1 = KroneckerEigen(Q, 1 / (s + λ))``.
 
     Args:
-        eigenvectors: orthonormal ``[n_i, n_i]`` tensors (checked to ``sqrt(eps n_i)``).
+        eigenvectors: orthonormal ``[n_i, n_i]`` tensors (checked to ``sqrt(eps n_i)``), or
+            ``None`` for an identity ``Q_i`` that is never built (as for a diagonal factor of a
+            :class:`Kronecker`); ``n_i`` is then read from the eigenvalues' axis ``i``.
         eigenvalues: ``D = Π n_i`` finite values, of shape ``[n_1, ..., n_k]`` or ``[D]``
-            (row-major). ``logdet`` needs them non-negative.
+            (row-major; only ``[n_1, ..., n_k]`` if an eigenvector entry is ``None``).
+            ``logdet`` needs them non-negative.
 
     Example:
         >>> q = torch.tensor([[0.6, -0.8], [0.8, 0.6]])
         >>> op = curvops.KroneckerEigen([q, torch.eye(2)], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
         >>> op.trace().item(), round(op.logdet().item(), 4)  # log(1 * 2 * 3 * 4)
         (10.0, 3.1781)
+        >>> same = curvops.KroneckerEigen([q, None], torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        >>> torch.allclose(same.to_dense(), op.to_dense())
+        True
     """
 
-    def __init__(self, eigenvectors: Sequence[Tensor], eigenvalues: Tensor) -> None:
+    def __init__(self, eigenvectors: Sequence[Tensor | None], eigenvalues: Tensor) -> None:
         eigenvectors = tuple(eigenvectors)
         if not eigenvectors:
             raise ValueError("KroneckerEigen needs at least one eigenvector matrix.")
         for i, q in enumerate(eigenvectors):
+            if q is None:
+                continue
             check_matrix(q, f"KroneckerEigen eigenvectors[{i}]", symmetric=False)
             eye = torch.eye(q.shape[0], dtype=q.dtype, device=q.device)
             tol = math.sqrt(torch.finfo(q.dtype).eps * max(q.shape[0], 1))
             if q.numel() and bool((q.T @ q - eye).abs().max() > tol):
                 raise ValueError(f"KroneckerEigen eigenvectors[{i}] is not orthonormal (Q^T Q != I).")
-        dtype, device = check_same_place([*eigenvectors, eigenvalues], "eigenvectors and eigenvalues")
-        sizes = tuple(q.shape[0] for q in eigenvectors)
+        matrices = [q for q in eigenvectors if q is not None]
+        dtype, device = check_same_place([*matrices, eigenvalues], "eigenvectors and eigenvalues")
+        if len(matrices) < len(eigenvectors) and eigenvalues.ndim != len(eigenvectors):
+            raise ValueError(
+                f"With None (identity) eigenvectors the eigenvalues must have one axis per factor, "
+                f"[n_1, ..., n_{len(eigenvectors)}], got {list(eigenvalues.shape)}."
+            )
+        sizes = tuple(eigenvalues.shape[i] if q is None else q.shape[0] for i, q in enumerate(eigenvectors))
         if eigenvalues.numel() != math.prod(sizes) or eigenvalues.shape not in ((math.prod(sizes),), sizes):
             raise ValueError(
                 f"eigenvalues must have shape {list(sizes)} or [{math.prod(sizes)}] to match the "
@@ -271,18 +353,22 @@ class KroneckerEigen(CurvatureOperator):
     @property
     def sizes(self) -> tuple[int, ...]:
         """The eigenbasis factors' sizes ``(n_1, ..., n_k)``."""
-        return tuple(q.shape[0] for q in self.eigenvectors)
+        return tuple(self.eigenvalues.shape)
 
     def _matmat(self, x: Tensor) -> Tensor:
         rotated = mode_product(self.eigenvectors, x.reshape(*self.sizes, -1), transpose=True)
         return mode_product(self.eigenvectors, rotated * self.eigenvalues.unsqueeze(-1)).reshape(x.shape)
 
     def _to_dense(self) -> Tensor:
-        basis = functools.reduce(torch.kron, self.eigenvectors)
+        eye = functools.partial(torch.eye, dtype=self.dtype, device=self.device)
+        basis = _kron(
+            [eye(n) if q is None else q for n, q in zip(self.sizes, self.eigenvectors, strict=True)]
+        )
         return (basis * self.eigenvalues.flatten()) @ basis.T
 
     def _diagonal(self) -> Tensor:
-        return mode_product([q.square() for q in self.eigenvectors], self.eigenvalues).flatten()
+        squares = [None if q is None else q.square() for q in self.eigenvectors]
+        return mode_product(squares, self.eigenvalues).flatten()
 
     def _trace(self) -> Tensor:
         return self.eigenvalues.sum()
@@ -294,10 +380,11 @@ class KroneckerEigen(CurvatureOperator):
         return KroneckerEigen(self.eigenvectors, spectral.inverse_eigenvalues(self.eigenvalues, damping, 0.0))
 
     def _state_tensors(self) -> dict[str, Tensor]:
-        tensors = {f"eigenvectors{i}": q for i, q in enumerate(self.eigenvectors)}
+        tensors = {f"eigenvectors{i}": q for i, q in enumerate(self.eigenvectors) if q is not None}
         return {**tensors, "eigenvalues": self.eigenvalues}
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> KroneckerEigen:
-        count = len(tensors) - 1
-        return cls([tensors[f"eigenvectors{i}"] for i in range(count)], tensors["eigenvalues"])
+        # the eigenvalues are stored as [n_1, ..., n_k]; a missing eigenvectors{i} is an identity
+        count = tensors["eigenvalues"].ndim
+        return cls([tensors.get(f"eigenvectors{i}") for i in range(count)], tensors["eigenvalues"])

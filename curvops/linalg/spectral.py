@@ -34,12 +34,13 @@ def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def damped_eigenvalues(
-    eigenvalues: Tensor, damping: float, rtol: float, scale: float | None = None
+    eigenvalues: Tensor, damping: float, rtol: float, scale: float | Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """``e + λ`` with rounding noise removed, and which of the results are zero.
 
     An eigenvalue within ``tol = rtol * scale`` of zero (``scale`` the size of the numbers
-    whose rounding errors ``e`` carries; by default ``max|e|``) is rounding noise and is set
+    whose rounding errors ``e`` carries: one number, by default ``max|e|``, or one per
+    eigenvalue, a tensor of ``e``'s shape) is rounding noise and is set
     to exactly zero before the (exact) damping is added. ``e + λ`` is then zero where it
     is exactly ``0`` (a zero eigenvalue, no damping) or within ``tol`` of zero for a
     negative ``e`` (damping that cancels a negative eigenvalue).
@@ -57,7 +58,7 @@ def damped_eigenvalues(
 
 
 def logdet_from_eigenvalues(
-    eigenvalues: Tensor, damping: float, rtol: float, scale: float | None = None
+    eigenvalues: Tensor, damping: float, rtol: float, scale: float | Tensor | None = None
 ) -> Tensor:
     """``Σ_i log(e_i + λ)`` for the eigenvalues ``e`` of a positive semi-definite operator.
 
@@ -88,7 +89,7 @@ def logdet_from_eigenvalues(
 
 
 def inverse_eigenvalues(
-    eigenvalues: Tensor, damping: float, rtol: float, scale: float | None = None
+    eigenvalues: Tensor, damping: float, rtol: float, scale: float | Tensor | None = None
 ) -> Tensor:
     """``1 / (e + λ)``, raising :class:`~curvops.errors.SingularOperatorError` at a zero.
 
