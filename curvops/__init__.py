@@ -30,12 +30,13 @@ from .linalg import (
     Sum,
     from_state_dict,
 )
-from .nn import GGN, EmpiricalFisher, FisherMC, Hessian, Jacobian
+from .nn import GGN, KFAC, EmpiricalFisher, FisherMC, Hessian, Jacobian
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GGN",
+    "KFAC",
     "BlockDiagonal",
     "CGInverse",
     "ConvergenceWarning",

@@ -17,8 +17,8 @@ def test_demo_runs(capsys):
     assert "matrix-free CG vs dense eigendecomposition: relative difference" in out
 
 
-def _quick(script):
-    command = [sys.executable, str(ROOT / "benchmarks" / script), "--quick"]
+def _quick(script, *options):
+    command = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *options]
     return subprocess.run(command, capture_output=True, text=True, check=True, timeout=300).stdout
 
 
@@ -39,3 +39,8 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)
     x = namespace["torch"].randn(660, dtype=namespace["torch"].float64)
     assert namespace["torch"].allclose(namespace["same"] @ x, namespace["model"] @ x)
+
+
+def test_kfac_benchmark_quick_mode_runs():
+    out = _quick("kfac.py", "--workloads", "tokens")
+    assert "statistics (factors)" in out and "tokens: D =" in out and out.count("x)") >= 5

@@ -2,11 +2,13 @@
 
 from .curvature import GGN, EmpiricalFisher, FisherMC, Hessian, ModelCurvature
 from .jacobian import Jacobian
+from .kfac import KFAC
 from .losses import LossAdapter
 from .model import ModelData
 
 __all__ = [
     "GGN",
+    "KFAC",
     "EmpiricalFisher",
     "FisherMC",
     "Hessian",

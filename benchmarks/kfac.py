@@ -1,0 +1,137 @@
+"""Speed of KFAC: statistics, products, inverse-products and logdet, as ratios to forward+backward.
+
+Workloads (random data, float32, 4096 examples in batches of 512, cross-entropy):
+
+- ``mlp``: MLP 784-1024-1024-10 (ReLU);
+- ``cnn``: Conv(3→16)-ReLU-MaxPool-Conv(16→32)-ReLU-MaxPool-Linear(2048→10) on 32x32 images;
+- ``tokens``: Linear(256→256)-ReLU-Linear(256→10) on ``[N, 64, 256]`` token inputs (weight
+  sharing over 64 positions; the loss averages over every token).
+
+For each it times, in one run, a plain forward+backward pass over the data, then KFAC's
+statistics pass (``fisher_type="mc"``, one sample), a product, the eigendecomposition
+(first exact inverse) and an inverse-product with it, and ``logdet``, each as a ratio to the
+forward+backward pass. On a GPU it also prints the peak memory of the statistics pass
+against that of the forward+backward pass.
+
+Usage: ``python benchmarks/kfac.py [--device cuda] [--workloads mlp cnn tokens] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+
+import curvops
+
+
+class TokenModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden, self.out = nn.Linear(256, 256), nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.hidden(x))).transpose(1, 2)  # [N, classes, tokens]
+
+
+def seconds(function, min_run_time: float) -> float:
+    """Median seconds of ``function()`` (torch.utils.benchmark; synchronises CUDA)."""
+    timer = Timer(stmt="function()", globals={"function": function})
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def workload(name: str, examples: int, batch: int, device: torch.device) -> tuple[nn.Module, list]:
+    torch.manual_seed(0)
+    if name == "mlp":
+        model = nn.Sequential(
+            nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+        )
+        x, y = torch.randn(examples, 784), torch.randint(0, 10, (examples,))
+    elif name == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+        )  # fmt: skip
+        x, y = torch.randn(examples, 3, 32, 32), torch.randint(0, 10, (examples,))
+    else:
+        model = TokenModel()
+        x, y = torch.randn(examples, 64, 256), torch.randint(0, 10, (examples, 64))
+    data = [(xb.to(device), yb.to(device)) for xb, yb in zip(x.split(batch), y.split(batch), strict=True)]
+    return model.to(device), data
+
+
+def forward_backward(model: nn.Module, loss_fn: nn.Module, data: list) -> None:
+    for x, y in data:
+        loss_fn(model(x), y).backward()
+
+
+def peak_memory(function, device: torch.device) -> float | None:
+    """Peak GPU memory (MiB) allocated while ``function()`` runs; ``None`` on a CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    function()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - start) / 2**20
+
+
+def report(name: str, examples: int, batch: int, device: torch.device, min_run_time: float) -> None:
+    """Time KFAC on one workload and print the ratios."""
+    model, data = workload(name, examples, batch, device)
+    loss_fn = nn.CrossEntropyLoss()
+    reference = seconds(lambda: forward_backward(model, loss_fn, data), min_run_time)
+
+    def build() -> curvops.CurvatureOperator:
+        return curvops.KFAC(model, loss_fn, data)
+
+    kfac = build()
+    state = kfac.state_dict()
+    v = torch.randn(kfac.shape[0], device=device)
+    inverse = kfac.inverse(1e-3)
+    rows = [
+        ("statistics (factors)", seconds(build, min_run_time)),
+        ("KFAC @ v", seconds(lambda: kfac @ v, min_run_time)),
+        ("eigendecomposition", seconds(lambda: curvops.from_state_dict(state).inverse(1e-3), min_run_time)),
+        ("inverse @ v", seconds(lambda: inverse @ v, min_run_time)),
+        ("logdet(1e-3)", seconds(lambda: kfac.logdet(1e-3), min_run_time)),
+    ]
+    print(f"{name}: D = {kfac.shape[0]:,}; forward+backward {1e3 * reference:.1f} ms")
+    for label, time in rows:
+        print(f"  {label:<22} {1e3 * time:>10.1f} ms ({time / reference:5.2f}x)", flush=True)
+    statistics_memory = peak_memory(build, device)
+    if statistics_memory is not None:
+        reference_memory = peak_memory(lambda: forward_backward(model, loss_fn, data), device)
+        print(f"  peak memory: statistics {statistics_memory:.0f} MiB, ", end="")
+        print(f"forward+backward {reference_memory:.0f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--workloads", nargs="+", default=["mlp", "cnn", "tokens"], choices=["mlp", "cnn", "tokens"]
+    )
+    parser.add_argument("--quick", action="store_true", help="64 examples: checks the script runs")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    examples, batch, min_run_time = (64, 32, 0.01) if args.quick else (4096, 512, 1.0)
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(f"KFAC on {name}, float32, {examples} examples in batches of {batch}, fisher_type='mc' (1 sample)")
+    print("times in ms; (x) = ratio to one forward+backward pass over the same data\n")
+    for workload_name in args.workloads:
+        report(workload_name, examples, batch, device, min_run_time)
+
+
+if __name__ == "__main__":
+    main()
