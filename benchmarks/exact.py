@@ -19,43 +19,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from common import device_name, forward_backward, seconds, workload
 from torch import nn
-from torch.utils.benchmark import Timer
 
 import curvops
-
-
-def seconds(function, min_run_time: float) -> float:
-    """Median seconds of ``function()`` (torch.utils.benchmark; synchronises CUDA)."""
-    return (
-        Timer(stmt="function()", globals={"function": function})
-        .blocked_autorange(min_run_time=min_run_time)
-        .median
-    )
-
-
-def workload(name: str, examples: int, batch: int, device: torch.device) -> tuple[nn.Module, list]:
-    torch.manual_seed(0)
-    if name == "mlp":
-        model = nn.Sequential(
-            nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
-        )
-        x = torch.randn(examples, 784)
-    else:
-        model = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
-        )  # fmt: skip
-        x = torch.randn(examples, 3, 32, 32)
-    y = torch.randint(0, 10, (examples,))
-    data = [(xb.to(device), yb.to(device)) for xb, yb in zip(x.split(batch), y.split(batch), strict=True)]
-    return model.to(device), data
-
-
-def forward_backward(model: nn.Module, loss_fn: nn.Module, data: list) -> None:
-    for x, y in data:
-        loss_fn(model(x), y).backward()
 
 
 def main() -> None:
@@ -68,12 +35,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     examples, batch, min_run_time = (64, 32, 0.01) if args.quick else (4096, 512, 1.0)
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads"
-    )
-    print(f"exact curvature products on {name}, float32, {examples} examples in batches of {batch}")
+    print(f"exact curvature products on {device_name(device)}, float32, ", end="")
+    print(f"{examples} examples in batches of {batch}")
     print("times in ms; (x) = ratio to one forward+backward pass over the same data\n")
     loss_fn = nn.CrossEntropyLoss()
     for workload_name in args.workloads:

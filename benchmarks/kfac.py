@@ -21,51 +21,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from common import WORKLOADS, device_name, forward_backward, seconds, workload
 from torch import nn
-from torch.utils.benchmark import Timer
 
 import curvops
-
-
-class TokenModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.hidden, self.out = nn.Linear(256, 256), nn.Linear(256, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.hidden(x))).transpose(1, 2)  # [N, classes, tokens]
-
-
-def seconds(function, min_run_time: float) -> float:
-    """Median seconds of ``function()`` (torch.utils.benchmark; synchronises CUDA)."""
-    timer = Timer(stmt="function()", globals={"function": function})
-    return timer.blocked_autorange(min_run_time=min_run_time).median
-
-
-def workload(name: str, examples: int, batch: int, device: torch.device) -> tuple[nn.Module, list]:
-    torch.manual_seed(0)
-    if name == "mlp":
-        model = nn.Sequential(
-            nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
-        )
-        x, y = torch.randn(examples, 784), torch.randint(0, 10, (examples,))
-    elif name == "cnn":
-        model = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
-        )  # fmt: skip
-        x, y = torch.randn(examples, 3, 32, 32), torch.randint(0, 10, (examples,))
-    else:
-        model = TokenModel()
-        x, y = torch.randn(examples, 64, 256), torch.randint(0, 10, (examples, 64))
-    data = [(xb.to(device), yb.to(device)) for xb, yb in zip(x.split(batch), y.split(batch), strict=True)]
-    return model.to(device), data
-
-
-def forward_backward(model: nn.Module, loss_fn: nn.Module, data: list) -> None:
-    for x, y in data:
-        loss_fn(model(x), y).backward()
 
 
 def peak_memory(function, device: torch.device) -> float | None:
@@ -115,19 +74,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--workloads", nargs="+", default=["mlp", "cnn", "tokens"], choices=["mlp", "cnn", "tokens"]
-    )
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--quick", action="store_true", help="64 examples: checks the script runs")
     args = parser.parse_args()
     device = torch.device(args.device)
     examples, batch, min_run_time = (64, 32, 0.01) if args.quick else (4096, 512, 1.0)
-    name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads"
-    )
-    print(f"KFAC on {name}, float32, {examples} examples in batches of {batch}, fisher_type='mc' (1 sample)")
+    print(f"KFAC on {device_name(device)}, float32, {examples} examples in batches of {batch}, ", end="")
+    print("fisher_type='mc' (1 sample)")
     print("times in ms; (x) = ratio to one forward+backward pass over the same data\n")
     for workload_name in args.workloads:
         report(workload_name, examples, batch, device, min_run_time)
