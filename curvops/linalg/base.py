@@ -35,9 +35,10 @@ def check_damping(damping: float) -> float:
     return float(damping)
 
 
-def _check_method(method: str, allowed: tuple[str, ...], what: str) -> None:
-    if method not in allowed:
-        raise ValueError(f"Unknown {what} method {method!r}; choose one of {allowed}.")
+def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
+    """Raise ``ValueError`` naming the options unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"Unknown {what} {value!r}; choose one of {allowed}.")
 
 
 class CurvatureOperator(LinearMap):
@@ -162,7 +163,7 @@ class CurvatureOperator(LinearMap):
             >>> curvops.Diagonal(torch.tensor([1.0, 2.0])).trace().item()
             3.0
         """
-        _check_method(method, TRACE_METHODS, "trace")
+        check_choice(method, TRACE_METHODS, "trace method")
         if method == "exact":
             return self._trace()
         estimate = estimators.hutchinson_trace if method == "hutchinson" else estimators.hutchpp_trace
@@ -183,7 +184,7 @@ class CurvatureOperator(LinearMap):
             >>> curvops.Dense(torch.tensor([[2.0, 1.0], [1.0, 3.0]])).diagonal().tolist()
             [2.0, 3.0]
         """
-        _check_method(method, DIAGONAL_METHODS, "diagonal")
+        check_choice(method, DIAGONAL_METHODS, "diagonal method")
         if method == "exact":
             return self._diagonal()
         estimate = estimators.hutchinson_diagonal if method == "hutchinson" else estimators.hutchpp_diagonal
@@ -220,7 +221,7 @@ class CurvatureOperator(LinearMap):
         """
         damping = check_damping(damping)
         method = method or self._logdet_method
-        _check_method(method, LOGDET_METHODS, "logdet")
+        check_choice(method, LOGDET_METHODS, "logdet method")
         if method == "exact":
             return self._logdet(damping)
         return estimators.slq_logdet(self._matmat, self._probes(generator), num_samples, num_steps, damping)
@@ -276,7 +277,7 @@ class CurvatureOperator(LinearMap):
         """
         damping = check_damping(damping)
         method = method or self._inverse_method
-        _check_method(method, INVERSE_METHODS, "inverse")
+        check_choice(method, INVERSE_METHODS, "inverse method")
         if method == "exact":
             return self._inverse(damping, bool(factored))
         from .solvers import CGInverse

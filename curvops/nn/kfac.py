@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Kronecker, Permuted
+from ..linalg.base import check_choice
 from .curvature import GGN, EmpiricalFisher, FisherMC
 from .kronecker_statistics import (
     FISHER_TYPES,
@@ -15,18 +16,12 @@ from .kronecker_statistics import (
     KRONECKER_LAYERS,
     KroneckerLayer,
     KroneckerStatistics,
-    _check_module,
+    check_layer,
 )
 from .losses import LossAdapter
 from .model import ModelData
 
 UNSUPPORTED_OPTIONS = ("error", "dense", "diagonal")
-
-
-def _choose(value: str, allowed: tuple[str, ...], what: str) -> str:
-    if value not in allowed:
-        raise ValueError(f"Unknown {what} {value!r}; choose one of {allowed}.")
-    return value
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
@@ -114,10 +109,10 @@ def KFAC(
         ((26, 26), 'BlockDiagonal')
         >>> step = kfac.inverse(damping=1e-3) @ torch.ones(26, dtype=torch.float64)
     """
-    _choose(fisher_type, FISHER_TYPES, "fisher_type")
-    _choose(kfac_approx, KFAC_APPROXIMATIONS, "kfac_approx")
-    _choose(bias, ("separate", "joint"), "bias")
-    _choose(unsupported, UNSUPPORTED_OPTIONS, "unsupported")
+    check_choice(fisher_type, FISHER_TYPES, "fisher_type")
+    check_choice(kfac_approx, KFAC_APPROXIMATIONS, "kfac_approx")
+    check_choice(bias, ("separate", "joint"), "bias")
+    check_choice(unsupported, UNSUPPORTED_OPTIONS, "unsupported")
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
     loss = LossAdapter(loss_fn, likelihood=fisher_type != "forward-only", what=f"KFAC({fisher_type!r})")
@@ -170,7 +165,7 @@ def _find_layers(
         name, module, attribute = places[0]
         if isinstance(module, KRONECKER_LAYERS) and attribute in ("weight", "bias"):
             if id(module) not in layers:
-                _check_module(name, module, kfac_approx)
+                check_layer(name, module, kfac_approx)
                 weight = module.weight if id(module.weight) in chosen else None
                 module_bias = getattr(module, "bias", None)
                 bias_param = module_bias if module_bias is not None and id(module_bias) in chosen else None

@@ -59,7 +59,7 @@ class KroneckerLayer:
     input_count: float = field(default=0.0, repr=False)
 
 
-def _check_module(name: str, module: nn.Module, kfac_approx: str) -> None:
+def check_layer(name: str, module: nn.Module, kfac_approx: str) -> None:
     """Raise for configurations of a supported layer type that KFAC here does not handle."""
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         if module.groups != 1:
@@ -154,8 +154,8 @@ class KroneckerStatistics:
         self.fisher_type, self.kfac_approx = fisher_type, kfac_approx
         self.mc_samples, self.seed = mc_samples, seed
 
-    def collect(self) -> float:
-        """One pass over the data; fills the layers' factors. Returns the normaliser ``Z``."""
+    def collect(self) -> None:
+        """One pass over the data; fills the layers' ``input_factor`` and ``output_factor``."""
         total_count = 0.0
         for layer in self.layers:
             layer.input_factor = layer.output_factor = None
@@ -176,7 +176,6 @@ class KroneckerStatistics:
             else:
                 scale = normalizer * (self.mc_samples if self.fisher_type == "mc" else 1)
                 layer.output_factor = layer.output_factor / scale
-        return normalizer
 
     def _batch(self, index: int, inputs, targets: Tensor, count: float) -> None:
         captured: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer.module): [] for layer in self.layers}
