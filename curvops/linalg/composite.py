@@ -201,18 +201,33 @@ class BlockDiagonal(CurvatureOperator):
 
     Args:
         blocks: operators on one dtype and device.
+        labels: optional distinct names of the blocks (e.g. the layers'), for
+            :meth:`block` and for naming a block in state-dict errors.
 
     Example:
-        >>> op = curvops.BlockDiagonal([curvops.Diagonal(torch.ones(2)), curvops.Dense(2 * torch.eye(3))])
-        >>> op.shape, op.trace().item(), op.block_sizes
-        ((5, 5), 8.0, (2, 3))
+        >>> op = curvops.BlockDiagonal(
+        ...     [curvops.Diagonal(torch.ones(2)), curvops.Dense(2 * torch.eye(3))], labels=["bias", "weight"]
+        ... )
+        >>> op.shape, op.trace().item(), op.block_sizes, op.block("weight").shape
+        ((5, 5), 8.0, (2, 3), (3, 3))
     """
 
-    def __init__(self, blocks: Sequence[CurvatureOperator]) -> None:
+    def __init__(self, blocks: Sequence[CurvatureOperator], labels: Sequence[str] | None = None) -> None:
         blocks = tuple(blocks)
         _check_operators(blocks, "BlockDiagonal")
+        if labels is not None:
+            labels = tuple(str(label) for label in labels)
+            if len(labels) != len(blocks) or len(set(labels)) != len(labels):
+                raise ValueError(f"BlockDiagonal needs {len(blocks)} distinct labels, got {list(labels)}.")
         super().__init__(sum(b.shape[0] for b in blocks), blocks[0].dtype, blocks[0].device)
         self.blocks = blocks
+        self.labels = labels
+
+    def block(self, label: str) -> CurvatureOperator:
+        """The block called ``label``."""
+        if self.labels is None or label not in self.labels:
+            raise KeyError(f"No block labelled {label!r}; the labels are {self.labels}.")
+        return self.blocks[self.labels.index(label)]
 
     @property
     def block_sizes(self) -> tuple[int, ...]:
@@ -236,11 +251,14 @@ class BlockDiagonal(CurvatureOperator):
         return torch.stack([b._logdet(damping) for b in self.blocks]).sum()
 
     def _inverse(self, damping: float, factored: bool) -> BlockDiagonal:
-        return BlockDiagonal([b._inverse(damping, factored) for b in self.blocks])
+        return BlockDiagonal([b._inverse(damping, factored) for b in self.blocks], self.labels)
 
     def _state_children(self) -> list[CurvatureOperator]:
         return list(self.blocks)
 
+    def _state_config(self) -> dict[str, list[str]]:
+        return {} if self.labels is None else {"labels": list(self.labels)}
+
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> BlockDiagonal:
-        return cls(children)
+        return cls(children, config.get("labels"))

@@ -74,15 +74,14 @@ def _plain(value: Any) -> Any:
 def check_state_matches(expected: dict[str, Any], given: Any, where: str) -> None:
     """Raise :class:`StateDictError` unless ``given`` has the structure of ``expected``.
 
-    Type, shape, dtype, tensor names and shapes, number of children and config keys must
-    agree, recursively; tensor values and config values may differ.
+    Type, dtype, tensor names and shapes, config keys, number of children and shape must
+    agree, recursively; tensor values and config values may differ. Sub-operators are
+    checked before the overall shape, so the error names the innermost mismatch (a layer's
+    block rather than the whole operator).
     """
     _check_keys(given, where)
-    for key in ("type", "shape", "dtype"):
-        if _plain(given[key]) != _plain(expected[key]):
-            raise StateDictError(
-                f"{where}: state dict has {key} {given[key]!r} but the operator has {expected[key]!r}."
-            )
+    for key in ("type", "dtype"):
+        _check_equal(given, expected, key, where)
     if set(given["tensors"]) != set(expected["tensors"]):
         raise StateDictError(
             f"{where}: state dict has tensors {sorted(given['tensors'])}, "
@@ -106,6 +105,15 @@ def check_state_matches(expected: dict[str, Any], given: Any, where: str) -> Non
             f"{where}: state dict has {len(given['children'])} sub-operators, "
             f"the operator has {len(expected['children'])}."
         )
-    pairs = zip(expected["children"], given["children"], strict=True)
-    for i, (child_expected, child_given) in enumerate(pairs):
-        check_state_matches(child_expected, child_given, f"{where}.children[{i}]")
+    labels = expected["config"].get("labels") or range(len(expected["children"]))
+    pairs = zip(labels, expected["children"], given["children"], strict=True)
+    for label, child_expected, child_given in pairs:
+        check_state_matches(child_expected, child_given, f"{where}.children[{label!r}]")
+    _check_equal(given, expected, "shape", where)
+
+
+def _check_equal(given: dict[str, Any], expected: dict[str, Any], key: str, where: str) -> None:
+    if _plain(given[key]) != _plain(expected[key]):
+        raise StateDictError(
+            f"{where}: state dict has {key} {given[key]!r} but the operator has {expected[key]!r}."
+        )

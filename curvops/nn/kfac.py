@@ -77,7 +77,11 @@ def KFAC(
     the whole data set as its reduction defines it, independent of batching) — so
     ``inverse``, ``logdet``, ``det`` and ``trace`` are exact through the Kronecker factors,
     and ``inverse(damping, factored=True)`` gives the π-damped inverse. It is a snapshot: its
-    factors are tensors, with a ``state_dict``.
+    factors are tensors, with a ``state_dict``. The result is a :class:`~curvops.BlockDiagonal`
+    labelled by parameter (``"fc.weight"``, ``"fc.bias"``) or, for a joint bias, by layer
+    (``"fc"``, a :class:`~curvops.Permuted` Kronecker block from ``vec([W b])`` to
+    ``[vec W, b]``); only a ``params`` order that splits a layer's weight from its bias
+    wraps the whole operator in one ``Permuted``.
 
     Args:
         model: the network.
@@ -129,21 +133,32 @@ def KFAC(
     KroneckerStatistics(model_data, loss, layers, fisher_type, kfac_approx, mc_samples, seed).collect()
     layout = _Layout(model_data.params)
     device = model_data.device
-    blocks, indices = [], []
-    for layer in layers:
-        for block, where in _layer_blocks(layer, layout, device):
-            blocks.append(block)
-            indices.append(where)
-    for _, _, chosen in others:
+    entries = [entry for layer in layers for entry in _layer_blocks(layer, layout, device)]
+    for name, module, chosen in others:
         exact = _exact_operator(fisher_type, model, loss_fn, data, chosen, mc_samples, seed)
-        blocks.append(Dense(exact.to_dense()) if unsupported == "dense" else Diagonal(exact.diagonal()))
-        indices.append(torch.cat([layout.indices(p, device) for p in chosen]))
-    order = sorted(range(len(indices)), key=lambda i: int(indices[i].min()))
-    operator = BlockDiagonal([blocks[i] for i in order])
-    permutation = torch.cat([indices[i] for i in order])
-    if torch.equal(permutation, torch.arange(layout.size, device=device)):
-        return operator
-    return Permuted(operator, permutation)
+        block = Dense(exact.to_dense()) if unsupported == "dense" else Diagonal(exact.diagonal())
+        where = torch.cat([layout.indices(p, device) for p in chosen])
+        entries.append((name or type(module).__name__, block, where))
+    return _assemble(sorted(entries, key=lambda entry: int(entry[2].min())), layout.size)
+
+
+def _assemble(entries: list[tuple[str, CurvatureOperator, Tensor]], size: int) -> CurvatureOperator:
+    """``(label, block, flat indices)`` in order as one operator on the flat parameter vector.
+
+    A block whose indices are a contiguous range (a layer's weight and bias next to each
+    other in ``params``) is permuted within that range, so the result is a labelled
+    ``BlockDiagonal``; otherwise the whole block-diagonal is permuted at once.
+    """
+    labels = [label for label, _, _ in entries]
+    local = []
+    for _, block, where in entries:
+        start = int(where.min())
+        span = torch.arange(start, start + where.numel(), device=where.device)
+        if not torch.equal(where.sort().values, span):
+            permutation = torch.cat([where for _, _, where in entries])
+            return Permuted(BlockDiagonal([block for _, block, _ in entries], labels), permutation)
+        local.append(block if torch.equal(where, span) else Permuted(block, where - start))
+    return BlockDiagonal(local, labels)
 
 
 def _find_layers(
@@ -177,17 +192,18 @@ def _find_layers(
 
 
 def _layer_blocks(layer: KroneckerLayer, layout: _Layout, device: torch.device) -> list[tuple]:
-    """``(block, flat indices)`` for a layer: its weight (with the bias if joint), its bias."""
+    """``(label, block, flat indices)`` for a layer: its weight (with the bias if joint), its bias."""
     g, a = layer.output_factor, layer.input_factor
+    name = layer.name or type(layer.module).__name__
     if isinstance(layer.module, nn.Embedding):
-        return [(Kronecker(a, g), layout.indices(layer.weight, device))]
+        return [(f"{name}.weight", Kronecker(a, g), layout.indices(layer.weight, device))]
     if layer.joint:
-        return [(Kronecker(g, a), layout.joint(layer.weight, layer.bias, device))]
+        return [(name, Kronecker(g, a), layout.joint(layer.weight, layer.bias, device))]
     blocks = []
     if layer.weight is not None:
-        blocks.append((Kronecker(g, a), layout.indices(layer.weight, device)))
+        blocks.append((f"{name}.weight", Kronecker(g, a), layout.indices(layer.weight, device)))
     if layer.bias is not None:
-        blocks.append((Dense(g), layout.indices(layer.bias, device)))
+        blocks.append((f"{name}.bias", Dense(g), layout.indices(layer.bias, device)))
     return blocks
 
 
