@@ -4,7 +4,7 @@ For a linear softmax model ``f(x) = W x`` (``W`` of shape ``[C, I]``, the input 
 constant 1 for the bias) the GGN of the mean cross-entropy is
 ``G = (1/N) Σ_n Λ_n ⊗ x_n x_n^T`` with ``Λ_n = diag(p_n) - p_n p_n^T``; KFAC approximates
 it by ``mean(Λ_n) ⊗ mean(x_n x_n^T)``. The demo takes the exact GGN as a matrix-free
-:class:`curvops.GGN` of the trained model, KFAC as a :class:`curvops.Kronecker`, and compares
+:class:`curvops.GGN` of the trained model, KFAC from :func:`curvops.KFAC`, and compares
 trace, log-determinant, damped inverses, SciPy eigenvalues and the time each takes.
 
 Run with ``python -m curvops.demo`` (needs ``scikit-learn``: ``pip install curvops[demo]``).
@@ -66,9 +66,13 @@ def main() -> None:
     batches = list(zip(x.split(256), y.split(256), strict=True))
     ggn = curvops.GGN(model, torch.nn.CrossEntropyLoss(), batches)  # matrix-free, exact
     dense = curvops.Dense(ggn.to_dense())
-    kfac = curvops.Kronecker(output_hessians.mean(0), x.T @ x / n)
+    kfac = curvops.KFAC(model, torch.nn.CrossEntropyLoss(), batches, fisher_type="type-2")
+    (block,) = kfac.blocks
+    textbook = torch.kron(output_hessians.mean(0), x.T @ x / n)
     print(f"digits: N={n}, softmax regression W of shape [{classes}, {inputs}], D={ggn.shape[0]}")
     print(f"training accuracy {accuracy:.3f}")
+    difference = (kfac.to_dense() - textbook).abs().max().item()
+    print(f"curvops.KFAC vs the textbook mean(Λ_n) ⊗ mean(x_n x_n^T): max difference {difference:.1e}")
 
     error = (kfac.to_dense() - dense.matrix).norm() / dense.matrix.norm()
     print(f"\nKFAC vs exact GGN: relative Frobenius error {error:.3f}")
@@ -104,7 +108,7 @@ def main() -> None:
 
     eye = torch.eye(len(dense.matrix), dtype=torch.float64)
     dense_solve = _seconds(lambda: torch.linalg.solve(dense.matrix + damping * eye, gradient))
-    kfac_setup = _seconds(lambda: curvops.Kronecker(*kfac.factors).inverse(damping) @ gradient)
+    kfac_setup = _seconds(lambda: curvops.Kronecker(*block.factors).inverse(damping) @ gradient)
     kfac_apply = _seconds(lambda: kfac_inverse @ gradient)
     print("\ntime for one damped inverse-vector product:")
     print(

@@ -14,6 +14,8 @@ def test_demo_runs(capsys):
     demo.main()
     out = capsys.readouterr().out
     assert "KFAC vs exact GGN: relative Frobenius error" in out
+    difference = re.search(r"textbook .*: max difference (\S+)", out).group(1)
+    assert float(difference) < 1e-12
     assert "matrix-free CG vs dense eigendecomposition: relative difference" in out
 
 
