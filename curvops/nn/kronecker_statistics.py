@@ -127,6 +127,20 @@ def layer_output_gradients(module: nn.Module, gradients: Tensor) -> Tensor:
     return gradients.reshape(gradients.shape[0], gradients.shape[1], -1, gradients.shape[-1])
 
 
+def second_moment(rows: Tensor) -> Tensor:
+    """``Σ x x^T`` over the vectors ``x = rows[..., :]`` (all leading axes summed).
+
+    Contiguous rows take one matrix product; rows that are a transposed view (unfolded
+    convolution patches, convolution output gradients) take a batched product over their
+    leading axes, which avoids copying them into row-major order.
+    """
+    if rows.is_contiguous():
+        flat = rows.reshape(-1, rows.shape[-1])
+        return flat.T @ flat
+    batched = rows.reshape(-1, *rows.shape[-2:])
+    return torch.bmm(batched.transpose(1, 2), batched).sum(0)
+
+
 class KroneckerStatistics:
     """Collects ``A`` and ``G`` for every layer in one pass over the data.
 
@@ -230,16 +244,14 @@ class KroneckerStatistics:
             features = layer_inputs(layer.module, inputs.to(self.model.dtype), layer.joint)
             if self.kfac_approx == "reduce":
                 features = features.mean(dim=1, keepdim=True)
-            flat = features.reshape(-1, features.shape[-1])
-            contribution, number = flat.T @ flat, flat.shape[0]
+            contribution, number = second_moment(features), features[..., 0].numel()
         layer.input_factor = contribution if layer.input_factor is None else layer.input_factor + contribution
         layer.input_count += number
 
     def _accumulate_outputs(self, layer: KroneckerLayer, gradients: Tensor) -> None:
         if self.kfac_approx == "reduce":
             gradients = gradients.sum(dim=2, keepdim=True)
-        flat = gradients.reshape(-1, gradients.shape[-1])
-        contribution = flat.T @ flat
+        contribution = second_moment(gradients)
         layer.output_factor = (
             contribution if layer.output_factor is None else layer.output_factor + contribution
         )
