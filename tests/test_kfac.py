@@ -250,6 +250,11 @@ def test_unsupported_layers_error_or_get_an_exact_block():
     torch.testing.assert_close(dense[15:21, 15:21], exact)
     diagonal = curvops.KFAC(model, loss_fn, [(x, y)], fisher_type="type-2", unsupported="diagonal").to_dense()
     torch.testing.assert_close(diagonal[15:21, 15:21], torch.diag(exact.diagonal()))
+    only_norm = curvops.KFAC(
+        model, loss_fn, [(x, y)], params=norm_params, fisher_type="type-2", unsupported="dense"
+    )
+    assert only_norm.labels == ("norm",)
+    torch.testing.assert_close(only_norm.to_dense(), exact)
 
 
 def test_weight_tying_is_refused():

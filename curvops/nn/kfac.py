@@ -130,7 +130,8 @@ def KFAC(
             f"KFAC has no Kronecker rule for the parameters of {listing}. Leave them out of params, "
             "or pass unsupported='dense' or 'diagonal' for an exact block of their own."
         )
-    KroneckerStatistics(model_data, loss, layers, fisher_type, kfac_approx, mc_samples, seed).collect()
+    if layers:
+        KroneckerStatistics(model_data, loss, layers, fisher_type, kfac_approx, mc_samples, seed).collect()
     layout = _Layout(model_data.params)
     device = model_data.device
     entries = [entry for layer in layers for entry in _layer_blocks(layer, layout, device)]
@@ -139,10 +140,10 @@ def KFAC(
         block = Dense(exact.to_dense()) if unsupported == "dense" else Diagonal(exact.diagonal())
         where = torch.cat([layout.indices(p, device) for p in chosen])
         entries.append((name or type(module).__name__, block, where))
-    return _assemble(sorted(entries, key=lambda entry: int(entry[2].min())), layout.size)
+    return _assemble(sorted(entries, key=lambda entry: int(entry[2].min())))
 
 
-def _assemble(entries: list[tuple[str, CurvatureOperator, Tensor]], size: int) -> CurvatureOperator:
+def _assemble(entries: list[tuple[str, CurvatureOperator, Tensor]]) -> CurvatureOperator:
     """``(label, block, flat indices)`` in order as one operator on the flat parameter vector.
 
     A block whose indices are a contiguous range (a layer's weight and bias next to each
