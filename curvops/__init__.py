@@ -5,6 +5,7 @@ model, a loss and data in :mod:`curvops.nn`; both are re-exported here.
 """
 
 from . import linalg, nn
+from .compare import Comparison, compare
 from .errors import (
     ConvergenceWarning,
     NonDeterministicDataError,
@@ -39,6 +40,7 @@ __all__ = [
     "KFAC",
     "BlockDiagonal",
     "CGInverse",
+    "Comparison",
     "ConvergenceWarning",
     "CurvatureOperator",
     "Dense",
@@ -61,6 +63,7 @@ __all__ = [
     "StaleParametersError",
     "StateDictError",
     "Sum",
+    "compare",
     "from_state_dict",
     "linalg",
     "nn",
