@@ -31,13 +31,15 @@ from .linalg import (
     Sum,
     from_state_dict,
 )
-from .nn import GGN, KFAC, EmpiricalFisher, FisherMC, Hessian, Jacobian
+from .nn import EKFAC, GGN, KFAC, TKFAC, EmpiricalFisher, FisherMC, Hessian, Jacobian
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EKFAC",
     "GGN",
     "KFAC",
+    "TKFAC",
     "BlockDiagonal",
     "CGInverse",
     "Comparison",

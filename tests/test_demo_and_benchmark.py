@@ -46,3 +46,8 @@ def test_readme_example_runs(tmp_path, monkeypatch):
 def test_kfac_benchmark_quick_mode_runs():
     out = _quick("kfac.py", "--workloads", "tokens")
     assert "statistics (factors)" in out and "tokens: D =" in out and out.count("x)") >= 5
+
+
+def test_ekfac_benchmark_quick_mode_runs():
+    out = _quick("ekfac.py", "--workloads", "tokens")
+    assert "correction pass (gramian)" in out and "TEKFAC" in out

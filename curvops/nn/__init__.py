@@ -2,13 +2,15 @@
 
 from .curvature import GGN, EmpiricalFisher, FisherMC, Hessian, ModelCurvature
 from .jacobian import Jacobian
-from .kfac import KFAC
+from .kfac import EKFAC, KFAC, TKFAC
 from .losses import LossAdapter
 from .model import ModelData
 
 __all__ = [
+    "EKFAC",
     "GGN",
     "KFAC",
+    "TKFAC",
     "EmpiricalFisher",
     "FisherMC",
     "Hessian",

@@ -1,4 +1,5 @@
-"""KFAC: the Kronecker-factored approximation of a model's Fisher / GGN as a structured operator."""
+"""KFAC, EKFAC and TKFAC: Kronecker-factored approximations of a model's Fisher / GGN as
+structured operators, built from the statistics of :mod:`curvops.nn.kronecker_statistics`."""
 
 from __future__ import annotations
 
@@ -7,10 +8,20 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Kronecker, Permuted
+from ..linalg import (
+    BlockDiagonal,
+    CurvatureOperator,
+    Dense,
+    Diagonal,
+    Kronecker,
+    KroneckerEigen,
+    Permuted,
+    spectral,
+)
 from ..linalg.base import check_choice
 from .curvature import GGN, EmpiricalFisher, FisherMC
 from .kronecker_statistics import (
+    CORRECTIONS,
     FISHER_TYPES,
     KFAC_APPROXIMATIONS,
     KRONECKER_LAYERS,
@@ -113,33 +124,160 @@ def KFAC(
         ((26, 26), 'BlockDiagonal')
         >>> step = kfac.inverse(damping=1e-3) @ torch.ones(26, dtype=torch.float64)
     """
+    return _build("kfac", "auto", **locals())
+
+
+def EKFAC(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    data: Iterable,
+    params: Sequence[nn.Parameter] | None = None,
+    fisher_type: str = "mc",
+    mc_samples: int = 1,
+    kfac_approx: str = "expand",
+    seed: int = 0,
+    progressbar: bool = False,
+    bias: str = "separate",
+    unsupported: str = "error",
+    check_deterministic: bool = False,
+    correction: str = "auto",
+) -> CurvatureOperator:
+    """EKFAC (George et al. 2018): KFAC's eigenbasis with corrected eigenvalues.
+
+    Per layer, with the KFAC factors ``G = Q_G diag(γ) Q_G^T`` and ``A = Q_A diag(α) Q_A^T``,
+    the block is ``(Q_G ⊗ Q_A) diag(s) (Q_G ⊗ Q_A)^T`` with
+    ``s = (1/Z) Σ_n Σ_c ((Q_G ⊗ Q_A)^T vec(∇_W ℓ_nc))²`` over every datum's gradient
+    ``∇_W ℓ_nc = Σ_s g_nsc a_ns^T`` (summed over positions, columns ``c`` as for ``fisher_type``):
+    the diagonal of the true block in KFAC's eigenbasis, so EKFAC is never farther from the
+    true block (Frobenius) than KFAC. A :class:`~curvops.KroneckerEigen` per block, so the
+    damped inverse and logdet are exact from ``s + λ``. Two passes over the data: KFAC's
+    statistics, then the correction. The other arguments are :func:`~curvops.KFAC`'s
+    (``fisher_type="forward-only"`` has no gradients to correct with and is refused).
+
+    Args:
+        correction: ``"per-example"`` (rotate every datum's gradient: memory ``K·N·n_out·n_in``
+            per batch), ``"gramian"`` (contract rotated Gramians over positions: memory
+            ``N·S²·(n_out + n_in)``) or ``"auto"`` (the smaller, per layer and batch). Both give
+            the same ``s``. An ``nn.Embedding`` sums its gradient rows by index instead.
+
+    Example:
+        >>> layers = [torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)]
+        >>> model = torch.nn.Sequential(*layers).double()
+        >>> data = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))]
+        >>> ekfac = curvops.EKFAC(model, torch.nn.CrossEntropyLoss(), data, fisher_type="type-2")
+        >>> type(ekfac.block("0.weight")).__name__
+        'KroneckerEigen'
+    """
+    return _build("ekfac", **locals())
+
+
+def TKFAC(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    data: Iterable,
+    params: Sequence[nn.Parameter] | None = None,
+    fisher_type: str = "mc",
+    mc_samples: int = 1,
+    kfac_approx: str = "expand",
+    seed: int = 0,
+    progressbar: bool = False,
+    bias: str = "separate",
+    unsupported: str = "error",
+    check_deterministic: bool = False,
+    eigenvalue_correction: bool = False,
+    correction: str = "auto",
+) -> CurvatureOperator:
+    """TKFAC (Gao et al., AAAI 2021): a trace-restricted Kronecker factorisation.
+
+    Per layer ``F ≈ δ Ψ ⊗ Φ`` (output factor first, as everywhere in curvops) with
+    ``Φ ∝ Σ tr(g g^T) a a^T`` and ``Ψ ∝ Σ tr(a a^T) g g^T`` over data, positions (as
+    ``kfac_approx`` says) and output-space columns, normalised to ``tr Φ = tr Ψ = 1``, and
+    ``δ = (1/Z) Σ_n Σ_c ‖∇_W ℓ_nc‖_F²`` is the true block's trace, also under weight sharing
+    (the per-datum gradients' norms come from position Gramians). A separate bias's block
+    is KFAC's ``G`` scaled to its true trace. One pass over the data, like KFAC.
+
+    With ``eigenvalue_correction=True`` this is TEKFAC (arXiv 2011.13609): EKFAC's corrected
+    eigenvalues in TKFAC's eigenbasis ``Q_Ψ ⊗ Q_Φ`` (a second pass; ``correction`` as for
+    :func:`~curvops.EKFAC`), never farther from the true block than TKFAC.
+
+    The other arguments are :func:`~curvops.KFAC`'s (``"forward-only"`` is refused).
+
+    Example:
+        >>> layers = [torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)]
+        >>> model = torch.nn.Sequential(*layers).double()
+        >>> data = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))]
+        >>> tkfac = curvops.TKFAC(model, torch.nn.CrossEntropyLoss(), data, fisher_type="type-2")
+        >>> block = tkfac.block("0.weight")
+        >>> round(block.factors[1].trace().item(), 6)  # tr Φ
+        1.0
+    """
+    arguments = locals()
+    approximation = "tekfac" if arguments.pop("eigenvalue_correction") else "tkfac"
+    return _build(approximation, **arguments)
+
+
+def _build(
+    approximation: str,
+    correction: str,
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    data: Iterable,
+    params: Sequence[nn.Parameter] | None,
+    fisher_type: str,
+    mc_samples: int,
+    kfac_approx: str,
+    seed: int,
+    progressbar: bool,
+    bias: str,
+    unsupported: str,
+    check_deterministic: bool,
+) -> CurvatureOperator:
+    """KFAC, EKFAC, TKFAC or TEKFAC: statistics, then one labelled block per layer parameter."""
+    name = approximation.upper()
     check_choice(fisher_type, FISHER_TYPES, "fisher_type")
     check_choice(kfac_approx, KFAC_APPROXIMATIONS, "kfac_approx")
     check_choice(bias, ("separate", "joint"), "bias")
     check_choice(unsupported, UNSUPPORTED_OPTIONS, "unsupported")
+    check_choice(correction, CORRECTIONS, "correction")
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
-    loss = LossAdapter(loss_fn, likelihood=fisher_type != "forward-only", what=f"KFAC({fisher_type!r})")
+    if approximation != "kfac" and fisher_type == "forward-only":
+        raise ValueError(f"{name} needs output gradients; fisher_type='forward-only' has none.")
+    loss = LossAdapter(loss_fn, likelihood=fisher_type != "forward-only", what=f"{name}({fisher_type!r})")
     if fisher_type in ("type-2", "mc"):
-        loss.check_sampling(f"KFAC({fisher_type!r})")
+        loss.check_sampling(f"{name}({fisher_type!r})")
     model_data = ModelData(model, data, params, progressbar, check_deterministic)
     layers, others = _find_layers(model, model_data.params, bias, kfac_approx)
     if others and unsupported == "error":
-        listing = ", ".join(f"{name!r} ({type(module).__name__})" for name, module, _ in others)
+        listing = ", ".join(f"{module_name!r} ({type(module).__name__})" for module_name, module, _ in others)
         raise ValueError(
-            f"KFAC has no Kronecker rule for the parameters of {listing}. Leave them out of params, "
+            f"{name} has no Kronecker rule for the parameters of {listing}. Leave them out of params, "
             "or pass unsupported='dense' or 'diagonal' for an exact block of their own."
         )
+    blocks: list[list[CurvatureOperator]] = []
     if layers:
-        KroneckerStatistics(model_data, loss, layers, fisher_type, kfac_approx, mc_samples, seed).collect()
+        statistics = KroneckerStatistics(model_data, loss, layers, fisher_type, kfac_approx, mc_samples, seed)
+        statistics.collect(trace_restricted=approximation in ("tkfac", "tekfac"))
+        blocks = [_kronecker_blocks(layer, approximation) for layer in layers]
+        if approximation in ("ekfac", "tekfac"):
+            bases = [_eigenbasis(layer, approximation) for layer in layers]
+            corrected = statistics.corrections(bases, correction)
+            blocks = [
+                _corrected_blocks(layer, basis, s)
+                for layer, basis, s in zip(layers, bases, corrected, strict=True)
+            ]
     layout = _Layout(model_data.params)
     device = model_data.device
-    entries = [entry for layer in layers for entry in _layer_blocks(layer, layout, device)]
-    for name, module, chosen in others:
+    entries = [
+        entry
+        for layer, layer_blocks in zip(layers, blocks, strict=True)
+        for entry in _place(layer, layer_blocks, layout, device)
+    ]
+    for module_name, module, chosen in others:
         exact = _exact_operator(fisher_type, model, loss_fn, data, chosen, mc_samples, seed)
         block = Dense(exact.to_dense()) if unsupported == "dense" else Diagonal(exact.diagonal())
         where = torch.cat([layout.indices(p, device) for p in chosen])
-        entries.append((name or type(module).__name__, block, where))
+        entries.append((module_name or type(module).__name__, block, where))
     return _assemble(sorted(entries, key=lambda entry: int(entry[2].min())))
 
 
@@ -192,20 +330,62 @@ def _find_layers(
     return list(layers.values()), list(others.values())
 
 
-def _layer_blocks(layer: KroneckerLayer, layout: _Layout, device: torch.device) -> list[tuple]:
-    """``(label, block, flat indices)`` for a layer: its weight (with the bias if joint), its bias."""
+def _kronecker_blocks(layer: KroneckerLayer, approximation: str) -> list[CurvatureOperator]:
+    """KFAC's or TKFAC's blocks of a layer: weight (with a joint bias) first, then a separate bias."""
     g, a = layer.output_factor, layer.input_factor
-    name = layer.name or type(layer.module).__name__
-    if isinstance(layer.module, nn.Embedding):
-        return [(f"{name}.weight", Kronecker(a, g), layout.indices(layer.weight, device))]
-    if layer.joint:
-        return [(name, Kronecker(g, a), layout.joint(layer.weight, layer.bias, device))]
-    blocks = []
-    if layer.weight is not None:
-        blocks.append((f"{name}.weight", Kronecker(g, a), layout.indices(layer.weight, device)))
-    if layer.bias is not None:
-        blocks.append((f"{name}.bias", Dense(g), layout.indices(layer.bias, device)))
+    weight_output, weight_input = g, a
+    if approximation in ("tkfac", "tekfac"):
+        weight_output, weight_input = layer.trace * layer.trace_output_factor, layer.trace_input_factor
+    factors = (weight_input, weight_output) if layer.embedding else (weight_output, weight_input)
+    blocks = [Kronecker(*factors)] if layer.weight is not None else []
+    if layer.bias is not None and not layer.joint:
+        trace_restricted = approximation in ("tkfac", "tekfac")
+        blocks.append(Dense(g * (layer.bias_trace / g.trace()) if trace_restricted else g))
     return blocks
+
+
+def _eigenbasis(layer: KroneckerLayer, approximation: str) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(Q_out, Q_in, Q_bias)``: the eigenvectors of the factors the uncorrected blocks use.
+
+    EKFAC: KFAC's ``G`` and ``A``; TEKFAC: TKFAC's ``Ψ`` and ``Φ``. A separate bias's block is
+    ``G`` in both, so its basis is ``G``'s.
+    """
+    q_bias = spectral.eigh(layer.output_factor)[1]
+    if approximation == "ekfac":
+        q_in = None if layer.embedding else spectral.eigh(layer.input_factor)[1]
+        return q_bias, q_in, q_bias
+    q_in = None if layer.embedding else spectral.eigh(layer.trace_input_factor)[1]
+    return spectral.eigh(layer.trace_output_factor)[1], q_in, q_bias
+
+
+def _corrected_blocks(
+    layer: KroneckerLayer,
+    basis: tuple[Tensor, Tensor | None, Tensor],
+    corrected: tuple[Tensor | None, Tensor | None],
+) -> list[CurvatureOperator]:
+    """EKFAC's blocks of a layer: ``KroneckerEigen`` in the basis with the corrected eigenvalues."""
+    (q_out, q_in, q_bias), (weight, bias) = basis, corrected
+    blocks = []
+    if weight is not None:
+        bases = [None, q_out] if layer.embedding else [q_out, q_in]
+        blocks.append(KroneckerEigen(bases, weight))
+    if bias is not None:
+        blocks.append(KroneckerEigen([q_bias], bias))
+    return blocks
+
+
+def _place(
+    layer: KroneckerLayer, blocks: list[CurvatureOperator], layout: _Layout, device: torch.device
+) -> list[tuple[str, CurvatureOperator, Tensor]]:
+    """``(label, block, flat indices)`` for a layer's blocks (weight, or weight+bias if joint; bias)."""
+    name = layer.name or type(layer.module).__name__
+    if layer.joint:
+        return [(name, blocks[0], layout.joint(layer.weight, layer.bias, device))]
+    params = [(kind, p) for kind, p in (("weight", layer.weight), ("bias", layer.bias)) if p is not None]
+    return [
+        (f"{name}.{kind}", block, layout.indices(p, device))
+        for (kind, p), block in zip(params, blocks, strict=True)
+    ]
 
 
 def _exact_operator(

@@ -46,7 +46,10 @@ class KroneckerLayer:
 
     ``input_factor`` is ``A`` (``[n_in, n_in]``, or ``[num_embeddings]`` for an embedding's
     diagonal factor; with ``joint`` bias the input carries a trailing constant 1) and
-    ``output_factor`` is ``G`` (``[n_out, n_out]``), once the statistics are collected.
+    ``output_factor`` is ``G`` (``[n_out, n_out]``), once the statistics are collected. With
+    ``trace_restricted`` statistics, TKFAC's ``trace`` ``δ``, ``trace_input_factor`` ``Φ`` and
+    ``trace_output_factor`` ``Ψ`` (``tr Φ = tr Ψ = 1``) are filled too, and ``bias_trace``,
+    the trace of a separate bias's true block.
     """
 
     name: str
@@ -56,7 +59,16 @@ class KroneckerLayer:
     joint: bool
     input_factor: Tensor | None = None
     output_factor: Tensor | None = None
+    trace: Tensor | None = None
+    bias_trace: Tensor | None = None
+    trace_input_factor: Tensor | None = None
+    trace_output_factor: Tensor | None = None
     input_count: float = field(default=0.0, repr=False)
+
+    @property
+    def embedding(self) -> bool:
+        """Whether the layer is an ``nn.Embedding`` (diagonal input factor, ``A ⊗ G`` layout)."""
+        return isinstance(self.module, nn.Embedding)
 
 
 def check_layer(name: str, module: nn.Module, kfac_approx: str) -> None:
@@ -141,8 +153,54 @@ def second_moment(rows: Tensor) -> Tensor:
     return torch.bmm(batched.transpose(1, 2), batched).sum(0)
 
 
+CORRECTIONS = ("auto", "per-example", "gramian")
+
+
+def _add(total: Tensor | None, part: Tensor) -> Tensor:
+    return part if total is None else total + part
+
+
+def correction_strategy(
+    correction: str, columns: int, data: int, positions: int, outputs: int, inputs: int
+) -> str:
+    """``"per-example"`` or ``"gramian"``: ``"auto"`` picks the one with less memory.
+
+    Per-example rotated gradients take ``K·N·n_out·n_in`` numbers for ``K`` columns and ``N``
+    data; the Gramians ``N·S²·(n_out + n_in)`` for ``S`` positions.
+
+    Example:
+        >>> correction_strategy("auto", 1, 512, 1, 1024, 1024)  # no weight sharing: tiny Gramians
+        'gramian'
+        >>> correction_strategy("auto", 1, 8, 64, 256, 256)  # 64 tokens per datum
+        'per-example'
+    """
+    if correction != "auto":
+        return correction
+    per_example = columns * data * outputs * inputs
+    gramian = data * positions * positions * (outputs + inputs)
+    return "per-example" if per_example <= gramian else "gramian"
+
+
+def _trace(factor: Tensor) -> Tensor:
+    return factor.sum() if factor.ndim == 1 else factor.trace()
+
+
+def _gradient_norms(gradients: Tensor, input_gram: Tensor) -> Tensor:
+    """``Σ_{k,n} ‖Σ_s g_kns a_ns^T‖_F² = Σ_{k,n} Σ_{s,t} (g_kns · g_knt)(a_ns · a_nt)``: the squared
+    norms of every datum's (and column's) weight gradient, from ``[K, N, S, n_out]`` output
+    gradients and the ``[N, S, S]`` input Gramian. TKFAC's ``δ`` is their mean, so its block's
+    trace is the true block's, with or without weight sharing."""
+    output_gram = torch.einsum("knso,knto->nst", gradients, gradients)
+    return (output_gram * input_gram).sum()
+
+
 class KroneckerStatistics:
-    """Collects ``A`` and ``G`` for every layer in one pass over the data.
+    """Collects ``A`` and ``G`` (and, if asked, TKFAC's ``δ``, ``Φ``, ``Ψ``) for every layer in one
+    pass over the data, and EKFAC's eigenvalue corrections in a second one.
+
+    Every pass runs the model with hooks on the layers, backpropagates the output-space
+    columns of ``fisher_type`` to the layer outputs (one batched backward pass) and hands each
+    layer's inputs and output gradients to an accumulator.
 
     Args:
         model: the model and data (:class:`~curvops.nn.model.ModelData`).
@@ -168,30 +226,119 @@ class KroneckerStatistics:
         self.fisher_type, self.kfac_approx = fisher_type, kfac_approx
         self.mc_samples, self.seed = mc_samples, seed
 
-    def collect(self) -> None:
-        """One pass over the data; fills the layers' ``input_factor`` and ``output_factor``."""
-        total_count = 0.0
+    def collect(self, trace_restricted: bool = False) -> None:
+        """One pass; fills the layers' ``input_factor``, ``output_factor`` and, with
+        ``trace_restricted``, TKFAC's ``trace``, ``trace_input_factor`` and ``trace_output_factor``."""
         for layer in self.layers:
             layer.input_factor = layer.output_factor = None
+            layer.trace = layer.bias_trace = layer.trace_input_factor = layer.trace_output_factor = None
             layer.input_count = 0.0
-        for index, inputs, targets in self.model.batches("KFAC statistics"):
-            count = self.loss.count(targets)
-            total_count += count
-            if count:
-                self._batch(index, inputs, targets, count)
-        normalizer = total_count if self.loss.reduction == "mean" else 1.0
-        if total_count == 0:
-            raise ValueError("The data has no loss terms (every target is ignored).")
+        normalizer = self._pass(
+            "KFAC statistics",
+            lambda layer, inputs, gradients: self._accumulate(layer, inputs, gradients, trace_restricted),
+        )
+        scale = normalizer * (self.mc_samples if self.fisher_type == "mc" else 1)
         for layer in self.layers:
             layer.input_factor = layer.input_factor / layer.input_count
             if self.fisher_type == "forward-only":
-                size = layer.module.weight.shape[1 if isinstance(layer.module, nn.Embedding) else 0]
+                size = layer.module.weight.shape[1 if layer.embedding else 0]
                 layer.output_factor = torch.eye(size, dtype=self.model.dtype, device=self.model.device)
-            else:
-                scale = normalizer * (self.mc_samples if self.fisher_type == "mc" else 1)
-                layer.output_factor = layer.output_factor / scale
+                continue
+            layer.output_factor = layer.output_factor / scale
+            if trace_restricted:
+                if not bool(layer.trace > 0):
+                    raise ValueError(f"Layer {layer.name!r} has no curvature (δ = 0): TKFAC is undefined.")
+                layer.trace = layer.trace / scale
+                layer.bias_trace = None if layer.bias_trace is None else layer.bias_trace / scale
+                layer.trace_input_factor = layer.trace_input_factor / _trace(layer.trace_input_factor)
+                layer.trace_output_factor = layer.trace_output_factor / _trace(layer.trace_output_factor)
 
-    def _batch(self, index: int, inputs, targets: Tensor, count: float) -> None:
+    def corrections(
+        self, bases: list[tuple[Tensor, Tensor | None, Tensor]], correction: str = "auto"
+    ) -> list[tuple[Tensor | None, Tensor | None]]:
+        """EKFAC's eigenvalues ``s = E[(Q_out^T ∇_W ℓ_n Q_in)²]`` in each layer's eigenbasis.
+
+        One more pass over the data. ``∇_W ℓ_n = Σ_s g_ns a_ns^T`` is each datum's (and
+        output-space column's) gradient, summed over positions whatever ``kfac_approx`` is,
+        so ``s`` is exactly the diagonal of the true block in the basis ``Q_out ⊗ Q_in``.
+
+        Args:
+            bases: per layer ``(Q_out, Q_in, Q_bias)``: the weight's basis ``Q_out ⊗ Q_in``
+                (``Q_in`` is ``None`` for an embedding: the identity) and a separate bias's.
+            correction: ``"per-example"`` (rotate each datum's gradient), ``"gramian"``
+                (contract rotated input and output Gramians over positions) or ``"auto"``
+                (:func:`correction_strategy`, per layer and batch).
+
+        Returns:
+            Per layer ``(s_weight, s_bias)``: ``s_weight`` ``[n_out, n_in]`` (``[num_embeddings,
+            n_out]`` for an embedding; ``None`` without the weight), ``s_bias`` ``[n_out]`` for a
+            separate bias (else ``None``).
+        """
+        position = {id(layer): i for i, layer in enumerate(self.layers)}
+        sums: list[list[Tensor | None]] = [[None, None] for _ in self.layers]
+
+        def consume(layer: KroneckerLayer, inputs: Tensor, gradients: Tensor) -> None:
+            i = position[id(layer)]
+            q_out, q_in, q_bias = bases[i]
+            if layer.weight is not None:
+                rotated = gradients @ q_out
+                weight = (
+                    self._embedding_correction(layer, inputs, rotated)
+                    if layer.embedding
+                    else self._dense_correction(layer, inputs, rotated, q_in, correction)
+                )
+                sums[i][0] = _add(sums[i][0], weight)
+            if layer.bias is not None and not layer.joint:
+                sums[i][1] = _add(sums[i][1], (gradients.sum(dim=2) @ q_bias).square().sum(dim=(0, 1)))
+
+        normalizer = self._pass("EKFAC eigenvalue correction", consume)
+        scale = normalizer * (self.mc_samples if self.fisher_type == "mc" else 1)
+        return [tuple(None if t is None else t / scale for t in pair) for pair in sums]
+
+    def _dense_correction(
+        self, layer: KroneckerLayer, inputs: Tensor, rotated: Tensor, q_in: Tensor, correction: str
+    ) -> Tensor:
+        features = layer_inputs(layer.module, inputs.to(self.model.dtype), layer.joint) @ q_in
+        columns, data, positions, outputs = rotated.shape
+        strategy = correction_strategy(correction, columns, data, positions, outputs, features.shape[-1])
+        if strategy == "per-example":
+            return torch.einsum("knso,nsi->knoi", rotated, features).square().sum(dim=(0, 1))
+        output_gram = torch.einsum("knso,knto->nsto", rotated, rotated)
+        input_gram = torch.einsum("nsi,nti->nsti", features, features)
+        return torch.einsum("nsto,nsti->oi", output_gram, input_gram)
+
+    def _embedding_correction(self, layer: KroneckerLayer, inputs: Tensor, rotated: Tensor) -> Tensor:
+        """Rows of each datum's gradient are sums over its positions holding the same index."""
+        indices = inputs.reshape(rotated.shape[1], -1)
+        columns, data, positions, outputs = rotated.shape
+        num = layer.module.num_embeddings
+        if layer.module.padding_idx is not None:
+            rotated = rotated * (indices != layer.module.padding_idx).unsqueeze(-1).to(rotated.dtype)
+        keys = (torch.arange(data, device=indices.device).unsqueeze(1) * num + indices).flatten()
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        rows = rotated.new_zeros(columns, unique.numel(), outputs)
+        rows.index_add_(1, inverse, rotated.reshape(columns, data * positions, outputs))
+        result = rotated.new_zeros(num, outputs)
+        return result.index_add_(0, unique % num, rows.square().sum(dim=0))
+
+    def _pass(self, description: str, consume) -> float:
+        """One pass over the data; ``consume(layer, inputs, gradients)`` per layer and batch.
+
+        Returns the normaliser ``Z`` (the number of loss terms for a mean, 1 for a sum).
+        """
+        total = 0.0
+        for index, inputs, targets in self.model.batches(description):
+            count = self.loss.count(targets)
+            total += count
+            if count:
+                for layer, layer_input, gradients in self._batch(index, inputs, targets, count):
+                    consume(layer, layer_input, gradients)
+        if total == 0:
+            raise ValueError("The data has no loss terms (every target is ignored).")
+        return total if self.loss.reduction == "mean" else 1.0
+
+    def _batch(self, index: int, inputs, targets: Tensor, count: float) -> list[tuple]:
+        """``(layer, its input, its output gradients [K, N, S, n_out] or None)`` for one batch."""
         captured: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer.module): [] for layer in self.layers}
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -212,10 +359,9 @@ class KroneckerStatistics:
                     f"Module {layer.name!r} ran {calls} times in one forward pass (weight tying or "
                     "reuse); KFAC needs one call per layer. Leave its parameters out of params."
                 )
-        for layer in self.layers:
-            self._accumulate_inputs(layer, captured[id(layer.module)][0][0])
+        layer_inputs_ = [captured[id(layer.module)][0][0] for layer in self.layers]
         if self.fisher_type == "forward-only":
-            return
+            return [(layer, x, None) for layer, x in zip(self.layers, layer_inputs_, strict=True)]
         columns = self._output_columns(index, output.detach(), targets, count)
         layer_outputs = [captured[id(layer.module)][0][1] for layer in self.layers]
         if len(columns) == 1:  # one column: a plain backward pass, no vmap
@@ -227,34 +373,65 @@ class KroneckerStatistics:
             gradients = torch.autograd.grad(
                 output, layer_outputs, grad_outputs=columns, is_grads_batched=True, materialize_grads=True
             )
-        for layer, gradient in zip(self.layers, gradients, strict=True):
-            self._accumulate_outputs(layer, layer_output_gradients(layer.module, gradient))
+        return [
+            (layer, x, layer_output_gradients(layer.module, g))
+            for layer, x, g in zip(self.layers, layer_inputs_, gradients, strict=True)
+        ]
 
-    def _accumulate_inputs(self, layer: KroneckerLayer, inputs: Tensor) -> None:
-        if isinstance(layer.module, nn.Embedding):
-            indices = inputs.flatten()
-            weights = torch.ones_like(indices, dtype=self.model.dtype)
-            if layer.module.padding_idx is not None:
-                weights = weights * (indices != layer.module.padding_idx)
-            counts = torch.zeros(
-                layer.module.num_embeddings, dtype=self.model.dtype, device=self.model.device
-            )
-            contribution, number = counts.index_add_(0, indices, weights), indices.numel()
-        else:
-            features = layer_inputs(layer.module, inputs.to(self.model.dtype), layer.joint)
-            if self.kfac_approx == "reduce":
-                features = features.mean(dim=1, keepdim=True)
-            contribution, number = second_moment(features), features[..., 0].numel()
-        layer.input_factor = contribution if layer.input_factor is None else layer.input_factor + contribution
-        layer.input_count += number
-
-    def _accumulate_outputs(self, layer: KroneckerLayer, gradients: Tensor) -> None:
+    def _accumulate(
+        self, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None, trace_restricted: bool
+    ) -> None:
+        """Add one batch to ``A`` and ``G`` (and TKFAC's sums)."""
+        if layer.embedding:
+            self._accumulate_embedding(layer, inputs, gradients, trace_restricted)
+            return
+        features = layer_inputs(layer.module, inputs.to(self.model.dtype), layer.joint)
+        if trace_restricted and gradients is not None:
+            input_gram = torch.einsum("nsi,nti->nst", features, features)
+            layer.trace = _add(layer.trace, _gradient_norms(gradients, input_gram))
+            if layer.bias is not None and not layer.joint:
+                layer.bias_trace = _add(layer.bias_trace, gradients.sum(dim=2).square().sum())
         if self.kfac_approx == "reduce":
-            gradients = gradients.sum(dim=2, keepdim=True)
-        contribution = second_moment(gradients)
-        layer.output_factor = (
-            contribution if layer.output_factor is None else layer.output_factor + contribution
-        )
+            features = features.mean(dim=1, keepdim=True)
+            gradients = None if gradients is None else gradients.sum(dim=2, keepdim=True)
+        layer.input_factor = _add(layer.input_factor, second_moment(features))
+        layer.input_count += features[..., 0].numel()
+        if gradients is None:
+            return
+        layer.output_factor = _add(layer.output_factor, second_moment(gradients))
+        if trace_restricted:
+            input_norms, output_norms = features.square().sum(-1), gradients.square().sum(-1)
+            weighted_inputs = features * output_norms.sum(0).sqrt().unsqueeze(-1)
+            layer.trace_input_factor = _add(layer.trace_input_factor, second_moment(weighted_inputs))
+            weighted_outputs = gradients * input_norms.sqrt().unsqueeze(-1)
+            layer.trace_output_factor = _add(layer.trace_output_factor, second_moment(weighted_outputs))
+
+    def _accumulate_embedding(
+        self, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None, trace_restricted: bool
+    ) -> None:
+        """One-hot inputs: ``A`` (and ``Φ``) are diagonal, ``‖a‖² = 1`` (0 at ``padding_idx``)."""
+        indices = inputs.flatten()
+        present = torch.ones_like(indices, dtype=self.model.dtype)
+        if layer.module.padding_idx is not None:
+            present = present * (indices != layer.module.padding_idx)
+        zeros = torch.zeros(layer.module.num_embeddings, dtype=self.model.dtype, device=self.model.device)
+        layer.input_factor = _add(layer.input_factor, zeros.index_add(0, indices, present))
+        layer.input_count += indices.numel()
+        if gradients is None:
+            return
+        layer.output_factor = _add(layer.output_factor, second_moment(gradients))
+        if trace_restricted:
+            positions = inputs.reshape(gradients.shape[1], -1)
+            kept = present.reshape(positions.shape)
+            same_row = (
+                (positions.unsqueeze(2) == positions.unsqueeze(1)) * kept.unsqueeze(2) * kept.unsqueeze(1)
+            )
+            layer.trace = _add(layer.trace, _gradient_norms(gradients, same_row.to(gradients.dtype)))
+            output_norms = gradients.square().sum(-1).reshape(gradients.shape[0], -1)  # [K, N·S]
+            weights = output_norms.sum(0) * present
+            layer.trace_input_factor = _add(layer.trace_input_factor, zeros.index_add(0, indices, weights))
+            weighted_outputs = gradients * present.reshape(gradients.shape[1:-1]).unsqueeze(-1)
+            layer.trace_output_factor = _add(layer.trace_output_factor, second_moment(weighted_outputs))
 
     def _output_columns(self, index: int, output: Tensor, targets: Tensor, count: float) -> Tensor:
         """The ``[K, *output.shape]`` output-space vectors to backpropagate (see the module doc)."""
