@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.utils.benchmark import Timer
@@ -63,3 +66,43 @@ def forward_backward(model: nn.Module, loss_fn: nn.Module, data: list) -> None:
     """The reference: one plain forward and backward pass over every batch."""
     for x, y in data:
         loss_fn(model(x), y).backward()
+
+
+def peak_memory(function, device: torch.device) -> float | None:
+    """Peak GPU memory (MiB) allocated while ``function()`` runs; ``None`` on a CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    function()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - start) / 2**20
+
+
+def run(
+    description: str,
+    title: str,
+    report: Callable[..., None],
+    workloads: tuple[str, ...] = WORKLOADS,
+    options: dict[str, dict] | None = None,
+) -> None:
+    """Parse ``--device``, ``--workloads``, ``--quick`` and the script's own ``options`` (name to
+    ``add_argument`` keywords, passed on to ``report`` by name), print the header, and
+    ``report(name, examples, batch, device, min_run_time, **options)`` for each workload."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workloads", nargs="+", default=list(workloads), choices=WORKLOADS)
+    parser.add_argument("--quick", action="store_true", help="64 examples: checks the script runs")
+    for name, keywords in (options or {}).items():
+        parser.add_argument(f"--{name}", **keywords)
+    args = parser.parse_args()
+    extra = {name: getattr(args, name) for name in options or {}}
+    device = torch.device(args.device)
+    examples, batch, min_run_time = (64, 32, 0.01) if args.quick else (4096, 512, 1.0)
+    print(f"{title} on {device_name(device)}, float32, {examples} examples in batches of {batch}")
+    print("times in ms; (x) = ratio to one forward+backward pass over the same data\n")
+    for name in args.workloads:
+        report(name, examples, batch, device, min_run_time, **extra)

@@ -18,25 +18,11 @@ Usage: ``python benchmarks/kfac.py [--device cuda] [--workloads mlp cnn tokens] 
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from common import WORKLOADS, device_name, forward_backward, seconds, workload
+from common import forward_backward, peak_memory, run, seconds, workload
 from torch import nn
 
 import curvops
-
-
-def peak_memory(function, device: torch.device) -> float | None:
-    """Peak GPU memory (MiB) allocated while ``function()`` runs; ``None`` on a CPU."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    start = torch.cuda.memory_allocated(device)
-    function()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - start) / 2**20
 
 
 def report(name: str, examples: int, batch: int, device: torch.device, min_run_time: float) -> None:
@@ -69,22 +55,5 @@ def report(name: str, examples: int, batch: int, device: torch.device, min_run_t
         print(f"forward+backward {reference_memory:.0f} MiB")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
-    parser.add_argument("--quick", action="store_true", help="64 examples: checks the script runs")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    examples, batch, min_run_time = (64, 32, 0.01) if args.quick else (4096, 512, 1.0)
-    print(f"KFAC on {device_name(device)}, float32, {examples} examples in batches of {batch}, ", end="")
-    print("fisher_type='mc' (1 sample)")
-    print("times in ms; (x) = ratio to one forward+backward pass over the same data\n")
-    for workload_name in args.workloads:
-        report(workload_name, examples, batch, device, min_run_time)
-
-
 if __name__ == "__main__":
-    main()
+    run(__doc__, "KFAC (fisher_type='mc', 1 sample)", report)

@@ -154,6 +154,8 @@ def second_moment(rows: Tensor) -> Tensor:
 
 
 CORRECTIONS = ("auto", "per-example", "gramian")
+CORRECTION_CHUNK = 2**26
+"""Numbers per intermediate of an eigenvalue correction: data are processed in chunks below it."""
 
 
 def _add(total: Tensor | None, part: Tensor) -> Tensor:
@@ -300,12 +302,24 @@ class KroneckerStatistics:
     ) -> Tensor:
         features = layer_inputs(layer.module, inputs.to(self.model.dtype), layer.joint) @ q_in
         columns, data, positions, outputs = rotated.shape
-        strategy = correction_strategy(correction, columns, data, positions, outputs, features.shape[-1])
-        if strategy == "per-example":
-            return torch.einsum("knso,nsi->knoi", rotated, features).square().sum(dim=(0, 1))
-        output_gram = torch.einsum("knso,knto->nsto", rotated, rotated)
-        input_gram = torch.einsum("nsi,nti->nsti", features, features)
-        return torch.einsum("nsto,nsti->oi", output_gram, input_gram)
+        inputs_size = features.shape[-1]
+        strategy = correction_strategy(correction, columns, data, positions, outputs, inputs_size)
+        per_datum = (
+            columns * outputs * inputs_size
+            if strategy == "per-example"
+            else (positions * positions * (outputs + inputs_size))
+        )
+        total = None
+        for start in range(0, data, max(1, CORRECTION_CHUNK // per_datum)):  # bounded memory
+            stop = start + max(1, CORRECTION_CHUNK // per_datum)
+            g, a = rotated[:, start:stop], features[start:stop]
+            if strategy == "per-example":
+                part = torch.einsum("knso,nsi->knoi", g, a).square().sum(dim=(0, 1))
+            else:
+                output_gram = torch.einsum("knso,knto->nsto", g, g)
+                part = torch.einsum("nsto,nsti->oi", output_gram, torch.einsum("nsi,nti->nsti", a, a))
+            total = _add(total, part)
+        return total
 
     def _embedding_correction(self, layer: KroneckerLayer, inputs: Tensor, rotated: Tensor) -> Tensor:
         """Rows of each datum's gradient are sums over its positions holding the same index."""
