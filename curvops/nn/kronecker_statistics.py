@@ -187,13 +187,34 @@ def _trace(factor: Tensor) -> Tensor:
     return factor.sum() if factor.ndim == 1 else factor.trace()
 
 
-def _gradient_norms(gradients: Tensor, input_gram: Tensor) -> Tensor:
-    """``Σ_{k,n} ‖Σ_s g_kns a_ns^T‖_F² = Σ_{k,n} Σ_{s,t} (g_kns · g_knt)(a_ns · a_nt)``: the squared
-    norms of every datum's (and column's) weight gradient, from ``[K, N, S, n_out]`` output
-    gradients and the ``[N, S, S]`` input Gramian. TKFAC's ``δ`` is their mean, so its block's
-    trace is the true block's, with or without weight sharing."""
-    output_gram = torch.einsum("knso,knto->nst", gradients, gradients)
-    return (output_gram * input_gram).sum()
+def _gradient_norms(gradients: Tensor, features: Tensor) -> Tensor:
+    """``Σ_{k,n} ‖Σ_s g_kns a_ns^T‖_F²``: the squared norms of every datum's (and column's)
+    weight gradient, from ``[K, N, S, n_out]`` output gradients and ``[N, S, n_in]`` inputs.
+
+    TKFAC's ``δ`` is their mean, so its block's trace is the true block's, with or without
+    weight sharing. The gradients are formed explicitly or through position Gramians,
+    ``Σ_{s,t} (g_kns · g_knt)(a_ns · a_nt)``, whichever takes less memory
+    (:func:`correction_strategy`), in chunks of data.
+    """
+    columns, data, positions, outputs = gradients.shape
+    strategy = correction_strategy("auto", columns, data, positions, outputs, features.shape[-1])
+    per_datum = columns * outputs * features.shape[-1] if strategy == "per-example" else positions * positions
+    chunk = max(1, CORRECTION_CHUNK // per_datum)
+    total = gradients.new_zeros(())
+    for start in range(0, data, chunk):
+        g, a = gradients[:, start : start + chunk], features[start : start + chunk]
+        if strategy == "per-example":
+            total = total + torch.einsum("knso,nsi->knoi", g, a).square().sum()
+        else:
+            output_gram = torch.einsum("knso,knto->nst", g, g)
+            total = total + (output_gram * torch.einsum("nsi,nti->nst", a, a)).sum()
+    return total
+
+
+def _embedding_gradient_norms(gradients: Tensor, same_row: Tensor) -> Tensor:
+    """``Σ_{k,n} Σ_{s,t} (g_kns · g_knt) [index_ns = index_nt]`` for one-hot inputs
+    (``same_row [N, S, S]``, zero at padding positions)."""
+    return (torch.einsum("knso,knto->nst", gradients, gradients) * same_row).sum()
 
 
 class KroneckerStatistics:
@@ -401,8 +422,7 @@ class KroneckerStatistics:
             return
         features = layer_inputs(layer.module, inputs.to(self.model.dtype), layer.joint)
         if trace_restricted and gradients is not None:
-            input_gram = torch.einsum("nsi,nti->nst", features, features)
-            layer.trace = _add(layer.trace, _gradient_norms(gradients, input_gram))
+            layer.trace = _add(layer.trace, _gradient_norms(gradients, features))
             if layer.bias is not None and not layer.joint:
                 layer.bias_trace = _add(layer.bias_trace, gradients.sum(dim=2).square().sum())
         if self.kfac_approx == "reduce":
@@ -440,7 +460,9 @@ class KroneckerStatistics:
             same_row = (
                 (positions.unsqueeze(2) == positions.unsqueeze(1)) * kept.unsqueeze(2) * kept.unsqueeze(1)
             )
-            layer.trace = _add(layer.trace, _gradient_norms(gradients, same_row.to(gradients.dtype)))
+            layer.trace = _add(
+                layer.trace, _embedding_gradient_norms(gradients, same_row.to(gradients.dtype))
+            )
             output_norms = gradients.square().sum(-1).reshape(gradients.shape[0], -1)  # [K, N·S]
             weights = output_norms.sum(0) * present
             layer.trace_input_factor = _add(layer.trace_input_factor, zeros.index_add(0, indices, weights))
