@@ -93,19 +93,6 @@ class Tokens(nn.Module):
         return self.second(hidden.mean(dim=1) if self.pool else hidden)
 
 
-@pytest.mark.parametrize("approx", ["expand", "reduce"])
-def test_weight_sharing_over_tokens_is_exact_in_its_setting(approx):
-    torch.manual_seed(0)
-    model = Tokens(pool=approx == "reduce").double()
-    x = torch.randn(6, 5, 4, generator=generator(0), dtype=DOUBLE)
-    with torch.no_grad():
-        y = torch.randn(model(x).shape, generator=generator(1), dtype=DOUBLE)
-    loss_fn = nn.MSELoss()
-    kfac = curvops.KFAC(model, loss_fn, _batches(x, y, [2, 4]), fisher_type="type-2", kfac_approx=approx)
-    expected = _block_diagonal(Truth(model, loss_fn, x, y).ggn(), _groups(model))
-    torch.testing.assert_close(kfac.to_dense(), expected)
-
-
 class ConvNet(nn.Module):
     def __init__(self, pool, one_d=False):
         super().__init__()
@@ -139,19 +126,6 @@ def test_convolutions_are_exact_in_their_setting(approx, one_d):
     groups = [torch.arange(conv_size)] + ([torch.arange(conv_size, size)] if approx == "reduce" else [])
     expected = _block_diagonal(truth[:size, :size], groups)
     torch.testing.assert_close(kfac.to_dense(), expected)
-
-
-def test_embedding_has_a_diagonal_input_factor_and_is_exact_per_token():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Embedding(7, 3, padding_idx=0), nn.Linear(3, 2)).double()
-    x = torch.randint(0, 7, (6, 4), generator=generator(0))
-    with torch.no_grad():
-        y = torch.randn(model(x).shape, generator=generator(1), dtype=DOUBLE)
-    loss_fn = nn.MSELoss()
-    kfac = curvops.KFAC(model, loss_fn, _batches(x, y, [2, 4]), fisher_type="type-2")
-    expected = _block_diagonal(Truth(model, loss_fn, x, y).ggn(), _groups(model))
-    torch.testing.assert_close(kfac.to_dense(), expected)
-    assert kfac.blocks[0].factors[0].ndim == 1  # [num_embeddings]: diagonal
 
 
 @pytest.mark.parametrize("loss_name", ["ce", "mse", "bce"])
