@@ -258,7 +258,6 @@ def _build(
     if layers:
         statistics = KroneckerStatistics(model_data, loss, layers, fisher_type, kfac_approx, mc_samples, seed)
         statistics.collect(trace_restricted=approximation in ("tkfac", "tekfac"))
-        blocks = [_kronecker_blocks(layer, approximation) for layer in layers]
         if approximation in ("ekfac", "tekfac"):
             bases = [_eigenbasis(layer, approximation) for layer in layers]
             corrected = statistics.corrections(bases, correction)
@@ -266,6 +265,8 @@ def _build(
                 _corrected_blocks(layer, basis, s)
                 for layer, basis, s in zip(layers, bases, corrected, strict=True)
             ]
+        else:
+            blocks = [_kronecker_blocks(layer, approximation) for layer in layers]
     layout = _Layout(model_data.params)
     device = model_data.device
     entries = [
