@@ -334,13 +334,14 @@ def _find_layers(
 def _kronecker_blocks(layer: KroneckerLayer, approximation: str) -> list[CurvatureOperator]:
     """KFAC's or TKFAC's blocks of a layer: weight (with a joint bias) first, then a separate bias."""
     g, a = layer.output_factor, layer.input_factor
-    weight_output, weight_input = g, a
-    if approximation in ("tkfac", "tekfac"):
+    trace_restricted = approximation == "tkfac"
+    if trace_restricted:
         weight_output, weight_input = layer.trace * layer.trace_output_factor, layer.trace_input_factor
+    else:
+        weight_output, weight_input = g, a
     factors = (weight_input, weight_output) if layer.embedding else (weight_output, weight_input)
     blocks = [Kronecker(*factors)] if layer.weight is not None else []
     if layer.bias is not None and not layer.joint:
-        trace_restricted = approximation in ("tkfac", "tekfac")
         blocks.append(Dense(g * (layer.bias_trace / g.trace()) if trace_restricted else g))
     return blocks
 
