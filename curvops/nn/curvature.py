@@ -71,7 +71,7 @@ class ModelCurvature(CurvatureOperator):
         self._counts = [self._loss.count(y) for _, _, y in self._model.batches(f"{name}: reading data")]
         if sum(self._counts) == 0:
             raise ValueError("The data has no loss terms (every target is ignored).")
-        self._normalizer = sum(self._counts) if self._loss.reduction == "mean" else 1.0
+        self._normalizer = self._loss.batch_scale(sum(self._counts))
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -80,7 +80,7 @@ class ModelCurvature(CurvatureOperator):
 
     def _batch_scale(self, index: int) -> float:
         """``s_b`` with ``s_b · loss_fn(f(X_b), y_b) = Σ_{n in b} ℓ_n``."""
-        return self._counts[index] if self._loss.reduction == "mean" else 1.0
+        return self._loss.batch_scale(self._counts[index])
 
     def _matmat(self, x: Tensor) -> Tensor:
         tree = self._model.to_tree(x)
@@ -160,8 +160,7 @@ class _OutputCurvature(ModelCurvature):
 
     def _datum_gradients(self, index: int, output: Tensor, targets: Tensor) -> Tensor:
         """``∇_f ℓ_n`` for every datum of the batch: the gradient of ``s_b · loss`` w.r.t. the output."""
-        scale = self._batch_scale(index)
-        return grad(lambda o: scale * self._loss(o, targets))(output)
+        return self._loss.datum_gradients(output, targets, self._counts[index])
 
 
 def _outer_products(gradients: Tensor, tangents: Tensor) -> Tensor:
@@ -259,8 +258,7 @@ class FisherMC(_OutputCurvature):
 
     def sample_targets(self, index: int, output: Tensor, targets: Tensor) -> Tensor:
         """The ``[M, *targets.shape]`` labels this operator draws for batch ``index``."""
-        generator = torch.Generator(device=output.device).manual_seed(self.seed * 1_000_003 + index)
-        return self._loss.sample(output, targets, self.mc_samples, generator)
+        return self._loss.sample_batch(output, targets, self.mc_samples, self.seed, index)
 
     def _apply_output_curvature(self, index, output, targets, tangents):
         sampled = self.sample_targets(index, output, targets)

@@ -370,7 +370,7 @@ class KroneckerStatistics:
                     consume(layer, layer_input, gradients)
         if total == 0:
             raise ValueError("The data has no loss terms (every target is ignored).")
-        return total if self.loss.reduction == "mean" else 1.0
+        return self.loss.batch_scale(total)
 
     def _batch(self, index: int, inputs, targets: Tensor, count: float) -> list[tuple]:
         """``(layer, its input, its output gradients [K, N, S, n_out] or None)`` for one batch."""
@@ -471,14 +471,11 @@ class KroneckerStatistics:
 
     def _output_columns(self, index: int, output: Tensor, targets: Tensor, count: float) -> Tensor:
         """The ``[K, *output.shape]`` output-space vectors to backpropagate (see the module doc)."""
-        scale = count if self.loss.reduction == "mean" else 1.0
-        gradient = torch.func.grad(lambda o, t: scale * self.loss(o, t))
         if self.fisher_type == "empirical":
-            return gradient(output, targets).unsqueeze(0)
+            return self.loss.datum_gradients(output, targets, count).unsqueeze(0)
         if self.fisher_type == "mc":
-            generator = torch.Generator(device=output.device).manual_seed(self.seed * 1_000_003 + index)
-            sampled = self.loss.sample(output, targets, self.mc_samples, generator)
-            return torch.func.vmap(gradient, in_dims=(None, 0))(output, sampled)
+            sampled = self.loss.sample_batch(output, targets, self.mc_samples, self.seed, index)
+            return torch.func.vmap(lambda t: self.loss.datum_gradients(output, t, count))(sampled)
         return loss_hessian_factor(self.loss, output, targets)
 
 

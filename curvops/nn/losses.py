@@ -71,6 +71,15 @@ class LossAdapter:
             return squares.mean() if self.reduction == "mean" else squares.sum()
         return self.loss_fn(output, target)
 
+    def batch_scale(self, count: float) -> float:
+        """``s`` with ``s · loss(f(X_b), y_b) = Σ_{n in b} ℓ_n`` for a batch of ``count`` loss terms."""
+        return count if self.reduction == "mean" else 1.0
+
+    def datum_gradients(self, output: Tensor, target: Tensor, count: float) -> Tensor:
+        """``∇_f ℓ_n`` for every datum of a batch: the gradient of its summed loss w.r.t. ``output``."""
+        scale = self.batch_scale(count)
+        return torch.func.grad(lambda o: scale * self(o, target))(output)
+
     def count(self, target: Tensor) -> float:
         """The number of terms the ``mean`` reduction divides a batch's summed loss by."""
         loss = self.loss_fn
@@ -90,6 +99,12 @@ class LossAdapter:
             raise ValueError(f"{what}: a weighted loss is not a negative log-likelihood; drop `weight`.")
         if getattr(loss, "label_smoothing", 0.0):
             raise ValueError(f"{what}: label smoothing is not a likelihood; set label_smoothing=0.")
+
+    def sample_batch(self, output: Tensor, target: Tensor, count: int, seed: int, index: int) -> Tensor:
+        """:meth:`sample` for batch ``index`` from a generator seeded with ``(seed, index)``: every
+        pass over the data, and every operator with the same ``seed``, draws the same labels."""
+        generator = torch.Generator(device=output.device).manual_seed(seed * 1_000_003 + index)
+        return self.sample(output, target, count, generator)
 
     def sample(self, output: Tensor, target: Tensor, count: int, generator: torch.Generator) -> Tensor:
         """``count`` targets drawn from the model's predictive distribution, ``[count, *target.shape]``.
