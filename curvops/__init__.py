@@ -1,10 +1,13 @@
 """curvops: curvature matrices of neural networks as PyTorch linear operators.
 
 The structured linear algebra lives in :mod:`curvops.linalg`, the operators defined by a
-model, a loss and data in :mod:`curvops.nn`; both are re-exported here.
+model, a loss and data in :mod:`curvops.nn`; both are re-exported here. What they are used
+for lives in :mod:`curvops.optim` (natural-gradient and zeroth-order optimizers),
+:mod:`curvops.laplace` (Laplace approximations) and :mod:`curvops.influence` (influence
+functions).
 """
 
-from . import linalg, nn
+from . import influence, laplace, linalg, nn, optim
 from .compare import Comparison, compare
 from .errors import (
     ConvergenceWarning,
@@ -15,6 +18,7 @@ from .errors import (
     StaleParametersError,
     StateDictError,
 )
+from .laplace import Laplace
 from .linalg import (
     BlockDiagonal,
     CGInverse,
@@ -54,6 +58,7 @@ __all__ = [
     "Jacobian",
     "Kronecker",
     "KroneckerEigen",
+    "Laplace",
     "LinearMap",
     "LowRankUpdate",
     "NonDeterministicDataError",
@@ -67,6 +72,9 @@ __all__ = [
     "Sum",
     "compare",
     "from_state_dict",
+    "influence",
+    "laplace",
     "linalg",
     "nn",
+    "optim",
 ]

@@ -13,12 +13,15 @@ from .estimators import (
     hutchpp_diagonal,
     hutchpp_trace,
     lanczos,
+    lanczos_basis,
     rademacher,
+    ritz_pairs,
     slq_logdet,
 )
 from .kronecker import Dense, Kronecker, KroneckerEigen
 from .linear_map import LinearMap, Transposed
 from .lowrank import LowRankUpdate
+from .matrix_functions import LanczosPower
 from .permuted import Permuted
 from .solvers import CGInverse, cg
 from .state import from_state_dict
@@ -32,6 +35,7 @@ __all__ = [
     "Identity",
     "Kronecker",
     "KroneckerEigen",
+    "LanczosPower",
     "LinearMap",
     "LowRankUpdate",
     "Permuted",
@@ -45,6 +49,8 @@ __all__ = [
     "hutchpp_diagonal",
     "hutchpp_trace",
     "lanczos",
+    "lanczos_basis",
     "rademacher",
+    "ritz_pairs",
     "slq_logdet",
 ]

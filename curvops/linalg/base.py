@@ -1,9 +1,9 @@
 """The base class of every curvops operator: a symmetric ``D x D`` linear operator.
 
 A subclass implements ``_matmat`` and, where it has structure, the hooks ``_to_dense``,
-``_diagonal``, ``_trace``, ``_logdet`` and ``_inverse``. Everything else — input checks,
-NumPy and SciPy interop, estimator selection, ``det``, composition and state dicts — lives
-here once.
+``_diagonal``, ``_trace``, ``_logdet``, ``_inverse``, ``_power`` and ``_eigenvalues``.
+Everything else — input checks, NumPy and SciPy interop, estimator selection, ``det``,
+composition and state dicts — lives here once.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ TRACE_METHODS = ("exact", "hutchinson", "hutch++")
 DIAGONAL_METHODS = ("exact", "hutchinson", "hutch++")
 LOGDET_METHODS = ("exact", "slq")
 INVERSE_METHODS = ("exact", "cg")
+POWER_METHODS = ("exact", "lanczos")
 
 _REGISTRY: dict[str, type[CurvatureOperator]] = {}
 
@@ -33,6 +34,15 @@ def check_damping(damping: float) -> float:
     if not isinstance(damping, Real) or not math.isfinite(damping) or damping < 0:
         raise ValueError(f"damping must be a finite number >= 0, got {damping!r}.")
     return float(damping)
+
+
+def check_power(p: float) -> float:
+    """Return the exponent ``p`` as a float, raising ``ValueError`` unless it is a finite real."""
+    if isinstance(p, Tensor) and p.numel() == 1:
+        p = p.item()
+    if not isinstance(p, Real) or not math.isfinite(p):
+        raise ValueError(f"The power p must be a finite real number, got {p!r}.")
+    return float(p)
 
 
 def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
@@ -52,7 +62,7 @@ class CurvatureOperator(LinearMap):
     Every quantity has an ``"exact"`` method, which uses the operator's structure where it
     has one and otherwise the dense matrix, and stochastic estimators for matrix-free use:
     Hutchinson / Hutch++ for ``trace`` and ``diagonal``, stochastic Lanczos quadrature for
-    ``logdet`` and conjugate gradients for ``inverse``.
+    ``logdet``, conjugate gradients for ``inverse`` and Lanczos for ``power``.
 
     Operators compose: ``op1 + op2`` (:class:`Sum`), ``c * op`` (:class:`Scaled`) and
     ``op + λ * Identity(D)``, whose inverse and logdet stay exact through ``op``'s structure.
@@ -69,6 +79,7 @@ class CurvatureOperator(LinearMap):
     _state_type: ClassVar[str]
     _inverse_method: ClassVar[str] = "exact"
     _logdet_method: ClassVar[str] = "exact"
+    _power_method: ClassVar[str] = "exact"
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__((size, size), dtype, device)
@@ -103,6 +114,13 @@ class CurvatureOperator(LinearMap):
 
     def _inverse(self, damping: float, factored: bool) -> CurvatureOperator:
         return self._as_dense_operator()._inverse(damping, factored)
+
+    def _power(self, p: float, damping: float) -> CurvatureOperator:
+        return self._as_dense_operator()._power(p, damping)
+
+    def _eigenvalues(self) -> Tensor:
+        """The ``D`` eigenvalues in any order."""
+        return self._as_dense_operator()._eigenvalues()
 
     def _as_dense_operator(self) -> CurvatureOperator:
         """The fallback without structure: the (symmetrised) dense matrix as a ``Dense``."""
@@ -283,6 +301,72 @@ class CurvatureOperator(LinearMap):
         from .solvers import CGInverse
 
         return CGInverse(self, damping, rtol=rtol, maxiter=maxiter)
+
+    def power(
+        self, p: float, damping: float = 0.0, method: str | None = None, num_steps: int | None = None
+    ) -> CurvatureOperator:
+        """An operator for the matrix power ``(op + λI)^p``, ``λ = damping``, ``D x D``.
+
+        With ``op + λI = Q diag(e + λ) Q^T`` it is ``Q diag((e + λ)^p) Q^T``: ``p = -1`` is the
+        inverse, ``p = ±1/2`` the square root and its inverse (whitening, natural-gradient
+        preconditioners), ``(op + λI)^½ (op + λI)^½ = op + λI``. ``p = 1`` gives ``op`` itself
+        (``op + λ * Identity(D)`` for ``λ > 0``).
+
+        Where ``(op + λI)^p`` does not exist it raises: for ``p < 0`` a singular ``op + λI``
+        (an eigenvalue ``e + λ`` zero up to rounding) raises
+        :class:`~curvops.errors.SingularOperatorError` (pass ``damping > 0``), and for a
+        non-integer ``p`` a negative eigenvalue (an indefinite operator, e.g. a Hessian)
+        raises :class:`~curvops.errors.NotPositiveDefiniteError`, a ``ValueError``.
+
+        Args:
+            p: a finite real exponent.
+            damping: ``λ >= 0``.
+            method: ``"exact"`` (through structure: a Kronecker product gives a
+                :class:`~curvops.KroneckerEigen` with eigenvalues ``(e_1 ∘ ... ∘ e_k + λ)^p``,
+                block-diagonal operators a block-diagonal power, ...; without structure the
+                dense eigendecomposition, in float64) or ``"lanczos"`` (matrix-free: each
+                product runs ``num_steps`` Lanczos steps, see
+                :class:`~curvops.linalg.LanczosPower`). Default: ``"exact"`` for structured
+                operators, ``"lanczos"`` for matrix-free model operators.
+            num_steps: Lanczos steps per product (default ``min(D, 50)``); ``"lanczos"`` only.
+
+        Example:
+            >>> op = curvops.Diagonal(torch.tensor([3.0, 8.0]))
+            >>> (op.power(-0.5, damping=1.0) @ torch.ones(2)).tolist()  # 1 / sqrt(e + 1)
+            [0.5, 0.3333333432674408]
+            >>> root = curvops.Dense(torch.tensor([[2.0, 1.0], [1.0, 2.0]])).power(0.5)
+            >>> torch.allclose(root.to_dense() @ root.to_dense(), torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
+            True
+        """
+        p = check_power(p)
+        damping = check_damping(damping)
+        method = method or self._power_method
+        check_choice(method, POWER_METHODS, "power method")
+        if p == 1:
+            from .diagonal import Identity
+
+            return self if damping == 0 else self + damping * Identity(self.shape[0], self.dtype, self.device)
+        if method == "exact":
+            return self._power(p, damping)
+        from .matrix_functions import LanczosPower
+
+        return LanczosPower(self, p, damping, num_steps)
+
+    def eigenvalues(self) -> Tensor:
+        """The ``D`` eigenvalues of ``op``, ascending, as a ``[D]`` tensor of its dtype and device.
+
+        Exact, through structure where there is one (a Kronecker product's are the products
+        ``e_1 ∘ ... ∘ e_k`` of its factors' eigenvalues, a block-diagonal operator's those of
+        its blocks), otherwise from the dense matrix (``eigh`` in float64). Functions of the
+        spectrum then cost ``O(D)``: ``logdet(op / T + τ I) = Σ_i log(e_i / T + τ)`` for many
+        ``τ``, without refactorising.
+
+        Example:
+            >>> op = curvops.Kronecker(torch.diag(torch.tensor([1.0, 2.0])), 3 * torch.eye(2))
+            >>> op.eigenvalues().tolist()
+            [3.0, 3.0, 6.0, 6.0]
+        """
+        return self._eigenvalues().sort().values
 
     # ------------------------------------------------------------------ algebra
     def __add__(self, other: CurvatureOperator) -> CurvatureOperator:

@@ -30,7 +30,8 @@ class Scaled(CurvatureOperator):
 
     For ``c > 0`` everything stays exact through ``op``'s structure:
     ``logdet(c op + λI) = D log c + logdet(op + (λ/c) I)`` and
-    ``(c op + λI)^-1 = (1/c) (op + (λ/c) I)^-1``. Other ``c`` fall back to the dense matrix.
+    ``(c op + λI)^p = c^p (op + (λ/c) I)^p`` (``p = -1`` the inverse); the eigenvalues are
+    ``c`` times ``op``'s for any ``c``. Other ``c`` fall back to the dense matrix.
 
     Args:
         op: the operator.
@@ -75,6 +76,14 @@ class Scaled(CurvatureOperator):
             return super()._inverse(damping, factored)
         return Scaled(self.op._inverse(damping / self.scale, factored), 1.0 / self.scale)
 
+    def _power(self, p: float, damping: float) -> CurvatureOperator:
+        if self.scale <= 0:
+            return super()._power(p, damping)
+        return Scaled(self.op._power(p, damping / self.scale), self.scale**p)
+
+    def _eigenvalues(self) -> Tensor:
+        return self.scale * self.op._eigenvalues()
+
     def _state_children(self) -> list[CurvatureOperator]:
         return [self.op]
 
@@ -99,10 +108,10 @@ class Sum(CurvatureOperator):
     """``Σ_i op_i + s I``: a sum of operators plus a multiple of the identity.
 
     Identity terms (``λ * Identity(D)``, of any dtype) and nested sums are folded into the
-    shift ``s``, so ``op + λ * Identity(D)`` is *damping*: its ``inverse``, ``logdet`` and ``det`` go
-    exactly through ``op``'s structure with damping ``λ``. A sum of several non-identity
-    operators has no structure to exploit and falls back to the dense matrix (or the
-    estimators).
+    shift ``s``, so ``op + λ * Identity(D)`` is *damping*: its ``inverse``, ``power``, ``logdet``,
+    ``det`` and ``eigenvalues`` go exactly through ``op``'s structure with damping ``λ``. A sum
+    of several non-identity operators has no structure to exploit and falls back to the dense
+    matrix (or the estimators).
 
     Args:
         terms: operators of one shape, dtype and device.
@@ -181,6 +190,17 @@ class Sum(CurvatureOperator):
             return super()._inverse(damping, factored)
         return self.terms[0]._inverse(total, factored)
 
+    def _power(self, p: float, damping: float) -> CurvatureOperator:
+        total = self._single_term_damping(damping)
+        if total is None:
+            return super()._power(p, damping)
+        return self.terms[0]._power(p, total)
+
+    def _eigenvalues(self) -> Tensor:
+        if len(self.terms) > 1:
+            return super()._eigenvalues()
+        return self.terms[0]._eigenvalues() + self.shift
+
     def _state_children(self) -> list[CurvatureOperator]:
         return list(self.terms)
 
@@ -196,8 +216,9 @@ class BlockDiagonal(CurvatureOperator):
     """``diag(B_1, ..., B_L)`` with square blocks of any sizes (e.g. one per layer).
 
     Every quantity splits over the blocks: ``tr = Σ tr B_l``,
-    ``logdet(· + λI) = Σ logdet(B_l + λI)``, ``(· + λI)^-1 = diag((B_l + λI)^-1)``, each block
-    using its own structure (Kronecker, eigenbasis, dense, ...).
+    ``logdet(· + λI) = Σ logdet(B_l + λI)``, ``(· + λI)^p = diag((B_l + λI)^p)`` (``p = -1``
+    the inverse; labels kept), the eigenvalues are the blocks' together, each block using its
+    own structure (Kronecker, eigenbasis, dense, ...).
 
     Args:
         blocks: operators on one dtype and device.
@@ -252,6 +273,12 @@ class BlockDiagonal(CurvatureOperator):
 
     def _inverse(self, damping: float, factored: bool) -> BlockDiagonal:
         return BlockDiagonal([b._inverse(damping, factored) for b in self.blocks], self.labels)
+
+    def _power(self, p: float, damping: float) -> BlockDiagonal:
+        return BlockDiagonal([b._power(p, damping) for b in self.blocks], self.labels)
+
+    def _eigenvalues(self) -> Tensor:
+        return torch.cat([b._eigenvalues() for b in self.blocks])
 
     def _state_children(self) -> list[CurvatureOperator]:
         return list(self.blocks)

@@ -10,10 +10,11 @@ from .base import CurvatureOperator
 
 
 class Diagonal(CurvatureOperator):
-    """``diag(d)``: products, trace, logdet and inverse are all elementwise and exact.
+    """``diag(d)``: products, trace, logdet, inverse and powers are all elementwise and exact.
 
-    ``logdet(diag(d) + λI) = Σ log(d_i + λ)``; ``(diag(d) + λI)^-1 = diag(1 / (d + λ))``.
-    The entries are taken as exact: only an entry ``d_i + λ == 0`` is singular.
+    ``logdet(diag(d) + λI) = Σ log(d_i + λ)``; ``(diag(d) + λI)^p = diag((d + λ)^p)`` (``p = -1``
+    the inverse); the eigenvalues are ``d``. The entries are taken as exact: only an entry
+    ``d_i + λ == 0`` is singular.
 
     Args:
         diagonal: ``[D]`` finite floating-point tensor.
@@ -48,7 +49,13 @@ class Diagonal(CurvatureOperator):
         return spectral.logdet_from_eigenvalues(self.entries, damping, 0.0)
 
     def _inverse(self, damping: float, factored: bool) -> CurvatureOperator:
-        return Diagonal(spectral.inverse_eigenvalues(self.entries, damping, 0.0))
+        return self._power(-1.0, damping)
+
+    def _power(self, p: float, damping: float) -> CurvatureOperator:
+        return Diagonal(spectral.power_eigenvalues(self.entries, p, damping, 0.0))
+
+    def _eigenvalues(self) -> Tensor:
+        return self.entries
 
     def _state_tensors(self) -> dict[str, Tensor]:
         return {"diagonal": self.entries}
@@ -83,8 +90,8 @@ class Identity(Diagonal):
     def _matmat(self, x: Tensor) -> Tensor:
         return x.clone()
 
-    def _inverse(self, damping: float, factored: bool) -> CurvatureOperator:
-        return (1.0 / (1.0 + damping)) * Identity(self.shape[0], self.dtype, self.device)
+    def _power(self, p: float, damping: float) -> CurvatureOperator:
+        return (1.0 + damping) ** p * Identity(self.shape[0], self.dtype, self.device)
 
     def _state_tensors(self) -> dict[str, Tensor]:
         return {}

@@ -133,6 +133,17 @@ def lanczos(matmat: MatMat, start: Tensor, num_steps: int) -> tuple[Tensor, Tens
 
     Memory: the ``m`` basis blocks, ``m D P`` numbers.
     """
+    _, alphas, betas, lengths = lanczos_basis(matmat, start, num_steps)
+    return alphas, betas, lengths
+
+
+def lanczos_basis(matmat: MatMat, start: Tensor, num_steps: int) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """:func:`lanczos`, also returning the orthonormal Krylov bases ``Q_p``.
+
+    Returns:
+        ``(basis [m, D, P], alphas, betas, lengths)``: column ``p``'s basis vectors are
+        ``basis[:lengths[p], :, p]`` (the rest zero), and ``A Q_p ≈ Q_p T_p``.
+    """
     size, count = start.shape
     steps = max(1, min(num_steps, size))
     eps = torch.finfo(start.dtype).eps
@@ -156,7 +167,23 @@ def lanczos(matmat: MatMat, start: Tensor, num_steps: int) -> tuple[Tensor, Tens
         active = active & ~stopped
         betas[j] = torch.where(active, beta, 0)
         basis[j + 1] = torch.where(active, w / beta.clamp_min(torch.finfo(beta.dtype).tiny), 0)
-    return alphas, betas, lengths
+    return basis, alphas, betas, lengths
+
+
+def ritz_pairs(alphas: Tensor, betas: Tensor, lengths: list[int]) -> list[tuple[Tensor, Tensor]]:
+    """``[(θ_p, S_p)]`` with ``T_p = S_p diag(θ_p) S_p^T`` for each column of a :func:`lanczos` run.
+
+    The Ritz values ``θ_p`` (ascending) and the eigenvectors ``S_p`` of the tridiagonal
+    ``T_p`` (``[L_p]`` and ``[L_p, L_p]``, ``L_p = lengths[p]``), computed in float64.
+    """
+    pairs = []
+    for p, length in enumerate(lengths):
+        off = betas[: length - 1, p].to(torch.float64)
+        tridiagonal = (
+            torch.diag(alphas[:length, p].to(torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
+        )
+        pairs.append(torch.linalg.eigh(tridiagonal))
+    return pairs
 
 
 def slq_logdet(
@@ -179,12 +206,7 @@ def slq_logdet(
     z = sample(num_samples)
     alphas, betas, lengths = lanczos(lambda v: matmat(v) + damping * v, z, num_steps)
     estimates = []
-    for p, length in enumerate(lengths):
-        off = betas[: length - 1, p].to(torch.float64)
-        tridiagonal = (
-            torch.diag(alphas[:length, p].to(torch.float64)) + torch.diag(off, 1) + torch.diag(off, -1)
-        )
-        ritz, vectors = torch.linalg.eigh(tridiagonal)
+    for p, (ritz, vectors) in enumerate(ritz_pairs(alphas, betas, lengths)):
         if bool((ritz <= 0).any()):
             raise NotPositiveDefiniteError(
                 f"SLQ found a Ritz value {ritz.min().item():.3e} <= 0: op + {damping}*I is not positive "

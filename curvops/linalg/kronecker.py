@@ -131,8 +131,9 @@ class Kronecker(CurvatureOperator):
     - ``tr = Π tr F_i``; ``diag = ⊗ diag F_i``;
     - ``logdet(F + λI) = Σ log(e_1 ∘ ... ∘ e_k + λ)``, ``-inf`` (with a warning) for a
       singular product at ``λ = 0``;
-    - ``(F + λI)^-1 = (⊗ Q_i) diag(1 / (e_1 ∘ ... ∘ e_k + λ)) (⊗ Q_i)^T`` exactly, returned as
-      a :class:`KroneckerEigen`; ``factored=True`` gives the π-damped
+    - ``(F + λI)^p = (⊗ Q_i) diag((e_1 ∘ ... ∘ e_k + λ)^p) (⊗ Q_i)^T`` exactly, returned as a
+      :class:`KroneckerEigen` (``p = -1`` is the inverse);
+    - the inverse's ``factored=True`` gives the π-damped
       ``⊗_i (F_i + π_i λ^{1/k} I)^-1`` with ``π_i = (tr F_i / n_i) / (geometric mean over j)``,
       for two factors Martens & Grosse's ``(G + λ^½/π I)^-1 ⊗ (A + π λ^½ I)^-1``.
 
@@ -187,9 +188,12 @@ class Kronecker(CurvatureOperator):
             self._eigen = [(f, None) if f.ndim == 1 else spectral.eigh(f) for f in self.factors]
         return self._eigen
 
-    def eigenvalues(self) -> Tensor:
-        """The ``D`` eigenvalues ``e_1 ∘ ... ∘ e_k`` as a ``[n_1, ..., n_k]`` tensor."""
+    def _spectrum(self) -> Tensor:
+        """The ``D`` eigenvalues ``e_1 ∘ ... ∘ e_k``, ``[n_1, ..., n_k]``, in the eigenbasis' order."""
         return _outer([e for e, _ in self.eigendecompositions()])
+
+    def _eigenvalues(self) -> Tensor:
+        return self._spectrum().flatten()
 
     def _rtol(self) -> float:
         """Rounding noise comes from the dense factors' ``eigh`` only; diagonals are exact."""
@@ -222,14 +226,17 @@ class Kronecker(CurvatureOperator):
     def _logdet(self, damping: float) -> Tensor:
         scale = self._noise_scale()
         return spectral.logdet_from_eigenvalues(
-            self.eigenvalues().flatten(), damping, self._rtol(), None if scale is None else scale.flatten()
+            self._spectrum().flatten(), damping, self._rtol(), None if scale is None else scale.flatten()
         )
 
     def _inverse(self, damping: float, factored: bool) -> CurvatureOperator:
         if factored and len(self.factors) > 1:
             return self._factored_inverse(damping)
-        inverse = spectral.inverse_eigenvalues(self.eigenvalues(), damping, self._rtol(), self._noise_scale())
-        return KroneckerEigen([q for _, q in self.eigendecompositions()], inverse)
+        return self._power(-1.0, damping)
+
+    def _power(self, p: float, damping: float) -> KroneckerEigen:
+        values = spectral.power_eigenvalues(self._spectrum(), p, damping, self._rtol(), self._noise_scale())
+        return KroneckerEigen([q for _, q in self.eigendecompositions()], values)
 
     def _factored_inverse(self, damping: float) -> Kronecker:
         mean_eigenvalues = torch.stack([_factor_diagonal(f).mean() for f in self.factors])
@@ -261,7 +268,8 @@ class Kronecker(CurvatureOperator):
 class Dense(Kronecker):
     """A symmetric dense matrix ``M`` as an operator (a Kronecker product of one factor).
 
-    ``logdet`` and ``inverse`` go through the cached eigendecomposition of ``M`` (float64).
+    ``logdet``, ``inverse``, ``power`` and ``eigenvalues`` go through the cached
+    eigendecomposition of ``M`` (float64).
 
     Args:
         matrix: symmetric ``[D, D]`` tensor, finite.
@@ -299,7 +307,12 @@ class KroneckerEigen(CurvatureOperator):
     EKFAC's block: the KFAC eigenbasis ``Q_G ⊗ Q_A`` with corrected eigenvalues ``s``. Since
     the eigenvalues are explicit, every quantity is exact:
     ``tr = Σ s``, ``logdet(· + λI) = Σ log(s + λ)`` and
-    ``(· + λI)^-1 = KroneckerEigen(Q, 1 / (s + λ))``.
+    ``(· + λI)^p = KroneckerEigen(Q, (s + λ)^p)`` (``p = -1`` the inverse).
+
+    The attributes ``eigenvectors`` (the ``Q_i``) and ``spectrum`` (``s`` as a
+    ``[n_1, ..., n_k]`` tensor: ``s[i_1, ..., i_k]`` belongs to the eigenvector
+    ``Q_1[:, i_1] ⊗ ... ⊗ Q_k[:, i_k]``) hold the decomposition; :meth:`eigenvalues` gives
+    ``s`` sorted.
 
     Args:
         eigenvectors: orthonormal ``[n_i, n_i]`` tensors (checked to ``sqrt(eps n_i)``), or
@@ -348,40 +361,46 @@ class KroneckerEigen(CurvatureOperator):
             raise ValueError("KroneckerEigen eigenvalues contain NaN or inf.")
         super().__init__(math.prod(sizes), dtype, device)
         self.eigenvectors = eigenvectors
-        self.eigenvalues = eigenvalues.reshape(sizes)
+        self.spectrum = eigenvalues.reshape(sizes)
 
     @property
     def sizes(self) -> tuple[int, ...]:
         """The eigenbasis factors' sizes ``(n_1, ..., n_k)``."""
-        return tuple(self.eigenvalues.shape)
+        return tuple(self.spectrum.shape)
 
     def _matmat(self, x: Tensor) -> Tensor:
         rotated = mode_product(self.eigenvectors, x.reshape(*self.sizes, -1), transpose=True)
-        return mode_product(self.eigenvectors, rotated * self.eigenvalues.unsqueeze(-1)).reshape(x.shape)
+        return mode_product(self.eigenvectors, rotated * self.spectrum.unsqueeze(-1)).reshape(x.shape)
 
     def _to_dense(self) -> Tensor:
         eye = functools.partial(torch.eye, dtype=self.dtype, device=self.device)
         basis = _kron(
             [eye(n) if q is None else q for n, q in zip(self.sizes, self.eigenvectors, strict=True)]
         )
-        return (basis * self.eigenvalues.flatten()) @ basis.T
+        return (basis * self.spectrum.flatten()) @ basis.T
 
     def _diagonal(self) -> Tensor:
         squares = [None if q is None else q.square() for q in self.eigenvectors]
-        return mode_product(squares, self.eigenvalues).flatten()
+        return mode_product(squares, self.spectrum).flatten()
 
     def _trace(self) -> Tensor:
-        return self.eigenvalues.sum()
+        return self.spectrum.sum()
 
     def _logdet(self, damping: float) -> Tensor:
-        return spectral.logdet_from_eigenvalues(self.eigenvalues.flatten(), damping, 0.0)
+        return spectral.logdet_from_eigenvalues(self.spectrum.flatten(), damping, 0.0)
 
     def _inverse(self, damping: float, factored: bool) -> KroneckerEigen:
-        return KroneckerEigen(self.eigenvectors, spectral.inverse_eigenvalues(self.eigenvalues, damping, 0.0))
+        return self._power(-1.0, damping)
+
+    def _power(self, p: float, damping: float) -> KroneckerEigen:
+        return KroneckerEigen(self.eigenvectors, spectral.power_eigenvalues(self.spectrum, p, damping, 0.0))
+
+    def _eigenvalues(self) -> Tensor:
+        return self.spectrum.flatten()
 
     def _state_tensors(self) -> dict[str, Tensor]:
         tensors = {f"eigenvectors{i}": q for i, q in enumerate(self.eigenvectors) if q is not None}
-        return {**tensors, "eigenvalues": self.eigenvalues}
+        return {**tensors, "eigenvalues": self.spectrum}
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> KroneckerEigen:

@@ -27,7 +27,8 @@ class Permuted(CurvatureOperator):
 
     A similarity transform by a permutation changes no eigenvalue, so every quantity stays
     exact through ``op``'s structure: ``tr M = tr op``, ``logdet(M + λI) = logdet(op + λI)``,
-    and ``(M + λI)^-1 = Permuted((op + λI)^-1, perm)`` (``factored`` passed on to ``op``).
+    the eigenvalues are ``op``'s, ``(M + λI)^p = Permuted((op + λI)^p, perm)`` and
+    ``(M + λI)^-1 = Permuted((op + λI)^-1, perm)`` (``factored`` passed on to ``op``).
     ``Permuted(Permuted(op, p), q)`` is built as the single ``Permuted(op, q[p])``.
 
     Args:
@@ -69,6 +70,7 @@ class Permuted(CurvatureOperator):
         self.inverse_permutation = permutation.argsort()
         self._inverse_method = op._inverse_method
         self._logdet_method = op._logdet_method
+        self._power_method = op._power_method
 
     def _matmat(self, x: Tensor) -> Tensor:
         return self.op._matmat(x[self.permutation])[self.inverse_permutation]
@@ -88,6 +90,12 @@ class Permuted(CurvatureOperator):
 
     def _inverse(self, damping: float, factored: bool) -> Permuted:
         return Permuted(self.op._inverse(damping, factored), self.permutation)
+
+    def _power(self, p: float, damping: float) -> Permuted:
+        return Permuted(self.op._power(p, damping), self.permutation)
+
+    def _eigenvalues(self) -> Tensor:
+        return self.op._eigenvalues()
 
     def _state_tensors(self) -> dict[str, Tensor]:
         return {"permutation": self.permutation}

@@ -1,7 +1,8 @@
 """Spectral helpers shared by every operator that knows its eigenvalues.
 
 One place decides when an eigenvalue counts as zero, when ``logdet`` is ``-inf`` and
-when an inverse does not exist, so all structured operators answer these alike.
+when an inverse or a matrix power does not exist, so all structured operators answer these
+alike.
 """
 
 import warnings
@@ -88,22 +89,46 @@ def logdet_from_eigenvalues(
     return values.log().sum().to(eigenvalues.dtype)
 
 
+def power_eigenvalues(
+    eigenvalues: Tensor, p: float, damping: float, rtol: float, scale: float | Tensor | None = None
+) -> Tensor:
+    """``(e + λ)^p``: the eigenvalues of ``(op + λI)^p`` from those of ``op``.
+
+    Zeros of ``e + λ`` are found as in :func:`damped_eigenvalues` and set to exactly ``0``
+    (so ``0^p = 0`` for ``p > 0``). For ``p < 0`` a zero raises
+    :class:`~curvops.errors.SingularOperatorError`, saying to pass ``damping > 0``. A
+    non-integer ``p`` of a negative ``e + λ`` (an indefinite operator, e.g. a Hessian) has no
+    real value and raises :class:`~curvops.errors.NotPositiveDefiniteError` (a ``ValueError``);
+    integer powers of negative eigenvalues are fine.
+
+    Example:
+        >>> power_eigenvalues(torch.tensor([0.0, 3.0]), 0.5, 1.0, 0.0).tolist()
+        [1.0, 2.0]
+    """
+    values, singular = damped_eigenvalues(eigenvalues, damping, rtol, scale)
+    if p < 0 and bool(singular.any()):
+        raise SingularOperatorError(
+            f"op + {damping}*I is singular (an eigenvalue is {values[singular].abs().max().item():.3e}), "
+            f"so (op + {damping}*I)^{p:g} does not exist; pass damping > 0."
+        )
+    if not float(p).is_integer() and bool(((values < 0) & ~singular).any()):
+        raise NotPositiveDefiniteError(
+            f"op + {damping}*I has a negative eigenvalue {values.min().item():.3e} (it is indefinite), so "
+            f"(op + {damping}*I)^{p:g} is not real; pass a larger damping or an integer power."
+        )
+    return torch.where(singular, 0, values).pow(p)
+
+
 def inverse_eigenvalues(
     eigenvalues: Tensor, damping: float, rtol: float, scale: float | Tensor | None = None
 ) -> Tensor:
-    """``1 / (e + λ)``, raising :class:`~curvops.errors.SingularOperatorError` at a zero.
+    """``1 / (e + λ)``: :func:`power_eigenvalues` with ``p = -1``.
 
-    Zeros of ``e + λ`` are found as in :func:`damped_eigenvalues`; the error says to pass
+    A zero of ``e + λ`` raises :class:`~curvops.errors.SingularOperatorError`, saying to pass
     ``damping > 0``.
 
     Example:
         >>> inverse_eigenvalues(torch.tensor([1.0, 3.0]), 1.0, 0.0).tolist()
         [0.5, 0.25]
     """
-    values, singular = damped_eigenvalues(eigenvalues, damping, rtol, scale)
-    if bool(singular.any()):
-        raise SingularOperatorError(
-            f"op + {damping}*I is singular (an eigenvalue is {values[singular].abs().max().item():.3e}), "
-            "so its inverse does not exist; pass damping > 0."
-        )
-    return values.reciprocal()
+    return power_eigenvalues(eigenvalues, -1.0, damping, rtol, scale)

@@ -53,6 +53,7 @@ class ModelCurvature(CurvatureOperator):
 
     _inverse_method = "cg"
     _logdet_method = "slq"
+    _power_method = "lanczos"
     _needs_likelihood = False
 
     def __init__(

@@ -44,7 +44,7 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
     return owners
 
 
-class _Layout:
+class Layout:
     """Where each block's entries sit in the flat parameter vector."""
 
     def __init__(self, params: Sequence[nn.Parameter]) -> None:
@@ -247,7 +247,7 @@ def _build(
     if fisher_type in ("type-2", "mc"):
         loss.check_sampling(f"{name}({fisher_type!r})")
     model_data = ModelData(model, data, params, progressbar, check_deterministic)
-    layers, others = _find_layers(model, model_data.params, bias, kfac_approx)
+    layers, others = find_layers(model, model_data.params, bias, kfac_approx)
     if others and unsupported == "error":
         listing = ", ".join(f"{module_name!r} ({type(module).__name__})" for module_name, module, _ in others)
         raise ValueError(
@@ -259,30 +259,30 @@ def _build(
         statistics = KroneckerStatistics(model_data, loss, layers, fisher_type, kfac_approx, mc_samples, seed)
         statistics.collect(trace_restricted=approximation in ("tkfac", "tekfac"))
         if approximation in ("ekfac", "tekfac"):
-            bases = [_eigenbasis(layer, approximation) for layer in layers]
+            bases = [eigenbasis(layer, approximation) for layer in layers]
             corrected = statistics.corrections(bases, correction)
             blocks = [
-                _corrected_blocks(layer, basis, s)
+                corrected_blocks(layer, basis, s)
                 for layer, basis, s in zip(layers, bases, corrected, strict=True)
             ]
         else:
-            blocks = [_kronecker_blocks(layer, approximation) for layer in layers]
-    layout = _Layout(model_data.params)
+            blocks = [kronecker_blocks(layer, approximation) for layer in layers]
+    layout = Layout(model_data.params)
     device = model_data.device
     entries = [
         entry
         for layer, layer_blocks in zip(layers, blocks, strict=True)
-        for entry in _place(layer, layer_blocks, layout, device)
+        for entry in place(layer, layer_blocks, layout, device)
     ]
     for module_name, module, chosen in others:
         exact = _exact_operator(fisher_type, model, loss_fn, data, chosen, mc_samples, seed)
         block = Dense(exact.to_dense()) if unsupported == "dense" else Diagonal(exact.diagonal())
         where = torch.cat([layout.indices(p, device) for p in chosen])
         entries.append((module_name or type(module).__name__, block, where))
-    return _assemble(sorted(entries, key=lambda entry: int(entry[2].min())))
+    return assemble(sorted(entries, key=lambda entry: int(entry[2].min())))
 
 
-def _assemble(entries: list[tuple[str, CurvatureOperator, Tensor]]) -> CurvatureOperator:
+def assemble(entries: list[tuple[str, CurvatureOperator, Tensor]]) -> CurvatureOperator:
     """``(label, block, flat indices)`` in order as one operator on the flat parameter vector.
 
     A block whose indices are a contiguous range (a layer's weight and bias next to each
@@ -301,7 +301,7 @@ def _assemble(entries: list[tuple[str, CurvatureOperator, Tensor]]) -> Curvature
     return BlockDiagonal(local, labels)
 
 
-def _find_layers(
+def find_layers(
     model: nn.Module, params: list[nn.Parameter], bias: str, kfac_approx: str
 ) -> tuple[list[KroneckerLayer], list[tuple[str, nn.Module, list[nn.Parameter]]]]:
     """The supported layers holding chosen parameters, and the other modules that do."""
@@ -331,7 +331,7 @@ def _find_layers(
     return list(layers.values()), list(others.values())
 
 
-def _kronecker_blocks(layer: KroneckerLayer, approximation: str) -> list[CurvatureOperator]:
+def kronecker_blocks(layer: KroneckerLayer, approximation: str) -> list[CurvatureOperator]:
     """KFAC's or TKFAC's blocks of a layer: weight (with a joint bias) first, then a separate bias."""
     g, a = layer.output_factor, layer.input_factor
     trace_restricted = approximation == "tkfac"
@@ -346,7 +346,7 @@ def _kronecker_blocks(layer: KroneckerLayer, approximation: str) -> list[Curvatu
     return blocks
 
 
-def _eigenbasis(layer: KroneckerLayer, approximation: str) -> tuple[Tensor, Tensor | None, Tensor]:
+def eigenbasis(layer: KroneckerLayer, approximation: str) -> tuple[Tensor, Tensor | None, Tensor]:
     """``(Q_out, Q_in, Q_bias)``: the eigenvectors of the factors the uncorrected blocks use.
 
     EKFAC: KFAC's ``G`` and ``A``; TEKFAC: TKFAC's ``Ψ`` and ``Φ``. A separate bias's block is
@@ -360,7 +360,7 @@ def _eigenbasis(layer: KroneckerLayer, approximation: str) -> tuple[Tensor, Tens
     return spectral.eigh(layer.trace_output_factor)[1], q_in, q_bias
 
 
-def _corrected_blocks(
+def corrected_blocks(
     layer: KroneckerLayer,
     basis: tuple[Tensor, Tensor | None, Tensor],
     corrected: tuple[Tensor | None, Tensor | None],
@@ -376,8 +376,8 @@ def _corrected_blocks(
     return blocks
 
 
-def _place(
-    layer: KroneckerLayer, blocks: list[CurvatureOperator], layout: _Layout, device: torch.device
+def place(
+    layer: KroneckerLayer, blocks: list[CurvatureOperator], layout: Layout, device: torch.device
 ) -> list[tuple[str, CurvatureOperator, Tensor]]:
     """``(label, block, flat indices)`` for a layer's blocks (weight, or weight+bias if joint; bias)."""
     name = layer.name or type(layer.module).__name__

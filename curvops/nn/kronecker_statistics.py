@@ -217,58 +217,58 @@ def _embedding_gradient_norms(gradients: Tensor, same_row: Tensor) -> Tensor:
     return (torch.einsum("knso,knto->nst", gradients, gradients) * same_row).sum()
 
 
-class KroneckerStatistics:
-    """Collects ``A`` and ``G`` (and, if asked, TKFAC's ``δ``, ``Φ``, ``Ψ``) for every layer in one
-    pass over the data, and EKFAC's eigenvalue corrections in a second one.
+class KroneckerSums:
+    """The Kronecker statistics of one or more batches: sums per layer, then their normalisation.
 
-    Every pass runs the model with hooks on the layers, backpropagates the output-space
-    columns of ``fisher_type`` to the layer outputs (one batched backward pass) and hands each
-    layer's inputs and output gradients to an accumulator.
+    :meth:`add` takes one batch of a layer's inputs and output gradients, :meth:`finish`
+    divides by the normaliser; :meth:`correction` gives one batch's EKFAC eigenvalue sums.
+    No data passes happen here: :class:`KroneckerStatistics` drives it over a data set, and
+    :class:`~curvops.optim.KFACOptimizer` over the batches of a training loop.
 
     Args:
-        model: the model and data (:class:`~curvops.nn.model.ModelData`).
-        loss: the loss (:class:`~curvops.nn.losses.LossAdapter`).
-        layers: the layers to collect for.
+        layers: the layers whose factors (fields of :class:`KroneckerLayer`) are filled.
         fisher_type: ``"type-2"``, ``"mc"``, ``"empirical"`` or ``"forward-only"``.
         kfac_approx: ``"expand"`` or ``"reduce"``.
-        mc_samples: labels drawn per datum for ``"mc"``.
-        seed: seed of the label draws (batch ``b`` uses ``(seed, b)``, as ``FisherMC``).
+        mc_samples: labels drawn per datum for ``"mc"`` (``G`` is divided by it).
+        dtype, device: of the factors.
     """
 
     def __init__(
         self,
-        model: ModelData,
-        loss: LossAdapter,
         layers: list[KroneckerLayer],
         fisher_type: str,
         kfac_approx: str,
-        mc_samples: int = 1,
-        seed: int = 0,
+        mc_samples: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
-        self.model, self.loss, self.layers = model, loss, layers
-        self.fisher_type, self.kfac_approx = fisher_type, kfac_approx
-        self.mc_samples, self.seed = mc_samples, seed
+        self.layers, self.fisher_type, self.kfac_approx = layers, fisher_type, kfac_approx
+        self.mc_samples, self.dtype, self.device = mc_samples, dtype, device
+        self.trace_restricted = False
 
-    def collect(self, trace_restricted: bool = False) -> None:
-        """One pass; fills the layers' ``input_factor``, ``output_factor`` and, with
-        ``trace_restricted``, TKFAC's ``trace``, ``trace_input_factor`` and ``trace_output_factor``."""
+    def scale(self, normalizer: float) -> float:
+        """What the summed output-gradient statistics are divided by: ``Z`` (times the samples)."""
+        return normalizer * (self.mc_samples if self.fisher_type == "mc" else 1)
+
+    def reset(self, trace_restricted: bool = False) -> None:
+        """Empty every layer's sums; ``trace_restricted`` also collects TKFAC's ``δ``, ``Φ``, ``Ψ``."""
+        self.trace_restricted = trace_restricted
         for layer in self.layers:
             layer.input_factor = layer.output_factor = None
             layer.trace = layer.bias_trace = layer.trace_input_factor = layer.trace_output_factor = None
             layer.input_count = 0.0
-        normalizer = self._pass(
-            "KFAC statistics",
-            lambda layer, inputs, gradients: self._accumulate(layer, inputs, gradients, trace_restricted),
-        )
-        scale = normalizer * (self.mc_samples if self.fisher_type == "mc" else 1)
+
+    def finish(self, normalizer: float) -> None:
+        """Normalise the sums into ``A``, ``G`` (and ``δ``, ``Φ``, ``Ψ``); ``normalizer`` is ``Z``."""
+        scale = self.scale(normalizer)
         for layer in self.layers:
             layer.input_factor = layer.input_factor / layer.input_count
             if self.fisher_type == "forward-only":
                 size = layer.module.weight.shape[1 if layer.embedding else 0]
-                layer.output_factor = torch.eye(size, dtype=self.model.dtype, device=self.model.device)
+                layer.output_factor = torch.eye(size, dtype=self.dtype, device=self.device)
                 continue
             layer.output_factor = layer.output_factor / scale
-            if trace_restricted:
+            if self.trace_restricted:
                 if not bool(layer.trace > 0):
                     raise ValueError(f"Layer {layer.name!r} has no curvature (δ = 0): TKFAC is undefined.")
                 layer.trace = layer.trace / scale
@@ -276,52 +276,88 @@ class KroneckerStatistics:
                 layer.trace_input_factor = layer.trace_input_factor / _trace(layer.trace_input_factor)
                 layer.trace_output_factor = layer.trace_output_factor / _trace(layer.trace_output_factor)
 
-    def corrections(
-        self, bases: list[tuple[Tensor, Tensor | None, Tensor]], correction: str = "auto"
-    ) -> list[tuple[Tensor | None, Tensor | None]]:
-        """EKFAC's eigenvalues ``s = E[(Q_out^T ∇_W ℓ_n Q_in)²]`` in each layer's eigenbasis.
-
-        One more pass over the data. ``∇_W ℓ_n = Σ_s g_ns a_ns^T`` is each datum's (and
-        output-space column's) gradient, summed over positions whatever ``kfac_approx`` is,
-        so ``s`` is exactly the diagonal of the true block in the basis ``Q_out ⊗ Q_in``.
-
-        Args:
-            bases: per layer ``(Q_out, Q_in, Q_bias)``: the weight's basis ``Q_out ⊗ Q_in``
-                (``Q_in`` is ``None`` for an embedding: the identity) and a separate bias's.
-            correction: ``"per-example"`` (rotate each datum's gradient), ``"gramian"``
-                (contract rotated input and output Gramians over positions) or ``"auto"``
-                (:func:`correction_strategy`, per layer and batch).
-
-        Returns:
-            Per layer ``(s_weight, s_bias)``: ``s_weight`` ``[n_out, n_in]`` (``[num_embeddings,
-            n_out]`` for an embedding; ``None`` without the weight), ``s_bias`` ``[n_out]`` for a
-            separate bias (else ``None``).
-        """
-        position = {id(layer): i for i, layer in enumerate(self.layers)}
-        sums: list[list[Tensor | None]] = [[None, None] for _ in self.layers]
-
-        def consume(layer: KroneckerLayer, inputs: Tensor, gradients: Tensor) -> None:
-            i = position[id(layer)]
-            q_out, q_in, q_bias = bases[i]
-            if layer.weight is not None:
-                rotated = gradients @ q_out
-                weight = (
-                    self._embedding_correction(layer, inputs, rotated)
-                    if layer.embedding
-                    else self._dense_correction(layer, inputs, rotated, q_in, correction)
-                )
-                sums[i][0] = _add(sums[i][0], weight)
+    def add(self, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None) -> None:
+        """Add one batch to ``A`` and ``G`` (and TKFAC's sums)."""
+        if layer.embedding:
+            self._add_embedding(layer, inputs, gradients)
+            return
+        features = layer_inputs(layer.module, inputs.to(self.dtype), layer.joint)
+        if self.trace_restricted and gradients is not None:
+            layer.trace = _add(layer.trace, _gradient_norms(gradients, features))
             if layer.bias is not None and not layer.joint:
-                sums[i][1] = _add(sums[i][1], (gradients.sum(dim=2) @ q_bias).square().sum(dim=(0, 1)))
+                layer.bias_trace = _add(layer.bias_trace, gradients.sum(dim=2).square().sum())
+        if self.kfac_approx == "reduce":
+            features = features.mean(dim=1, keepdim=True)
+            gradients = None if gradients is None else gradients.sum(dim=2, keepdim=True)
+        layer.input_factor = _add(layer.input_factor, second_moment(features))
+        layer.input_count += features[..., 0].numel()
+        if gradients is None:
+            return
+        layer.output_factor = _add(layer.output_factor, second_moment(gradients))
+        if self.trace_restricted:
+            input_norms, output_norms = features.square().sum(-1), gradients.square().sum(-1)
+            weighted_inputs = features * output_norms.sum(0).sqrt().unsqueeze(-1)
+            layer.trace_input_factor = _add(layer.trace_input_factor, second_moment(weighted_inputs))
+            weighted_outputs = gradients * input_norms.sqrt().unsqueeze(-1)
+            layer.trace_output_factor = _add(layer.trace_output_factor, second_moment(weighted_outputs))
 
-        normalizer = self._pass("EKFAC eigenvalue correction", consume)
-        scale = normalizer * (self.mc_samples if self.fisher_type == "mc" else 1)
-        return [tuple(None if t is None else t / scale for t in pair) for pair in sums]
+    def _add_embedding(self, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None) -> None:
+        """One-hot inputs: ``A`` (and ``Φ``) are diagonal, ``‖a‖² = 1`` (0 at ``padding_idx``)."""
+        indices = inputs.flatten()
+        present = torch.ones_like(indices, dtype=self.dtype)
+        if layer.module.padding_idx is not None:
+            present = present * (indices != layer.module.padding_idx)
+        zeros = torch.zeros(layer.module.num_embeddings, dtype=self.dtype, device=self.device)
+        layer.input_factor = _add(layer.input_factor, zeros.index_add(0, indices, present))
+        layer.input_count += indices.numel()
+        if gradients is None:
+            return
+        layer.output_factor = _add(layer.output_factor, second_moment(gradients))
+        if self.trace_restricted:
+            positions = inputs.reshape(gradients.shape[1], -1)
+            kept = present.reshape(positions.shape)
+            same_row = (
+                (positions.unsqueeze(2) == positions.unsqueeze(1)) * kept.unsqueeze(2) * kept.unsqueeze(1)
+            )
+            layer.trace = _add(
+                layer.trace, _embedding_gradient_norms(gradients, same_row.to(gradients.dtype))
+            )
+            output_norms = gradients.square().sum(-1).reshape(gradients.shape[0], -1)  # [K, N·S]
+            weights = output_norms.sum(0) * present
+            layer.trace_input_factor = _add(layer.trace_input_factor, zeros.index_add(0, indices, weights))
+            weighted_outputs = gradients * present.reshape(gradients.shape[1:-1]).unsqueeze(-1)
+            layer.trace_output_factor = _add(layer.trace_output_factor, second_moment(weighted_outputs))
+
+    def correction(
+        self,
+        layer: KroneckerLayer,
+        inputs: Tensor,
+        gradients: Tensor,
+        basis: tuple[Tensor, Tensor | None, Tensor],
+        correction: str = "auto",
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """One batch's sums ``Σ_{n,c} ((Q_out ⊗ Q_in)^T vec(∇_W ℓ_nc))²`` (and a separate bias's).
+
+        ``basis`` is ``(Q_out, Q_in, Q_bias)`` as in :meth:`KroneckerStatistics.corrections`;
+        divide the sums over all batches by :meth:`scale` for EKFAC's eigenvalues.
+        """
+        q_out, q_in, q_bias = basis
+        weight = bias = None
+        if layer.weight is not None:
+            rotated = gradients @ q_out
+            weight = (
+                self._embedding_correction(layer, inputs, rotated)
+                if layer.embedding
+                else self._dense_correction(layer, inputs, rotated, q_in, correction)
+            )
+        if layer.bias is not None and not layer.joint:
+            bias = (gradients.sum(dim=2) @ q_bias).square().sum(dim=(0, 1))
+        return weight, bias
 
     def _dense_correction(
         self, layer: KroneckerLayer, inputs: Tensor, rotated: Tensor, q_in: Tensor, correction: str
     ) -> Tensor:
-        features = layer_inputs(layer.module, inputs.to(self.model.dtype), layer.joint) @ q_in
+        features = layer_inputs(layer.module, inputs.to(self.dtype), layer.joint) @ q_in
         columns, data, positions, outputs = rotated.shape
         inputs_size = features.shape[-1]
         strategy = correction_strategy(correction, columns, data, positions, outputs, inputs_size)
@@ -356,6 +392,79 @@ class KroneckerStatistics:
         result = rotated.new_zeros(num, outputs)
         return result.index_add_(0, unique % num, rows.square().sum(dim=0))
 
+
+class KroneckerStatistics:
+    """Collects ``A`` and ``G`` (and, if asked, TKFAC's ``δ``, ``Φ``, ``Ψ``) for every layer in one
+    pass over the data, and EKFAC's eigenvalue corrections in a second one.
+
+    Every pass runs the model with hooks on the layers, backpropagates the output-space
+    columns of ``fisher_type`` to the layer outputs (one batched backward pass) and hands each
+    layer's inputs and output gradients to :class:`KroneckerSums`.
+
+    Args:
+        model: the model and data (:class:`~curvops.nn.model.ModelData`).
+        loss: the loss (:class:`~curvops.nn.losses.LossAdapter`).
+        layers: the layers to collect for.
+        fisher_type: ``"type-2"``, ``"mc"``, ``"empirical"`` or ``"forward-only"``.
+        kfac_approx: ``"expand"`` or ``"reduce"``.
+        mc_samples: labels drawn per datum for ``"mc"``.
+        seed: seed of the label draws (batch ``b`` uses ``(seed, b)``, as ``FisherMC``).
+    """
+
+    def __init__(
+        self,
+        model: ModelData,
+        loss: LossAdapter,
+        layers: list[KroneckerLayer],
+        fisher_type: str,
+        kfac_approx: str,
+        mc_samples: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.model, self.loss, self.layers, self.seed = model, loss, layers, seed
+        self.sums = KroneckerSums(layers, fisher_type, kfac_approx, mc_samples, model.dtype, model.device)
+
+    def collect(self, trace_restricted: bool = False) -> None:
+        """One pass; fills the layers' ``input_factor``, ``output_factor`` and, with
+        ``trace_restricted``, TKFAC's ``trace``, ``trace_input_factor`` and ``trace_output_factor``."""
+        self.sums.reset(trace_restricted)
+        self.sums.finish(self._pass("KFAC statistics", self.sums.add))
+
+    def corrections(
+        self, bases: list[tuple[Tensor, Tensor | None, Tensor]], correction: str = "auto"
+    ) -> list[tuple[Tensor | None, Tensor | None]]:
+        """EKFAC's eigenvalues ``s = E[(Q_out^T ∇_W ℓ_n Q_in)²]`` in each layer's eigenbasis.
+
+        One more pass over the data. ``∇_W ℓ_n = Σ_s g_ns a_ns^T`` is each datum's (and
+        output-space column's) gradient, summed over positions whatever ``kfac_approx`` is,
+        so ``s`` is exactly the diagonal of the true block in the basis ``Q_out ⊗ Q_in``.
+
+        Args:
+            bases: per layer ``(Q_out, Q_in, Q_bias)``: the weight's basis ``Q_out ⊗ Q_in``
+                (``Q_in`` is ``None`` for an embedding: the identity) and a separate bias's.
+            correction: ``"per-example"`` (rotate each datum's gradient), ``"gramian"``
+                (contract rotated input and output Gramians over positions) or ``"auto"``
+                (:func:`correction_strategy`, per layer and batch).
+
+        Returns:
+            Per layer ``(s_weight, s_bias)``: ``s_weight`` ``[n_out, n_in]`` (``[num_embeddings,
+            n_out]`` for an embedding; ``None`` without the weight), ``s_bias`` ``[n_out]`` for a
+            separate bias (else ``None``).
+        """
+        position = {id(layer): i for i, layer in enumerate(self.layers)}
+        sums: list[list[Tensor | None]] = [[None, None] for _ in self.layers]
+
+        def consume(layer: KroneckerLayer, inputs: Tensor, gradients: Tensor) -> None:
+            i = position[id(layer)]
+            parts = self.sums.correction(layer, inputs, gradients, bases[i], correction)
+            sums[i] = [
+                None if part is None else _add(total, part)
+                for total, part in zip(sums[i], parts, strict=True)
+            ]
+
+        scale = self.sums.scale(self._pass("EKFAC eigenvalue correction", consume))
+        return [tuple(None if t is None else t / scale for t in pair) for pair in sums]
+
     def _pass(self, description: str, consume) -> float:
         """One pass over the data; ``consume(layer, inputs, gradients)`` per layer and batch.
 
@@ -388,95 +497,68 @@ class KroneckerStatistics:
                 handle.remove()
         self.model.check_output(index, output.detach())
         for layer in self.layers:
-            calls = len(captured[id(layer.module)])
-            if calls != 1:
-                raise ValueError(
-                    f"Module {layer.name!r} ran {calls} times in one forward pass (weight tying or "
-                    "reuse); KFAC needs one call per layer. Leave its parameters out of params."
-                )
+            check_single_call(layer, len(captured[id(layer.module)]))
         layer_inputs_ = [captured[id(layer.module)][0][0] for layer in self.layers]
-        if self.fisher_type == "forward-only":
+        if self.sums.fisher_type == "forward-only":
             return [(layer, x, None) for layer, x in zip(self.layers, layer_inputs_, strict=True)]
-        columns = self._output_columns(index, output.detach(), targets, count)
+        columns = output_columns(
+            self.loss, self.sums.fisher_type, output.detach(), targets, count,
+            self.sums.mc_samples, self.seed, index,
+        )  # fmt: skip
         layer_outputs = [captured[id(layer.module)][0][1] for layer in self.layers]
-        if len(columns) == 1:  # one column: a plain backward pass, no vmap
-            single = torch.autograd.grad(
-                output, layer_outputs, grad_outputs=columns[0], materialize_grads=True
-            )
-            gradients = [gradient.unsqueeze(0) for gradient in single]
-        else:
-            gradients = torch.autograd.grad(
-                output, layer_outputs, grad_outputs=columns, is_grads_batched=True, materialize_grads=True
-            )
-        return [
-            (layer, x, layer_output_gradients(layer.module, g))
-            for layer, x, g in zip(self.layers, layer_inputs_, gradients, strict=True)
-        ]
+        gradients = output_gradients(self.layers, output, layer_outputs, columns)
+        return list(zip(self.layers, layer_inputs_, gradients, strict=True))
 
-    def _accumulate(
-        self, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None, trace_restricted: bool
-    ) -> None:
-        """Add one batch to ``A`` and ``G`` (and TKFAC's sums)."""
-        if layer.embedding:
-            self._accumulate_embedding(layer, inputs, gradients, trace_restricted)
-            return
-        features = layer_inputs(layer.module, inputs.to(self.model.dtype), layer.joint)
-        if trace_restricted and gradients is not None:
-            layer.trace = _add(layer.trace, _gradient_norms(gradients, features))
-            if layer.bias is not None and not layer.joint:
-                layer.bias_trace = _add(layer.bias_trace, gradients.sum(dim=2).square().sum())
-        if self.kfac_approx == "reduce":
-            features = features.mean(dim=1, keepdim=True)
-            gradients = None if gradients is None else gradients.sum(dim=2, keepdim=True)
-        layer.input_factor = _add(layer.input_factor, second_moment(features))
-        layer.input_count += features[..., 0].numel()
-        if gradients is None:
-            return
-        layer.output_factor = _add(layer.output_factor, second_moment(gradients))
-        if trace_restricted:
-            input_norms, output_norms = features.square().sum(-1), gradients.square().sum(-1)
-            weighted_inputs = features * output_norms.sum(0).sqrt().unsqueeze(-1)
-            layer.trace_input_factor = _add(layer.trace_input_factor, second_moment(weighted_inputs))
-            weighted_outputs = gradients * input_norms.sqrt().unsqueeze(-1)
-            layer.trace_output_factor = _add(layer.trace_output_factor, second_moment(weighted_outputs))
 
-    def _accumulate_embedding(
-        self, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None, trace_restricted: bool
-    ) -> None:
-        """One-hot inputs: ``A`` (and ``Φ``) are diagonal, ``‖a‖² = 1`` (0 at ``padding_idx``)."""
-        indices = inputs.flatten()
-        present = torch.ones_like(indices, dtype=self.model.dtype)
-        if layer.module.padding_idx is not None:
-            present = present * (indices != layer.module.padding_idx)
-        zeros = torch.zeros(layer.module.num_embeddings, dtype=self.model.dtype, device=self.model.device)
-        layer.input_factor = _add(layer.input_factor, zeros.index_add(0, indices, present))
-        layer.input_count += indices.numel()
-        if gradients is None:
-            return
-        layer.output_factor = _add(layer.output_factor, second_moment(gradients))
-        if trace_restricted:
-            positions = inputs.reshape(gradients.shape[1], -1)
-            kept = present.reshape(positions.shape)
-            same_row = (
-                (positions.unsqueeze(2) == positions.unsqueeze(1)) * kept.unsqueeze(2) * kept.unsqueeze(1)
-            )
-            layer.trace = _add(
-                layer.trace, _embedding_gradient_norms(gradients, same_row.to(gradients.dtype))
-            )
-            output_norms = gradients.square().sum(-1).reshape(gradients.shape[0], -1)  # [K, N·S]
-            weights = output_norms.sum(0) * present
-            layer.trace_input_factor = _add(layer.trace_input_factor, zeros.index_add(0, indices, weights))
-            weighted_outputs = gradients * present.reshape(gradients.shape[1:-1]).unsqueeze(-1)
-            layer.trace_output_factor = _add(layer.trace_output_factor, second_moment(weighted_outputs))
+def check_single_call(layer: KroneckerLayer, calls: int) -> None:
+    """Raise unless the layer's module ran exactly once in the forward pass."""
+    if calls != 1:
+        raise ValueError(
+            f"Module {layer.name!r} ran {calls} times in one forward pass (weight tying or "
+            "reuse); KFAC needs one call per layer. Leave its parameters out of params."
+        )
 
-    def _output_columns(self, index: int, output: Tensor, targets: Tensor, count: float) -> Tensor:
-        """The ``[K, *output.shape]`` output-space vectors to backpropagate (see the module doc)."""
-        if self.fisher_type == "empirical":
-            return self.loss.datum_gradients(output, targets, count).unsqueeze(0)
-        if self.fisher_type == "mc":
-            sampled = self.loss.sample_batch(output, targets, self.mc_samples, self.seed, index)
-            return torch.func.vmap(lambda t: self.loss.datum_gradients(output, t, count))(sampled)
-        return loss_hessian_factor(self.loss, output, targets)
+
+def output_gradients(
+    layers: list[KroneckerLayer], output: Tensor, layer_outputs: list[Tensor], columns: Tensor
+) -> list[Tensor]:
+    """Backpropagate the ``[K, *output.shape]`` columns to the layer outputs, as ``[K, N, S, n_out]``.
+
+    The graph is kept (``retain_graph``), so the caller's own backward pass can still run.
+    """
+    if len(columns) == 1:  # one column: a plain backward pass, no vmap
+        single = torch.autograd.grad(
+            output, layer_outputs, grad_outputs=columns[0], materialize_grads=True, retain_graph=True
+        )
+        gradients = [gradient.unsqueeze(0) for gradient in single]
+    else:
+        gradients = torch.autograd.grad(
+            output, layer_outputs, grad_outputs=columns, is_grads_batched=True,
+            materialize_grads=True, retain_graph=True,
+        )  # fmt: skip
+    return [layer_output_gradients(layer.module, g) for layer, g in zip(layers, gradients, strict=True)]
+
+
+def output_columns(
+    loss: LossAdapter,
+    fisher_type: str,
+    output: Tensor,
+    targets: Tensor,
+    count: float,
+    mc_samples: int = 1,
+    seed: int = 0,
+    index: int = 0,
+) -> Tensor:
+    """The ``[K, *output.shape]`` output-space vectors to backpropagate (see the module doc).
+
+    ``"mc"`` draws its labels with ``(seed, index)`` (:meth:`LossAdapter.sample_batch`).
+    """
+    if fisher_type == "empirical":
+        return loss.datum_gradients(output, targets, count).unsqueeze(0)
+    if fisher_type == "mc":
+        sampled = loss.sample_batch(output, targets, mc_samples, seed, index)
+        return torch.func.vmap(lambda t: loss.datum_gradients(output, t, count))(sampled)
+    return loss_hessian_factor(loss, output, targets)
 
 
 def loss_hessian_factor(loss: LossAdapter, output: Tensor, targets: Tensor) -> Tensor:

@@ -1,0 +1,461 @@
+"""Natural-gradient training with KFAC, EKFAC or TKFAC as a ``torch.optim.Optimizer``.
+
+The optimizer is a thin client of the curvature operators: it keeps running averages of
+the Kronecker statistics (:class:`~curvops.nn.kronecker_statistics.KroneckerSums`, fed by
+the hooks of :mod:`curvops.optim.capture`), builds the same blocks as :func:`~curvops.KFAC`,
+:func:`~curvops.EKFAC` and :func:`~curvops.TKFAC` from them, and asks the operator for its
+damped inverse. No Kronecker algebra is written here.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import StateDictError
+from ..linalg import CurvatureOperator, Dense, Kronecker, from_state_dict
+from ..linalg.base import check_choice
+from ..nn.kfac import Layout, assemble, corrected_blocks, eigenbasis, find_layers, kronecker_blocks, place
+from ..nn.kronecker_statistics import (
+    CORRECTIONS,
+    FISHER_TYPES,
+    KFAC_APPROXIMATIONS,
+    KroneckerLayer,
+    KroneckerSums,
+)
+from ..nn.losses import LossAdapter
+from .capture import BatchCapture, CapturedBatch
+from .schedule import Schedule, check_fraction, check_period, check_schedule, evaluate
+
+CURVATURES = ("kfac", "ekfac", "tkfac")
+STATISTICS = (
+    "input_factor",
+    "output_factor",
+    "trace",
+    "bias_trace",
+    "trace_input_factor",
+    "trace_output_factor",
+)
+
+
+class KFACOptimizer(torch.optim.Optimizer):
+    """Natural-gradient descent preconditioned by KFAC, EKFAC or TKFAC (Martens & Grosse 2015;
+    George et al. 2018; Gao et al. 2021).
+
+    Use it in an ordinary training loop, computing the loss with the same ``loss_fn``
+    module: ``loss = loss_fn(model(x), y); loss.backward(); opt.step()``. Hooks catch each
+    layer's inputs and, during ``backward``, backpropagate the Fisher type's output-space
+    columns to the layer outputs (labels sampled from the model for ``"mc"``); ``.grad``
+    stays the gradient of the true-label loss.
+
+    Per step ``t`` (counting from 0):
+
+    - every ``T_stats`` steps, the batch's statistics (``A``, ``G``; TKFAC's ``δ``, ``Φ``,
+      ``Ψ``) enter exponential moving averages ``S ← β S + (1 - β) S_batch`` (``β =
+      ema_decay``; the first batch initialises them). EKFAC also averages its corrected
+      eigenvalues ``s`` of the batch in the current eigenbasis.
+    - every ``T_inv`` steps (a multiple of ``T_stats``), the preconditioner is rebuilt from
+      the averages with the step's damping ``λ``: KFAC ``(G ⊗ A + λI)^-1`` (exact, or
+      π-damped with ``factored=True``); EKFAC recomputes its eigenbasis ``Q_G ⊗ Q_A`` and
+      restarts ``s`` from KFAC's eigenvalues ``γ α^T`` (its inverse ``(s + λ)^-1`` is rebuilt
+      at every statistics step); TKFAC uses Gao et al.'s damped factors
+      ``(√δ Ψ + √λ I)^-1 ⊗ (√δ Φ + √λ I)^-1``. A separate bias block is ``(G + λI)^-1``.
+    - the step: ``d = ∇ + w θ`` (``w = weight_decay``), ``p = P d`` with the
+      preconditioner ``P`` on the Kronecker layers' parameters and ``p = d`` on every other
+      parameter (LayerNorm, BatchNorm, ...: a plain first-order update); with ``kl_clip = κ``
+      the step is scaled by ``ν = min(1, sqrt(κ / (η² Σ p·d)))`` (Ba et al. 2017); then
+      ``m ← μ m − η ν p``, ``θ ← θ + m`` (Gao et al.'s momentum form; with a constant ``η``,
+      ``torch.optim.SGD``'s).
+
+    A step whose loss or gradient is not finite is skipped with a ``RuntimeWarning``
+    (parameters, momentum and running statistics unchanged); so are non-finite batch
+    statistics (the step then uses the previous preconditioner). ``state_dict`` holds the
+    running statistics and the preconditioner, so training resumes bit for bit.
+
+    Args:
+        model: the network; hooks go on its Kronecker layers (``nn.Linear``, ``nn.Conv1d``,
+            ``nn.Conv2d``, ``nn.Embedding``, as for :func:`~curvops.KFAC`).
+        loss_fn: the ``nn.Module`` loss the training loop calls: ``nn.CrossEntropyLoss``,
+            ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (any module for ``"forward-only"``).
+        params: the parameters to train (default: the model's trainable ones), one group.
+        curvature: ``"kfac"``, ``"ekfac"`` or ``"tkfac"``.
+        lr: ``η``, a number or a schedule ``step -> η`` (a number in ``param_groups`` also
+            follows ``torch.optim.lr_scheduler``).
+        momentum: ``μ`` in ``[0, 1)``.
+        weight_decay: ``w >= 0`` (L2, added to the gradient before preconditioning).
+        damping: ``λ > 0`` (``0`` raises ``SingularOperatorError`` on singular factors), a
+            number or a schedule ``step -> λ``.
+        ema_decay: ``β`` in ``[0, 1)``.
+        T_stats: steps between statistics updates.
+        T_inv: steps between preconditioner rebuilds, a multiple of ``T_stats``.
+        fisher_type: ``"mc"``, ``"type-2"``, ``"empirical"`` (or ``"forward-only"``, KFAC only).
+        mc_samples: labels drawn per datum for ``"mc"``; the draws of step ``t`` are seeded
+            with ``(seed, t)``.
+        kl_clip: ``κ > 0``, or ``None`` for no clipping.
+        factored: KFAC's π-damped inverse instead of the exact damped one.
+        kfac_approx, bias, correction, seed: as for :func:`~curvops.KFAC` / :func:`~curvops.EKFAC`.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> loss_fn = torch.nn.CrossEntropyLoss()
+        >>> opt = curvops.optim.KFACOptimizer(model, loss_fn, lr=0.1, damping=0.1)
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> losses = []
+        >>> for _ in range(10):
+        ...     opt.zero_grad()
+        ...     loss = loss_fn(model(x), y)
+        ...     loss.backward()
+        ...     opt.step()
+        ...     losses.append(loss.item())
+        >>> losses[-1] < losses[0]
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        params: Iterable[nn.Parameter] | None = None,
+        curvature: str = "kfac",
+        lr: Schedule = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        damping: Schedule = 1e-3,
+        ema_decay: float = 0.95,
+        T_stats: int = 1,
+        T_inv: int = 10,
+        fisher_type: str = "mc",
+        mc_samples: int = 1,
+        kl_clip: float | None = None,
+        factored: bool = False,
+        kfac_approx: str = "expand",
+        bias: str = "separate",
+        correction: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        check_choice(curvature, CURVATURES, "curvature")
+        check_choice(fisher_type, FISHER_TYPES, "fisher_type")
+        check_choice(kfac_approx, KFAC_APPROXIMATIONS, "kfac_approx")
+        check_choice(bias, ("separate", "joint"), "bias")
+        check_choice(correction, CORRECTIONS, "correction")
+        if curvature != "kfac" and fisher_type == "forward-only":
+            raise ValueError(
+                f"{curvature.upper()} needs output gradients; fisher_type='forward-only' has none."
+            )
+        if not isinstance(loss_fn, nn.Module):
+            raise TypeError(
+                "loss_fn must be the nn.Module loss the training loop calls (e.g. nn.CrossEntropyLoss()): "
+                f"the optimizer hooks it; got {type(loss_fn).__name__}."
+            )
+        check_fraction(momentum, "momentum")
+        check_fraction(ema_decay, "ema_decay")
+        check_period(T_stats, "T_stats")
+        check_period(T_inv, "T_inv")
+        if T_inv % T_stats:
+            raise ValueError(f"T_inv ({T_inv}) must be a multiple of T_stats ({T_stats}).")
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        if kl_clip is not None and not (
+            isinstance(kl_clip, (int, float)) and math.isfinite(kl_clip) and kl_clip > 0
+        ):
+            raise ValueError(f"kl_clip must be a positive number or None, got {kl_clip!r}.")
+        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}.")
+        self._lr, self._damping = check_schedule(lr, "lr"), check_schedule(damping, "damping")
+        params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+        if any(isinstance(p, dict) for p in params):
+            raise TypeError("KFACOptimizer takes one group of parameters, not a list of param-group dicts.")
+        defaults = {
+            "lr": evaluate(self._lr, 0, "lr"),
+            "momentum": float(momentum),
+            "weight_decay": float(weight_decay),
+            "damping": evaluate(self._damping, 0, "damping"),
+        }
+        super().__init__(params, defaults)
+        self.curvature, self.fisher_type, self.factored = curvature, fisher_type, bool(factored)
+        self.ema_decay, self.T_stats, self.T_inv, self.kl_clip = float(ema_decay), T_stats, T_inv, kl_clip
+        self.correction = correction
+        self.layers, _ = find_layers(model, params, bias, kfac_approx)
+        if not self.layers:
+            raise ValueError(
+                "None of the parameters belongs to a layer with a Kronecker rule (nn.Linear, nn.Conv1d, "
+                "nn.Conv2d, nn.Embedding); use a first-order optimizer."
+            )
+        covered = {id(p) for layer in self.layers for p in (layer.weight, layer.bias) if p is not None}
+        self.curvature_params = [p for p in params if id(p) in covered]
+        self._layout = Layout(self.curvature_params)
+        loss = LossAdapter(
+            loss_fn, likelihood=fisher_type != "forward-only", what=f"KFACOptimizer({fisher_type!r})"
+        )
+        if fisher_type in ("type-2", "mc"):
+            loss.check_sampling(f"KFACOptimizer({fisher_type!r})")
+        first = self.curvature_params[0]
+        self._batch_layers = [
+            KroneckerLayer(la.name, la.module, la.weight, la.bias, la.joint) for la in self.layers
+        ]
+        self._sums = KroneckerSums(
+            self._batch_layers, fisher_type, kfac_approx, mc_samples, first.dtype, first.device
+        )
+        self._capture = BatchCapture(
+            model, loss_fn, loss, self._batch_layers, fisher_type, mc_samples,
+            active=lambda: self.steps % self.T_stats == 0, draw=lambda: (seed, self.steps),
+        )  # fmt: skip
+        self.steps = 0
+        self.bases: dict[str, tuple[Tensor, Tensor | None, Tensor]] = {}
+        self.scales: dict[str, list[Tensor | None]] = {}
+        self.preconditioner: CurvatureOperator | None = None
+
+    # ------------------------------------------------------------------ public
+    def curvature_operator(self) -> CurvatureOperator:
+        """The current (undamped) curvature approximation of the Kronecker layers' parameters
+        from the running statistics: the operator :func:`~curvops.KFAC` (``EKFAC``, ``TKFAC``)
+        would build, ``D x D`` over :attr:`curvature_params` in their order.
+
+        Raises ``RuntimeError`` before the first statistics update.
+        """
+        self._require_statistics()
+        if self.curvature == "ekfac":
+            blocks = [corrected_blocks(la, self.bases[la.name], self.scales[la.name]) for la in self.layers]
+        else:
+            blocks = [kronecker_blocks(la, self.curvature) for la in self.layers]
+        return self._assemble(blocks)
+
+    def remove_hooks(self) -> None:
+        """Remove the hooks on the model and the loss (the optimizer can no longer step)."""
+        self._capture.remove()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One update from the gradients in ``.grad`` (see the class docstring).
+
+        Args:
+            closure: optional; re-evaluates the model and returns the loss (run with grad enabled).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        batch, self._capture.batch = self._capture.batch, None
+        nonfinite_loss, self._capture.nonfinite_loss = self._capture.nonfinite_loss, False
+        if nonfinite_loss or not all(
+            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in group["params"]
+        ):
+            warnings.warn(
+                f"KFACOptimizer step {self.steps}: non-finite loss or gradient; the step is skipped "
+                "(parameters and running statistics unchanged).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
+        group["lr"] = lr = evaluate(self._lr, self.steps, "lr", group["lr"])
+        group["damping"] = damping = evaluate(self._damping, self.steps, "damping", group["damping"])
+        if self.steps % self.T_stats == 0:
+            if batch is None:
+                raise RuntimeError(
+                    "KFACOptimizer saw no forward and backward pass through its loss_fn since the last "
+                    "step: compute the loss with the loss_fn module passed to the optimizer."
+                )
+            self._update(batch, damping)
+        if self.preconditioner is None:
+            warnings.warn(
+                f"KFACOptimizer step {self.steps}: no curvature statistics yet; the step is skipped.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
+        self._apply(group, lr)
+        self.steps += 1
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state (momentum buffers, hyperparameters) plus ``"curvature"``:
+        the step count, running statistics, EKFAC's bases and eigenvalues and the
+        preconditioner's own :meth:`~curvops.CurvatureOperator.state_dict`."""
+        state = super().state_dict()
+        state["curvature"] = {
+            "curvature": self.curvature,
+            "steps": self.steps,
+            "statistics": {la.name: self._statistics(la) for la in self.layers},
+            "bases": {name: list(basis) for name, basis in self.bases.items()},
+            "scales": {name: list(scale) for name, scale in self.scales.items()},
+            "preconditioner": None if self.preconditioner is None else self.preconditioner.state_dict(),
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; raises :class:`~curvops.errors.StateDictError` when it
+        belongs to other layers, shapes or curvature."""
+        state = dict(state_dict)
+        extra = state.pop("curvature", None)
+        if not isinstance(extra, dict):
+            raise StateDictError("Not a KFACOptimizer state dict: it has no 'curvature' entry.")
+        if extra.get("curvature") != self.curvature:
+            raise StateDictError(
+                f"The state dict holds {str(extra.get('curvature')).upper()} statistics; this optimizer "
+                f"uses {self.curvature.upper()}."
+            )
+        names = {la.name for la in self.layers}
+        stored = set(extra["statistics"])
+        if stored != names:
+            raise StateDictError(
+                f"The state dict's layers {sorted(stored)} differ from the optimizer's {sorted(names)}."
+            )
+        preconditioner = None
+        if extra["preconditioner"] is not None:
+            preconditioner = from_state_dict(extra["preconditioner"], device=self._sums.device)
+            if preconditioner.shape != (self._layout.size, self._layout.size):
+                raise StateDictError(
+                    f"The stored preconditioner is {tuple(preconditioner.shape)}; the optimizer's "
+                    f"parameters need {(self._layout.size, self._layout.size)}."
+                )
+        super().load_state_dict(state)
+        place_ = {"device": self._sums.device, "dtype": self._sums.dtype}
+        for la in self.layers:
+            for name, value in extra["statistics"][la.name].items():
+                setattr(la, name, value.to(**place_))
+        self.bases = {
+            n: tuple(None if q is None else q.to(**place_) for q in b) for n, b in extra["bases"].items()
+        }
+        self.scales = {
+            n: [None if s is None else s.to(**place_) for s in v] for n, v in extra["scales"].items()
+        }
+        self.preconditioner = preconditioner
+        self.steps = int(extra["steps"])
+
+    # ------------------------------------------------------------------ internals
+    def _statistics(self, layer: KroneckerLayer) -> dict[str, Tensor]:
+        return {name: getattr(layer, name) for name in STATISTICS if getattr(layer, name) is not None}
+
+    def _require_statistics(self) -> None:
+        if self.layers[0].input_factor is None:
+            raise RuntimeError("No curvature statistics yet: take a training step first.")
+
+    def _assemble(self, blocks: list[list[CurvatureOperator]]) -> CurvatureOperator:
+        device = self._sums.device
+        entries = [
+            e for la, b in zip(self.layers, blocks, strict=True) for e in place(la, b, self._layout, device)
+        ]
+        return assemble(sorted(entries, key=lambda entry: int(entry[2].min())))
+
+    def _update(self, batch: CapturedBatch, damping: float) -> None:
+        """Fold the batch into the running statistics and rebuild what depends on them."""
+        if not self._average(batch):
+            return
+        rebuild = self.steps % self.T_inv == 0 or self.preconditioner is None
+        if self.curvature == "ekfac":
+            if rebuild:
+                self._new_eigenbases()
+            self._correct(batch)
+            rebuild = True
+        if rebuild:
+            self._rebuild(damping)
+
+    def _average(self, batch: CapturedBatch) -> bool:
+        """``S ← β S + (1 - β) S_batch`` for every statistic; ``False`` (and a warning) when the
+        batch's statistics are not finite, which leaves the averages untouched."""
+        self._sums.reset(trace_restricted=self.curvature == "tkfac")
+        for layer, inputs, gradients in zip(self._batch_layers, batch.inputs, batch.gradients, strict=True):
+            self._sums.add(layer, inputs, gradients)
+        self._sums.finish(batch.normalizer)
+        fresh = [self._statistics(layer) for layer in self._batch_layers]
+        if not all(bool(torch.isfinite(v).all()) for values in fresh for v in values.values()):
+            warnings.warn(
+                f"KFACOptimizer step {self.steps}: non-finite curvature statistics; they are left out "
+                "of the running averages.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
+        for layer, values in zip(self.layers, fresh, strict=True):
+            for name, value in values.items():
+                old = getattr(layer, name)
+                setattr(layer, name, value if old is None else torch.lerp(value, old, self.ema_decay))
+        return True
+
+    def _new_eigenbases(self) -> None:
+        """EKFAC: the eigenbasis of the running ``G ⊗ A``, with ``s`` restarted from ``γ α^T``."""
+        for layer in self.layers:
+            q_out, q_in, q_bias = basis = eigenbasis(layer, "ekfac")
+            gamma = (q_out.T @ layer.output_factor @ q_out).diagonal()
+            alpha = layer.input_factor if q_in is None else (q_in.T @ layer.input_factor @ q_in).diagonal()
+            weight = torch.outer(alpha, gamma) if layer.embedding else torch.outer(gamma, alpha)
+            bias = (q_bias.T @ layer.output_factor @ q_bias).diagonal()
+            self.bases[layer.name] = basis
+            self.scales[layer.name] = [
+                weight if layer.weight is not None else None,
+                bias if layer.bias is not None and not layer.joint else None,
+            ]
+
+    def _correct(self, batch: CapturedBatch) -> None:
+        """EKFAC: the batch's eigenvalues in the current basis enter the running ``s``."""
+        scale = self._sums.scale(batch.normalizer)
+        for layer, inputs, gradients in zip(self._batch_layers, batch.inputs, batch.gradients, strict=True):
+            parts = self._sums.correction(layer, inputs, gradients, self.bases[layer.name], self.correction)
+            running = self.scales[layer.name]
+            for i, part in enumerate(parts):
+                if part is not None:
+                    running[i] = torch.lerp(part / scale, running[i], self.ema_decay)
+
+    def _rebuild(self, damping: float) -> None:
+        if self.curvature == "tkfac":
+            self.preconditioner = self._assemble([self._tkfac_inverse(la, damping) for la in self.layers])
+        else:
+            self.preconditioner = self.curvature_operator().inverse(damping, factored=self.factored)
+
+    def _tkfac_inverse(self, layer: KroneckerLayer, damping: float) -> list[CurvatureOperator]:
+        """Gao et al.'s damped inverse ``(√δ Ψ + √λ I)^-1 ⊗ (√δ Φ + √λ I)^-1`` (and a separate
+        bias's ``(G + λI)^-1``, ``G`` scaled to the bias block's trace)."""
+        blocks = []
+        if layer.weight is not None:
+            root, scale = math.sqrt(damping), layer.trace.sqrt()
+            phi = scale * layer.trace_input_factor
+            phi = (
+                phi + root
+                if phi.ndim == 1
+                else phi + root * torch.eye(len(phi), dtype=phi.dtype, device=phi.device)
+            )
+            psi = scale * layer.trace_output_factor
+            psi = psi + root * torch.eye(len(psi), dtype=psi.dtype, device=psi.device)
+            blocks.append(Kronecker(*((phi, psi) if layer.embedding else (psi, phi))).inverse())
+        if layer.bias is not None and not layer.joint:
+            g = layer.output_factor
+            blocks.append(Dense(g * (layer.bias_trace / g.trace())).inverse(damping))
+        return blocks
+
+    def _apply(self, group: dict[str, Any], lr: float) -> None:
+        """``p = P d`` on the Kronecker parameters, ``p = d`` elsewhere; KL clipping; momentum."""
+        directions = {
+            id(p): p.grad + group["weight_decay"] * p if group["weight_decay"] else p.grad
+            for p in group["params"]
+            if p.grad is not None
+        }
+        steps = dict(directions)
+        flat = torch.cat([directions[id(p)].reshape(-1) if id(p) in directions else p.new_zeros(p.numel())
+                          for p in self.curvature_params])  # fmt: skip
+        preconditioned = self.preconditioner @ flat
+        offset = 0
+        for p in self.curvature_params:
+            if id(p) in steps:
+                steps[id(p)] = preconditioned[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        nu = 1.0
+        if self.kl_clip is not None:
+            quadratic = lr**2 * sum(float((steps[k] * directions[k]).sum()) for k in directions)
+            nu = min(1.0, math.sqrt(self.kl_clip / quadratic)) if quadratic > 0 else 1.0
+        momentum = group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            update = steps[id(p)] * (-lr * nu)
+            if momentum:
+                state = self.state[p]
+                buffer = state.get("momentum_buffer")
+                update = update if buffer is None else buffer.mul_(momentum).add_(update)
+                state["momentum_buffer"] = update
+            p.add_(update)

@@ -1,0 +1,42 @@
+"""Hyperparameters that may be schedules, and their checks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from numbers import Real
+
+Schedule = float | Callable[[int], float]
+
+
+def _check_value(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def check_schedule(value: Schedule, what: str) -> Schedule:
+    """A number ``>= 0`` or a callable ``step -> number`` (checked when it is evaluated)."""
+    return value if callable(value) else _check_value(value, what)
+
+
+def evaluate(schedule: Schedule, step: int, what: str, current: float | None = None) -> float:
+    """The value at ``step``: the schedule's, or for a number ``current`` (so a
+    ``torch.optim.lr_scheduler`` that edits ``param_groups`` is followed) or the number."""
+    if callable(schedule):
+        return _check_value(schedule(step), f"{what}({step})")
+    return _check_value(schedule if current is None else current, what)
+
+
+def check_fraction(value: object, what: str) -> float:
+    """A number in ``[0, 1)`` (a decay or momentum)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < 1:
+        raise ValueError(f"{what} must be a number in [0, 1), got {value!r}.")
+    return float(value)
+
+
+def check_period(value: object, what: str) -> int:
+    """A positive integer number of steps."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}.")
+    return value

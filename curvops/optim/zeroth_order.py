@@ -1,0 +1,168 @@
+"""Zeroth-order optimisation with a curvature estimate: three forward passes per step."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import StateDictError
+from .schedule import Schedule, check_fraction, check_schedule, evaluate
+
+
+class ZerothOrderOptimizer(torch.optim.Optimizer):
+    """Gradient and curvature from function values only, for when backpropagation is unaffordable.
+
+    Per step ``t``, with a direction ``z`` of independent Rademacher entries (drawn per
+    parameter tensor from a generator seeded with ``(seed, t, tensor index)``) and ``ε =
+    epsilon``, the closure is evaluated at ``θ + εz``, ``θ − εz`` and ``θ``:
+
+    - directional derivative ``d = (ℓ₊ − ℓ₋) / 2ε ≈ z^T ∇ℓ`` (exact for a quadratic up to
+      rounding), hence the gradient estimate ``d z`` with ``E[d z] = ∇ℓ``;
+    - directional curvature ``c = (ℓ₊ + ℓ₋ − 2ℓ₀) / ε² ≈ z^T H z``, hence the diagonal
+      curvature estimate ``|c| / D`` per coordinate: the Rayleigh quotient
+      ``c / ‖z‖²`` (one direction cannot tell coordinates apart, so the estimate is
+      isotropic: exact for ``H = hI``, the mean of ``H``'s diagonal in expectation);
+    - ``g ← β₁ g + (1 − β₁) d z``, ``h ← β₂ h + (1 − β₂) |c| / D`` (bias-corrected as in Adam)
+      and ``θ ← θ − η ĝ / sqrt(ĥ + eps)`` (plus ``η w θ`` with ``weight_decay = w``).
+
+    Memory: the model's inference plus the optimizer state ``g`` (one tensor per parameter)
+    and the scalar ``h``; ``z`` is regenerated from its seed whenever it is needed, never
+    stored (only one parameter tensor's worth of it exists at a time). ``θ`` is restored by
+    adding ``εz`` back, which may differ from the original in the last bit.
+
+    A step whose losses are not finite is skipped with a ``RuntimeWarning`` (``θ`` restored,
+    state unchanged).
+
+    Args:
+        params: the parameters.
+        lr: ``η``, a number or a schedule ``step -> η``.
+        epsilon: the perturbation size ``ε > 0``.
+        betas: ``(β₁, β₂)`` in ``[0, 1)``.
+        eps: added to ``ĥ`` under the square root.
+        weight_decay: ``w >= 0``.
+        seed: seed of the directions.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+        >>> loss_fn = torch.nn.MSELoss()
+        >>> opt = curvops.optim.ZerothOrderOptimizer(model.parameters(), lr=0.05)
+        >>> first = loss_fn(model(x), y).item()
+        >>> for _ in range(200):
+        ...     _ = opt.step(lambda: loss_fn(model(x), y))
+        >>> loss_fn(model(x), y).item() < first
+        True
+    """
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        lr: Schedule = 1e-3,
+        epsilon: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.99),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self._lr = check_schedule(lr, "lr")
+        for name, value in (("epsilon", epsilon), ("eps", eps)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+        if len(betas) != 2:
+            raise ValueError(f"betas must be a pair (β1, β2), got {betas!r}.")
+        beta1, beta2 = (check_fraction(b, f"betas[{i}]") for i, b in enumerate(betas))
+        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}.")
+        defaults = {
+            "lr": evaluate(self._lr, 0, "lr"),
+            "epsilon": float(epsilon),
+            "betas": (beta1, beta2),
+            "eps": float(eps),
+            "weight_decay": float(weight_decay),
+        }
+        super().__init__(params, defaults)
+        self.seed = seed
+        self.steps = 0
+        self.curvature = 0.0
+        self.last_estimates: tuple[float, float] | None = None
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def direction(self, step: int, index: int) -> Tensor:
+        """``z`` of parameter tensor ``index`` at ``step``, regenerated from its seed (``±1`` entries)."""
+        p = self._params()[index]
+        seed = (self.seed * 1_000_003 + step) * 10_007 + index
+        generator = torch.Generator(device=p.device).manual_seed(seed)
+        return torch.empty_like(p).bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
+
+    def _perturb(self, scale: float) -> None:
+        for index, p in enumerate(self._params()):
+            p.add_(self.direction(self.steps, index), alpha=scale)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
+        """One step; ``closure()`` returns the loss at the current parameters (no backward).
+
+        Returns ``ℓ₀``, the loss at the parameters before the step. The step's estimates
+        ``(d, c)`` are kept in :attr:`last_estimates`.
+        """
+        if closure is None:
+            raise ValueError("ZerothOrderOptimizer.step needs a closure that returns the loss.")
+        group = self.param_groups[0]
+        epsilon = group["epsilon"]
+        self._perturb(epsilon)
+        plus = float(closure())
+        self._perturb(-2 * epsilon)
+        minus = float(closure())
+        self._perturb(epsilon)
+        loss = closure()
+        center = float(loss)
+        if not all(math.isfinite(v) for v in (plus, minus, center)):
+            warnings.warn(
+                f"ZerothOrderOptimizer step {self.steps}: non-finite loss; the step is skipped.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return loss
+        derivative = (plus - minus) / (2 * epsilon)
+        curvature = (plus + minus - 2 * center) / epsilon**2
+        self.last_estimates = (derivative, curvature)
+        params = self._params()
+        size = sum(p.numel() for p in params)
+        beta1, beta2 = group["betas"]
+        self.curvature = beta2 * self.curvature + (1 - beta2) * abs(curvature) / size
+        corrected_curvature = self.curvature / (1 - beta2 ** (self.steps + 1))
+        group["lr"] = lr = evaluate(self._lr, self.steps, "lr", group["lr"])
+        scale = lr / ((1 - beta1 ** (self.steps + 1)) * math.sqrt(corrected_curvature + group["eps"]))
+        for index, p in enumerate(params):
+            state = self.state[p]
+            average = state.get("gradient_average")
+            if average is None:
+                average = state["gradient_average"] = torch.zeros_like(p)
+            average.mul_(beta1).add_(self.direction(self.steps, index), alpha=(1 - beta1) * derivative)
+            if group["weight_decay"]:
+                p.mul_(1 - lr * group["weight_decay"])
+            p.add_(average, alpha=-scale)
+        self.steps += 1
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state plus ``"zeroth_order"``: the step count and ``h``."""
+        state = super().state_dict()
+        state["zeroth_order"] = {"steps": self.steps, "curvature": self.curvature}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        state = dict(state_dict)
+        extra = state.pop("zeroth_order", None)
+        if not isinstance(extra, dict):
+            raise StateDictError("Not a ZerothOrderOptimizer state dict: it has no 'zeroth_order' entry.")
+        super().load_state_dict(state)
+        self.steps, self.curvature = int(extra["steps"]), float(extra["curvature"])
