@@ -100,6 +100,14 @@ class KFACOptimizer(torch.optim.Optimizer):
         factored: KFAC's π-damped inverse instead of the exact damped one.
         kfac_approx, bias, correction, seed: as for :func:`~curvops.KFAC` / :func:`~curvops.EKFAC`.
 
+    Attributes:
+        curvature_params: the preconditioned parameters (those of Kronecker layers), in order.
+        layers: per Kronecker layer, its running statistics
+            (:class:`~curvops.nn.kronecker_statistics.KroneckerLayer`).
+        preconditioner: the current damped inverse, an operator on ``curvature_params``
+            (``None`` before the first step).
+        steps: the number of steps taken.
+
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
         >>> loss_fn = torch.nn.CrossEntropyLoss()

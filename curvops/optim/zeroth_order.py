@@ -47,6 +47,11 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         weight_decay: ``w >= 0``.
         seed: seed of the directions.
 
+    Attributes:
+        steps: the number of steps taken.
+        curvature: the running ``h`` (before bias correction).
+        last_estimates: ``(d, c)`` of the last step, or ``None`` before the first.
+
     Example:
         >>> model = torch.nn.Linear(3, 1)
         >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
