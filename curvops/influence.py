@@ -62,7 +62,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Identity, LowRankUpdate, Permuted
 from .linalg.base import check_choice, check_damping
-from .nn import EKFAC, GGN, KFAC, TKFAC, EmpiricalFisher, FisherMC, LossAdapter, ModelData
+from .nn import GGN, EmpiricalFisher, FisherMC, LossAdapter, ModelData
+from .nn.kfac import KRONECKER_APPROXIMATIONS, kronecker_approximation
 from .nn.model import fixed_forward
 
 CURVATURES = ("kfac", "ekfac", "tkfac", "tekfac", "diagonal", "ggn", "identity")
@@ -334,13 +335,17 @@ def _build(
     data, mean = train.data, losses.mean
     if curvature == "identity":
         return Identity(model_data.size, model_data.dtype, model_data.device)
-    if curvature in ("kfac", "ekfac", "tkfac", "tekfac"):
-        options = dict(params=params, fisher_type=fisher_type, bias=bias, progressbar=progressbar)
-        if curvature == "kfac":
-            return KFAC(model, mean, data, **options)
-        if curvature == "ekfac":
-            return EKFAC(model, mean, data, **options)
-        return TKFAC(model, mean, data, eigenvalue_correction=curvature == "tekfac", **options)
+    if curvature in KRONECKER_APPROXIMATIONS:
+        return kronecker_approximation(
+            curvature,
+            model,
+            mean,
+            data,
+            params=params,
+            fisher_type=fisher_type,
+            bias=bias,
+            progressbar=progressbar,
+        )
     if curvature == "diagonal" and fisher_type == "empirical":
         # diag((1/Z) Σ_n ∇ℓ_n ∇ℓ_n^T) from one pass of per-example gradients
         squares = sum(block.square().sum(dim=1) for block in train.columns(batch_size))

@@ -42,7 +42,7 @@ from .errors import NotPositiveDefiniteError
 from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Permuted, Sum
 from .linalg.base import check_choice
 from .nn.curvature import GGN, ModelCurvature
-from .nn.kfac import EKFAC, KFAC, TKFAC
+from .nn.kfac import kronecker_approximation
 from .nn.kronecker_statistics import loss_hessian_factor
 from .nn.losses import LossAdapter
 from .nn.model import ModelData, fixed_forward
@@ -325,10 +325,9 @@ class Laplace:
             dense = GGN(self.model, loss_fn, data, params=self._model.params).to_dense()
             return Dense(0.5 * (dense + dense.T))
         options.setdefault("fisher_type", "type-2")
-        builder = {"kfac": KFAC, "ekfac": EKFAC, "tkfac": TKFAC, "tekfac": TKFAC}[curvature]
-        if curvature == "tekfac":
-            options["eigenvalue_correction"] = True
-        return builder(self.model, loss_fn, data, params=self._model.params, **options)
+        return kronecker_approximation(
+            curvature, self.model, loss_fn, data, params=self._model.params, **options
+        )
 
     def _diagonal_ggn(self) -> CurvatureOperator:
         """``diag(Σ_n J_n^T ∇²ℓ_n J_n)`` of the summed loss, one labelled ``Diagonal`` per parameter.

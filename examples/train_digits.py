@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from matplotlib.figure import Figure
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
@@ -162,11 +163,8 @@ def run(
     return histories
 
 
-def plot(histories: list[History], path: str) -> None:
+def plot(histories: list[History]) -> Figure:
     """Test accuracy against epochs and against seconds, one row per model (seed 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(h.model for h in histories))
@@ -180,8 +178,7 @@ def plot(histories: list[History], path: str) -> None:
             axes[row, column].grid(alpha=0.3)
         axes[row, 1].legend(loc="lower right")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    return figure
 
 
 def main(argv: list[str] | None = None) -> list[History]:
@@ -199,7 +196,10 @@ def main(argv: list[str] | None = None) -> list[History]:
     torch.set_num_threads(args.threads)
     histories = run(tuple(args.models), tuple(args.optimizers), args.budget, args.seeds, args.max_epochs)
     if args.plot:
-        plot(histories, args.plot)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        plot(histories).savefig(args.plot, dpi=100)
         print(f"plots written to {args.plot}")
     return histories
 

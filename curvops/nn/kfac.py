@@ -4,6 +4,7 @@ structured operators, built from the statistics of :mod:`curvops.nn.kronecker_st
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -214,6 +215,28 @@ def TKFAC(
     arguments = locals()
     approximation = "tekfac" if arguments.pop("eigenvalue_correction") else "tkfac"
     return _build(approximation, **arguments)
+
+
+KRONECKER_APPROXIMATIONS = ("kfac", "ekfac", "tkfac", "tekfac")
+
+
+def kronecker_approximation(
+    name: str, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Iterable, **options: Any
+) -> CurvatureOperator:
+    """:func:`KFAC`, :func:`EKFAC`, :func:`TKFAC` or TEKFAC (``TKFAC(eigenvalue_correction=True)``)
+    by name, for code that lets its users choose one; ``options`` go to the builder.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
+        >>> data = [(torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))]
+        >>> op = kronecker_approximation("tekfac", model, torch.nn.CrossEntropyLoss(), data)
+        >>> type(op.block("0.weight")).__name__
+        'KroneckerEigen'
+    """
+    check_choice(name, KRONECKER_APPROXIMATIONS, "Kronecker approximation")
+    if name in ("tkfac", "tekfac"):
+        return TKFAC(model, loss_fn, data, eigenvalue_correction=name == "tekfac", **options)
+    return (KFAC if name == "kfac" else EKFAC)(model, loss_fn, data, **options)
 
 
 def _build(

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from ..errors import NonDeterministicDataError, StaleParametersError
 
@@ -184,7 +183,12 @@ class ModelData:
         """
         self.check_fresh()
         count = 0
-        for index, batch in enumerate(tqdm(self.data, desc=description, disable=not self.progressbar)):
+        batches = self.data
+        if self.progressbar:
+            from tqdm.auto import tqdm  # a widget in Jupyter; imported only when asked for
+
+            batches = tqdm(batches, desc=description)
+        for index, batch in enumerate(batches):
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(f"Batch {index} must be an (X, y) pair, got {type(batch).__name__}.")
             x, y = self._move(batch[0], "X", index), self._move(batch[1], "y", index)
