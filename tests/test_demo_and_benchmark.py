@@ -51,3 +51,8 @@ def test_kfac_benchmark_quick_mode_runs():
 def test_ekfac_benchmark_quick_mode_runs():
     out = _quick("ekfac.py", "--workloads", "tokens")
     assert "correction pass (auto)" in out and "TEKFAC" in out
+
+
+def test_optimizer_benchmark_quick_mode_runs():
+    out = _quick("optim.py", "--workloads", "tokens")
+    assert "KFAC T_stats=10" in out and "zeroth-order" in out and "x)" in out
