@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 
 import torch
@@ -14,6 +15,17 @@ def seconds(function, min_run_time: float) -> float:
     """Median seconds of ``function()`` (torch.utils.benchmark; synchronises CUDA)."""
     timer = Timer(stmt="function()", globals={"function": function})
     return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def timed(function) -> float:
+    """Seconds of one call of ``function()`` (synchronising CUDA), for calls too long to repeat."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    function()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def device_name(device: torch.device) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from common import run, seconds, workload
+from common import run, seconds, timed, workload
 from torch import nn
 from torch.optim import Optimizer
 
@@ -27,8 +27,8 @@ import curvops
 def _optimizers(model: nn.Module, loss_fn: nn.Module) -> list[tuple[str, Callable[[], Optimizer], int]]:
     """``(label, factory, steps per timed cycle)``; one optimizer (and its hooks) at a time."""
     rows = [
-        ("SGD (momentum)", lambda: torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), 1),
-        ("Adam", lambda: torch.optim.Adam(model.parameters(), lr=1e-4), 1),
+        ("SGD (momentum)", lambda: torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9), 20),
+        ("Adam", lambda: torch.optim.Adam(model.parameters(), lr=1e-4), 20),
     ]
     for curvature in ("kfac", "ekfac", "tkfac"):
         for period in (1, 10):
@@ -65,8 +65,8 @@ def report(name: str, examples: int, batch: int, device: torch.device, min_run_t
                 loss_fn(model(x), y).backward()
                 optimizer.step()
 
-        steps()  # the first statistics and preconditioner
-        time = seconds(steps, min_run_time) / cycle
+        steps(cycle=1)  # the first statistics and preconditioner
+        time = timed(steps) / cycle
         if isinstance(optimizer, curvops.optim.KFACOptimizer):
             optimizer.remove_hooks()
         print(f"  {label:<20} {1e3 * time:>10.1f} ms ({time / reference:5.2f}x)", flush=True)

@@ -344,3 +344,15 @@ def test_training_reduces_the_loss(curvature, device):
     opt = KFACOptimizer(model, loss_fn, curvature=curvature, lr=0.1, damping=0.03, T_inv=5)
     losses = train(model, opt, loss_fn, [(x, y)] * 40)
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_damping_below_float32_rounding_of_large_factors_still_inverts(curvature):
+    # sqrt(λ) = 0.01 is far below eps · n · max eigenvalue of these factors in float32
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = KFACOptimizer(model, loss_fn, curvature=curvature, damping=1e-4, lr=1e-3)
+    x, y = 1e3 * torch.randn(64, 32), torch.randint(0, 3, (64,))
+    train(model, opt, loss_fn, [(x, y)] * 2)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import StateDictError
-from ..linalg import CurvatureOperator, Dense, Kronecker, from_state_dict
+from ..linalg import CurvatureOperator, Dense, Diagonal, Kronecker, from_state_dict
 from ..linalg.base import check_choice
 from ..nn.kfac import Layout, assemble, corrected_blocks, eigenbasis, find_layers, kronecker_blocks, place
 from ..nn.kronecker_statistics import (
@@ -422,15 +422,9 @@ class KFACOptimizer(torch.optim.Optimizer):
         blocks = []
         if layer.weight is not None:
             root, scale = math.sqrt(damping), layer.trace.sqrt()
-            phi = scale * layer.trace_input_factor
-            phi = (
-                phi + root
-                if phi.ndim == 1
-                else phi + root * torch.eye(len(phi), dtype=phi.dtype, device=phi.device)
-            )
-            psi = scale * layer.trace_output_factor
-            psi = psi + root * torch.eye(len(psi), dtype=psi.dtype, device=psi.device)
-            blocks.append(Kronecker(*((phi, psi) if layer.embedding else (psi, phi))).inverse())
+            phi = _damped_inverse(scale * layer.trace_input_factor, root)
+            psi = _damped_inverse(scale * layer.trace_output_factor, root)
+            blocks.append(Kronecker(*((phi, psi) if layer.embedding else (psi, phi))))
         if layer.bias is not None and not layer.joint:
             g = layer.output_factor
             blocks.append(Dense(g * (layer.bias_trace / g.trace())).inverse(damping))
@@ -467,3 +461,12 @@ class KFACOptimizer(torch.optim.Optimizer):
                 update = update if buffer is None else buffer.mul_(momentum).add_(update)
                 state["momentum_buffer"] = update
             p.add_(update)
+
+
+def _damped_inverse(factor: Tensor, damping: float) -> Tensor:
+    """``(F + λI)^-1`` of one Kronecker factor as a tensor (1-D for a diagonal factor), from
+    the operator's exact damped inverse."""
+    if factor.ndim == 1:
+        return Diagonal(factor).inverse(damping).diagonal()
+    inverse = Dense(factor).inverse(damping).to_dense()
+    return 0.5 * (inverse + inverse.T)
