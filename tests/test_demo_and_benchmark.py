@@ -43,6 +43,14 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert namespace["torch"].allclose(namespace["same"] @ x, namespace["model"] @ x)
 
 
+def test_readme_training_example_runs():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"## Training with natural gradient\n\n```python\n(.*?)```", text, re.S).group(1)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["opt"].steps == 20
+
+
 def test_kfac_benchmark_quick_mode_runs():
     out = _quick("kfac.py", "--workloads", "tokens")
     assert "statistics (factors)" in out and "tokens: D =" in out and out.count("x)") >= 5
