@@ -356,3 +356,17 @@ def test_damping_below_float32_rounding_of_large_factors_still_inverts(curvature
     x, y = 1e3 * torch.randn(64, 32), torch.randint(0, 3, (64,))
     train(model, opt, loss_fn, [(x, y)] * 2)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("curvature", CURVATURES)
+def test_embedding_curvature_equals_the_builder(curvature):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(12, 3)).to(DOUBLE)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randint(0, 7, (16, 3), generator=g), torch.randint(0, 3, (16,), generator=g))]
+    loss_fn = nn.CrossEntropyLoss()
+    expected = BUILDERS[curvature](copy.deepcopy(model), loss_fn, data, fisher_type="type-2")
+    opt = KFACOptimizer(model, loss_fn, curvature=curvature, fisher_type="type-2", ema_decay=0.0)
+    train(model, opt, loss_fn, data)
+    actual = opt.curvature_operator().to_dense()
+    torch.testing.assert_close(actual, expected.to_dense(), rtol=1e-9, atol=1e-12)
