@@ -30,7 +30,16 @@ from ..nn.kronecker_statistics import (
 )
 from ..nn.losses import LossAdapter
 from .capture import BatchCapture, CapturedBatch
-from .schedule import Schedule, check_fraction, check_period, check_schedule, evaluate
+from .schedule import (
+    Schedule,
+    all_finite,
+    check_fraction,
+    check_nonnegative,
+    check_period,
+    check_positive,
+    check_schedule,
+    evaluate,
+)
 
 CURVATURES = ("kfac", "ekfac", "tkfac")
 STATISTICS = (
@@ -168,12 +177,9 @@ class KFACOptimizer(torch.optim.Optimizer):
             raise ValueError(f"T_inv ({T_inv}) must be a multiple of T_stats ({T_stats}).")
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
-        if kl_clip is not None and not (
-            isinstance(kl_clip, (int, float)) and math.isfinite(kl_clip) and kl_clip > 0
-        ):
-            raise ValueError(f"kl_clip must be a positive number or None, got {kl_clip!r}.")
-        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}.")
+        if kl_clip is not None:
+            check_positive(kl_clip, "kl_clip")
+        check_nonnegative(weight_decay, "weight_decay")
         self._lr, self._damping = check_schedule(lr, "lr"), check_schedule(damping, "damping")
         params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
         if any(isinstance(p, dict) for p in params):
@@ -251,9 +257,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         batch, self._capture.batch = self._capture.batch, None
         nonfinite_loss, self._capture.nonfinite_loss = self._capture.nonfinite_loss, False
-        if nonfinite_loss or not all(
-            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in group["params"]
-        ):
+        if nonfinite_loss or not all_finite([p.grad for p in group["params"] if p.grad is not None]):
             warnings.warn(
                 f"KFACOptimizer step {self.steps}: non-finite loss or gradient; the step is skipped "
                 "(parameters and running statistics unchanged).",
@@ -372,7 +376,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             self._sums.add(layer, inputs, gradients)
         self._sums.finish(batch.normalizer)
         fresh = [self._statistics(layer) for layer in self._batch_layers]
-        if not all(bool(torch.isfinite(v).all()) for values in fresh for v in values.values()):
+        if not all_finite([value for values in fresh for value in values.values()]):
             warnings.warn(
                 f"KFACOptimizer step {self.steps}: non-finite curvature statistics; they are left out "
                 "of the running averages.",
@@ -448,7 +452,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             offset += p.numel()
         nu = 1.0
         if self.kl_clip is not None:
-            quadratic = lr**2 * sum(float((steps[k] * directions[k]).sum()) for k in directions)
+            quadratic = lr**2 * float(sum((steps[k] * directions[k]).sum() for k in directions))
             nu = min(1.0, math.sqrt(self.kl_clip / quadratic)) if quadratic > 0 else 1.0
         momentum = group["momentum"]
         for p in group["params"]:

@@ -6,26 +6,42 @@ import math
 from collections.abc import Callable
 from numbers import Real
 
+import torch
+from torch import Tensor
+
 Schedule = float | Callable[[int], float]
 
 
-def _check_value(value: object, what: str) -> float:
+def check_nonnegative(value: object, what: str) -> float:
+    """A finite number ``>= 0``, as a float."""
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{what} must be a finite number >= 0, got {value!r}.")
     return float(value)
 
 
+def check_positive(value: object, what: str) -> float:
+    """A finite number ``> 0``, as a float."""
+    if check_nonnegative(value, what) == 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite (one device synchronisation)."""
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def check_schedule(value: Schedule, what: str) -> Schedule:
     """A number ``>= 0`` or a callable ``step -> number`` (checked when it is evaluated)."""
-    return value if callable(value) else _check_value(value, what)
+    return value if callable(value) else check_nonnegative(value, what)
 
 
 def evaluate(schedule: Schedule, step: int, what: str, current: float | None = None) -> float:
     """The value at ``step``: the schedule's, or for a number ``current`` (so a
     ``torch.optim.lr_scheduler`` that edits ``param_groups`` is followed) or the number."""
     if callable(schedule):
-        return _check_value(schedule(step), f"{what}({step})")
-    return _check_value(schedule if current is None else current, what)
+        return check_nonnegative(schedule(step), f"{what}({step})")
+    return check_nonnegative(schedule if current is None else current, what)
 
 
 def check_fraction(value: object, what: str) -> float:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import StateDictError
-from .schedule import Schedule, check_fraction, check_schedule, evaluate
+from .schedule import Schedule, check_fraction, check_nonnegative, check_positive, check_schedule, evaluate
 
 
 class ZerothOrderOptimizer(torch.optim.Optimizer):
@@ -75,14 +75,12 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         seed: int = 0,
     ) -> None:
         self._lr = check_schedule(lr, "lr")
-        for name, value in (("epsilon", epsilon), ("eps", eps)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+        check_positive(epsilon, "epsilon")
+        check_positive(eps, "eps")
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (β1, β2), got {betas!r}.")
         beta1, beta2 = (check_fraction(b, f"betas[{i}]") for i, b in enumerate(betas))
-        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}.")
+        check_nonnegative(weight_decay, "weight_decay")
         defaults = {
             "lr": evaluate(self._lr, 0, "lr"),
             "epsilon": float(epsilon),
