@@ -205,5 +205,5 @@ def test_peak_memory_is_inference_plus_the_optimizer_state():
     largest = (2048 * 2048 + 2048) * 4
     zeroth_order = peak_growth("zo")
     # the state g (one copy of the parameters) and one regenerated direction at a time
-    assert zeroth_order <= parameters + largest + 8 * 2**20
+    assert zeroth_order <= parameters + largest + 16 * 2**20  # storing z would add 48 MiB
     assert peak_growth("adam") > 2 * parameters  # backpropagation with Adam, for scale
