@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .linalg import rademacher, spectral
-from .linalg.base import CurvatureOperator, check_damping
+from .linalg.base import CurvatureOperator, check_damping, check_positive_int
 from .nn import ModelCurvature
 
 EXACT_MAX_SIZE = 2048
@@ -145,8 +145,7 @@ def compare(
         raise ValueError("damping must be a number or a non-empty sequence of numbers.")
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < size:
         raise ValueError(f"k must be an integer with 1 <= k < D = {size}, got {k!r}.")
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+    check_positive_int(num_samples, "num_samples")
     if vectors is None:
         vectors = torch.randn(
             size, NUM_VECTORS, generator=generator, dtype=reference.dtype, device=reference.device

@@ -61,7 +61,7 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Identity, LowRankUpdate, Permuted
-from .linalg.base import check_choice, check_damping
+from .linalg.base import check_choice, check_damping, check_positive_int
 from .nn import GGN, EmpiricalFisher, FisherMC, LossAdapter, ModelData
 from .nn.kfac import KRONECKER_APPROXIMATIONS, kronecker_approximation
 from .nn.model import fixed_forward
@@ -290,12 +290,6 @@ def _removed_indices(removed: Any) -> tuple[bool, list[int]]:
     return single, list(indices)
 
 
-def _check_size(value: int, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}.")
-    return value
-
-
 def _check_mode(model: nn.Module) -> None:
     """Refuse batch norm in train mode; warn about dropout in train mode."""
     if not isinstance(model, nn.Module):
@@ -447,8 +441,8 @@ class _Setup:
         check_choice(fisher_type, FISHER_TYPES, "fisher_type")
         check_choice(bias, ("separate", "joint"), "bias")
         self.damping = _check_damping(damping)
-        self.train_batch_size = _check_size(train_batch_size, "train_batch_size")
-        self.query_batch_size = _check_size(query_batch_size, "query_batch_size")
+        self.train_batch_size = check_positive_int(train_batch_size, "train_batch_size")
+        self.query_batch_size = check_positive_int(query_batch_size, "query_batch_size")
         _check_mode(model)
         self.model, self.params, self.progressbar = model, params, progressbar
         self.losses = _Losses(loss_fn)

@@ -40,7 +40,7 @@ from torch.func import grad_and_value, jacrev, vmap
 
 from .errors import NotPositiveDefiniteError
 from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Permuted, Sum
-from .linalg.base import check_choice
+from .linalg.base import check_choice, check_positive, check_positive_int
 from .nn.curvature import GGN, ModelCurvature
 from .nn.kfac import kronecker_approximation
 from .nn.kronecker_statistics import loss_hessian_factor
@@ -54,15 +54,6 @@ LINK_APPROXIMATIONS = ("probit", "mc")
 
 _ELEMENTS_PER_CHUNK = 2**22  # entries of a per-datum Jacobian chunk [B, C, D] (32 MiB in float64)
 _MAX_DENSE_BLOCK = 10_000  # the largest block that mixes prior precisions and is made dense
-
-
-def _check_positive(value: Any, what: str) -> float:
-    """``value`` as a float; ``ValueError`` unless it is a finite number ``> 0``."""
-    if isinstance(value, Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}.")
-    return float(value)
 
 
 class _Block:
@@ -210,7 +201,7 @@ class Laplace:
         if sigma_noise is not None:
             if self.likelihood != "regression":
                 raise ValueError("sigma_noise is the noise of a Gaussian likelihood; it needs nn.MSELoss.")
-            sigma_noise = _check_positive(sigma_noise, "sigma_noise")
+            sigma_noise = check_positive(sigma_noise, "sigma_noise")
         self.sigma_noise = sigma_noise
         self.model = model
         self._model = ModelData(model, data, params)
@@ -219,7 +210,7 @@ class Laplace:
         self._theta = {name: p.detach().clone() for name, p in self._model.param_dict().items()}
         self.mean = torch.cat([t.reshape(-1) for t in self._theta.values()])
         self._prior_precision = self._check_prior_precision(prior_precision)
-        self._temperature = _check_positive(temperature, "temperature")
+        self._temperature = check_positive(temperature, "temperature")
 
         gradient = self._read_data()
         # the factor turning the operator of loss_fn into K of the summed log-likelihood
@@ -258,7 +249,7 @@ class Laplace:
         """``τ`` as a 0-dim tensor or one value per parameter tensor ``[G]``; checked."""
         place = {"dtype": self.mean.dtype, "device": self.mean.device}
         if isinstance(value, Real) or (isinstance(value, Tensor) and value.ndim == 0):
-            return torch.tensor(_check_positive(value, "prior_precision"), **place)
+            return torch.tensor(check_positive(value, "prior_precision"), **place)
         if isinstance(value, Tensor) and value.ndim != 1:
             raise ValueError(f"prior_precision must be a number or 1-D, got shape {list(value.shape)}.")
         values = torch.as_tensor(value, **place).detach().clone()
@@ -268,7 +259,7 @@ class Laplace:
                 f"{self.param_names}); got {values.numel()} values."
             )
         for name, tau in zip(self.param_names, values.tolist(), strict=True):
-            _check_positive(tau, f"prior_precision of {name!r}")
+            check_positive(tau, f"prior_precision of {name!r}")
         return values
 
     def _read_data(self) -> Tensor:
@@ -441,7 +432,7 @@ class Laplace:
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        self._temperature = _check_positive(value, "temperature")
+        self._temperature = check_positive(value, "temperature")
 
     def _taus(self, prior_precision: Tensor) -> Tensor:
         """``τ`` per parameter tensor, ``[G]``."""
@@ -625,14 +616,13 @@ class Laplace:
             if grid.numel() == 0:
                 raise ValueError("grid is empty.")
             for value in grid.tolist():
-                _check_positive(value, "every grid value")
+                check_positive(value, "every grid value")
             candidates = [torch.full_like(start, value) for value in grid.tolist()]
             values = torch.stack([self.log_marginal_likelihood(tau) for tau in candidates])
             self._prior_precision = torch.full_like(start, grid[int(values.argmax())].item())
             return self._prior_precision
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}.")
-        _check_positive(lr, "lr")
+        check_positive_int(steps, "steps")
+        check_positive(lr, "lr")
         log_tau = start.log().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([log_tau], lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -664,8 +654,7 @@ class Laplace:
             >>> la.sample(5, generator=torch.Generator().manual_seed(0)).shape
             torch.Size([5, 6])
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}.")
+        check_positive_int(n, "n")
         root = self._power(-0.5, self._prior_precision)
         noise = torch.randn(
             n, self.mean.numel(), generator=generator, dtype=self.mean.dtype, device=self.mean.device
@@ -706,8 +695,8 @@ class Laplace:
         outputs = max(1, math.prod(self._output_shape))
         if batch_size is None:
             batch_size = max(1, _ELEMENTS_PER_CHUNK // (outputs * self.mean.numel()))
-        elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        else:
+            check_positive_int(batch_size, "batch_size")
         for start in range(0, x.shape[0], batch_size):
             yield start, x[start : start + batch_size]
 
@@ -803,8 +792,7 @@ class Laplace:
         """
         check_choice(method, PREDICTIVE_METHODS, "predictive method")
         check_choice(link_approx, LINK_APPROXIMATIONS, "link approximation")
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}.")
+        check_positive_int(n_samples, "n_samples")
         x = self._prepare_inputs(x)
         if self.likelihood == "classification" and len(self._output_shape) != 1:
             raise ValueError(

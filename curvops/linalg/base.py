@@ -27,19 +27,42 @@ POWER_METHODS = ("exact", "lanczos")
 _REGISTRY: dict[str, type[CurvatureOperator]] = {}
 
 
+def _scalar(value: Any) -> Any:
+    """A one-element tensor as its Python number; anything else unchanged."""
+    return value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
+
+
+def check_nonnegative(value: Any, what: str) -> float:
+    """Return ``value`` as a float, raising ``ValueError`` unless it is a finite number ``>= 0``."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def check_positive(value: Any, what: str) -> float:
+    """Return ``value`` as a float, raising ``ValueError`` unless it is a finite number ``> 0``."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {value!r}.")
+    return float(value)
+
+
+def check_positive_int(value: Any, what: str) -> int:
+    """Return ``value``, raising ``ValueError`` unless it is an integer ``>= 1`` (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}.")
+    return value
+
+
 def check_damping(damping: float) -> float:
     """Return ``damping`` as a float, raising ``ValueError`` unless it is finite and ``>= 0``."""
-    if isinstance(damping, Tensor):
-        damping = damping.item()
-    if not isinstance(damping, Real) or not math.isfinite(damping) or damping < 0:
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}.")
-    return float(damping)
+    return check_nonnegative(damping, "damping")
 
 
 def check_power(p: float) -> float:
     """Return the exponent ``p`` as a float, raising ``ValueError`` unless it is a finite real."""
-    if isinstance(p, Tensor) and p.numel() == 1:
-        p = p.item()
+    p = _scalar(p)
     if not isinstance(p, Real) or not math.isfinite(p):
         raise ValueError(f"The power p must be a finite real number, got {p!r}.")
     return float(p)

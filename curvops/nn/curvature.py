@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
-from ..linalg.base import CurvatureOperator
+from ..linalg.base import CurvatureOperator, check_positive_int
 from .losses import LossAdapter
 from .model import ModelData, add_trees, fixed_forward, pull_back
 
@@ -250,8 +250,7 @@ class FisherMC(_OutputCurvature):
         progressbar: bool = False,
         check_deterministic: bool = False,
     ) -> None:
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        check_positive_int(mc_samples, "mc_samples")
         super().__init__(model, loss_fn, data, params, progressbar, check_deterministic)
         self._loss.check_sampling(type(self).__name__)
         self.mc_samples = mc_samples

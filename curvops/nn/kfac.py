@@ -19,7 +19,7 @@ from ..linalg import (
     Permuted,
     spectral,
 )
-from ..linalg.base import check_choice
+from ..linalg.base import check_choice, check_positive_int
 from .curvature import GGN, EmpiricalFisher, FisherMC
 from .kronecker_statistics import (
     CORRECTIONS,
@@ -262,8 +262,7 @@ def _build(
     check_choice(bias, ("separate", "joint"), "bias")
     check_choice(unsupported, UNSUPPORTED_OPTIONS, "unsupported")
     check_choice(correction, CORRECTIONS, "correction")
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+    check_positive_int(mc_samples, "mc_samples")
     if approximation != "kfac" and fisher_type == "forward-only":
         raise ValueError(f"{name} needs output gradients; fisher_type='forward-only' has none.")
     loss = LossAdapter(loss_fn, likelihood=fisher_type != "forward-only", what=f"{name}({fisher_type!r})")

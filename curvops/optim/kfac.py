@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import StateDictError
 from ..linalg import CurvatureOperator, Dense, Diagonal, Kronecker, from_state_dict
-from ..linalg.base import check_choice
+from ..linalg.base import check_choice, check_nonnegative, check_positive, check_positive_int
 from ..nn.kfac import Layout, assemble, corrected_blocks, eigenbasis, find_layers, kronecker_blocks, place
 from ..nn.kronecker_statistics import (
     CORRECTIONS,
@@ -30,16 +30,7 @@ from ..nn.kronecker_statistics import (
 )
 from ..nn.losses import LossAdapter
 from .capture import BatchCapture, CapturedBatch
-from .schedule import (
-    Schedule,
-    all_finite,
-    check_fraction,
-    check_nonnegative,
-    check_period,
-    check_positive,
-    check_schedule,
-    evaluate,
-)
+from .schedule import Schedule, all_finite, check_fraction, check_schedule, evaluate
 
 CURVATURES = ("kfac", "ekfac", "tkfac")
 STATISTICS = (
@@ -171,12 +162,11 @@ class KFACOptimizer(torch.optim.Optimizer):
             )
         check_fraction(momentum, "momentum")
         check_fraction(ema_decay, "ema_decay")
-        check_period(T_stats, "T_stats")
-        check_period(T_inv, "T_inv")
+        check_positive_int(T_stats, "T_stats")
+        check_positive_int(T_inv, "T_inv")
         if T_inv % T_stats:
             raise ValueError(f"T_inv ({T_inv}) must be a multiple of T_stats ({T_stats}).")
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise ValueError(f"mc_samples must be a positive integer, got {mc_samples!r}.")
+        check_positive_int(mc_samples, "mc_samples")
         if kl_clip is not None:
             check_positive(kl_clip, "kl_clip")
         check_nonnegative(weight_decay, "weight_decay")

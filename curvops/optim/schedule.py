@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from numbers import Real
 
 import torch
 from torch import Tensor
 
+from ..linalg.base import check_nonnegative
+
 Schedule = float | Callable[[int], float]
-
-
-def check_nonnegative(value: object, what: str) -> float:
-    """A finite number ``>= 0``, as a float."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}.")
-    return float(value)
-
-
-def check_positive(value: object, what: str) -> float:
-    """A finite number ``> 0``, as a float."""
-    if check_nonnegative(value, what) == 0:
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}.")
-    return float(value)
 
 
 def all_finite(tensors: list[Tensor]) -> bool:
@@ -49,10 +36,3 @@ def check_fraction(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < 1:
         raise ValueError(f"{what} must be a number in [0, 1), got {value!r}.")
     return float(value)
-
-
-def check_period(value: object, what: str) -> int:
-    """A positive integer number of steps."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}.")
-    return value

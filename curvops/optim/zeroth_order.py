@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import StateDictError
-from .schedule import Schedule, check_fraction, check_nonnegative, check_positive, check_schedule, evaluate
+from ..linalg.base import check_nonnegative, check_positive
+from .schedule import Schedule, check_fraction, check_schedule, evaluate
 
 
 class ZerothOrderOptimizer(torch.optim.Optimizer):
