@@ -61,7 +61,7 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Identity, LowRankUpdate, Permuted
-from .linalg.base import check_choice, check_damping, check_positive_int
+from .linalg.base import check_choice, check_curvature, check_damping, check_positive_int
 from .nn import GGN, EmpiricalFisher, FisherMC, LossAdapter, ModelData
 from .nn.kfac import KRONECKER_APPROXIMATIONS, kronecker_approximation
 from .nn.model import fixed_forward
@@ -431,13 +431,7 @@ class _Setup:
         query_batch_size: int,
         progressbar: bool,
     ) -> None:
-        if isinstance(curvature, str):
-            check_choice(curvature, CURVATURES, "curvature")
-        elif not isinstance(curvature, CurvatureOperator):
-            raise TypeError(
-                f"curvature must be one of {CURVATURES} or a curvops operator, "
-                f"got {type(curvature).__name__}."
-            )
+        check_curvature(curvature, CURVATURES)
         check_choice(fisher_type, FISHER_TYPES, "fisher_type")
         check_choice(bias, ("separate", "joint"), "bias")
         self.damping = _check_damping(damping)

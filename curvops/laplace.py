@@ -40,7 +40,7 @@ from torch.func import grad_and_value, jacrev, vmap
 
 from .errors import NotPositiveDefiniteError
 from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Permuted, Sum
-from .linalg.base import check_choice, check_positive, check_positive_int
+from .linalg.base import check_choice, check_curvature, check_positive, check_positive_int
 from .nn.curvature import GGN, ModelCurvature
 from .nn.kfac import kronecker_approximation
 from .nn.kronecker_statistics import loss_hessian_factor
@@ -181,13 +181,7 @@ class Laplace:
         sigma_noise: float | None = None,
         curvature_options: dict[str, Any] | None = None,
     ) -> None:
-        if isinstance(curvature, str):
-            check_choice(curvature, CURVATURES, "curvature")
-        elif not isinstance(curvature, CurvatureOperator):
-            raise TypeError(
-                f"curvature must be one of {CURVATURES} or a curvops operator, "
-                f"got {type(curvature).__name__}."
-            )
+        check_curvature(curvature, CURVATURES)
         self._loss_adapter = LossAdapter(loss_fn, likelihood=True, what="Laplace")
         self._loss_adapter.check_sampling("Laplace")
         self.loss_fn = loss_fn

@@ -74,6 +74,16 @@ def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
         raise ValueError(f"Unknown {what} {value!r}; choose one of {allowed}.")
 
 
+def check_curvature(curvature: Any, names: tuple[str, ...]) -> None:
+    """Raise unless ``curvature`` is one of ``names`` or an operator (a prebuilt curvature)."""
+    if isinstance(curvature, str):
+        check_choice(curvature, names, "curvature")
+    elif not isinstance(curvature, CurvatureOperator):
+        raise TypeError(
+            f"curvature must be one of {names} or a curvops operator, got {type(curvature).__name__}."
+        )
+
+
 class CurvatureOperator(LinearMap):
     """A symmetric linear operator ``op`` of shape ``(D, D)`` on one flat parameter vector.
 
