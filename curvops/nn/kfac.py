@@ -281,7 +281,7 @@ def _build(
         statistics = KroneckerStatistics(model_data, loss, layers, fisher_type, kfac_approx, mc_samples, seed)
         statistics.collect(trace_restricted=approximation in ("tkfac", "tekfac"))
         if approximation in ("ekfac", "tekfac"):
-            bases = [eigenbasis(layer, approximation) for layer in layers]
+            bases = [eigenbasis(layer, approximation)[0] for layer in layers]
             corrected = statistics.corrections(bases, correction)
             blocks = [
                 corrected_blocks(layer, basis, s)
@@ -368,18 +368,27 @@ def kronecker_blocks(layer: KroneckerLayer, approximation: str) -> list[Curvatur
     return blocks
 
 
-def eigenbasis(layer: KroneckerLayer, approximation: str) -> tuple[Tensor, Tensor | None, Tensor]:
-    """``(Q_out, Q_in, Q_bias)``: the eigenvectors of the factors the uncorrected blocks use.
+def eigenbasis(
+    layer: KroneckerLayer, approximation: str
+) -> tuple[tuple[Tensor, Tensor | None, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """``(Q_out, Q_in, Q_bias)``, the eigenvectors of the factors the uncorrected blocks use, and
+    their eigenvalues ``(e_out, e_in, e_bias)`` in the same order.
 
     EKFAC: KFAC's ``G`` and ``A``; TEKFAC: TKFAC's ``Ψ`` and ``Φ``. A separate bias's block is
-    ``G`` in both, so its basis is ``G``'s.
+    ``G`` in both, so its basis is ``G``'s. An embedding's diagonal input factor has ``Q_in =
+    None`` (the identity) and is its own ``e_in``.
     """
-    q_bias = spectral.eigh(layer.output_factor)[1]
+
+    def decompose(factor: Tensor) -> tuple[Tensor, Tensor | None]:
+        return (factor, None) if layer.embedding and factor.ndim == 1 else spectral.eigh(factor)
+
+    e_bias, q_bias = spectral.eigh(layer.output_factor)
     if approximation == "ekfac":
-        q_in = None if layer.embedding else spectral.eigh(layer.input_factor)[1]
-        return q_bias, q_in, q_bias
-    q_in = None if layer.embedding else spectral.eigh(layer.trace_input_factor)[1]
-    return spectral.eigh(layer.trace_output_factor)[1], q_in, q_bias
+        e_in, q_in = decompose(layer.input_factor)
+        return (q_bias, q_in, q_bias), (e_bias, e_in, e_bias)
+    e_in, q_in = decompose(layer.trace_input_factor)
+    e_out, q_out = spectral.eigh(layer.trace_output_factor)
+    return (q_out, q_in, q_bias), (e_out, e_in, e_bias)
 
 
 def corrected_blocks(

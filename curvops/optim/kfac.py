@@ -383,11 +383,8 @@ class KFACOptimizer(torch.optim.Optimizer):
     def _new_eigenbases(self) -> None:
         """EKFAC: the eigenbasis of the running ``G ⊗ A``, with ``s`` restarted from ``γ α^T``."""
         for layer in self.layers:
-            q_out, q_in, q_bias = basis = eigenbasis(layer, "ekfac")
-            gamma = (q_out.T @ layer.output_factor @ q_out).diagonal()
-            alpha = layer.input_factor if q_in is None else (q_in.T @ layer.input_factor @ q_in).diagonal()
+            basis, (gamma, alpha, bias) = eigenbasis(layer, "ekfac")
             weight = torch.outer(alpha, gamma) if layer.embedding else torch.outer(gamma, alpha)
-            bias = (q_bias.T @ layer.output_factor @ q_bias).diagonal()
             self.bases[layer.name] = basis
             self.scales[layer.name] = [
                 weight if layer.weight is not None else None,
