@@ -55,6 +55,21 @@ def check_positive_int(value: Any, what: str) -> int:
     return value
 
 
+def check_bool(value: Any, what: str) -> bool:
+    """Return ``value``, raising ``TypeError`` unless it is a ``bool`` (``"False"`` or ``0`` would
+    silently mean something else)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{what} must be True or False, got {value!r}.")
+    return value
+
+
+def check_int(value: Any, what: str) -> int:
+    """Return ``value``, raising ``TypeError`` unless it is an integer (not a bool or a float)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an integer, got {value!r}.")
+    return value
+
+
 def check_damping(damping: float) -> float:
     """Return ``damping`` as a float, raising ``ValueError`` unless it is finite and ``>= 0``."""
     return check_nonnegative(damping, "damping")
