@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Real
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import CurvatureOperator
+from .base import CurvatureOperator, _scalar
 from .diagonal import Identity
+from .state import LABELS, REAL, StateSchema
 
 
 def _check_operators(ops: Sequence[CurvatureOperator], what: str) -> None:
@@ -45,6 +48,9 @@ class Scaled(CurvatureOperator):
 
     def __init__(self, op: CurvatureOperator, scale: float) -> None:
         _check_operators([op], "Scaled")
+        scale = _scalar(scale)
+        if isinstance(scale, bool) or not isinstance(scale, Real):
+            raise TypeError(f"Scaled needs a real number as its scale, got {scale!r}.")
         scale = float(scale)
         if not math.isfinite(scale):
             raise ValueError(f"Scaled needs a finite scale, got {scale}.")
@@ -89,6 +95,10 @@ class Scaled(CurvatureOperator):
 
     def _state_config(self) -> dict[str, float]:
         return {"scale": self.scale}
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(children=1, config={"scale": REAL})
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> Scaled:
@@ -208,6 +218,10 @@ class Sum(CurvatureOperator):
         return {"shift": self.shift}
 
     @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(children=None, config={"shift": REAL})
+
+    @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> Sum:
         return cls(children, config["shift"])
 
@@ -285,6 +299,10 @@ class BlockDiagonal(CurvatureOperator):
 
     def _state_config(self) -> dict[str, list[str]]:
         return {} if self.labels is None else {"labels": list(self.labels)}
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(children=None, config={"labels": LABELS})
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> BlockDiagonal:

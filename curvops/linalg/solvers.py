@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ConvergenceWarning, NotPositiveDefiniteError
 from .base import CurvatureOperator
+from .state import NONNEGATIVE_INT, NONNEGATIVE_REAL, POSITIVE_REAL, StateSchema
 
 
 def cg(
@@ -115,6 +117,13 @@ class CGInverse(CurvatureOperator):
 
     def _state_config(self) -> dict[str, float | int]:
         return {"damping": self.damping, "rtol": self.rtol, "maxiter": self.maxiter}
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(
+            children=1,
+            config={"damping": NONNEGATIVE_REAL, "rtol": POSITIVE_REAL, "maxiter": NONNEGATIVE_INT},
+        )
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> CGInverse:
