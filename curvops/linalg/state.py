@@ -124,13 +124,13 @@ def _differences(missing: list, extra: list) -> str:
 
 
 def _check_keys(state: Any, where: str) -> None:
-    expected = f"not a curvops operator state dict (a dict with keys {list(_KEYS)})"
+    complaint = f"not a curvops operator state dict (a dict with keys {list(_KEYS)})"
     if not isinstance(state, dict):
-        raise _fail(where, f"{expected}, got {type(state).__name__}")
+        raise _fail(where, f"{complaint}, got {type(state).__name__}")
     missing = [key for key in _KEYS if key not in state]
     extra = [key for key in state if key not in _KEYS]
     if missing or extra:
-        raise _fail(where, f"{expected}: it {_differences(missing, extra)}")
+        raise _fail(where, f"{complaint}: it {_differences(missing, extra)}")
 
 
 def _check_container(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> None:
@@ -141,8 +141,8 @@ def _check_container(value: Any, kind: type | tuple[type, ...], where: str, what
 
 
 def _check_shape(shape: Any, where: str) -> None:
-    square = isinstance(shape, (list, tuple)) and len(shape) == 2 and shape[0] == shape[1]
-    if not square or not all(_is_int(n) and n >= 0 for n in shape):
+    pair = isinstance(shape, (list, tuple)) and len(shape) == 2 and all(_is_int(n) and n >= 0 for n in shape)
+    if not pair or shape[0] != shape[1]:
         raise _fail(f"{where}.shape", f"must be [D, D] with an integer D >= 0, got {shape!r}")
 
 
@@ -158,27 +158,38 @@ def _check_names(
 
 def _check_declared(state: dict[str, Any], schema: StateSchema, dtype: torch.dtype, where: str) -> None:
     """Hold the tensors, children and settings of ``state`` to the operator's ``schema``."""
-    name = state["type"]
-    tensors, config = state["tensors"], state["config"]
+    _check_tensors(state["type"], state["tensors"], schema, dtype, where)
+    _check_children(state["type"], len(state["children"]), schema.children, where)
+    _check_config(state["type"], state["config"], schema.config, where)
+
+
+def _check_tensors(
+    name: str, tensors: dict[str, Tensor], schema: StateSchema, dtype: torch.dtype, where: str
+) -> None:
     _check_names(tensors, schema.tensors, schema.optional_tensors, where, f"{name} needs tensors")
     for key, tensor in tensors.items():
         spec = schema.tensors.get(key) or schema.optional_tensors[key]
         problem = spec.problem(tensor, dtype)
         if problem is not None:
             raise _fail(f"{where}.tensors[{key!r}]", f"{name} tensor {key!r} {problem}")
-    count, expected = len(state["children"]), schema.children
-    if count != expected if expected is not None else count == 0:
+
+
+def _check_children(name: str, count: int, expected: int | None, where: str) -> None:
+    wrong = count == 0 if expected is None else count != expected
+    if wrong:
         needs = "at least 1" if expected is None else expected
         raise _fail(f"{where}.children", f"{name} needs {needs} sub-operators, the state dict has {count}")
-    required = {key: s for key, s in schema.config.items() if not s.optional}
-    optional = {key: s for key, s in schema.config.items() if s.optional}
+
+
+def _check_config(name: str, config: dict[str, Any], settings: Mapping[str, Setting], where: str) -> None:
+    required = {key: s for key, s in settings.items() if not s.optional}
+    optional = {key: s for key, s in settings.items() if s.optional}
     _check_names(config, required, optional, where, f"{name} needs settings")
     for key, value in config.items():
-        setting = schema.config[key]
-        if not setting.accepts(value):
+        if not settings[key].accepts(value):
             raise _fail(
                 f"{where}.config[{key!r}]",
-                f"{name} setting {key!r} must be {setting.expected}, got {value!r}",
+                f"{name} setting {key!r} must be {settings[key].expected}, got {value!r}",
             )
 
 
