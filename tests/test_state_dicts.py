@@ -304,8 +304,10 @@ def test_constructors_refuse_coercible_sizes_and_scales():
         curvops.Identity(5.5)
     with pytest.raises(TypeError, match="Identity size must be an integer, got True"):
         curvops.Identity(True)
-    with pytest.raises(TypeError, match="Scaled needs a real number as its scale, got '2'"):
+    with pytest.raises(TypeError, match="Scaled's scale must be a real number, got '2'"):
         curvops.Scaled(_dense(), "2")
+    with pytest.raises(TypeError, match="Sum's shift must be a real number, got '2'"):
+        curvops.Sum([_dense()], "2")
     assert curvops.Identity(np.int64(3)).shape == (3, 3)
     op = _dense()
     torch.testing.assert_close(curvops.Scaled(op, torch.tensor(2.0)).to_dense(), 2 * op.matrix)

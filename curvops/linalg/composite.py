@@ -28,6 +28,14 @@ def _check_operators(ops: Sequence[CurvatureOperator], what: str) -> None:
         )
 
 
+def _real(value: Any, what: str) -> float:
+    """``value`` as a float: a real number (or one-element tensor), not a bool or a string."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{what} must be a real number, got {value!r}.")
+    return float(value)
+
+
 class Scaled(CurvatureOperator):
     """``c · op`` for a real scalar ``c``.
 
@@ -48,10 +56,7 @@ class Scaled(CurvatureOperator):
 
     def __init__(self, op: CurvatureOperator, scale: float) -> None:
         _check_operators([op], "Scaled")
-        scale = _scalar(scale)
-        if isinstance(scale, bool) or not isinstance(scale, Real):
-            raise TypeError(f"Scaled needs a real number as its scale, got {scale!r}.")
-        scale = float(scale)
+        scale = _real(scale, "Scaled's scale")
         if not math.isfinite(scale):
             raise ValueError(f"Scaled needs a finite scale, got {scale}.")
         if isinstance(op, Scaled):
@@ -143,7 +148,7 @@ class Sum(CurvatureOperator):
         sizes = {op.shape[0] for op in terms}
         if len(sizes) > 1:
             raise ValueError(f"All operators in a Sum must have one shape, got sizes {sorted(sizes)}.")
-        flat, shift = [], float(shift)
+        flat, shift = [], _real(shift, "Sum's shift")
         for op in terms:
             if isinstance(op, Sum):
                 flat.extend(op.terms)
