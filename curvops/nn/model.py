@@ -9,14 +9,36 @@ used by mistake. Build a new operator after the parameters change.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from ..errors import NonDeterministicDataError, StaleParametersError
+
+
+def _leaves(tree: Any) -> list[Tensor]:
+    """The tensors of ``tree`` (a tensor, or nested tuples, lists and dicts of them)."""
+    return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, Tensor)]
+
+
+def _sums(tensors: Sequence[Tensor]) -> Tensor:
+    """``[L, 2]`` float64 on the tensors' device: each tensor's ``Σ t`` and ``Σ t²``.
+
+    No device sync; they change when the values change (a permutation of the entries aside).
+    """
+    if not tensors:
+        return torch.zeros(0, 2, dtype=torch.float64)
+    rows = []
+    for tensor in tensors:
+        values = tensor.detach().to(torch.float64)
+        rows.append(torch.stack([values.sum(), values.square().sum()]))
+    return torch.stack(rows)
 
 
 def _fingerprint(*tensors: Any) -> tuple:
@@ -28,14 +50,94 @@ def _fingerprint(*tensors: Any) -> tuple:
     return tuple(result)
 
 
+def _close(a: float, b: float, exact: bool) -> bool:
+    """Equal, or (floats) equal up to a relative 1e-6: sums in another order may round apart."""
+    return a == b if exact else abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
+
+
 def _same(first: tuple, second: tuple) -> bool:
     """Equal shapes and sums up to a relative 1e-6 (GPU reductions may reorder)."""
     for (shape_a, *sums_a), (shape_b, *sums_b) in zip(first, second, strict=True):
         if shape_a != shape_b or any(
-            abs(a - b) > 1e-6 * max(1.0, abs(a)) for a, b in zip(sums_a, sums_b, strict=True)
+            not _close(a, b, exact=False) for a, b in zip(sums_a, sums_b, strict=True)
         ):
             return False
     return True
+
+
+class PassRecord:
+    """What one pass over the data saw, for comparing a later pass with the first.
+
+    Per batch the shapes and floating-point kinds of the tensors of ``(X, y)`` and their
+    float64 sums and sums of squares; the sums stay on the device until :meth:`finish`
+    (one sync per pass).
+    """
+
+    def __init__(self) -> None:
+        self.layouts: list[tuple[tuple[str, tuple[int, ...], bool], ...]] = []
+        self._pending: list[Tensor] = []
+        self.sums: list[list[tuple[float, float]]] = []
+
+    def add(self, x: Any, y: Any) -> None:
+        """Record one batch."""
+        named = [(f"X{i or ''}", t) for i, t in enumerate(_leaves(x))]
+        named += [(f"y{i or ''}", t) for i, t in enumerate(_leaves(y))]
+        self.layouts.append(
+            tuple((name, tuple(t.shape), t.is_floating_point() or t.is_complex()) for name, t in named)
+        )
+        self._pending.append(_sums([t for _, t in named]))
+
+    def finish(self) -> None:
+        """Fetch the sums of every batch (one device sync)."""
+        if self._pending:
+            flat = torch.cat([part.reshape(-1, 2).cpu() for part in self._pending]).tolist()
+            sizes = [len(layout) for layout in self.layouts]
+            offsets = [sum(sizes[:b]) for b in range(len(sizes) + 1)]
+            self.sums = [[tuple(row) for row in flat[a:b]] for a, b in itertools.pairwise(offsets)]
+        self._pending = []
+
+    def totals(self) -> dict[str, list]:
+        """Order-free totals per tensor name: ``[rows, elements, Σ t, Σ t², floating]``."""
+        totals: dict[str, list] = {}
+        for layout, sums in zip(self.layouts, self.sums, strict=True):
+            for (name, shape, floating), (total, squares) in zip(layout, sums, strict=True):
+                entry = totals.setdefault(name, [0, 0, 0.0, 0.0, floating])
+                entry[0] += shape[0] if shape else 1
+                entry[1] += math.prod(shape)
+                entry[2] += total
+                entry[3] += squares
+        return totals
+
+    def same_batch(self, other: PassRecord, index: int) -> bool:
+        """Whether batch ``index`` has the same shapes and sums in both passes."""
+        layout, sums = self.layouts[index], self.sums[index]
+        if layout != other.layouts[index]:
+            return False
+        return all(
+            _close(a, b, exact=not floating)
+            for (_, _, floating), row_a, row_b in zip(layout, sums, other.sums[index], strict=True)
+            for a, b in zip(row_a, row_b, strict=True)
+        )
+
+    def total_differences(self, other: PassRecord) -> list[str]:
+        """What differs between the order-free totals of two passes, in words."""
+        mine, theirs = self.totals(), other.totals()
+        if mine.keys() != theirs.keys():
+            return [f"the batches hold tensors {sorted(theirs)}, on the first pass {sorted(mine)}"]
+        changes = []
+        for name, (rows, elements, total, squares, floating) in mine.items():
+            rows_b, elements_b, total_b, squares_b, _ = theirs[name]
+            if (rows, elements) != (rows_b, elements_b):
+                changes.append(f"{name} has {rows_b} rows ({elements_b} entries), {rows} ({elements}) on the first")
+            elif not (_close(total, total_b, not floating) and _close(squares, squares_b, not floating)):
+                changes.append(f"the values of {name} differ (sum {total_b:.8g}, {total:.8g} on the first)")
+        return changes
+
+
+_FIX = (
+    "curvops passes over the data once per product and needs the same data on every pass: use a "
+    "fixed loader (a list of batches, or a DataLoader with shuffle=False and no random augmentation)"
+)
 
 
 def pull_back(pullback: Callable, cotangents: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
@@ -58,18 +160,84 @@ def add_trees(total: dict[str, Tensor] | None, part: dict[str, Tensor]) -> dict[
     return part if total is None else {name: total[name] + part[name] for name in total}
 
 
+RANDOM_FORWARD = (
+    "The model draws random numbers in its forward pass (dropout or another random layer in train "
+    "mode?), so its curvature is not one fixed matrix; call model.eval() or use a fixed dropout mask."
+)
+
+
+def _rng_states() -> list[Tensor]:
+    """The global random number generators' states: the CPU's, and every GPU's once CUDA is up."""
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states += torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng(states: list[Tensor]) -> bool:
+    """Put back ``states`` if the generators moved since; whether they had."""
+    now = _rng_states()
+    if len(now) == len(states) and all(torch.equal(a, b) for a, b in zip(now, states, strict=True)):
+        return False
+    torch.set_rng_state(states[0])
+    if len(states) > 1:
+        torch.cuda.set_rng_state_all(states[1:])
+    return True
+
+
 @contextmanager
 def fixed_forward() -> Iterator[None]:
-    """Turn torch.func's error for a random forward pass into one that says what to do."""
+    """Refuse a model that draws random numbers in the forward passes run inside.
+
+    Two signs: torch.func's own error for a random operation under ``vmap``, and any change of
+    the global generators' states (:func:`torch.get_rng_state`, CUDA's too), which are then
+    restored, so the user's random stream is never moved. Wrap model computations only, not
+    the iteration over a ``DataLoader`` (which draws random numbers for its own seeds).
+
+    Example:
+        >>> with fixed_forward():
+        ...     torch.nn.Dropout(0.5)(torch.ones(4))
+        Traceback (most recent call last):
+        ...
+        curvops.errors.NonDeterministicDataError: The model draws random numbers in its forward pass ...
+    """
+    before = _rng_states()
     try:
         yield
     except RuntimeError as error:
         if "random operation" not in str(error):
             raise
-        raise NonDeterministicDataError(
-            "The model draws random numbers in its forward pass (dropout or another random layer "
-            "in train mode?), so its curvature is not one fixed matrix; call model.eval()."
-        ) from error
+        raise NonDeterministicDataError(RANDOM_FORWARD) from error
+    finally:
+        moved = _restore_rng(before)
+    if moved:
+        raise NonDeterministicDataError(RANDOM_FORWARD)
+
+
+def check_batch_statistics(model: nn.Module) -> None:
+    """Refuse batch normalisation that normalises with the batch's own statistics.
+
+    In train mode (or without running statistics) a ``BatchNorm`` layer couples the data of a
+    batch, so the loss is not a sum over data and depends on the batching; in train mode it also
+    updates its running statistics in every forward pass.
+
+    Example:
+        >>> check_batch_statistics(torch.nn.Sequential(torch.nn.BatchNorm1d(3)))
+        Traceback (most recent call last):
+        ...
+        ValueError: '0' is a BatchNorm1d in train mode (batch normalisation with the batch's own statistics): ...
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            module.training or module.running_mean is None
+        ):
+            mode = "in train mode" if module.training else "without running statistics"
+            raise ValueError(
+                f"{name or type(module).__name__!r} is a {type(module).__name__} {mode} (batch "
+                "normalisation with the batch's own statistics): the loss is then not a sum over data, "
+                "and curvops never updates a model's running statistics; call model.eval()"
+                + ("." if module.training else " after training with track_running_stats=True.")
+            )
 
 
 class ModelData:
@@ -124,26 +292,53 @@ class ModelData:
         self.dtype, self.device = params[0].dtype, params[0].device
         self.progressbar = progressbar
         self.check_deterministic = check_deterministic
-        self._versions = self._parameter_state()
+        check_batch_statistics(model)
+        self._state = self._parameter_state()
+        self._values = self._value_sums()
         self._fingerprints: dict[tuple[str, int], tuple] = {}
-        self._batch_count: int | None = None
+        self._first_pass: PassRecord | None = None
 
     @property
     def size(self) -> int:
         """``D``: the number of entries of the chosen parameters."""
         return sum(p.numel() for p in self.params)
 
-    def _parameter_state(self) -> list[tuple[int, int]]:
-        return [(p._version, p.data_ptr()) for p in self.params]
+    def _named_tensors(self) -> list[tuple[str, Tensor]]:
+        """Every parameter and buffer of the model (not only the chosen ones: all shape the loss)."""
+        return [*self.model.named_parameters(), *self.model.named_buffers()]
+
+    def _parameter_state(self) -> list[tuple[str, int, int]]:
+        """``(name, version counter, storage address)`` per parameter and buffer."""
+        return [(name, t._version, t.data_ptr()) for name, t in self._named_tensors()]
+
+    def _value_sums(self) -> Tensor:
+        """``[L, 2]``: each parameter's and buffer's float64 ``Σ t`` and ``Σ t²``, on the CPU."""
+        return _sums([t for _, t in self._named_tensors()]).cpu()
 
     def check_fresh(self) -> None:
-        """Raise :class:`StaleParametersError` if a parameter changed since the operator was built."""
-        for name, before, after in zip(self.names, self._versions, self._parameter_state(), strict=True):
-            if before != after:
-                raise StaleParametersError(
-                    f"Parameter {name!r} changed after this operator was built; it represents the "
-                    "curvature at the old values. Build a new operator for the new parameters."
-                )
+        """Raise :class:`StaleParametersError` if a parameter or buffer changed since the build.
+
+        Catches in-place updates (``optimizer.step()``), replaced tensors, and changes through
+        ``.data`` that no version counter sees (``p.data.mul_(2)``, a BatchNorm buffer): one
+        float64 sum and sum of squares per tensor, compared bit for bit (one device sync).
+        """
+        state = self._parameter_state()
+        if [name for name, _, _ in state] != [name for name, _, _ in self._state]:
+            raise StaleParametersError(
+                "The model's parameters or buffers are not the ones it had when this operator was "
+                "built (one was added or removed); build a new operator."
+            )
+        changed = [name for (name, *before), (_, *after) in zip(self._state, state, strict=True) if before != after]
+        if not changed:
+            differs = (self._value_sums().view(torch.int64) != self._values.view(torch.int64)).any(dim=1)
+            changed = [state[i][0] for i in differs.nonzero().flatten().tolist()]
+        if changed:
+            name = changed[0]
+            kind = "Parameter" if name in dict(self.model.named_parameters()) else "Buffer"
+            raise StaleParametersError(
+                f"{kind} {name!r} changed after this operator was built; it represents the "
+                "curvature at the old values. Build a new operator for the new parameters."
+            )
 
     def param_dict(self) -> dict[str, Tensor]:
         """``{name: detached parameter}`` for ``torch.func.functional_call``."""
@@ -175,14 +370,19 @@ class ModelData:
             return tensor
         return tensor.to(self.device)
 
-    def batches(self, description: str) -> Iterator[tuple[int, Any, Tensor]]:
+    def batches(self, description: str, any_order: bool = False) -> Iterator[tuple[int, Any, Tensor]]:
         """``(index, X, y)`` for every batch, on the parameters' device (floats in their dtype).
 
-        Checks the parameters are fresh, the batches well formed and finite, and — with
-        ``check_deterministic`` — that they equal those of the first pass.
+        Checks that the parameters are fresh and the batches well formed and finite; and, at
+        the end of every complete pass, that it saw the data of the first complete pass: the
+        same number of batches always, and the same batches in the same order — or, with
+        ``any_order`` (for a result that does not depend on the order: a sum over batches), the
+        same totals per tensor (rows, entries, ``Σ t`` and ``Σ t²``; integers exactly, floats up
+        to 1e-6). A changed pass raises :class:`~curvops.errors.NonDeterministicDataError`.
+        ``check_deterministic`` compares each batch with the first pass's as it comes.
         """
         self.check_fresh()
-        count = 0
+        record = PassRecord()
         batches = self.data
         if self.progressbar:
             from tqdm.auto import tqdm  # a widget in Jupyter; imported only when asked for
@@ -194,15 +394,39 @@ class ModelData:
             x, y = self._move(batch[0], "X", index), self._move(batch[1], "y", index)
             if self.check_deterministic:
                 self._check_batch("data", index, _fingerprint(x, y))
-            count += 1
+            record.add(x, y)
             yield index, x, y
-        if count == 0:
+        if not record.layouts:
             raise ValueError("data is empty: it yielded no batches.")
-        if self.check_deterministic and self._batch_count not in (None, count):
+        record.finish()
+        self._check_pass(description, record, any_order)
+
+    def _check_pass(self, description: str, record: PassRecord, any_order: bool) -> None:
+        """Compare a complete pass with the first (which it becomes if there was none)."""
+        first = self._first_pass
+        if first is None:
+            self._first_pass = record
+            return
+        count, expected = len(record.layouts), len(first.layouts)
+        if count != expected:
             raise NonDeterministicDataError(
-                f"data yielded {count} batches, but {self._batch_count} on an earlier pass."
+                f"{description}: data yielded {count} batches on this pass, {expected} on the first; {_FIX}."
             )
-        self._batch_count = count
+        if any_order:
+            changes = first.total_differences(record)
+            if changes:
+                raise NonDeterministicDataError(
+                    f"{description}: the data differ from the first pass: {'; '.join(changes)} (random "
+                    f"augmentation, or shuffling with drop_last?); {_FIX}."
+                )
+            return
+        for index in range(count):
+            if not first.same_batch(record, index):
+                raise NonDeterministicDataError(
+                    f"{description}: batch {index} differs from batch {index} of the first pass, and this "
+                    "result depends on the order of the batches (labels drawn per batch, rows batch by "
+                    f"batch, or data by position); shuffling? {_FIX}."
+                )
 
     def check_output(self, index: int, output: Tensor) -> None:
         """Raise on a non-finite model output; compare it with the first pass if asked."""
