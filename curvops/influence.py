@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .errors import NonDeterministicDataError
 from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Identity, LowRankUpdate, Permuted
 from .linalg.base import check_choice, check_curvature, check_damping, check_positive_int
 from .nn import GGN, EmpiricalFisher, FisherMC, LossAdapter, ModelData
@@ -228,9 +229,10 @@ class _Examples:
         try:
             with fixed_forward():
                 tree = vmap(grad(datum_loss), in_dims=(None, 0, 0))(params, x, y)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            if "random operation" not in str(error):
-                self._diagnose(index, x, y)
+        except NonDeterministicDataError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            self._diagnose(index, x, y)
             raise
         columns = model_data.from_tree(tree)
         if not bool(torch.isfinite(columns).all()):

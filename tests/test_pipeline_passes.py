@@ -4,7 +4,11 @@ clear error for a changed pass, a random forward, train-mode batch norm or a sta
 Ground truths are dense float64 matrices from ``torch.func`` on the whole data set at once.
 """
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,7 +40,10 @@ def labelled(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
 
 def shuffled(x, y, batch_size=10, seed=0):
     return DataLoader(
-        TensorDataset(x, y), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        TensorDataset(x, y),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -115,7 +122,9 @@ def test_laplace_full_marginal_likelihood_from_a_shuffled_loader():
     terms = dense.terms()
     curvature = terms * dense.ggn()  # K of the summed negative log-likelihood
     theta = dense.theta
-    expected = -terms * dense.loss(theta) - 0.5 * torch.logdet(curvature + torch.eye(len(theta), dtype=DOUBLE))
+    expected = -terms * dense.loss(theta) - 0.5 * torch.logdet(
+        curvature + torch.eye(len(theta), dtype=DOUBLE)
+    )
     expected = expected - 0.5 * theta @ theta  # τ = 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # θ is not trained: not at a minimum
@@ -147,9 +156,14 @@ def test_fewer_batches_on_a_later_pass_raise():
     model, loss_fn = mlp(), LOSSES["ignore_index"]()
     x, y = labelled()
     ggn = curvops.GGN(model, loss_fn, Shrinking(batches_of(x, y)))  # the type check takes a pass
-    with pytest.raises(curvops.NonDeterministicDataError, match=r"GGN product: data yielded 2 batches.*3 on the first.*shuffle=False"):
+    with pytest.raises(
+        curvops.NonDeterministicDataError,
+        match=r"GGN product: data yielded 2 batches.*3 on the first.*shuffle=False",
+    ):
         ggn @ torch.ones(ggn.shape[0], dtype=DOUBLE)
-    with pytest.raises(curvops.NonDeterministicDataError, match=r"EKFAC eigenvalue correction: data yielded 2 batches"):
+    with pytest.raises(
+        curvops.NonDeterministicDataError, match=r"EKFAC eigenvalue correction: data yielded 2 batches"
+    ):
         curvops.EKFAC(model, loss_fn, Shrinking(batches_of(x, y)))
 
 
@@ -159,12 +173,16 @@ def test_order_dependent_operators_refuse_a_reshuffled_pass():
     y[:15] = 0
     loader = shuffled(x, y)
     fisher = curvops.FisherMC(model, loss_fn, loader)
-    with pytest.raises(curvops.NonDeterministicDataError, match=r"FisherMC product: batch 0 differs.*shuffle=False"):
+    with pytest.raises(
+        curvops.NonDeterministicDataError, match=r"FisherMC product: batch 0 differs.*shuffle=False"
+    ):
         fisher @ torch.ones(fisher.shape[0], dtype=DOUBLE)
     jac = curvops.Jacobian(model, loader)
     with pytest.raises(curvops.NonDeterministicDataError, match=r"Jacobian product: batch 0 differs"):
         jac @ torch.ones(jac.shape[1], dtype=DOUBLE)
-    with pytest.raises(curvops.NonDeterministicDataError, match=r"EKFAC eigenvalue correction: batch 0 differs"):
+    with pytest.raises(
+        curvops.NonDeterministicDataError, match=r"EKFAC eigenvalue correction: batch 0 differs"
+    ):
         curvops.EKFAC(model, loss_fn, loader, fisher_type="mc")
     curvops.EKFAC(model, loss_fn, loader, fisher_type="type-2")  # a sum over batches in any order
     fixed = curvops.FisherMC(model, loss_fn, DataLoader(TensorDataset(x, y), batch_size=10))
@@ -212,7 +230,9 @@ USES = {
     "FisherMC": lambda m, d: _product(curvops.FisherMC(m, nn.CrossEntropyLoss(), d)),
     "Jacobian": lambda m, d: _product(curvops.Jacobian(m, d)),
     "KFAC": lambda m, d: curvops.KFAC(m, nn.CrossEntropyLoss(), d),
-    "KFAC restricted": lambda m, d: curvops.KFAC(m, nn.CrossEntropyLoss(), d, params=list(m[-1].parameters())),
+    "KFAC restricted": lambda m, d: curvops.KFAC(
+        m, nn.CrossEntropyLoss(), d, params=list(m[-1].parameters())
+    ),
     "EKFAC": lambda m, d: curvops.EKFAC(m, nn.CrossEntropyLoss(), d),
     "TKFAC": lambda m, d: curvops.TKFAC(m, nn.CrossEntropyLoss(), d),
     "KFAC dense": lambda m, d: curvops.KFAC(m, nn.CrossEntropyLoss(), d, unsupported="dense"),
@@ -246,7 +266,9 @@ def bn_model(kind=nn.BatchNorm1d, **options):
 
 @pytest.mark.parametrize("use", list(USES))
 def test_batch_norm_in_train_mode_is_refused_naming_the_module(use):
-    with pytest.raises(ValueError, match=r"'1' is a BatchNorm1d in train mode.*not a sum over data.*model\.eval\(\)"):
+    with pytest.raises(
+        ValueError, match=r"'1' is a BatchNorm1d in train mode.*not a sum over data.*model\.eval\(\)"
+    ):
         USES[use](bn_model(), _data())
 
 
@@ -315,3 +337,22 @@ def test_changed_values_make_an_operator_stale(name, edit):
         with pytest.raises(curvops.StaleParametersError):
             op.inverse(damping=1.0) @ v
     assert before.isfinite().all()
+
+
+def test_fingerprint_benchmark_quick_mode_runs():
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(root / "benchmarks" / "fingerprint.py"), "--quick"]
+    environment = {**os.environ, "PYTHONPATH": str(root)}
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=300, env=environment)
+    assert "stale check" in out.stdout and out.stdout.count("% of GGN @ v") == 2
+
+
+def test_a_changed_thread_count_does_not_make_an_operator_stale():
+    model = bn_model().eval()
+    op = curvops.GGN(model, nn.CrossEntropyLoss(), _data())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        op @ torch.ones(op.shape[0], dtype=DOUBLE)
+    finally:
+        torch.set_num_threads(threads)

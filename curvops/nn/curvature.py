@@ -224,7 +224,9 @@ class FisherMC(_OutputCurvature):
     An unbiased estimate of the GGN (= type-2 Fisher) for ``MSELoss`` (``N(f, ½ I)``),
     ``CrossEntropyLoss`` and ``BCEWithLogitsLoss``. The labels of batch ``b`` come from a
     generator seeded with ``(seed, b)``, so the operator is one fixed matrix: every product,
-    and every operator built with the same ``seed``, uses the same labels.
+    and every operator built with the same ``seed``, uses the same labels. The batches must
+    therefore come in the same order on every pass (``shuffle=False``); a reshuffled pass
+    raises :class:`~curvops.errors.NonDeterministicDataError`.
 
     Args:
         mc_samples: ``M``, labels drawn per datum.

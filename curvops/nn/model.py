@@ -2,9 +2,15 @@
 
 Parameters are *snapshotted by reference*: an operator is the curvature at the values the
 parameters had when it was built. They are not copied; instead every pass checks that no
-parameter was changed in place (e.g. by ``optimizer.step()``) or replaced since, and raises
-:class:`~curvops.errors.StaleParametersError` if one was, so a stale operator can never be
-used by mistake. Build a new operator after the parameters change.
+parameter or buffer of the model was changed (in place, e.g. by ``optimizer.step()``, through
+``.data``, or replaced) since, and raises :class:`~curvops.errors.StaleParametersError` if one
+was, so a stale operator can never be used by mistake. Build a new operator after the
+parameters change.
+
+Every complete pass over the data is compared with the first (:meth:`ModelData.batches`), the
+model's forward passes must not draw random numbers (:func:`fixed_forward`), and batch
+normalisation with batch statistics is refused (:func:`check_batch_statistics`): together they
+make an operator one fixed matrix, the curvature of a loss that is a sum over the data.
 """
 
 from __future__ import annotations
@@ -36,9 +42,21 @@ def _sums(tensors: Sequence[Tensor]) -> Tensor:
         return torch.zeros(0, 2, dtype=torch.float64)
     rows = []
     for tensor in tensors:
-        values = tensor.detach().to(torch.float64)
-        rows.append(torch.stack([values.sum(), values.square().sum()]))
+        values = tensor.detach().reshape(-1).to(torch.float64)
+        rows.append(torch.stack([values.sum(), values.dot(values)]))
     return torch.stack(rows)
+
+
+def _moved(before: Tensor, after: Tensor, sizes: Tensor) -> Tensor:
+    """Which rows of two ``[L, 2]`` :func:`_sums` differ by more than float64 rounding, ``[L]``.
+
+    Tolerances of 1e-12 (of ``sqrt(n Σ t²) >= Σ |t|`` for the sums, of ``Σ t²`` for the squares)
+    absorb another summation order (another thread count); NaNs compare by their bits.
+    """
+    same_bits = (before.view(torch.int64) == after.view(torch.int64)).all(dim=1)
+    squares = before[:, 1].abs()
+    scale = torch.stack([(sizes * squares).sqrt(), squares], dim=1)
+    return ~(same_bits | ((before - after).abs() <= 1e-12 * scale).all(dim=1))
 
 
 def _fingerprint(*tensors: Any) -> tuple:
@@ -128,7 +146,9 @@ class PassRecord:
         for name, (rows, elements, total, squares, floating) in mine.items():
             rows_b, elements_b, total_b, squares_b, _ = theirs[name]
             if (rows, elements) != (rows_b, elements_b):
-                changes.append(f"{name} has {rows_b} rows ({elements_b} entries), {rows} ({elements}) on the first")
+                changes.append(
+                    f"{name} has {rows_b} rows ({elements_b} entries), {rows} ({elements}) on the first"
+                )
             elif not (_close(total, total_b, not floating) and _close(squares, squares_b, not floating)):
                 changes.append(f"the values of {name} differ (sum {total_b:.8g}, {total:.8g} on the first)")
         return changes
@@ -195,11 +215,11 @@ def fixed_forward() -> Iterator[None]:
     the iteration over a ``DataLoader`` (which draws random numbers for its own seeds).
 
     Example:
-        >>> with fixed_forward():
+        >>> with curvops.nn.model.fixed_forward():  # doctest: +ELLIPSIS
         ...     torch.nn.Dropout(0.5)(torch.ones(4))
         Traceback (most recent call last):
         ...
-        curvops.errors.NonDeterministicDataError: The model draws random numbers in its forward pass ...
+        curvops.errors.NonDeterministicDataError: The model draws random numbers ... fixed dropout mask.
     """
     before = _rng_states()
     try:
@@ -222,10 +242,12 @@ def check_batch_statistics(model: nn.Module) -> None:
     updates its running statistics in every forward pass.
 
     Example:
-        >>> check_batch_statistics(torch.nn.Sequential(torch.nn.BatchNorm1d(3)))
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+        >>> curvops.nn.model.check_batch_statistics(model)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: '0' is a BatchNorm1d in train mode (batch normalisation with the batch's own statistics): ...
+        ValueError: '1' is a BatchNorm1d in train mode ...; call model.eval().
+        >>> curvops.nn.model.check_batch_statistics(model.eval())
     """
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
@@ -248,9 +270,12 @@ class ModelData:
         data: a re-iterable of ``(X, y)`` batches (a list or a ``DataLoader``).
         params: parameters of ``model`` (default: its trainable ones, in order).
         progressbar: show a tqdm bar on every pass over the data.
-        check_deterministic: remember each batch's data (and model output, once seen) on
-            the first pass and raise :class:`~curvops.errors.NonDeterministicDataError`
-            when a later pass differs (shuffling, augmentation, dropout in train mode).
+        check_deterministic: also compare each batch's data (and model output, once seen)
+            with the first pass's as it comes, whatever the operator, and raise
+            :class:`~curvops.errors.NonDeterministicDataError` when it differs.
+
+    Raises:
+        ValueError: for batch normalisation with batch statistics (train mode).
     """
 
     def __init__(
@@ -320,7 +345,8 @@ class ModelData:
 
         Catches in-place updates (``optimizer.step()``), replaced tensors, and changes through
         ``.data`` that no version counter sees (``p.data.mul_(2)``, a BatchNorm buffer): one
-        float64 sum and sum of squares per tensor, compared bit for bit (one device sync).
+        float64 sum and sum of squares per tensor, compared up to float64 rounding (one device
+        sync; :func:`_moved`). A permutation of a tensor's entries is the one change it misses.
         """
         state = self._parameter_state()
         if [name for name, _, _ in state] != [name for name, _, _ in self._state]:
@@ -328,10 +354,13 @@ class ModelData:
                 "The model's parameters or buffers are not the ones it had when this operator was "
                 "built (one was added or removed); build a new operator."
             )
-        changed = [name for (name, *before), (_, *after) in zip(self._state, state, strict=True) if before != after]
+        changed = [
+            name for (name, *before), (_, *after) in zip(self._state, state, strict=True) if before != after
+        ]
         if not changed:
-            differs = (self._value_sums().view(torch.int64) != self._values.view(torch.int64)).any(dim=1)
-            changed = [state[i][0] for i in differs.nonzero().flatten().tolist()]
+            sizes = torch.tensor([t.numel() for _, t in self._named_tensors()], dtype=torch.float64)
+            moved = _moved(self._values, self._value_sums(), sizes)
+            changed = [state[i][0] for i in moved.nonzero().flatten().tolist()]
         if changed:
             name = changed[0]
             kind = "Parameter" if name in dict(self.model.named_parameters()) else "Buffer"
