@@ -167,6 +167,52 @@ def test_fewer_batches_on_a_later_pass_raise():
         curvops.EKFAC(model, loss_fn, Shrinking(batches_of(x, y)))
 
 
+class Growing:
+    """Re-iterable data that yields one batch more on every pass."""
+
+    def __init__(self, batches, start):
+        self.batches, self.stop = batches, start
+
+    def __iter__(self):
+        self.stop += 1
+        return iter(self.batches[: self.stop])
+
+
+@pytest.mark.parametrize("name", ["GGN", "Jacobian"])
+def test_more_batches_on_a_later_pass_raise_at_the_extra_batch(name):
+    model, loss_fn = mlp(), LOSSES["ignore_index"]()
+    x, y = labelled()
+    data = Growing(batches_of(x, y), 0)  # the type check takes one pass, the build the next
+    op = curvops.GGN(model, loss_fn, data) if name == "GGN" else curvops.Jacobian(model, data)
+    with pytest.raises(curvops.NonDeterministicDataError, match=r"product: data yielded more than 2 batches"):
+        op @ torch.ones(op.shape[1], dtype=DOUBLE)
+    if name == "Jacobian":
+        with pytest.raises(curvops.NonDeterministicDataError, match=r"yielded more than 2 batches"):
+            op.T @ torch.ones(op.shape[0], dtype=DOUBLE)
+
+
+class Passes:
+    """Re-iterable data that yields ``first`` twice (the type check, the build), then ``later``."""
+
+    def __init__(self, first, later):
+        self.first, self.later, self.passes = first, later, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.first if self.passes <= 2 else self.later)
+
+
+def test_jacobian_refuses_other_batch_shapes_before_using_them():
+    model = mlp()
+    x, y = labelled()
+    data = Passes(batches_of(x, y, 16), batches_of(x.flip(0), y.flip(0), 16)[::-1])  # sizes 16, 16, 8
+    jac = curvops.Jacobian(model, data)
+    with pytest.raises(
+        curvops.NonDeterministicDataError, match=r"batch 0 gives outputs of shape \[8, 3\], \[16, 3\]"
+    ):
+        jac.T @ torch.ones(jac.shape[0], dtype=DOUBLE)
+
+
 def test_order_dependent_operators_refuse_a_reshuffled_pass():
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     x, y = labelled()

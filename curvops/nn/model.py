@@ -417,7 +417,13 @@ class ModelData:
             from tqdm.auto import tqdm  # a widget in Jupyter; imported only when asked for
 
             batches = tqdm(batches, desc=description)
+        expected = None if self._first_pass is None else len(self._first_pass.layouts)
         for index, batch in enumerate(batches):
+            if index == expected:
+                raise NonDeterministicDataError(
+                    f"{description}: data yielded more than {expected} batches on this pass, {expected} on "
+                    f"the first; {_FIX}."
+                )
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(f"Batch {index} must be an (X, y) pair, got {type(batch).__name__}.")
             x, y = self._move(batch[0], "X", index), self._move(batch[1], "y", index)
