@@ -5,9 +5,9 @@ Workload: ``mlp`` (MLP 784-1024-1024-10, ReLU, cross-entropy, 4096 examples in b
 
 - ``GGN @ v``: one product, a pass over the data;
 - the stale check (``ModelData.check_fresh``): version counters and storage addresses of
-  every parameter and buffer, then their float64 sums and sums of squares (one device sync);
-- the pass check: each batch's float64 sums of ``X`` and ``y`` (``PassRecord.add``), fetched
-  once per pass (``PassRecord.finish``);
+  every parameter and buffer, then their sums and sums of squares (one device sync);
+- the pass check: each batch's sums and sums of squares of ``X`` and ``y``
+  (``PassRecord.add``), fetched once per pass (``PassRecord.finish``);
 
 and prints each check's time as a percentage of the product (the target: under 2%).
 

@@ -115,6 +115,20 @@ def test_shuffled_loader_gives_the_whole_data_matrix(name, loss):
     torch.testing.assert_close(op @ v, one_batch @ v, rtol=1e-9, atol=1e-11)
 
 
+def test_float32_shuffled_loaders_pass_the_order_free_check():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 3))
+    x = torch.randn(3000, 8) * 100
+    x = x - x.mean(0)  # sums near 0: float32 rounding of reordered batches must not count as a change
+    y = torch.randint(0, 3, (3000,))
+    ggn = curvops.GGN(
+        model, nn.CrossEntropyLoss(), DataLoader(TensorDataset(x, y), batch_size=7, shuffle=True)
+    )
+    v = torch.randn(ggn.shape[0])
+    for _ in range(3):
+        ggn @ v
+
+
 def test_laplace_full_marginal_likelihood_from_a_shuffled_loader():
     model, loss_fn = mlp(), LOSSES["ignore_index"]()
     x, y = labelled()

@@ -34,29 +34,41 @@ def _leaves(tree: Any) -> list[Tensor]:
 
 
 def _sums(tensors: Sequence[Tensor]) -> Tensor:
-    """``[L, 2]`` float64 on the tensors' device: each tensor's ``Σ t`` and ``Σ t²``.
+    """``[L, 2]`` float64 on the first tensor's device: each tensor's ``Σ t`` and ``Σ t²``.
 
-    No device sync; they change when the values change (a permutation of the entries aside).
+    Integers (and bools) exactly, in float64; floating-point tensors by native reductions in
+    their own precision (half types in float32), with no float64 copy. No device sync.
     """
-    if not tensors:
-        return torch.zeros(0, 2, dtype=torch.float64)
     rows = []
     for tensor in tensors:
-        values = tensor.detach().reshape(-1).to(torch.float64)
-        rows.append(torch.stack([values.sum(), values.dot(values)]))
-    return torch.stack(rows)
+        values = tensor.detach()
+        values = torch.view_as_real(values) if values.is_complex() else values
+        if not values.is_floating_point():
+            values = values.to(torch.float64)
+            row = torch.stack([values.sum(), values.square().sum()])
+        else:
+            values = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+            row = torch.stack([values.sum(), torch.linalg.vector_norm(values).square()])
+        rows.append(row.to(device=tensors[0].device, dtype=torch.float64))
+    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
 
 
-def _moved(before: Tensor, after: Tensor, sizes: Tensor) -> Tensor:
-    """Which rows of two ``[L, 2]`` :func:`_sums` differ by more than float64 rounding, ``[L]``.
+SUM_TOLERANCE = 1e-5
+"""Relative tolerance of floating-point :func:`_sums`: they may round apart in another order."""
 
-    Tolerances of 1e-12 (of ``sqrt(n Σ t²) >= Σ |t|`` for the sums, of ``Σ t²`` for the squares)
-    absorb another summation order (another thread count); NaNs compare by their bits.
-    """
-    same_bits = (before.view(torch.int64) == after.view(torch.int64)).all(dim=1)
-    squares = before[:, 1].abs()
-    scale = torch.stack([(sizes * squares).sqrt(), squares], dim=1)
-    return ~(same_bits | ((before - after).abs() <= 1e-12 * scale).all(dim=1))
+
+def _same_sums(first: Sequence[float], second: Sequence[float], elements: int, exact: bool) -> bool:
+    """Whether two ``(Σ t, Σ t²)`` of ``elements`` entries agree: exactly for integers; for floats
+    up to :data:`SUM_TOLERANCE` of ``√(n Σ t²) >= Σ |t|`` (sums) and of ``Σ t²`` (squares).
+    NaNs agree with NaNs."""
+    if all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(first, second, strict=True)):
+        return True
+    if exact:
+        return False
+    (total, squares), (total_b, squares_b) = first, second
+    return abs(total - total_b) <= SUM_TOLERANCE * math.sqrt(elements * abs(squares)) and abs(
+        squares - squares_b
+    ) <= SUM_TOLERANCE * abs(squares)
 
 
 def _fingerprint(*tensors: Any) -> tuple:
@@ -68,16 +80,11 @@ def _fingerprint(*tensors: Any) -> tuple:
     return tuple(result)
 
 
-def _close(a: float, b: float, exact: bool) -> bool:
-    """Equal, or (floats) equal up to a relative 1e-6: sums in another order may round apart."""
-    return a == b if exact else abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
-
-
 def _same(first: tuple, second: tuple) -> bool:
     """Equal shapes and sums up to a relative 1e-6 (GPU reductions may reorder)."""
     for (shape_a, *sums_a), (shape_b, *sums_b) in zip(first, second, strict=True):
         if shape_a != shape_b or any(
-            not _close(a, b, exact=False) for a, b in zip(sums_a, sums_b, strict=True)
+            abs(a - b) > 1e-6 * max(1.0, abs(a)) for a, b in zip(sums_a, sums_b, strict=True)
         ):
             return False
     return True
@@ -132,9 +139,8 @@ class PassRecord:
         if layout != other.layouts[index]:
             return False
         return all(
-            _close(a, b, exact=not floating)
-            for (_, _, floating), row_a, row_b in zip(layout, sums, other.sums[index], strict=True)
-            for a, b in zip(row_a, row_b, strict=True)
+            _same_sums(row_a, row_b, math.prod(shape), exact=not floating)
+            for (_, shape, floating), row_a, row_b in zip(layout, sums, other.sums[index], strict=True)
         )
 
     def total_differences(self, other: PassRecord) -> list[str]:
@@ -149,7 +155,7 @@ class PassRecord:
                 changes.append(
                     f"{name} has {rows_b} rows ({elements_b} entries), {rows} ({elements}) on the first"
                 )
-            elif not (_close(total, total_b, not floating) and _close(squares, squares_b, not floating)):
+            elif not _same_sums((total, squares), (total_b, squares_b), elements, exact=not floating):
                 changes.append(f"the values of {name} differ (sum {total_b:.8g}, {total:.8g} on the first)")
         return changes
 
@@ -336,17 +342,17 @@ class ModelData:
         """``(name, version counter, storage address)`` per parameter and buffer."""
         return [(name, t._version, t.data_ptr()) for name, t in self._named_tensors()]
 
-    def _value_sums(self) -> Tensor:
-        """``[L, 2]``: each parameter's and buffer's float64 ``Σ t`` and ``Σ t²``, on the CPU."""
-        return _sums([t for _, t in self._named_tensors()]).cpu()
+    def _value_sums(self) -> list[tuple[float, float]]:
+        """Each parameter's and buffer's ``(Σ t, Σ t²)`` (:func:`_sums`), in one device sync."""
+        return [tuple(row) for row in _sums([t for _, t in self._named_tensors()]).tolist()]
 
     def check_fresh(self) -> None:
         """Raise :class:`StaleParametersError` if a parameter or buffer changed since the build.
 
         Catches in-place updates (``optimizer.step()``), replaced tensors, and changes through
-        ``.data`` that no version counter sees (``p.data.mul_(2)``, a BatchNorm buffer): one
-        float64 sum and sum of squares per tensor, compared up to float64 rounding (one device
-        sync; :func:`_moved`). A permutation of a tensor's entries is the one change it misses.
+        ``.data`` that no version counter sees (``p.data.mul_(2)``, a BatchNorm buffer): a sum
+        and a sum of squares per tensor, compared up to rounding (one device sync; :func:`_same_sums`).
+        Changes below that tolerance, and permutations of a tensor's entries, go unnoticed.
         """
         state = self._parameter_state()
         if [name for name, _, _ in state] != [name for name, _, _ in self._state]:
@@ -358,9 +364,15 @@ class ModelData:
             name for (name, *before), (_, *after) in zip(self._state, state, strict=True) if before != after
         ]
         if not changed:
-            sizes = torch.tensor([t.numel() for _, t in self._named_tensors()], dtype=torch.float64)
-            moved = _moved(self._values, self._value_sums(), sizes)
-            changed = [state[i][0] for i in moved.nonzero().flatten().tolist()]
+            changed = [
+                name
+                for (name, t), before, after in zip(
+                    self._named_tensors(), self._values, self._value_sums(), strict=True
+                )
+                if not _same_sums(
+                    before, after, t.numel(), exact=not (t.is_floating_point() or t.is_complex())
+                )
+            ]
         if changed:
             name = changed[0]
             kind = "Parameter" if name in dict(self.model.named_parameters()) else "Buffer"
@@ -407,8 +419,9 @@ class ModelData:
         same number of batches always, and the same batches in the same order — or, with
         ``any_order`` (for a result that does not depend on the order: a sum over batches), the
         same totals per tensor (rows, entries, ``Σ t`` and ``Σ t²``; integers exactly, floats up
-        to 1e-6). A changed pass raises :class:`~curvops.errors.NonDeterministicDataError`.
-        ``check_deterministic`` compares each batch with the first pass's as it comes.
+        to rounding: :func:`_same_sums`). A changed pass raises
+        :class:`~curvops.errors.NonDeterministicDataError`. ``check_deterministic`` compares each
+        batch with the first pass's as it comes.
         """
         self.check_fresh()
         record = PassRecord()
