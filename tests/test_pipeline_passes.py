@@ -318,9 +318,11 @@ def test_dropout_in_train_mode_is_refused_with_one_message(use):
 
 
 def bn_model(kind=nn.BatchNorm1d, **options):
+    """``Linear-BatchNorm-Tanh-Linear`` in train mode, with running means that are not all 0."""
     model = mlp(kind(4, **options))
-    with torch.no_grad():
-        model[1].running_mean.uniform_(-0.5, 0.5) if model[1].running_mean is not None else None
+    if model[1].running_mean is not None:
+        with torch.no_grad():
+            model[1].running_mean.uniform_(-0.5, 0.5)
     return model
 
 
