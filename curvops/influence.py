@@ -64,7 +64,7 @@ from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Identity,
 from .linalg.base import check_choice, check_curvature, check_damping, check_positive_int
 from .nn import GGN, EmpiricalFisher, FisherMC, LossAdapter, ModelData
 from .nn.kfac import KRONECKER_APPROXIMATIONS, kronecker_approximation
-from .nn.model import fixed_forward
+from .nn.model import as_batches, fixed_forward
 
 CURVATURES = ("kfac", "ekfac", "tkfac", "tekfac", "diagonal", "ggn", "identity")
 """The names :func:`influence_curvature` builds."""
@@ -133,13 +133,6 @@ class _Losses:
 # ------------------------------------------------------------------------------- data
 
 
-def _as_batches(data: Any) -> Any:
-    """A pair of tensors ``(X, y)`` is one batch; anything else is a re-iterable of batches."""
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        return [data]
-    return data
-
-
 class _Examples:
     """A labelled data set: per-example loss gradients, ``[D, K]`` columns at a time."""
 
@@ -152,7 +145,7 @@ class _Examples:
         what: str,
         progressbar: bool,
     ) -> None:
-        self.data = _as_batches(data)
+        self.data = as_batches(data)
         try:
             reiterable = iter(self.data) is not self.data
         except TypeError:
@@ -207,6 +200,7 @@ class _Examples:
                 f"{self.what} batch {index}: the model cannot take inputs of shape {shape} "
                 f"(first axis: data): {error}"
             ) from error
+        self.losses.datum.check_target(output, y, index)
         try:
             self.losses.datum(output, y)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
@@ -220,17 +214,18 @@ class _Examples:
         """``[D, b]``: the columns ``∇ℓ_n`` of the ``b`` data in ``(x, y)``."""
         model_data, datum = self.model_data, self.losses.datum
 
-        def datum_loss(p: dict[str, Tensor], xn: Any, yn: Tensor) -> Tensor:
+        def datum_loss(p: dict[str, Tensor], xn: Any, yn: Tensor) -> tuple[Tensor, Tensor]:
             output = model_data.forward(p, tree_map(lambda t: t.unsqueeze(0), xn))
-            return datum(output, yn.unsqueeze(0))
+            return datum(output, yn.unsqueeze(0)), output
 
         try:
             with fixed_forward():
-                tree = vmap(grad(datum_loss), in_dims=(None, 0, 0))(params, x, y)
+                tree, outputs = vmap(grad(datum_loss, has_aux=True), in_dims=(None, 0, 0))(params, x, y)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
             if "random operation" not in str(error):
                 self._diagnose(index, x, y)
             raise
+        datum.check_target(outputs.flatten(0, 1), y, index)  # [b, 1, ...]: one output per datum
         columns = model_data.from_tree(tree)
         if not bool(torch.isfinite(columns).all()):
             raise ValueError(f"{self.what} batch {index}: a per-example gradient contains NaN or inf.")

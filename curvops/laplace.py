@@ -267,8 +267,9 @@ class Laplace:
                     continue
                 scale = loss.batch_scale(batch_count)
 
-                def summed(p, inputs=inputs, targets=targets, scale=scale):
+                def summed(p, inputs=inputs, targets=targets, scale=scale, index=index):
                     output = model.forward(p, inputs)
+                    loss.check_target(output, targets, index)
                     return scale * loss(output, targets), output
 
                 grads, (value, output) = grad_and_value(summed, has_aux=True)(self._theta)
@@ -326,11 +327,12 @@ class Laplace:
             )
         total = torch.zeros_like(self.mean)
         with fixed_forward():
-            for _, inputs, targets in self._model.batches("Laplace: diagonal GGN"):
+            for index, inputs, targets in self._model.batches("Laplace: diagonal GGN"):
                 for start, chunk in self._chunks(inputs, None):
                     stop = start + chunk.shape[0]
                     jac = self._datum_jacobians(chunk)  # [B, C, D]
                     output = self._forward(self._theta, chunk)
+                    self._loss_adapter.check_target(output, targets[start:stop], index)
                     factor = loss_hessian_factor(self._loss_adapter, output, targets[start:stop])
                     factor = factor.reshape(factor.shape[0], chunk.shape[0], -1)  # [K, B, C]
                     total += torch.einsum("bcd,kbc->kbd", jac, factor).square().sum(dim=(0, 1))

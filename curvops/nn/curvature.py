@@ -97,8 +97,11 @@ class ModelCurvature(CurvatureOperator):
     def _batch_product(self, index: int, params: Tree, inputs, targets: Tensor, tree: Tree) -> Tree:
         """``∇²_θ (s_b · loss_b) V`` (or its GGN / Fisher counterpart) for one batch."""
 
-    def _check_loss(self, index: int, output: Tensor, loss: Tensor) -> None:
+    def _check_loss(self, index: int, output: Tensor, targets: Tensor) -> None:
+        """Raise on a non-finite output, targets that do not fit it, or a non-finite loss."""
         self._model.check_output(index, output)
+        self._loss.check_target(output, targets, index)
+        loss = self._loss(output, targets)
         if not bool(torch.isfinite(loss)):
             raise ValueError(f"Batch {index}: the loss is {loss.item()} (NaN or inf).")
 
@@ -133,11 +136,11 @@ class Hessian(ModelCurvature):
 
         def loss_and_output(p: Tree) -> tuple[Tensor, Tensor]:
             output = self._model.forward(p, inputs)
+            self._loss.check_target(output, targets, index)
             return scale * self._loss(output, targets), output
 
         _, pullback, output = vjp(grad(loss_and_output, has_aux=True), params, has_aux=True)
-        output = output.detach()
-        self._check_loss(index, output, self._loss(output, targets))
+        self._check_loss(index, output.detach(), targets)
         return pull_back(pullback, tree)
 
 
@@ -148,7 +151,7 @@ class _OutputCurvature(ModelCurvature):
         forward = lambda p: self._model.forward(p, inputs)  # noqa: E731
         output, pullback = vjp(forward, params)
         output = output.detach()
-        self._check_loss(index, output, self._loss(output, targets))
+        self._check_loss(index, output, targets)
         tangents = vmap(lambda v: jvp(forward, (params,), (v,))[1])(tree)
         cotangents = self._apply_output_curvature(index, output, targets, tangents)
         return pull_back(pullback, cotangents)
