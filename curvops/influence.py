@@ -200,8 +200,8 @@ class _Examples:
                 f"{self.what} batch {index}: the model cannot take inputs of shape {shape} "
                 f"(first axis: data): {error}"
             ) from error
-        self.losses.datum.check_target(output, y, index)
         try:
+            self.losses.datum.check_target(output, y, index)
             self.losses.datum(output, y)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
             raise ValueError(
@@ -221,11 +221,15 @@ class _Examples:
         try:
             with fixed_forward():
                 tree, outputs = vmap(grad(datum_loss, has_aux=True), in_dims=(None, 0, 0))(params, x, y)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:  # torch.func decompositions assert
             if "random operation" not in str(error):
                 self._diagnose(index, x, y)
             raise
-        datum.check_target(outputs.flatten(0, 1), y, index)  # [b, 1, ...]: one output per datum
+        try:
+            datum.check_target(outputs.flatten(0, 1), y, index)  # [b, 1, ...]: one output per datum
+        except ValueError:
+            self._diagnose(index, x, y)  # the same error, with the shapes of the inputs
+            raise
         columns = model_data.from_tree(tree)
         if not bool(torch.isfinite(columns).all()):
             raise ValueError(f"{self.what} batch {index}: a per-example gradient contains NaN or inf.")
