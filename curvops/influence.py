@@ -221,7 +221,13 @@ class _Examples:
         try:
             with fixed_forward():
                 tree, outputs = vmap(grad(datum_loss, has_aux=True), in_dims=(None, 0, 0))(params, x, y)
-        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:  # torch.func decompositions assert
+        except (
+            RuntimeError,
+            ValueError,
+            TypeError,
+            IndexError,
+            AssertionError,
+        ) as error:  # decompositions assert
             if "random operation" not in str(error):
                 self._diagnose(index, x, y)
             raise

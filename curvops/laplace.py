@@ -132,7 +132,7 @@ class Laplace:
         loss_fn: ``nn.CrossEntropyLoss`` (classification, softmax), ``nn.BCEWithLogitsLoss``
             (independent binary outputs, sigmoid) or ``nn.MSELoss`` (regression), with
             reduction ``"mean"`` or ``"sum"``, without class weights or label smoothing.
-        data: a re-iterable of ``(X, y)`` training batches.
+        data: a re-iterable of ``(X, y)`` training batches, or one pair ``(X, y)`` with a tensor ``X``.
         curvature: ``"kfac"``, ``"ekfac"``, ``"tkfac"``, ``"tekfac"`` (the type-2 Fisher's
             Kronecker-factored approximations, one block per parameter tensor: see
             :func:`~curvops.KFAC`, :func:`~curvops.EKFAC`, :func:`~curvops.TKFAC`),

@@ -152,7 +152,9 @@ def test_shared_module_curvature_is_exact_and_keeps_parameters(kind):
         dense = truth.fisher(SHARED_Y)
     else:
         outputs = [shared_forward(truth.unflatten(truth.theta), x) for x, _ in data]
-        labels = torch.cat([op.sample_targets(i, o, y)[0] for i, (o, (_, y)) in enumerate(zip(outputs, data))])
+        labels = torch.cat(
+            [op.sample_targets(i, o, y)[0] for i, (o, (_, y)) in enumerate(zip(outputs, data, strict=True))]
+        )
         dense = truth.fisher(labels)
     assert torch.allclose(product, dense @ v / len(SHARED_Y), atol=1e-10)
     check_untouched_and_trainable(model, original)
@@ -183,6 +185,23 @@ def test_shared_module_laplace_diagonal_and_influence():
     check_untouched_and_trainable(model, original)
     g = truth.datum_gradients(SHARED_Y)
     assert torch.allclose(scores, g[:2] @ g.T)
+
+
+def test_tied_weight_of_two_modules_sums_both_uses():
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    second.weight = first.weight
+    model = nn.Sequential(first, nn.Tanh(), second, nn.Linear(3, 2)).double()
+    original = list(model.parameters())  # 0.weight, 0.bias, 2.bias, 3.weight, 3.bias
+
+    def tied_forward(values, x):
+        w, b, b2, w3, b3 = values
+        return (torch.tanh(x @ w.T + b) @ w.T + b2) @ w3.T + b3
+
+    truth = FlatTruth(original, SHARED_X, SHARED_Y, sum_ce, tied_forward)
+    ggn = curvops.GGN(model, nn.CrossEntropyLoss(), [(SHARED_X, SHARED_Y)])
+    assert torch.allclose(ggn.to_dense(), truth.ggn() / len(SHARED_Y))
+    assert list(model.parameters()) == original and model[2].weight is model[0].weight
 
 
 # ------------------------------------------------------------------------- item 7: targets
@@ -229,7 +248,12 @@ TARGET_CASES = {
         r"shape \[3\], got \[3, 1\].*squeeze\(1\)",
     ),
     "CE label 5": (nn.CrossEntropyLoss(), torch.tensor([0, 1, 2]), torch.tensor([0, 5, 2]), "class index 5"),
-    "CE label -1": (nn.CrossEntropyLoss(), torch.tensor([0, 1, 2]), torch.tensor([0, -1, 2]), "class index -1"),
+    "CE label -1": (
+        nn.CrossEntropyLoss(),
+        torch.tensor([0, 1, 2]),
+        torch.tensor([0, -1, 2]),
+        "class index -1",
+    ),
     "BCE [N,1] for [N,3]": (
         nn.BCEWithLogitsLoss(),
         torch.rand(3, 3, dtype=DOUBLE),
@@ -398,7 +422,9 @@ def test_frozen_parameters_in_kronecker_operators(build):
     truth = FlatTruth(params, x, y, sum_ce, model_forward(model, params))
     blocks = separate_blocks(truth.ggn(), params)
     if build in ("KFAC", "EKFAC"):
-        op = getattr(curvops, build)(model, nn.CrossEntropyLoss(), [(x, y)], params=params, fisher_type="type-2")
+        op = getattr(curvops, build)(
+            model, nn.CrossEntropyLoss(), [(x, y)], params=params, fisher_type="type-2"
+        )
         assert torch.allclose(op.to_dense(), blocks, atol=1e-10)
     elif build == "Laplace":
         la = curvops.Laplace(model, nn.CrossEntropyLoss(), [(x, y)], params=params, curvature="kfac")
@@ -483,3 +509,13 @@ def test_a_bare_pair_is_one_batch_everywhere():
     assert torch.allclose(bare["GGN"], truth.ggn() @ randn(31, seed=20) / len(y))
     pairs = ((x[:3], y[:3]), (x[3:], y[3:]))  # a tuple of batches stays a data set of two batches
     assert curvops.Jacobian(model, pairs).shape == (18, 31)
+
+
+@pytest.mark.parametrize("fisher_type", ["type-2", "mc"])
+def test_kfac_optimizer_refuses_a_broadcast_target(fisher_type):
+    """torch's MSELoss only warns and broadcasts; the capture's loss hook raises, naming the step."""
+    model, loss_fn = mlp(), nn.MSELoss()
+    opt = curvops.optim.KFACOptimizer(model, loss_fn, fisher_type=fisher_type, lr=0.1, damping=0.1)
+    with pytest.raises(ValueError, match=r"Batch 0: MSELoss needs a target of the output's shape \[6, 3\]"):
+        loss_fn(model(X6), randn(6, 1)).backward()
+    opt.zero_grad()

@@ -45,8 +45,10 @@ class ModelCurvature(CurvatureOperator):
     Args:
         model: the network ``f``.
         loss_fn: the loss (see :class:`~curvops.nn.losses.LossAdapter`).
-        data: a re-iterable of ``(X, y)`` batches (a list or a ``DataLoader``).
-        params: the parameters ``θ`` (default: the model's trainable ones, in order).
+        data: a re-iterable of ``(X, y)`` batches (a list or a ``DataLoader``), or one pair
+            ``(X, y)`` with a tensor ``X``.
+        params: the parameters ``θ``, trainable or frozen, a list or a dict of them (default:
+            the model's trainable ones, in order).
         progressbar: a tqdm bar on every pass over the data.
         check_deterministic: raise when a pass sees other data or outputs than the first.
     """

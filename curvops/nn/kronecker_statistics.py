@@ -486,7 +486,7 @@ class KroneckerStatistics:
         captured: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer.module): [] for layer in self.layers}
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            if not output.requires_grad:  # frozen parameters all the way up: make it a leaf to differentiate at
+            if not output.requires_grad:  # all parameters up to here frozen: a leaf to differentiate at
                 output = output.detach().requires_grad_(True)
             captured[id(module)].append((args[0].detach(), output))
             return output

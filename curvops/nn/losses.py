@@ -31,7 +31,7 @@ LIKELIHOOD_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
 
 def _class_axis_hint(shape: list[int], given: list[int]) -> str:
     """A fix for class indices that do not match an output with classes on axis 1."""
-    if given == shape[:1] + [1] + shape[2:]:
+    if given == [*shape[:1], 1, *shape[2:]]:
         return " Drop the extra axis: y.squeeze(1)."
     if len(shape) >= 3 and given == shape[:-1]:
         batch, *positions, classes = shape
@@ -100,10 +100,10 @@ class LossAdapter:
 
         Example:
             >>> loss = LossAdapter(torch.nn.MSELoss())
-            >>> loss.check_target(torch.zeros(4, 3), torch.zeros(4, 1), index=2)
+            >>> loss.check_target(torch.zeros(4, 3), torch.zeros(4, 1), index=2)  # doctest: +ELLIPSIS
             Traceback (most recent call last):
             ...
-            ValueError: Batch 2: MSELoss needs a target of the output's shape [4, 3], got [4, 1] (it would be broadcast).
+            ValueError: Batch 2: MSELoss needs a target of the output's shape [4, 3], got [4, 1] ...
         """
         if not isinstance(self.loss_fn, LIKELIHOOD_LOSSES):
             return
@@ -120,7 +120,9 @@ class LossAdapter:
                 "(it would be broadcast)."
             )
         if not target.is_floating_point():
-            raise ValueError(f"Batch {index}: {name} needs a float target, got {target.dtype}; use y.float().")
+            raise ValueError(
+                f"Batch {index}: {name} needs a float target, got {target.dtype}; use y.float()."
+            )
 
     def _check_classes(self, shape: list[int], target: Tensor, index: int) -> None:
         """:meth:`check_target` for ``CrossEntropyLoss``: classes on axis 1 of the output."""
@@ -172,10 +174,11 @@ class LossAdapter:
             if loss.weight is None:
                 return float(kept.numel())
             classes = loss.weight.numel()
-            if bool(((kept < 0) | (kept >= classes)).any()):
+            outside = kept[(kept < 0) | (kept >= classes)]
+            if outside.numel():
                 raise ValueError(
                     f"A class index is out of range for the {classes} class weights (0 .. {classes - 1}, "
-                    f"or ignore_index={loss.ignore_index}): {kept[(kept < 0) | (kept >= classes)][:5].tolist()}."
+                    f"or ignore_index={loss.ignore_index}): {outside[:5].tolist()}."
                 )
             return float(loss.weight[kept].sum().item())
         return float(len(target))

@@ -74,7 +74,13 @@ def fixed_forward() -> Iterator[None]:
 
 def parameter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """``(path, parameter)`` once per module attribute holding a parameter, whatever the number of
-    paths a shared module is reached by."""
+    paths a shared module is reached by.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> [path for path, _ in parameter_slots(torch.nn.Sequential(lin, torch.nn.Tanh(), lin))]
+        ['0.weight', '0.bias']
+    """
     for prefix, module in model.named_modules():
         for attribute, p in module._parameters.items():
             if p is not None:
@@ -211,7 +217,8 @@ class ModelData:
         """
         chosen = {id(p): name for name, p in zip(self.names, self.params, strict=True)}
         values = {
-            path: params[chosen[id(p)]] if id(p) in chosen else p.detach() for path, p in parameter_slots(self.model)
+            path: params[chosen[id(p)]] if id(p) in chosen else p.detach()
+            for path, p in parameter_slots(self.model)
         }
         return torch.func.functional_call(self.model, values, (x,), tie_weights=False)
 
