@@ -91,8 +91,8 @@ class LossAdapter:
         """Raise a ``ValueError`` naming batch ``index`` and the expected shape unless ``target``
         fits ``output`` (only its shape is read, so ``output`` may be a transformed tensor).
 
-        - ``MSELoss``, ``BCEWithLogitsLoss``: a float target of exactly the output's shape (no
-          broadcasting);
+        - ``MSELoss``, ``BCEWithLogitsLoss``: a target of exactly the output's shape (no
+          broadcasting), float for ``BCEWithLogitsLoss``;
         - ``CrossEntropyLoss`` on an output ``[N, C, d1, ...]``: ``int64`` class indices
           ``[N, d1, ...]`` in ``0 .. C-1`` (or ``ignore_index``), or float probabilities of the
           output's shape;
@@ -119,7 +119,7 @@ class LossAdapter:
                 f"Batch {index}: {name} needs a target of the output's shape {shape}, got {given} "
                 "(it would be broadcast)."
             )
-        if not target.is_floating_point():
+        if isinstance(self.loss_fn, nn.BCEWithLogitsLoss) and not target.is_floating_point():
             raise ValueError(
                 f"Batch {index}: {name} needs a float target, got {target.dtype}; use y.float()."
             )
