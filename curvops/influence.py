@@ -66,6 +66,9 @@ from .nn import GGN, EmpiricalFisher, FisherMC, LossAdapter, ModelData
 from .nn.kfac import KRONECKER_APPROXIMATIONS, kronecker_approximation
 from .nn.model import as_batches, fixed_forward
 
+_INPUT_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError)
+"""What a model or loss raises on inputs it cannot take (torch.func's decompositions assert)."""
+
 CURVATURES = ("kfac", "ekfac", "tkfac", "tekfac", "diagonal", "ggn", "identity")
 """The names :func:`influence_curvature` builds."""
 
@@ -195,7 +198,7 @@ class _Examples:
         try:
             with torch.no_grad():
                 output = model_data.forward(model_data.param_dict(), x)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        except _INPUT_ERRORS as error:
             raise ValueError(
                 f"{self.what} batch {index}: the model cannot take inputs of shape {shape} "
                 f"(first axis: data): {error}"
@@ -203,7 +206,7 @@ class _Examples:
         try:
             self.losses.datum.check_target(output, y, index)
             self.losses.datum(output, y)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        except _INPUT_ERRORS as error:
             raise ValueError(
                 f"{self.what} batch {index}: the loss cannot compare the model's outputs of shape "
                 f"{list(output.shape)} (inputs of shape {shape}) with targets of shape {list(y.shape)}: "
@@ -221,13 +224,7 @@ class _Examples:
         try:
             with fixed_forward():
                 tree, outputs = vmap(grad(datum_loss, has_aux=True), in_dims=(None, 0, 0))(params, x, y)
-        except (
-            RuntimeError,
-            ValueError,
-            TypeError,
-            IndexError,
-            AssertionError,
-        ) as error:  # decompositions assert
+        except _INPUT_ERRORS as error:
             if "random operation" not in str(error):
                 self._diagnose(index, x, y)
             raise
