@@ -66,7 +66,10 @@ from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Identity,
 from .linalg.base import check_choice, check_curvature, check_damping, check_positive_int
 from .nn import EKFAC, GGN, KFAC, TKFAC, EmpiricalFisher, FisherMC, LossAdapter, ModelData
 from .nn.kfac import KRONECKER_APPROXIMATIONS, find_layers, kronecker_approximation
-from .nn.model import check_batch_statistics, fixed_forward
+from .nn.model import as_batches, check_batch_statistics, fixed_forward
+
+_INPUT_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError)
+"""What a model or loss raises on inputs it cannot take (torch.func's decompositions assert)."""
 
 CURVATURES = ("kfac", "ekfac", "tkfac", "tekfac", "diagonal", "ggn", "identity")
 """The names :func:`influence_curvature` builds."""
@@ -135,13 +138,6 @@ class _Losses:
 # ------------------------------------------------------------------------------- data
 
 
-def _as_batches(data: Any) -> Any:
-    """A pair of tensors ``(X, y)`` is one batch; anything else is a re-iterable of batches."""
-    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
-        return [data]
-    return data
-
-
 class _Examples:
     """A labelled data set: per-example loss gradients, ``[D, K]`` columns at a time."""
 
@@ -154,7 +150,7 @@ class _Examples:
         what: str,
         progressbar: bool,
     ) -> None:
-        self.data = _as_batches(data)
+        self.data = as_batches(data)
         try:
             reiterable = iter(self.data) is not self.data
         except TypeError:
@@ -205,14 +201,15 @@ class _Examples:
             try:
                 with torch.no_grad():
                     output = model_data.forward(model_data.param_dict(), x)
-            except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            except _INPUT_ERRORS as error:
                 raise ValueError(
                     f"{self.what} batch {index}: the model cannot take inputs of shape {shape} "
                     f"(first axis: data): {error}"
                 ) from error
         try:
+            self.losses.datum.check_target(output, y, index)
             self.losses.datum(output, y)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        except _INPUT_ERRORS as error:
             raise ValueError(
                 f"{self.what} batch {index}: the loss cannot compare the model's outputs of shape "
                 f"{list(output.shape)} (inputs of shape {shape}) with targets of shape {list(y.shape)}: "
@@ -223,17 +220,22 @@ class _Examples:
         """``[D, b]``: the columns ``∇ℓ_n`` of the ``b`` data in ``(x, y)``."""
         model_data, datum = self.model_data, self.losses.datum
 
-        def datum_loss(p: dict[str, Tensor], xn: Any, yn: Tensor) -> Tensor:
+        def datum_loss(p: dict[str, Tensor], xn: Any, yn: Tensor) -> tuple[Tensor, Tensor]:
             output = model_data.forward(p, tree_map(lambda t: t.unsqueeze(0), xn))
-            return datum(output, yn.unsqueeze(0))
+            return datum(output, yn.unsqueeze(0)), output
 
         try:
             with fixed_forward():
-                tree = vmap(grad(datum_loss), in_dims=(None, 0, 0))(params, x, y)
+                tree, outputs = vmap(grad(datum_loss, has_aux=True), in_dims=(None, 0, 0))(params, x, y)
         except NonDeterministicDataError:
             raise
-        except (RuntimeError, ValueError, TypeError, IndexError):
+        except _INPUT_ERRORS:
             self._diagnose(index, x, y)
+            raise
+        try:
+            datum.check_target(outputs.flatten(0, 1), y, index)  # [b, 1, ...]: one output per datum
+        except ValueError:
+            self._diagnose(index, x, y)  # the same error, with the shapes of the inputs
             raise
         columns = model_data.from_tree(tree)
         if not bool(torch.isfinite(columns).all()):

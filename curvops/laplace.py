@@ -132,7 +132,7 @@ class Laplace:
         loss_fn: ``nn.CrossEntropyLoss`` (classification, softmax), ``nn.BCEWithLogitsLoss``
             (independent binary outputs, sigmoid) or ``nn.MSELoss`` (regression), with
             reduction ``"mean"`` or ``"sum"``, without class weights or label smoothing.
-        data: a re-iterable of ``(X, y)`` training batches.
+        data: a re-iterable of ``(X, y)`` training batches, or one pair ``(X, y)`` with a tensor ``X``.
         curvature: ``"kfac"``, ``"ekfac"``, ``"tkfac"``, ``"tekfac"`` (the type-2 Fisher's
             Kronecker-factored approximations, one block per parameter tensor: see
             :func:`~curvops.KFAC`, :func:`~curvops.EKFAC`, :func:`~curvops.TKFAC`),
@@ -266,8 +266,9 @@ class Laplace:
                 continue
             scale = loss.batch_scale(batch_count)
 
-            def summed(p, inputs=inputs, targets=targets, scale=scale):
+            def summed(p, inputs=inputs, targets=targets, scale=scale, index=index):
                 output = model.forward(p, inputs)
+                loss.check_target(output, targets, index)
                 return scale * loss(output, targets), output
 
             with fixed_forward():
@@ -325,12 +326,13 @@ class Laplace:
                 f"[N, {', '.join(map(str, self._output_shape))}]. Use 'kfac' or 'full'."
             )
         total = torch.zeros_like(self.mean)
-        for _, inputs, targets in self._model.batches("Laplace: diagonal GGN", any_order=True):
+        for index, inputs, targets in self._model.batches("Laplace: diagonal GGN", any_order=True):
             for start, chunk in self._chunks(inputs, None):
                 stop = start + chunk.shape[0]
                 jac = self._datum_jacobians(chunk)  # [B, C, D]
                 with fixed_forward():
                     output = self._forward(self._theta, chunk)
+                self._loss_adapter.check_target(output, targets[start:stop], index)
                 factor = loss_hessian_factor(self._loss_adapter, output, targets[start:stop])
                 factor = factor.reshape(factor.shape[0], chunk.shape[0], -1)  # [K, B, C]
                 total += torch.einsum("bcd,kbc->kbd", jac, factor).square().sum(dim=(0, 1))

@@ -71,6 +71,8 @@ class LinearMap(ABC):
         if not isinstance(x, Tensor):
             raise TypeError(f"Expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}.")
         self._check_tensor(x, self.shape[0] if transpose else self.shape[1])
+        if x.ndim == 2 and x.shape[1] == 0:  # no columns: nothing to compute
+            return x.new_zeros(self.shape[1] if transpose else self.shape[0], 0)
         product = self._rmatmat if transpose else self._matmat
         return product(x.unsqueeze(1)).squeeze(1) if x.ndim == 1 else product(x)
 

@@ -45,8 +45,10 @@ class ModelCurvature(CurvatureOperator):
     Args:
         model: the network ``f``.
         loss_fn: the loss (see :class:`~curvops.nn.losses.LossAdapter`).
-        data: a re-iterable of ``(X, y)`` batches (a list or a ``DataLoader``).
-        params: the parameters ``θ`` (default: the model's trainable ones, in order).
+        data: a re-iterable of ``(X, y)`` batches (a list or a ``DataLoader``), or one pair
+            ``(X, y)`` with a tensor ``X``.
+        params: the parameters ``θ``, trainable or frozen, a list or a dict of them (default:
+            the model's trainable ones, in order).
         progressbar: a tqdm bar on every pass over the data.
         check_deterministic: raise when a pass sees other data or outputs than the first.
     """
@@ -103,8 +105,11 @@ class ModelCurvature(CurvatureOperator):
         """``∇²_θ (s_b · loss_b) V`` (or its GGN / Fisher counterpart) for batch ``index``, which holds
         ``count`` loss terms (``s_b = loss.batch_scale(count)``)."""
 
-    def _check_loss(self, index: int, output: Tensor, loss: Tensor) -> None:
+    def _check_loss(self, index: int, output: Tensor, targets: Tensor) -> None:
+        """Raise on a non-finite output, targets that do not fit it, or a non-finite loss."""
         self._model.check_output(index, output)
+        self._loss.check_target(output, targets, index)
+        loss = self._loss(output, targets)
         if not bool(torch.isfinite(loss)):
             raise ValueError(f"Batch {index}: the loss is {loss.item()} (NaN or inf).")
 
@@ -139,11 +144,11 @@ class Hessian(ModelCurvature):
 
         def loss_and_output(p: Tree) -> tuple[Tensor, Tensor]:
             output = self._model.forward(p, inputs)
+            self._loss.check_target(output, targets, index)
             return scale * self._loss(output, targets), output
 
         _, pullback, output = vjp(grad(loss_and_output, has_aux=True), params, has_aux=True)
-        output = output.detach()
-        self._check_loss(index, output, self._loss(output, targets))
+        self._check_loss(index, output.detach(), targets)
         return pull_back(pullback, tree)
 
 
@@ -154,7 +159,7 @@ class _OutputCurvature(ModelCurvature):
         forward = lambda p: self._model.forward(p, inputs)  # noqa: E731
         output, pullback = vjp(forward, params)
         output = output.detach()
-        self._check_loss(index, output, self._loss(output, targets))
+        self._check_loss(index, output, targets)
         tangents = vmap(lambda v: jvp(forward, (params,), (v,))[1])(tree)
         cotangents = self._apply_output_curvature(index, count, output, targets, tangents)
         return pull_back(pullback, cotangents)

@@ -26,8 +26,10 @@ class Jacobian(LinearMap):
 
     Args:
         model: the network ``f``.
-        data: a re-iterable of ``(X, y)`` batches; ``y`` is not used and may be ``None``.
-        params: the parameters ``θ`` (default: the model's trainable ones, in order).
+        data: a re-iterable of ``(X, y)`` batches, or one pair ``(X, y)`` with a tensor ``X``;
+            ``y`` is not used and may be ``None``.
+        params: the parameters ``θ``, trainable or frozen, a list or a dict of them (default:
+            the model's trainable ones, in order).
         progressbar: a tqdm bar on every pass over the data.
         check_deterministic: raise when a pass sees other data or outputs than the first.
 

@@ -99,8 +99,10 @@ def KFAC(
         model: the network.
         loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``
             (``"forward-only"`` takes any loss).
-        data: a re-iterable of ``(X, y)`` batches; statistics take one pass over it.
-        params: the parameters (default: the model's trainable ones, in order).
+        data: a re-iterable of ``(X, y)`` batches, or one pair ``(X, y)`` with a tensor ``X``;
+            statistics take one pass over it.
+        params: the parameters, trainable or frozen, a list or a dict of them (default: the
+            model's trainable ones, in order).
         fisher_type: ``"type-2"`` (KFAC of the GGN), ``"mc"``, ``"empirical"`` or
             ``"forward-only"`` (``G = I``).
         mc_samples: labels drawn per datum for ``"mc"``.

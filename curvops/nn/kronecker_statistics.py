@@ -489,8 +489,11 @@ class KroneckerStatistics:
         """``(layer, its input, its output gradients [K, N, S, n_out] or None)`` for one batch."""
         captured: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer.module): [] for layer in self.layers}
 
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            if not output.requires_grad:  # all parameters up to here frozen: a leaf to differentiate at
+                output = output.detach().requires_grad_(True)
             captured[id(module)].append((args[0].detach(), output))
+            return output
 
         handles = [layer.module.register_forward_hook(hook) for layer in self.layers]
         try:
@@ -503,6 +506,7 @@ class KroneckerStatistics:
         for layer in self.layers:
             check_single_call(layer, len(captured[id(layer.module)]))
         layer_inputs_ = [captured[id(layer.module)][0][0] for layer in self.layers]
+        self.loss.check_target(output, targets, index)
         if self.sums.fisher_type == "forward-only":
             return [(layer, x, None) for layer, x in zip(self.layers, layer_inputs_, strict=True)]
         columns = output_columns(

@@ -21,11 +21,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 LIKELIHOOD_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
+
+
+def _class_axis_hint(shape: list[int], given: list[int]) -> str:
+    """A fix for class indices that do not match an output with classes on axis 1."""
+    if given == [*shape[:1], 1, *shape[2:]]:
+        return " Drop the extra axis: y.squeeze(1)."
+    if len(shape) >= 3 and given == shape[:-1]:
+        batch, *positions, classes = shape
+        flat = [batch * math.prod(positions), classes]
+        return (
+            f" The output looks like [B, S, C] = {shape}: torch wants the classes on axis 1, "
+            f"output.movedim(-1, 1) of shape {[batch, classes, *positions]}, or a flattened output "
+            f"{flat} with targets [{flat[0]}] (a model that ends in output.flatten(0, -2))."
+        )
+    return ""
 
 
 class LossAdapter:
@@ -71,6 +87,72 @@ class LossAdapter:
             return squares.mean() if self.reduction == "mean" else squares.sum()
         return self.loss_fn(output, target)
 
+    def check_target(self, output: Tensor, target: Any, index: int) -> None:
+        """Raise a ``ValueError`` naming batch ``index`` and the expected shape unless ``target``
+        fits ``output`` (only its shape is read, so ``output`` may be a transformed tensor).
+
+        - ``MSELoss``, ``BCEWithLogitsLoss``: a target of exactly the output's shape (no
+          broadcasting), float for ``BCEWithLogitsLoss``;
+        - ``CrossEntropyLoss`` on an output ``[N, C, d1, ...]``: ``int64`` class indices
+          ``[N, d1, ...]`` in ``0 .. C-1`` (or ``ignore_index``), or float probabilities of the
+          output's shape;
+        - any other loss: not checked.
+
+        Example:
+            >>> loss = LossAdapter(torch.nn.MSELoss())
+            >>> loss.check_target(torch.zeros(4, 3), torch.zeros(4, 1), index=2)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: Batch 2: MSELoss needs a target of the output's shape [4, 3], got [4, 1] ...
+        """
+        if not isinstance(self.loss_fn, LIKELIHOOD_LOSSES):
+            return
+        name = type(self.loss_fn).__name__
+        if not isinstance(target, Tensor):
+            raise TypeError(f"Batch {index}: {name} needs a tensor target, got {type(target).__name__}.")
+        shape, given = list(output.shape), list(target.shape)
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            self._check_classes(shape, target, index)
+            return
+        if given != shape:
+            raise ValueError(
+                f"Batch {index}: {name} needs a target of the output's shape {shape}, got {given} "
+                "(it would be broadcast)."
+            )
+        if isinstance(self.loss_fn, nn.BCEWithLogitsLoss) and not target.is_floating_point():
+            raise ValueError(
+                f"Batch {index}: {name} needs a float target, got {target.dtype}; use y.float()."
+            )
+
+    def _check_classes(self, shape: list[int], target: Tensor, index: int) -> None:
+        """:meth:`check_target` for ``CrossEntropyLoss``: classes on axis 1 of the output."""
+        if len(shape) < 2:
+            raise ValueError(
+                f"Batch {index}: CrossEntropyLoss needs an output [N, C] (classes on axis 1), got {shape}."
+            )
+        labels, given = shape[:1] + shape[2:], list(target.shape)
+        if target.is_floating_point():
+            if given == shape:
+                return  # class probabilities
+            hint = "; class indices must be int64: use y.long()" if given == labels else ""
+            raise ValueError(
+                f"Batch {index}: CrossEntropyLoss on an output {shape} needs int64 class indices of shape "
+                f"{labels} or float probabilities of shape {shape}, got a {target.dtype} target of shape "
+                f"{given}{hint}."
+            )
+        if given != labels:
+            raise ValueError(
+                f"Batch {index}: CrossEntropyLoss on an output {shape} (classes on axis 1) needs class "
+                f"indices of shape {labels}, got {given}.{_class_axis_hint(shape, given)}"
+            )
+        classes, ignored = shape[1], self.loss_fn.ignore_index
+        bad = target[(target != ignored) & ((target < 0) | (target >= classes))]
+        if bad.numel():
+            raise ValueError(
+                f"Batch {index}: class index {int(bad[0])} is out of range for {classes} classes "
+                f"(0 .. {classes - 1}, or ignore_index={ignored})."
+            )
+
     def batch_scale(self, count: float) -> float:
         """``s`` with ``s · loss(f(X_b), y_b) = Σ_{n in b} ℓ_n`` for a batch of ``count`` loss terms."""
         return count if self.reduction == "mean" else 1.0
@@ -86,10 +168,19 @@ class LossAdapter:
         if isinstance(loss, (nn.MSELoss, nn.BCEWithLogitsLoss)):
             return float(target.numel())
         if isinstance(loss, nn.CrossEntropyLoss):
-            if target.is_floating_point():
-                return float(target.numel() // target.shape[1])
+            if target.is_floating_point():  # probabilities [N, C, ...] (other shapes: check_target)
+                return float(target.numel() // target.shape[1] if target.ndim > 1 else len(target))
             kept = target[target != loss.ignore_index]
-            return float(kept.numel() if loss.weight is None else loss.weight[kept].sum().item())
+            if loss.weight is None:
+                return float(kept.numel())
+            classes = loss.weight.numel()
+            outside = kept[(kept < 0) | (kept >= classes)]
+            if outside.numel():
+                raise ValueError(
+                    f"A class index is out of range for the {classes} class weights (0 .. {classes - 1}, "
+                    f"or ignore_index={loss.ignore_index}): {outside[:5].tolist()}."
+                )
+            return float(loss.weight[kept].sum().item())
         return float(len(target))
 
     def check_sampling(self, what: str) -> None:

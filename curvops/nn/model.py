@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -268,13 +268,65 @@ def check_batch_statistics(model: nn.Module) -> None:
             )
 
 
+def parameter_slots(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(path, parameter)`` once per module attribute holding a parameter, whatever the number of
+    paths a shared module is reached by.
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 2)
+        >>> [path for path, _ in parameter_slots(torch.nn.Sequential(lin, torch.nn.Tanh(), lin))]
+        ['0.weight', '0.bias']
+    """
+    for prefix, module in model.named_modules():
+        for attribute, p in module._parameters.items():
+            if p is not None:
+                yield (f"{prefix}.{attribute}" if prefix else attribute), p
+
+
+def as_batches(data: Any) -> Any:
+    """The rule for a bare pair: a tuple ``(X, y)`` whose ``X`` is a tensor is one batch,
+    ``[(X, y)]``; anything else is a re-iterable of batches.
+
+    Example:
+        >>> x, y = torch.zeros(4, 3), torch.zeros(4)
+        >>> len(as_batches((x, y))), len(as_batches([(x, y), (x, y)]))
+        (1, 2)
+    """
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+        return [data]
+    return data
+
+
+def as_parameter_list(params: Any) -> list:
+    """``params`` as a list: a sequence or iterable of parameters, or the values of a dict
+    (``dict(model.named_parameters())``), in order. A single tensor is refused.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> [p.shape for p in as_parameter_list(dict(model.named_parameters()))]
+        [torch.Size([1, 2]), torch.Size([1])]
+    """
+    if isinstance(params, Tensor):
+        raise TypeError("params must be a list of parameters (e.g. [model.fc.weight]), not one tensor.")
+    if isinstance(params, Mapping):
+        return list(params.values())
+    try:
+        return list(params)
+    except TypeError:
+        raise TypeError(
+            f"params must be a list of the model's parameters or a dict of them, got {type(params).__name__}."
+        ) from None
+
+
 class ModelData:
     """The model, its chosen parameters and a re-iterable data set, with checked passes.
 
     Args:
         model: the network.
-        data: a re-iterable of ``(X, y)`` batches (a list or a ``DataLoader``).
-        params: parameters of ``model`` (default: its trainable ones, in order).
+        data: a re-iterable of ``(X, y)`` batches (a list or a ``DataLoader``), or one bare
+            pair ``(X, y)`` with a tensor ``X`` (see :func:`as_batches`).
+        params: parameters of ``model``, trainable or frozen, as a list or a dict of them
+            (its values, in order; default: the model's trainable ones, in order).
         progressbar: show a tqdm bar on every pass over the data.
         check_deterministic: also compare each batch's data (and model output, once seen)
             with the first pass's as it comes, whatever the operator, and raise
@@ -294,15 +346,14 @@ class ModelData:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        data = as_batches(data)
         if iter(data) is data:
             raise TypeError(
                 "data must be re-iterable (a list of (X, y) batches or a DataLoader), not a one-shot "
                 "iterator or generator: curvops passes over it once per product."
             )
         named = list(model.named_parameters())
-        if params is None:
-            params = [p for _, p in named if p.requires_grad]
-        params = list(params)
+        params = [p for _, p in named if p.requires_grad] if params is None else as_parameter_list(params)
         names = {id(p): name for name, p in named}
         for i, p in enumerate(params):
             if id(p) not in names:
@@ -382,12 +433,30 @@ class ModelData:
             )
 
     def param_dict(self) -> dict[str, Tensor]:
-        """``{name: detached parameter}`` for ``torch.func.functional_call``."""
+        """``{name: detached parameter}`` of the chosen parameters: the input of :meth:`forward`.
+
+        Detached, so a product builds no autograd graph to the model (frozen parameters, with
+        ``requires_grad=False``, work the same way).
+        """
         return {name: p.detach() for name, p in zip(self.names, self.params, strict=True)}
 
     def forward(self, params: dict[str, Tensor], x: Any) -> Tensor:
-        """The model output with ``params`` in place of the chosen parameters."""
-        return torch.func.functional_call(self.model, params, (x,))
+        """The model output with ``params`` (``{name: tensor}`` as :meth:`param_dict`) in place of
+        the chosen parameters, and every other parameter detached.
+
+        Every attribute of a module that holds a parameter is swapped exactly once: a module used
+        twice (``nn.Sequential(lin, act, lin)``) has one slot seen under two paths, and a tied
+        parameter (``head.weight = embedding.weight``) several slots that all get the same
+        tensor, so its gradient sums over every use. The model's own parameter objects are put
+        back unchanged (``torch.func.functional_call``'s weight tying would swap a shared
+        module's slot twice and leave a plain tensor behind).
+        """
+        chosen = {id(p): name for name, p in zip(self.names, self.params, strict=True)}
+        values = {
+            path: params[chosen[id(p)]] if id(p) in chosen else p.detach()
+            for path, p in parameter_slots(self.model)
+        }
+        return torch.func.functional_call(self.model, values, (x,), tie_weights=False)
 
     def to_tree(self, vectors: Tensor) -> dict[str, Tensor]:
         """``[D, K]`` columns as ``{name: [K, *shape]}``."""
@@ -404,6 +473,7 @@ class ModelData:
     def _move(self, tensor: Any, what: str, index: int) -> Any:
         if not isinstance(tensor, Tensor):
             return tensor
+        tensor = tensor.detach()
         if tensor.is_floating_point():
             tensor = tensor.to(device=self.device, dtype=self.dtype)
             if not bool(torch.isfinite(tensor).all()):

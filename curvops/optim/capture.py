@@ -90,6 +90,7 @@ class BatchCapture:
             self.nonfinite_loss = True
             return
         output, targets = args[0], args[1]
+        self.loss.check_target(output, targets, index=self.draw()[1])  # batch = training step
         for layer in self.layers:
             check_single_call(layer, len(pending.get(id(layer.module), [])))
         inputs = [pending[id(layer.module)][0][0] for layer in self.layers]
