@@ -78,7 +78,7 @@ def check_damping(damping: float) -> float:
 def check_power(p: float) -> float:
     """Return the exponent ``p`` as a float, raising ``ValueError`` unless it is a finite real."""
     p = _scalar(p)
-    if not isinstance(p, Real) or not math.isfinite(p):
+    if isinstance(p, bool) or not isinstance(p, Real) or not math.isfinite(p):
         raise ValueError(f"The power p must be a finite real number, got {p!r}.")
     return float(p)
 
@@ -230,6 +230,7 @@ class CurvatureOperator(LinearMap):
             3.0
         """
         check_choice(method, TRACE_METHODS, "trace method")
+        check_positive_int(num_samples, "num_samples")
         if method == "exact":
             return self._trace()
         estimate = estimators.hutchinson_trace if method == "hutchinson" else estimators.hutchpp_trace
@@ -251,6 +252,7 @@ class CurvatureOperator(LinearMap):
             [2.0, 3.0]
         """
         check_choice(method, DIAGONAL_METHODS, "diagonal method")
+        check_positive_int(num_samples, "num_samples")
         if method == "exact":
             return self._diagonal()
         estimate = estimators.hutchinson_diagonal if method == "hutchinson" else estimators.hutchpp_diagonal
@@ -288,6 +290,8 @@ class CurvatureOperator(LinearMap):
         damping = check_damping(damping)
         method = method or self._logdet_method
         check_choice(method, LOGDET_METHODS, "logdet method")
+        check_positive_int(num_samples, "num_samples")
+        check_positive_int(num_steps, "num_steps")
         if method == "exact":
             return self._logdet(damping)
         return estimators.slq_logdet(self._matmat, self._probes(generator), num_samples, num_steps, damping)
@@ -344,8 +348,9 @@ class CurvatureOperator(LinearMap):
         damping = check_damping(damping)
         method = method or self._inverse_method
         check_choice(method, INVERSE_METHODS, "inverse method")
+        check_bool(factored, "factored")
         if method == "exact":
-            return self._inverse(damping, bool(factored))
+            return self._inverse(damping, factored)
         from .solvers import CGInverse
 
         return CGInverse(self, damping, rtol=rtol, maxiter=maxiter)
@@ -390,6 +395,8 @@ class CurvatureOperator(LinearMap):
         damping = check_damping(damping)
         method = method or self._power_method
         check_choice(method, POWER_METHODS, "power method")
+        if num_steps is not None:
+            check_positive_int(num_steps, "num_steps")
         if p == 1:
             from .diagonal import Identity
 

@@ -117,6 +117,14 @@ def _outer(vectors: Sequence[Tensor]) -> Tensor:
     return functools.reduce(lambda acc, v: acc.unsqueeze(-1) * v, vectors[1:], vectors[0])
 
 
+def _rounding_bound(factor: Tensor, e: Tensor, q: Tensor) -> Tensor:
+    """``ε n |q_j|^T |F| |q_j| + ε_64 n max|e|`` per eigenpair ``(e_j, q_j)`` of ``F``: see
+    :meth:`Kronecker._factor_noise`."""
+    n = factor.shape[0]
+    entries = torch.finfo(factor.dtype).eps * n * ((factor.abs() @ q.abs()) * q.abs()).sum(0)
+    return entries + spectral.EIGH_EPS * n * e.abs().max()
+
+
 def _factor_diagonal(factor: Tensor) -> Tensor:
     """The diagonal of a factor: the factor itself if it is 1-D, else its matrix diagonal."""
     return factor if factor.ndim == 1 else factor.diagonal()
@@ -172,6 +180,7 @@ class Kronecker(CurvatureOperator):
         super().__init__(math.prod(f.shape[0] for f in factors), dtype, device)
         self.factors = tuple(factors)
         self._eigen: list[tuple[Tensor, Tensor | None]] | None = None
+        self._noise: list[Tensor] | None = None
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -195,21 +204,28 @@ class Kronecker(CurvatureOperator):
     def _eigenvalues(self) -> Tensor:
         return self._spectrum().flatten()
 
-    def _rtol(self) -> float:
-        """Rounding noise comes from the dense factors' ``eigh`` only; diagonals are exact."""
-        return torch.finfo(self.dtype).eps * max((f.shape[0] for f in self.factors if f.ndim == 2), default=0)
+    def _factor_noise(self) -> list[Tensor]:
+        """Per factor, per eigenvalue ``e_ij``: how far rounding can have moved it, ``t_ij``.
 
-    def _noise_scale(self) -> Tensor | None:
-        """Per eigenvalue, the size of the numbers whose rounding errors it carries.
-
-        That is ``Π_i max|e_i|`` over the dense factors times ``Π_i |d_i|`` over the diagonal
-        ones, whose entries are exact: a small diagonal entry is not rounding noise. Without
-        diagonal factors it is ``max|e_1 ∘ ... ∘ e_k|``, the default (``None``).
+        A factor's entries carry rounding errors ``|δF| <= ε n |F|`` (``ε`` of its dtype); to first
+        order they move ``e_ij`` by ``|q_j^T δF q_j| <= ε n |q_j|^T |F| |q_j|``, and ``eigh`` (in
+        float64) adds ``ε_64 n max|e_i|``. So a small eigenvalue of a dense, well-mixed factor is
+        noise, while that of a diagonal matrix (``|q_j|^T |F| |q_j| = |e_ij|``) is resolved to its
+        dtype's relative precision, as :class:`~curvops.Diagonal` takes it. A 1-D (diagonal)
+        factor is exact: ``t = 0``.
         """
-        eigen = self.eigendecompositions()
-        if all(q is not None for _, q in eigen) or self.shape[0] == 0:
-            return None
-        return _outer([e.abs() if q is None else e.abs().max().expand_as(e) for e, q in eigen])
+        if self._noise is None:
+            self._noise = [
+                torch.zeros_like(e) if q is None else _rounding_bound(f, e, q)
+                for f, (e, q) in zip(self.factors, self.eigendecompositions(), strict=True)
+            ]
+        return self._noise
+
+    def _spectrum_noise(self) -> Tensor:
+        """``Π_i (|e_i| + t_i) - Π_i |e_i|``: how far the product's eigenvalues can have moved."""
+        eigen, noise = self.eigendecompositions(), self._factor_noise()
+        widened = _outer([e.abs() + t for (e, _), t in zip(eigen, noise, strict=True)])
+        return widened - _outer([e.abs() for e, _ in eigen])
 
     def _matmat(self, x: Tensor) -> Tensor:
         return mode_product(self.factors, x.reshape(*self.sizes, -1)).reshape(x.shape)
@@ -224,9 +240,8 @@ class Kronecker(CurvatureOperator):
         return functools.reduce(operator.mul, [_factor_diagonal(f).sum() for f in self.factors])
 
     def _logdet(self, damping: float) -> Tensor:
-        scale = self._noise_scale()
         return spectral.logdet_from_eigenvalues(
-            self._spectrum().flatten(), damping, self._rtol(), None if scale is None else scale.flatten()
+            self._spectrum().flatten(), damping, 1.0, self._spectrum_noise().flatten()
         )
 
     def _inverse(self, damping: float, factored: bool) -> CurvatureOperator:
@@ -235,7 +250,7 @@ class Kronecker(CurvatureOperator):
         return self._power(-1.0, damping)
 
     def _power(self, p: float, damping: float) -> KroneckerEigen:
-        values = spectral.power_eigenvalues(self._spectrum(), p, damping, self._rtol(), self._noise_scale())
+        values = spectral.power_eigenvalues(self._spectrum(), p, damping, 1.0, self._spectrum_noise())
         return KroneckerEigen([q for _, q in self.eigendecompositions()], values)
 
     def _factored_inverse(self, damping: float) -> Kronecker:
@@ -248,11 +263,12 @@ class Kronecker(CurvatureOperator):
         pis = mean_eigenvalues / mean_eigenvalues.log().mean().exp()
         strength = damping ** (1.0 / len(self.factors))
         inverses = []
-        for (e, q), pi in zip(self.eigendecompositions(), pis, strict=True):
+        pairs = zip(self.eigendecompositions(), self._factor_noise(), pis, strict=True)
+        for (e, q), noise, pi in pairs:
+            inverse = spectral.inverse_eigenvalues(e, strength * pi, 1.0, noise)
             if q is None:  # a diagonal factor: exact entries, and its inverse stays diagonal
-                inverses.append(spectral.inverse_eigenvalues(e, strength * pi, 0.0))
+                inverses.append(inverse)
                 continue
-            inverse = spectral.inverse_eigenvalues(e, strength * pi, self._rtol())
             matrix = (q * inverse) @ q.T
             inverses.append(0.5 * (matrix + matrix.T))
         return Kronecker(*inverses)

@@ -66,6 +66,11 @@ class LinearMap(ABC):
 
     def _apply(self, x: Tensor | np.ndarray, transpose: bool) -> Tensor | np.ndarray:
         if isinstance(x, np.ndarray):
+            if np.iscomplexobj(x):
+                raise TypeError(
+                    f"{type(self).__name__} is a real operator and got a complex array ({x.dtype}); "
+                    "apply it to the real and imaginary parts separately: op @ x.real + 1j * (op @ x.imag)."
+                )
             tensor = torch.as_tensor(np.ascontiguousarray(x), device=self.device).to(self.dtype)
             return self._apply(tensor, transpose).cpu().numpy()
         if not isinstance(x, Tensor):

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConvergenceWarning, NotPositiveDefiniteError
-from .base import CurvatureOperator
+from .base import CurvatureOperator, check_damping, check_positive, check_positive_int
 
 
 def cg(
@@ -103,9 +103,9 @@ class CGInverse(CurvatureOperator):
             raise TypeError(f"CGInverse takes a curvops operator, got {type(op).__name__}.")
         super().__init__(op.shape[0], op.dtype, op.device)
         self.op = op
-        self.damping = float(damping)
-        self.rtol = math.sqrt(torch.finfo(op.dtype).eps) if rtol is None else float(rtol)
-        self.maxiter = 10 * op.shape[0] if maxiter is None else int(maxiter)
+        self.damping = check_damping(damping)
+        self.rtol = math.sqrt(torch.finfo(op.dtype).eps) if rtol is None else check_positive(rtol, "rtol")
+        self.maxiter = 10 * op.shape[0] if maxiter is None else check_positive_int(maxiter, "maxiter")
 
     def _matmat(self, x: Tensor) -> Tensor:
         return cg(self.op._matmat, x, self.damping, self.rtol, self.maxiter)
