@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..errors import ConvergenceWarning, NotPositiveDefiniteError
+from ..errors import ConvergenceWarning, NotPositiveDefiniteError, SingularOperatorError
 from .base import CurvatureOperator, check_damping, check_positive, check_positive_int
 
 
@@ -25,9 +25,12 @@ def cg(
 
     Each iteration costs one product of ``A`` with a ``[D, K]`` block. Column ``k`` stops
     when ``‖B_k - (A + λI) X_k‖ <= rtol ‖B_k‖``. ``A + λI`` must be symmetric positive
-    definite: a direction of non-positive curvature raises
-    :class:`~curvops.errors.NotPositiveDefiniteError`; hitting ``maxiter`` first issues a
-    :class:`~curvops.errors.ConvergenceWarning` with the worst relative residual.
+    definite: a direction of negative curvature raises
+    :class:`~curvops.errors.NotPositiveDefiniteError`, and one of zero curvature up to rounding
+    (``|p^T (A + λI) p| <= ε D ‖A + λI‖ ‖p‖²`` with a small ``(A + λI) p``: a singular ``A + λI``,
+    at the exact method's tolerance) raises :class:`~curvops.errors.SingularOperatorError`; hitting
+    ``maxiter`` first issues a :class:`~curvops.errors.ConvergenceWarning` with the worst
+    relative residual.
 
     Args:
         matmat: ``A``'s product with ``[D, K]`` tensors.
@@ -49,17 +52,14 @@ def cg(
     direction = residual.clone()
     squared = (residual * residual).sum(0)
     target = rtol * rhs.norm(dim=0)
+    largest = torch.zeros(rhs.shape[1], dtype=rhs.dtype, device=rhs.device)
     for _ in range(maxiter):
         active = squared.sqrt() > target
         if not bool(active.any()):
             return x
         product = matmat(direction) + damping * direction
         curvature = (direction * product).sum(0)
-        if bool((curvature[active] <= 0).any()):
-            raise NotPositiveDefiniteError(
-                f"CG met non-positive curvature: op + {damping}*I is not positive definite. "
-                "Pass a larger damping or use method='exact'."
-            )
+        largest[active] = _check_curvature(direction[:, active], product[:, active], largest[active], damping)
         step = torch.where(active, squared / curvature, 0)
         x = x + step * direction
         residual = residual - step * product
@@ -75,6 +75,40 @@ def cg(
             stacklevel=2,
         )
     return x
+
+
+def _check_curvature(direction: Tensor, product: Tensor, largest: Tensor, damping: float) -> Tensor:
+    """Raise where a CG direction ``p`` shows ``M = A + λI`` singular or indefinite; return the
+    updated ``largest``, the running maximum of ``‖M p‖ / ‖p‖`` (a lower bound of ``‖M‖``).
+
+    ``r = p^T M p / ‖p‖²`` within ``tol = ε D largest`` of zero (the exact eigendecomposition's
+    tolerance) is zero up to rounding, and CG would divide by rounding noise (a huge,
+    meaningless ``x``). For a positive semi-definite ``M`` then ``‖M p‖² <= ‖M‖ p^T M p`` is small
+    too: ``M`` is singular (:class:`~curvops.errors.SingularOperatorError`). A clearly negative
+    ``r``, or a zero ``r`` with a large ``‖M p‖``, means ``M`` is indefinite
+    (:class:`~curvops.errors.NotPositiveDefiniteError`).
+    """
+    tiny = torch.finfo(direction.dtype).tiny
+    norms = direction.norm(dim=0).clamp_min(tiny)
+    rayleigh = (direction * product).sum(0) / norms.square()
+    largest = torch.maximum(largest, product.norm(dim=0) / norms)
+    eps = torch.finfo(direction.dtype).eps * direction.shape[0]
+    tol = eps * largest
+    flat = rayleigh.abs() <= tol
+    singular = flat & (product.norm(dim=0) / norms <= 10 * math.sqrt(eps) * largest)
+    if bool((rayleigh < -tol).any() or (flat & ~singular).any()):
+        raise NotPositiveDefiniteError(
+            f"CG met non-positive curvature p^T (op + {damping}*I) p <= 0: op + {damping}*I is not "
+            "positive definite. Pass a larger damping or use method='exact'."
+        )
+    if bool(singular.any()):
+        worst = (rayleigh.abs() / largest.clamp_min(tiny))[singular].max().item()
+        raise SingularOperatorError(
+            f"CG met a direction p with |p^T (op + {damping}*I) p| / ‖p‖² = {worst:.3e} times ‖op + "
+            f"{damping}*I‖, zero up to rounding: op + {damping}*I is singular, so its inverse does "
+            "not exist; pass damping > 0."
+        )
+    return largest
 
 
 class CGInverse(CurvatureOperator):
