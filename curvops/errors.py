@@ -34,3 +34,8 @@ class StaleParametersError(RuntimeError):
 
 class NonDeterministicDataError(RuntimeError):
     """A pass over the data saw different batches or model outputs than the first pass."""
+
+
+class MemoryBudgetError(MemoryError):
+    """A dense ``D x D`` result would exceed the memory budget; see
+    :func:`curvops.linalg.set_memory_budget`."""

@@ -22,6 +22,7 @@ from .kronecker import Dense, Kronecker, KroneckerEigen
 from .linear_map import LinearMap, Transposed
 from .lowrank import LowRankUpdate
 from .matrix_functions import LanczosPower
+from .memory import get_memory_budget, memory_budget, set_memory_budget
 from .permuted import Permuted
 from .solvers import CGInverse, cg
 from .state import from_state_dict
@@ -44,13 +45,16 @@ __all__ = [
     "Transposed",
     "cg",
     "from_state_dict",
+    "get_memory_budget",
     "hutchinson_diagonal",
     "hutchinson_trace",
     "hutchpp_diagonal",
     "hutchpp_trace",
     "lanczos",
     "lanczos_basis",
+    "memory_budget",
     "rademacher",
     "ritz_pairs",
+    "set_memory_budget",
     "slq_logdet",
 ]

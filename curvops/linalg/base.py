@@ -8,7 +8,10 @@ composition and state dicts — lives here once.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from numbers import Real
 from typing import Any, ClassVar
 
@@ -17,6 +20,7 @@ from torch import Tensor
 
 from . import estimators
 from .linear_map import LinearMap
+from .memory import check_dense
 
 TRACE_METHODS = ("exact", "hutchinson", "hutch++")
 DIAGONAL_METHODS = ("exact", "hutchinson", "hutch++")
@@ -25,6 +29,28 @@ INVERSE_METHODS = ("exact", "cg")
 POWER_METHODS = ("exact", "lanczos")
 
 _REGISTRY: dict[str, type[CurvatureOperator]] = {}
+_SOURCE_EPS = contextvars.ContextVar("curvops_source_eps", default=0.0)
+
+
+def validation_eps(dtype: torch.dtype) -> float:
+    """The machine epsilon that checks of a tensor's properties (symmetry, orthonormality) use.
+
+    That of ``dtype``, or of the coarser dtype the tensor was converted from inside
+    :func:`converted_from`: ``op.to(dtype=torch.float64)`` of a float32 operator keeps its
+    float32 rounding, which must not fail float64's tolerance.
+    """
+    return max(torch.finfo(dtype).eps, _SOURCE_EPS.get())
+
+
+@contextlib.contextmanager
+def converted_from(dtype: torch.dtype) -> Iterator[None]:
+    """Within this block, operators are rebuilt from tensors converted from ``dtype``
+    (see :func:`validation_eps`)."""
+    token = _SOURCE_EPS.set(validation_eps(dtype) if dtype.is_floating_point else _SOURCE_EPS.get())
+    try:
+        yield
+    finally:
+        _SOURCE_EPS.reset(token)
 
 
 def _scalar(value: Any) -> Any:
@@ -171,9 +197,12 @@ class CurvatureOperator(LinearMap):
         return self._as_dense_operator()._eigenvalues()
 
     def _as_dense_operator(self) -> CurvatureOperator:
-        """The fallback without structure: the (symmetrised) dense matrix as a ``Dense``."""
+        """The fallback without structure: the (symmetrised) dense matrix as a ``Dense``, whose
+        float64 ``eigh`` needs two more ``D x D`` matrices: all within the memory budget."""
         from .kronecker import Dense
 
+        what = f"The dense fallback of {type(self).__name__} (no structure for this quantity)"
+        check_dense(self.shape, self.dtype, what, float64_copies=2)
         dense = self._to_dense()
         return Dense(0.5 * (dense + dense.T))
 

@@ -22,13 +22,15 @@ from torch import Tensor
 
 from ..errors import SingularOperatorError
 from . import spectral
-from .base import CurvatureOperator
+from .base import CurvatureOperator, validation_eps
 
 
 def check_matrix(matrix: Any, name: str, symmetric: bool, allow_diagonal: bool = False) -> None:
     """Raise a clear error unless ``matrix`` is a finite, square, floating-point ``[n, n]`` tensor.
 
-    With ``symmetric=True`` it must also equal its transpose up to ``sqrt(eps)`` relative.
+    With ``symmetric=True`` it must also equal its transpose up to ``sqrt(eps)`` relative
+    (``eps`` of its dtype, or of the dtype it was converted from: see
+    :func:`~curvops.linalg.base.validation_eps`).
     With ``allow_diagonal=True`` a finite floating-point 1-D ``[n]`` tensor (the diagonal of a
     diagonal matrix, symmetric by construction) passes too.
     """
@@ -44,7 +46,7 @@ def check_matrix(matrix: Any, name: str, symmetric: bool, allow_diagonal: bool =
     if not bool(torch.isfinite(matrix).all()):
         raise ValueError(f"{name} contains NaN or inf.")
     if symmetric and not vector and matrix.numel():
-        tol = math.sqrt(torch.finfo(matrix.dtype).eps) * matrix.abs().max()
+        tol = math.sqrt(validation_eps(matrix.dtype)) * matrix.abs().max()
         if bool((matrix - matrix.T).abs().max() > tol):
             raise ValueError(f"{name} is not symmetric; curvops operators are symmetric.")
 
@@ -357,7 +359,7 @@ class KroneckerEigen(CurvatureOperator):
                 continue
             check_matrix(q, f"KroneckerEigen eigenvectors[{i}]", symmetric=False)
             eye = torch.eye(q.shape[0], dtype=q.dtype, device=q.device)
-            tol = math.sqrt(torch.finfo(q.dtype).eps * max(q.shape[0], 1))
+            tol = math.sqrt(validation_eps(q.dtype) * max(q.shape[0], 1))
             if q.numel() and bool((q.T @ q - eye).abs().max() > tol):
                 raise ValueError(f"KroneckerEigen eigenvectors[{i}] is not orthonormal (Q^T Q != I).")
         matrices = [q for q in eigenvectors if q is not None]

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..errors import StateDictError
-from .base import _REGISTRY, CurvatureOperator
+from .base import _REGISTRY, CurvatureOperator, converted_from
 
 _KEYS = ("type", "shape", "dtype", "tensors", "children", "config")
 
@@ -59,7 +59,8 @@ def from_state_dict(
     if device is None:
         device = next((t.device for t in tensors.values()), None)
         device = device or (children[0].device if children else torch.device("cpu"))
-    op = cls._from_state(tensors, children, dict(state["config"]), target_dtype, torch.device(device))
+    with converted_from(stored_dtype):  # the tensors keep the stored dtype's rounding
+        op = cls._from_state(tensors, children, dict(state["config"]), target_dtype, torch.device(device))
     if list(op.shape) != list(state["shape"]):
         raise StateDictError(
             f"{state['type']}: state dict says shape {state['shape']}, its tensors give {list(op.shape)}."
