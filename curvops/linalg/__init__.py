@@ -5,7 +5,7 @@ its dense matrix.
 """
 
 from .base import CurvatureOperator
-from .composite import BlockDiagonal, Scaled, Sum
+from .composite import BlockDiagonal, Cast, Scaled, Sum, computation_dtype
 from .diagonal import Diagonal, Identity
 from .estimators import (
     hutchinson_diagonal,
@@ -30,6 +30,7 @@ from .state import from_state_dict
 __all__ = [
     "BlockDiagonal",
     "CGInverse",
+    "Cast",
     "CurvatureOperator",
     "Dense",
     "Diagonal",
@@ -44,6 +45,7 @@ __all__ = [
     "Sum",
     "Transposed",
     "cg",
+    "computation_dtype",
     "from_state_dict",
     "get_memory_budget",
     "hutchinson_diagonal",

@@ -42,6 +42,15 @@ def validation_eps(dtype: torch.dtype) -> float:
     return max(torch.finfo(dtype).eps, _SOURCE_EPS.get())
 
 
+def is_widened(dtype: torch.dtype) -> bool:
+    """Whether tensors of ``dtype`` are being rebuilt from a coarser dtype (see
+    :func:`converted_from`): their symmetry or orthonormality then holds only to the coarser
+    precision, and constructors restore it to ``dtype``'s (``Kronecker`` symmetrises its
+    factors, ``KroneckerEigen`` re-orthonormalises its eigenvectors), changing the matrix by
+    no more than the coarser dtype's rounding."""
+    return validation_eps(dtype) > torch.finfo(dtype).eps
+
+
 @contextlib.contextmanager
 def converted_from(dtype: torch.dtype) -> Iterator[None]:
     """Within this block, operators are rebuilt from tensors converted from ``dtype``

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..errors import SingularOperatorError
 from . import spectral
-from .base import CurvatureOperator, validation_eps
+from .base import CurvatureOperator, is_widened, validation_eps
 
 
 def check_matrix(matrix: Any, name: str, symmetric: bool, allow_diagonal: bool = False) -> None:
@@ -127,6 +127,12 @@ def _rounding_bound(factor: Tensor, e: Tensor, q: Tensor) -> Tensor:
     return entries + spectral.EIGH_EPS * n * e.abs().max()
 
 
+def _orthonormalised(q: Tensor) -> Tensor:
+    """The orthonormal matrix nearest ``q`` column by column (QR with ``diag(R) > 0``)."""
+    basis, r = torch.linalg.qr(q)
+    return basis * torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
+
+
 def _factor_diagonal(factor: Tensor) -> Tensor:
     """The diagonal of a factor: the factor itself if it is 1-D, else its matrix diagonal."""
     return factor if factor.ndim == 1 else factor.diagonal()
@@ -179,6 +185,8 @@ class Kronecker(CurvatureOperator):
         for i, factor in enumerate(factors):
             check_matrix(factor, f"{type(self).__name__} factor {i}", symmetric=True, allow_diagonal=True)
         dtype, device = check_same_place(factors, "Kronecker factors")
+        if is_widened(dtype):  # converted from a coarser dtype: symmetric to its precision only
+            factors = [f if f.ndim == 1 else 0.5 * (f + f.T) for f in factors]
         super().__init__(math.prod(f.shape[0] for f in factors), dtype, device)
         self.factors = tuple(factors)
         self._eigen: list[tuple[Tensor, Tensor | None]] | None = None
@@ -364,6 +372,8 @@ class KroneckerEigen(CurvatureOperator):
                 raise ValueError(f"KroneckerEigen eigenvectors[{i}] is not orthonormal (Q^T Q != I).")
         matrices = [q for q in eigenvectors if q is not None]
         dtype, device = check_same_place([*matrices, eigenvalues], "eigenvectors and eigenvalues")
+        if is_widened(dtype):  # converted from a coarser dtype: orthonormal to its precision only
+            eigenvectors = tuple(None if q is None else _orthonormalised(q) for q in eigenvectors)
         if len(matrices) < len(eigenvectors) and eigenvalues.ndim != len(eigenvectors):
             raise ValueError(
                 f"With None (identity) eigenvectors the eigenvalues must have one axis per factor, "

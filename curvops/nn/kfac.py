@@ -11,12 +11,14 @@ from torch import Tensor, nn
 
 from ..linalg import (
     BlockDiagonal,
+    Cast,
     CurvatureOperator,
     Dense,
     Diagonal,
     Kronecker,
     KroneckerEigen,
     Permuted,
+    computation_dtype,
     spectral,
 )
 from ..linalg.base import check_choice, check_positive_int
@@ -296,11 +298,15 @@ def _build(
         for layer, layer_blocks in zip(layers, blocks, strict=True)
         for entry in place(layer, layer_blocks, layout, device)
     ]
+    compute = computation_dtype(model_data.dtype)
     for module_name, module, chosen in others:
         exact = _exact_operator(fisher_type, model, loss_fn, data, chosen, mc_samples, seed)
-        block = Dense(exact.to_dense()) if unsupported == "dense" else Diagonal(exact.diagonal())
+        exact_matrix = exact.to_dense() if unsupported == "dense" else exact.diagonal()
+        block = (Dense if unsupported == "dense" else Diagonal)(exact_matrix.to(compute))
         where = torch.cat([layout.indices(p, device) for p in chosen])
         entries.append((module_name or type(module).__name__, block, where))
+    if compute != model_data.dtype:  # the precision policy: products in the model's dtype
+        entries = [(label, Cast(block, model_data.dtype), where) for label, block, where in entries]
     return assemble(sorted(entries, key=lambda entry: int(entry[2].min())))
 
 
