@@ -118,12 +118,19 @@ def test_rotated_ill_conditioned_float64_matrix_is_resolved():
 
 
 # --------------------------------------------------------------- item 12: dtype conversions
+def _float32_psd(size: int, seed: int = 0) -> torch.Tensor:
+    """A float32 PSD matrix symmetric to float32's precision only (1e-6 relative), as computed
+    factors are: within float32's tolerance, outside float64's."""
+    matrix = random_psd(size, seed=seed).float()
+    return matrix + 1e-6 * matrix.abs().max() * torch.ones(size, size).triu(1)
+
+
 def _linalg_operators():
-    g, a = random_psd(3).float(), random_psd(2, seed=1).float()
+    g, a = _float32_psd(3), _float32_psd(2, seed=1)
     kron = curvops.Kronecker(g, a)
     q = random_orthogonal(3, seed=3).float()
     return [
-        curvops.Dense(random_psd(4).float()),
+        curvops.Dense(_float32_psd(4)),
         curvops.Diagonal(torch.tensor([1.0, 2.0, 3.0])),
         curvops.Identity(3),
         kron,
@@ -131,7 +138,7 @@ def _linalg_operators():
         curvops.KroneckerEigen([q, None], torch.rand(3, 2)),
         kron.inverse(0.1),
         2.0 * kron,
-        kron + curvops.Dense(random_psd(6, seed=4).float()) + 0.5 * curvops.Identity(6),
+        kron + curvops.Dense(_float32_psd(6, seed=4)) + 0.5 * curvops.Identity(6),
         curvops.BlockDiagonal([kron, curvops.Diagonal(torch.ones(2))], labels=["k", "d"]),
         curvops.Permuted(kron, torch.tensor([1, 0, 2, 3, 5, 4])),
         curvops.LowRankUpdate(kron, torch.randn(6, 2, generator=generator(0))),
@@ -162,7 +169,9 @@ def test_iterative_operators_convert_with_their_operand(index):
 @pytest.mark.parametrize("build", [curvops.KFAC, curvops.EKFAC, curvops.TKFAC])
 def test_kronecker_approximations_convert_to_float64_and_back(build):
     """KFAC(...).to(dtype=float64) of a float32 model failed ("factor 0 is not symmetric")."""
-    model, data = _mlp_and_data(torch.float32)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Tanh(), torch.nn.Linear(30, 10))
+    data = [(torch.randn(256, 20), torch.randint(0, 10, (256,)))]
     op = build(model, torch.nn.CrossEntropyLoss(), data, fisher_type="type-2")
     wide = op.to(dtype=DOUBLE)
     source = op.to_dense().double()
@@ -273,6 +282,7 @@ OP = curvops.Kronecker(random_psd(2), random_psd(3, seed=1))
         (lambda: OP.power(0.5, 0.1, method="lanczos", num_steps=0), ValueError, "num_steps"),
         (lambda: curvops.LowRankUpdate(OP, torch.ones(6, dtype=DOUBLE), sign=True), ValueError, "sign"),
         (lambda: curvops.compare(OP, OP, exact="False"), TypeError, "exact must be True or False"),
+        (lambda: curvops.linalg.cg(lambda v: v, torch.ones(2, 1), maxiter=True), ValueError, "maxiter"),
     ],
 )
 def test_arguments_of_the_wrong_type_are_refused(call, error, match):

@@ -142,7 +142,10 @@ class Kronecker(CurvatureOperator):
     """``F_1 ⊗ F_2 ⊗ ... ⊗ F_k`` for symmetric factors; KFAC's block is ``G ⊗ A``.
 
     With eigendecompositions ``F_i = Q_i diag(e_i) Q_i^T`` (computed once, in float64, and
-    cached) every quantity is exact and cheap:
+    cached) every quantity is exact and cheap. The factors are taken as the exact matrices:
+    an eigenvalue counts as zero only within the bound that rounding of the factor's entries
+    puts on it (see :meth:`_factor_noise`), so a diagonal matrix stored as a dense factor gives
+    the same answers as :class:`~curvops.Diagonal`.
 
     - ``tr = Π tr F_i``; ``diag = ⊗ diag F_i``;
     - ``logdet(F + λI) = Σ log(e_1 ∘ ... ∘ e_k + λ)``, ``-inf`` (with a warning) for a

@@ -45,8 +45,8 @@ def cg(
         >>> torch.allclose(a @ x, torch.tensor([[1.0], [2.0]], dtype=torch.float64))
         True
     """
-    rtol = math.sqrt(torch.finfo(rhs.dtype).eps) if rtol is None else rtol
-    maxiter = 10 * rhs.shape[0] if maxiter is None else maxiter
+    rtol = math.sqrt(torch.finfo(rhs.dtype).eps) if rtol is None else check_positive(rtol, "rtol")
+    maxiter = 10 * rhs.shape[0] if maxiter is None else check_positive_int(maxiter, "maxiter")
     x = torch.zeros_like(rhs)
     residual = rhs.clone()
     direction = residual.clone()
