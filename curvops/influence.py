@@ -50,9 +50,10 @@ raises :class:`~curvops.errors.NonDeterministicDataError` at the random forward 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -62,8 +63,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Identity, LowRankUpdate, Permuted
 from .linalg.base import check_choice, check_curvature, check_damping, check_positive_int
-from .nn import GGN, EmpiricalFisher, FisherMC, LossAdapter, ModelData
-from .nn.kfac import KRONECKER_APPROXIMATIONS, kronecker_approximation
+from .nn import EKFAC, GGN, KFAC, TKFAC, EmpiricalFisher, FisherMC, LossAdapter, ModelData
+from .nn.kfac import KRONECKER_APPROXIMATIONS, find_layers, kronecker_approximation
 from .nn.model import fixed_forward
 
 CURVATURES = ("kfac", "ekfac", "tkfac", "tekfac", "diagonal", "ggn", "identity")
@@ -312,6 +313,90 @@ def _check_mode(model: nn.Module) -> None:
 
 # ------------------------------------------------------------------------- curvature
 
+OWN_ARGUMENTS = {
+    "model": "model",
+    "loss_fn": "loss_fn",
+    "data": "train_data",
+    "params": "params",
+    "fisher_type": "fisher_type",
+    "bias": "bias",
+    "progressbar": "progressbar",
+}
+"""Builder arguments that the influence functions set from their own: builder name -> argument."""
+
+EXACT_CURVATURES = {"type-2": GGN, "empirical": EmpiricalFisher, "mc": FisherMC}
+"""The exact operator of each ``fisher_type`` that ``"ggn"`` and ``"diagonal"`` are built from."""
+
+
+def _builder(curvature: str, fisher_type: str) -> Callable | None:
+    """The builder that ``curvature_options`` go to (``None``: the curvature has no builder)."""
+    if curvature in KRONECKER_APPROXIMATIONS:
+        return {"kfac": KFAC, "ekfac": EKFAC}.get(curvature, TKFAC)
+    if curvature == "ggn" or (curvature == "diagonal" and fisher_type != "empirical"):
+        return EXACT_CURVATURES[fisher_type]
+    return None
+
+
+def _builder_options(builder: Callable | None) -> tuple[str, ...]:
+    """The keyword arguments of ``builder`` that ``curvature_options`` may set."""
+    if builder is None:
+        return ()
+    names = inspect.signature(builder).parameters
+    return tuple(n for n in names if n not in OWN_ARGUMENTS and n != "eigenvalue_correction")
+
+
+def _check_options(
+    options: Mapping[str, Any] | None, curvature: str | CurvatureOperator, fisher_type: str
+) -> dict[str, Any]:
+    """``curvature_options`` as a dict, every key one the curvature's builder takes."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(
+            f"curvature_options must be a dict of the curvature builder's keyword arguments, "
+            f"got {type(options).__name__}."
+        )
+    options = dict(options)
+    if not options:
+        return options
+    if isinstance(curvature, CurvatureOperator):
+        raise ValueError(
+            f"curvature_options {sorted(map(str, options))} apply to a named curvature, not to a prebuilt "
+            "operator: pass them to the function that builds it."
+        )
+    builder = _builder(curvature, fisher_type)
+    allowed = _builder_options(builder)
+    what = f"curvature={curvature!r} with fisher_type={fisher_type!r}"
+    for key in options:
+        if not isinstance(key, str):
+            raise TypeError(f"curvature_options keys must be strings, got {key!r}.")
+        if key in OWN_ARGUMENTS:
+            raise ValueError(
+                f"curvature_options[{key!r}] sets an argument of the influence function itself: "
+                f"pass {OWN_ARGUMENTS[key]}= to it instead."
+            )
+        if key not in allowed:
+            takes = f"it takes {', '.join(allowed)}" if allowed else "it takes no curvature_options"
+            source = f" (the options of {builder.__name__})" if builder is not None else ""
+            raise ValueError(f"curvature_options[{key!r}] is not an option of {what}{source}; {takes}.")
+    return options
+
+
+def _check_supported(
+    model: nn.Module, model_data: ModelData, curvature: str, bias: str, options: dict[str, Any]
+) -> None:
+    """Refuse parameters without a Kronecker rule (LayerNorm, ...) unless ``unsupported`` says how."""
+    if curvature not in KRONECKER_APPROXIMATIONS or options.get("unsupported", "error") != "error":
+        return
+    _, others = find_layers(model, model_data.params, bias, options.get("kfac_approx", "expand"))
+    if others:
+        listing = ", ".join(f"{name!r} ({type(module).__name__})" for name, module, _ in others)
+        raise ValueError(
+            f"curvature={curvature!r} has no Kronecker rule for the parameters of {listing}. Pass "
+            "curvature_options={'unsupported': 'dense'} (or 'diagonal') for an exact block of their own, "
+            "leave them out of params, or use curvature='ggn' or 'diagonal'."
+        )
+
 
 def _build(
     model: nn.Module,
@@ -323,8 +408,10 @@ def _build(
     params: Sequence[nn.Parameter] | None,
     progressbar: bool,
     batch_size: int,
+    options: dict[str, Any],
 ) -> CurvatureOperator:
-    """The operator called ``curvature`` of the mean loss over the training data."""
+    """The operator called ``curvature`` of the mean loss over the training data, its builder
+    given ``options`` (checked by :func:`_check_options`)."""
     model_data = train.model_data
     data, mean = train.data, losses.mean
     if curvature == "identity":
@@ -339,18 +426,15 @@ def _build(
             fisher_type=fisher_type,
             bias=bias,
             progressbar=progressbar,
+            **options,
         )
     if curvature == "diagonal" and fisher_type == "empirical":
         # diag((1/Z) Σ_n ∇ℓ_n ∇ℓ_n^T) from one pass of per-example gradients
         squares = sum(block.square().sum(dim=1) for block in train.columns(batch_size))
         diagonal = squares / train.totals()[1]
     else:
-        if fisher_type == "type-2":
-            exact = GGN(model, mean, data, params, progressbar)
-        elif fisher_type == "empirical":
-            exact = EmpiricalFisher(model, mean, data, params, progressbar)
-        else:
-            exact = FisherMC(model, mean, data, params, progressbar=progressbar)
+        builder = EXACT_CURVATURES[fisher_type]
+        exact = builder(model, mean, data, params=params, progressbar=progressbar, **options)
         if curvature == "ggn":
             return Dense(exact.to_dense())
         diagonal = exact.diagonal()
@@ -430,10 +514,12 @@ class _Setup:
         train_batch_size: int,
         query_batch_size: int,
         progressbar: bool,
+        curvature_options: Mapping[str, Any] | None,
     ) -> None:
         check_curvature(curvature, CURVATURES)
         check_choice(fisher_type, FISHER_TYPES, "fisher_type")
         check_choice(bias, ("separate", "joint"), "bias")
+        self.options = _check_options(curvature_options, curvature, fisher_type)
         self.damping = _check_damping(damping)
         self.train_batch_size = check_positive_int(train_batch_size, "train_batch_size")
         self.query_batch_size = check_positive_int(query_batch_size, "query_batch_size")
@@ -443,6 +529,8 @@ class _Setup:
         self.train = _Examples(model, train_data, params, self.losses, "train_data", progressbar)
         if isinstance(curvature, CurvatureOperator):
             _check_operator(curvature, self.train.model_data)
+        else:
+            _check_supported(model, self.train.model_data, curvature, bias, self.options)
         self.curvature, self.fisher_type, self.bias = curvature, fisher_type, bias
 
     def examples(self, data: Any, what: str) -> _Examples:
@@ -458,7 +546,7 @@ class _Setup:
         else:
             self.op = _build(
                 self.model, self.losses, self.train, self.curvature, self.fisher_type, self.bias,
-                self.params, self.progressbar, self.train_batch_size,
+                self.params, self.progressbar, self.train_batch_size, self.options,
             )  # fmt: skip
         self.dampings = _block_dampings(self.op, self.damping)
         self.inverse = _inverse(_damped(self.op, self.dampings), self.op)
@@ -480,6 +568,7 @@ def influence_curvature(
     bias: str = "joint",
     params: Sequence[nn.Parameter] | None = None,
     progressbar: bool = False,
+    curvature_options: Mapping[str, Any] | None = None,
 ) -> CurvatureOperator:
     """The curvature ``F`` of the mean loss over ``train_data`` that the influence functions use.
 
@@ -517,6 +606,13 @@ def influence_curvature(
         bias: ``"joint"`` or ``"separate"`` (Kronecker curvatures only).
         params: the parameters (default: the model's trainable ones, in order).
         progressbar: tqdm bars on the passes over the data.
+        curvature_options: further keyword arguments of the builder: for the Kronecker
+            curvatures those of :func:`~curvops.KFAC`, :func:`~curvops.EKFAC` or
+            :func:`~curvops.TKFAC` (``unsupported``, ``kfac_approx``, ``mc_samples``, ``seed``,
+            ``correction``, ``check_deterministic``); for ``"ggn"`` and ``"diagonal"`` those of
+            the exact operator of ``fisher_type`` (``check_deterministic``; ``mc_samples`` and
+            ``seed`` for ``"mc"``). A key the builder does not take, or one that is an argument
+            above (``fisher_type``, ``bias``, ``params``, ...), raises a ``ValueError``.
 
     Example:
         >>> from curvops.influence import influence_curvature
@@ -525,11 +621,28 @@ def influence_curvature(
         >>> op = influence_curvature(model.double(), torch.nn.CrossEntropyLoss(), data, "kfac")
         >>> op.labels, op.block_sizes  # weight and bias in one block per layer
         (('0', '2'), (16, 10))
+
+        A LayerNorm has no Kronecker rule; ``unsupported="dense"`` gives it an exact block:
+
+        >>> layers = [torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)]
+        >>> model = torch.nn.Sequential(*layers).double()
+        >>> data = (torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))
+        >>> op = influence_curvature(
+        ...     model, torch.nn.CrossEntropyLoss(), data, "kfac", curvature_options={"unsupported": "dense"}
+        ... )
+        >>> op.labels, op.block_sizes
+        (('0', '1', '2'), (16, 8, 10))
     """
     check_choice(curvature, CURVATURES, "curvature")
-    setup = _Setup(model, loss_fn, train_data, curvature, 0.0, fisher_type, bias, params, 1, 1, progressbar)
+    setup = _Setup(
+        model, loss_fn, train_data, curvature, 0.0, fisher_type, bias, params, 1, 1, progressbar,
+        curvature_options,
+    )  # fmt: skip
     setup.train.check()
-    return _build(model, setup.losses, setup.train, curvature, fisher_type, bias, params, progressbar, 32)
+    return _build(
+        model, setup.losses, setup.train, curvature, fisher_type, bias, params, progressbar, 32,
+        setup.options,
+    )  # fmt: skip
 
 
 def influence_scores(
@@ -545,6 +658,7 @@ def influence_scores(
     train_batch_size: int = 32,
     query_batch_size: int = 128,
     progressbar: bool = False,
+    curvature_options: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """Influence of every training example on every query: ``∇ℓ_t^T (F + Λ)^-1 ∇ℓ_n``.
 
@@ -576,6 +690,9 @@ def influence_scores(
         query_batch_size: query gradients preconditioned and held at once (each block costs
             one pass of training gradients).
         progressbar: tqdm bars on the passes over the data.
+        curvature_options: further keyword arguments of the curvature's builder, e.g.
+            ``{"unsupported": "dense"}`` for a model with LayerNorm and a Kronecker curvature
+            (see :func:`influence_curvature`); none with a prebuilt operator.
 
     Returns:
         ``[M, N]`` scores, query ``t`` by training example ``n``, in data order.
@@ -598,7 +715,7 @@ def influence_scores(
     """
     setup = _Setup(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
-        train_batch_size, query_batch_size, progressbar,
+        train_batch_size, query_batch_size, progressbar, curvature_options,
     )  # fmt: skip
     query = setup.examples(query_data, "query_data")
     setup.build()
@@ -617,6 +734,7 @@ def self_influence(
     params: Sequence[nn.Parameter] | None = None,
     train_batch_size: int = 32,
     progressbar: bool = False,
+    curvature_options: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """Self-influence ``∇ℓ_n^T (F + Λ)^-1 ∇ℓ_n`` of every training example (``>= 0``).
 
@@ -640,7 +758,7 @@ def self_influence(
     """
     setup = _Setup(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
-        train_batch_size, 1, progressbar,
+        train_batch_size, 1, progressbar, curvature_options,
     )  # fmt: skip
     setup.build()
     parts = [(g * (setup.inverse @ g)).sum(dim=0) for g in setup.train.columns(setup.train_batch_size)]
@@ -696,6 +814,7 @@ def leave_one_out_scores(
     train_batch_size: int = 32,
     query_batch_size: int = 128,
     progressbar: bool = False,
+    curvature_options: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """Influence scores re-computed with one training example's curvature removed.
 
@@ -740,7 +859,7 @@ def leave_one_out_scores(
     single, indices = _removed_indices(removed)
     setup = _Setup(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
-        train_batch_size, query_batch_size, progressbar,
+        train_batch_size, query_batch_size, progressbar, curvature_options,
     )  # fmt: skip
     query = setup.examples(query_data, "query_data")
     setup.train.check()

@@ -13,7 +13,7 @@ import contextvars
 import math
 from collections.abc import Iterator
 from numbers import Real
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -21,6 +21,9 @@ from torch import Tensor
 from . import estimators
 from .linear_map import LinearMap
 from .memory import check_dense
+
+if TYPE_CHECKING:
+    from .state import StateSchema
 
 TRACE_METHODS = ("exact", "hutchinson", "hutch++")
 DIAGONAL_METHODS = ("exact", "hutchinson", "hutch++")
@@ -224,6 +227,13 @@ class CurvatureOperator(LinearMap):
 
     def _state_config(self) -> dict[str, Any]:
         return {}
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema | None:
+        """What this operator's state holds (tensors, children, settings), to check a state dict
+        against before building; ``tensors`` are the given ones (for numbered names like a
+        Kronecker product's ``factor{i}``). ``None``: not declared, only the generic checks."""
+        return None
 
     @classmethod
     def _from_state(
@@ -520,8 +530,10 @@ class CurvatureOperator(LinearMap):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Replace this operator's contents by ``state``, keeping its device.
 
-        ``state`` must come from an operator of the same type, shape, dtype and tensor
-        shapes; any mismatch raises :class:`~curvops.errors.StateDictError` naming the key.
+        ``state`` must come from an operator of the same type, shape, dtype, tensor shapes
+        and block labels (an operator built on the same layers); any mismatch, or a state
+        dict that is not well formed, raises :class:`~curvops.errors.StateDictError` naming
+        the key.
 
         Example:
             >>> op = curvops.Diagonal(torch.ones(2))
@@ -529,10 +541,11 @@ class CurvatureOperator(LinearMap):
             >>> op.diagonal().tolist()
             [2.0, 3.0]
         """
-        from .state import check_state_matches, from_state_dict
+        from .state import check_state_matches, rebuild
 
-        check_state_matches(self.state_dict(), state, type(self).__name__)
-        rebuilt = from_state_dict(state, device=self.device)
+        where = type(self).__name__
+        check_state_matches(self.state_dict(), state, where)
+        rebuilt = rebuild(state, self.device, None, where)
         self.__dict__.update(rebuilt.__dict__)
 
     def to(

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Real
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import CurvatureOperator
+from .base import CurvatureOperator, _scalar
 from .diagonal import Identity
+from .state import LABELS, REAL, StateSchema
 
 
 def _check_operators(ops: Sequence[CurvatureOperator], what: str) -> None:
@@ -23,6 +26,14 @@ def _check_operators(ops: Sequence[CurvatureOperator], what: str) -> None:
         raise ValueError(
             f"All operators in a {what} must share one dtype and device, got {sorted(map(str, places))}."
         )
+
+
+def _real(value: Any, what: str) -> float:
+    """``value`` as a float: a real number (or one-element tensor), not a bool or a string."""
+    value = _scalar(value)
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{what} must be a real number, got {value!r}.")
+    return float(value)
 
 
 class Scaled(CurvatureOperator):
@@ -45,7 +56,7 @@ class Scaled(CurvatureOperator):
 
     def __init__(self, op: CurvatureOperator, scale: float) -> None:
         _check_operators([op], "Scaled")
-        scale = float(scale)
+        scale = _real(scale, "Scaled's scale")
         if not math.isfinite(scale):
             raise ValueError(f"Scaled needs a finite scale, got {scale}.")
         if isinstance(op, Scaled):
@@ -91,6 +102,10 @@ class Scaled(CurvatureOperator):
         return {"scale": self.scale}
 
     @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(children=1, config={"scale": REAL})
+
+    @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> Scaled:
         return cls(children[0], config["scale"])
 
@@ -133,7 +148,7 @@ class Sum(CurvatureOperator):
         sizes = {op.shape[0] for op in terms}
         if len(sizes) > 1:
             raise ValueError(f"All operators in a Sum must have one shape, got sizes {sorted(sizes)}.")
-        flat, shift = [], float(shift)
+        flat, shift = [], _real(shift, "Sum's shift")
         for op in terms:
             if isinstance(op, Sum):
                 flat.extend(op.terms)
@@ -206,6 +221,10 @@ class Sum(CurvatureOperator):
 
     def _state_config(self) -> dict[str, float]:
         return {"shift": self.shift}
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(children=None, config={"shift": REAL})
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> Sum:
@@ -287,6 +306,10 @@ class BlockDiagonal(CurvatureOperator):
         return {} if self.labels is None else {"labels": list(self.labels)}
 
     @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(children=None, config={"labels": LABELS})
+
+    @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> BlockDiagonal:
         return cls(children, config.get("labels"))
 
@@ -357,6 +380,10 @@ class Cast(CurvatureOperator):
 
     def _state_children(self) -> list[CurvatureOperator]:
         return [self.op]
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(children=1)
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> Cast:

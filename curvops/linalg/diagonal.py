@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from numbers import Integral
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from . import spectral
 from .base import CurvatureOperator
+from .state import NONNEGATIVE_INT, StateSchema, TensorSpec
 
 
 class Diagonal(CurvatureOperator):
@@ -61,6 +65,10 @@ class Diagonal(CurvatureOperator):
         return {"diagonal": self.entries}
 
     @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(tensors={"diagonal": TensorSpec((1,))})
+
+    @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> Diagonal:
         return cls(tensors["diagonal"])
 
@@ -82,7 +90,9 @@ class Identity(Diagonal):
     def __init__(
         self, size: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> None:
-        if int(size) < 0:
+        if isinstance(size, bool) or not isinstance(size, Integral):
+            raise TypeError(f"Identity size must be an integer, got {size!r}.")
+        if size < 0:
             raise ValueError(f"Identity size must be >= 0, got {size}.")
         dtype = dtype or torch.get_default_dtype()
         super().__init__(torch.ones((), dtype=dtype, device=device).expand(int(size)))
@@ -98,6 +108,10 @@ class Identity(Diagonal):
 
     def _state_config(self) -> dict[str, int]:
         return {"size": self.shape[0]}
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(config={"size": NONNEGATIVE_INT})
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> Identity:

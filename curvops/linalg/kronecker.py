@@ -23,6 +23,10 @@ from torch import Tensor
 from ..errors import SingularOperatorError
 from . import spectral
 from .base import CurvatureOperator, is_widened, validation_eps
+from .state import StateSchema, TensorSpec
+
+_MATRIX = TensorSpec((2,), square=True)
+_FACTOR = TensorSpec((1, 2), square=True)
 
 
 def check_matrix(matrix: Any, name: str, symmetric: bool, allow_diagonal: bool = False) -> None:
@@ -290,6 +294,10 @@ class Kronecker(CurvatureOperator):
         return {f"factor{i}": f for i, f in enumerate(self.factors)}
 
     @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(tensors={f"factor{i}": _FACTOR for i in range(max(len(tensors), 1))})
+
+    @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> Kronecker:
         return cls(*(tensors[f"factor{i}"] for i in range(len(tensors))))
 
@@ -324,6 +332,10 @@ class Dense(Kronecker):
 
     def _state_tensors(self) -> dict[str, Tensor]:
         return {"matrix": self.matrix}
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(tensors={"matrix": _MATRIX})
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> Dense:
@@ -432,6 +444,16 @@ class KroneckerEigen(CurvatureOperator):
     def _state_tensors(self) -> dict[str, Tensor]:
         tensors = {f"eigenvectors{i}": q for i, q in enumerate(self.eigenvectors) if q is not None}
         return {**tensors, "eigenvalues": self.spectrum}
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        # eigenvectors{i} per axis of the [n_1, ..., n_k] eigenvalues; a missing one is an identity
+        eigenvalues = tensors.get("eigenvalues")
+        count = eigenvalues.ndim if isinstance(eigenvalues, Tensor) else 0
+        return StateSchema(
+            tensors={"eigenvalues": TensorSpec(None)},
+            optional_tensors={f"eigenvectors{i}": _MATRIX for i in range(count)},
+        )
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> KroneckerEigen:

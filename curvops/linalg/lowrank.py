@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from ..errors import NotPositiveDefiniteError, SingularOperatorError
 from . import spectral
 from .base import CurvatureOperator
+from .state import SIGN, StateSchema, TensorSpec
 
 
 class LowRankUpdate(CurvatureOperator):
@@ -117,6 +120,10 @@ class LowRankUpdate(CurvatureOperator):
 
     def _state_config(self) -> dict[str, float]:
         return {"sign": self.sign}
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(tensors={"factors": TensorSpec((2,))}, children=1, config={"sign": SIGN})
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> LowRankUpdate:

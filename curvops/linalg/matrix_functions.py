@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from . import spectral
 from .base import CurvatureOperator, check_damping, check_positive_int, check_power
 from .estimators import lanczos_basis, ritz_pairs
+from .state import NONNEGATIVE_REAL, POSITIVE_INT, REAL, StateSchema
 
 
 class LanczosPower(CurvatureOperator):
@@ -79,6 +82,12 @@ class LanczosPower(CurvatureOperator):
 
     def _state_config(self) -> dict[str, float | int]:
         return {"p": self.p, "damping": self.damping, "num_steps": self.num_steps}
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(
+            children=1, config={"p": REAL, "damping": NONNEGATIVE_REAL, "num_steps": POSITIVE_INT}
+        )
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> LanczosPower:

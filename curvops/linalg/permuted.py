@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from .base import CurvatureOperator
+from .state import StateSchema, TensorSpec
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
@@ -102,6 +105,10 @@ class Permuted(CurvatureOperator):
 
     def _state_children(self) -> list[CurvatureOperator]:
         return [self.op]
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(tensors={"permutation": TensorSpec((1,), integer=True)}, children=1)
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> Permuted:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import ConvergenceWarning, NotPositiveDefiniteError, SingularOperatorError
 from .base import CurvatureOperator, check_damping, check_positive, check_positive_int
+from .state import NONNEGATIVE_REAL, POSITIVE_INT, POSITIVE_REAL, StateSchema
 
 
 def cg(
@@ -149,6 +151,13 @@ class CGInverse(CurvatureOperator):
 
     def _state_config(self) -> dict[str, float | int]:
         return {"damping": self.damping, "rtol": self.rtol, "maxiter": self.maxiter}
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(
+            children=1,
+            config={"damping": NONNEGATIVE_REAL, "rtol": POSITIVE_REAL, "maxiter": POSITIVE_INT},
+        )
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> CGInverse:
