@@ -29,11 +29,14 @@ class ConvergenceWarning(RuntimeWarning):
 
 
 class StaleParametersError(RuntimeError):
-    """A model-based operator was used after its parameters changed; build a new operator."""
+    """A model-based operator was used after a parameter or buffer of its model changed (in
+    place, through ``.data``, or replaced); build a new operator."""
 
 
 class NonDeterministicDataError(RuntimeError):
-    """A pass over the data saw different batches or model outputs than the first pass."""
+    """A pass over the data saw other batches than the first pass (fewer or more, other values,
+    or another order where the result depends on it), or the model drew random numbers in its
+    forward pass (dropout in train mode); use a fixed loader and ``model.eval()``."""
 
 
 class MemoryBudgetError(MemoryError):

@@ -61,11 +61,12 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
+from .errors import NonDeterministicDataError
 from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Identity, LowRankUpdate, Permuted
 from .linalg.base import check_choice, check_curvature, check_damping, check_positive_int
 from .nn import EKFAC, GGN, KFAC, TKFAC, EmpiricalFisher, FisherMC, LossAdapter, ModelData
 from .nn.kfac import KRONECKER_APPROXIMATIONS, find_layers, kronecker_approximation
-from .nn.model import fixed_forward
+from .nn.model import check_batch_statistics, fixed_forward
 
 CURVATURES = ("kfac", "ekfac", "tkfac", "tekfac", "diagonal", "ggn", "identity")
 """The names :func:`influence_curvature` builds."""
@@ -200,14 +201,15 @@ class _Examples:
         model_data = self.model_data
         shapes = [list(leaf.shape) for leaf in tree_leaves(x)]
         shape = shapes[0] if len(shapes) == 1 else shapes
-        try:
-            with torch.no_grad():
-                output = model_data.forward(model_data.param_dict(), x)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            raise ValueError(
-                f"{self.what} batch {index}: the model cannot take inputs of shape {shape} "
-                f"(first axis: data): {error}"
-            ) from error
+        with fixed_forward():
+            try:
+                with torch.no_grad():
+                    output = model_data.forward(model_data.param_dict(), x)
+            except (RuntimeError, ValueError, TypeError, IndexError) as error:
+                raise ValueError(
+                    f"{self.what} batch {index}: the model cannot take inputs of shape {shape} "
+                    f"(first axis: data): {error}"
+                ) from error
         try:
             self.losses.datum(output, y)
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
@@ -228,9 +230,10 @@ class _Examples:
         try:
             with fixed_forward():
                 tree = vmap(grad(datum_loss), in_dims=(None, 0, 0))(params, x, y)
-        except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            if "random operation" not in str(error):
-                self._diagnose(index, x, y)
+        except NonDeterministicDataError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError):
+            self._diagnose(index, x, y)
             raise
         columns = model_data.from_tree(tree)
         if not bool(torch.isfinite(columns).all()):
@@ -295,12 +298,8 @@ def _check_mode(model: nn.Module) -> None:
     """Refuse batch norm in train mode; warn about dropout in train mode."""
     if not isinstance(model, nn.Module):
         return
+    check_batch_statistics(model)
     modules = [m for m in model.modules() if m.training]
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in modules):
-        raise ValueError(
-            "The model is in train mode and has batch normalisation, which would normalise each datum "
-            "alone and update its running statistics; per-example gradients need model.eval()."
-        )
     dropout = sorted({type(m).__name__ for m in modules if isinstance(m, nn.modules.dropout._DropoutNd)})
     if dropout:
         warnings.warn(

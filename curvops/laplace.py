@@ -260,28 +260,28 @@ class Laplace:
         """One pass: ``L_sum(θ*)``, ``N``, the output shape, and ``∇L_sum(θ*)`` (returned, ``[D]``)."""
         loss, model = self._loss_adapter, self._model
         total, count, gradient = None, 0.0, None
-        with fixed_forward():
-            for index, inputs, targets in model.batches("Laplace: loss at the trained parameters"):
-                batch_count = loss.count(targets)
-                if not batch_count:
-                    continue
-                scale = loss.batch_scale(batch_count)
+        for index, inputs, targets in model.batches("Laplace: loss at the trained parameters"):
+            batch_count = loss.count(targets)
+            if not batch_count:
+                continue
+            scale = loss.batch_scale(batch_count)
 
-                def summed(p, inputs=inputs, targets=targets, scale=scale):
-                    output = model.forward(p, inputs)
-                    return scale * loss(output, targets), output
+            def summed(p, inputs=inputs, targets=targets, scale=scale):
+                output = model.forward(p, inputs)
+                return scale * loss(output, targets), output
 
+            with fixed_forward():
                 grads, (value, output) = grad_and_value(summed, has_aux=True)(self._theta)
-                model.check_output(index, output)
-                if not bool(torch.isfinite(value)):
-                    raise ValueError(f"Batch {index}: the loss is {value.item()} (NaN or inf).")
-                if total is None:
-                    self._output_shape = tuple(output.shape[1:])
-                    self._input_example = tuple(inputs.shape) if isinstance(inputs, Tensor) else None
-                flat = torch.cat([grads[name].reshape(-1) for name in self.param_names])
-                total = value.detach() if total is None else total + value.detach()
-                gradient = flat if gradient is None else gradient + flat
-                count += batch_count
+            model.check_output(index, output)
+            if not bool(torch.isfinite(value)):
+                raise ValueError(f"Batch {index}: the loss is {value.item()} (NaN or inf).")
+            if total is None:
+                self._output_shape = tuple(output.shape[1:])
+                self._input_example = tuple(inputs.shape) if isinstance(inputs, Tensor) else None
+            flat = torch.cat([grads[name].reshape(-1) for name in self.param_names])
+            total = value.detach() if total is None else total + value.detach()
+            gradient = flat if gradient is None else gradient + flat
+            count += batch_count
         if total is None:
             raise ValueError("The data has no loss terms (every target is ignored).")
         self.num_terms = count
@@ -325,15 +325,15 @@ class Laplace:
                 f"[N, {', '.join(map(str, self._output_shape))}]. Use 'kfac' or 'full'."
             )
         total = torch.zeros_like(self.mean)
-        with fixed_forward():
-            for _, inputs, targets in self._model.batches("Laplace: diagonal GGN"):
-                for start, chunk in self._chunks(inputs, None):
-                    stop = start + chunk.shape[0]
-                    jac = self._datum_jacobians(chunk)  # [B, C, D]
+        for _, inputs, targets in self._model.batches("Laplace: diagonal GGN", any_order=True):
+            for start, chunk in self._chunks(inputs, None):
+                stop = start + chunk.shape[0]
+                jac = self._datum_jacobians(chunk)  # [B, C, D]
+                with fixed_forward():
                     output = self._forward(self._theta, chunk)
-                    factor = loss_hessian_factor(self._loss_adapter, output, targets[start:stop])
-                    factor = factor.reshape(factor.shape[0], chunk.shape[0], -1)  # [K, B, C]
-                    total += torch.einsum("bcd,kbc->kbd", jac, factor).square().sum(dim=(0, 1))
+                factor = loss_hessian_factor(self._loss_adapter, output, targets[start:stop])
+                factor = factor.reshape(factor.shape[0], chunk.shape[0], -1)  # [K, B, C]
+                total += torch.einsum("bcd,kbc->kbd", jac, factor).square().sum(dim=(0, 1))
         offsets = torch.tensor([0, *self._sizes]).cumsum(0).tolist()
         blocks = [Diagonal(total[a:b]) for a, b in itertools.pairwise(offsets)]
         return BlockDiagonal(blocks, self.param_names)

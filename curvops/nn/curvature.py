@@ -55,6 +55,8 @@ class ModelCurvature(CurvatureOperator):
     _logdet_method = "slq"
     _power_method = "lanczos"
     _needs_likelihood = False
+    _any_order = True
+    """Whether the matrix is a sum over batches whatever their order (a reshuffled pass is accepted)."""
 
     def __init__(
         self,
@@ -69,33 +71,37 @@ class ModelCurvature(CurvatureOperator):
         self._loss = LossAdapter(loss_fn, likelihood=self._needs_likelihood, what=name)
         self._model = ModelData(model, data, params, progressbar, check_deterministic)
         super().__init__(self._model.size, self._model.dtype, self._model.device)
-        self._counts = [self._loss.count(y) for _, _, y in self._model.batches(f"{name}: reading data")]
-        if sum(self._counts) == 0:
+        passing = self._model.batches(f"{name}: reading data", any_order=self._any_order)
+        if sum(self._loss.count(y) for _, _, y in passing) == 0:
             raise ValueError("The data has no loss terms (every target is ignored).")
-        self._normalizer = self._loss.batch_scale(sum(self._counts))
 
     @property
     def params(self) -> list[nn.Parameter]:
         """The parameters ``θ``, in the order of the flat vector."""
         return list(self._model.params)
 
-    def _batch_scale(self, index: int) -> float:
-        """``s_b`` with ``s_b · loss_fn(f(X_b), y_b) = Σ_{n in b} ℓ_n``."""
-        return self._loss.batch_scale(self._counts[index])
-
     def _matmat(self, x: Tensor) -> Tensor:
+        """``(1/Z) Σ_b ∇²_θ (s_b · loss_b) V``: each batch's count ``z_b`` (and ``s_b``) from its own
+        targets, the normaliser ``Z = Σ_b z_b`` from this pass, so any batch order gives one matrix."""
         tree = self._model.to_tree(x)
         params = self._model.param_dict()
-        total = None
-        with fixed_forward():
-            for index, inputs, targets in self._model.batches(f"{type(self).__name__} product"):
-                if self._counts[index]:
-                    total = add_trees(total, self._batch_product(index, params, inputs, targets, tree))
-        return self._model.from_tree(total) / self._normalizer
+        total, terms = None, 0.0
+        passing = self._model.batches(f"{type(self).__name__} product", any_order=self._any_order)
+        for index, inputs, targets in passing:
+            count = self._loss.count(targets)
+            terms += count
+            if count:
+                with fixed_forward():
+                    part = self._batch_product(index, count, params, inputs, targets, tree)
+                total = add_trees(total, part)
+        return self._model.from_tree(total) / self._loss.batch_scale(terms)
 
     @abstractmethod
-    def _batch_product(self, index: int, params: Tree, inputs, targets: Tensor, tree: Tree) -> Tree:
-        """``∇²_θ (s_b · loss_b) V`` (or its GGN / Fisher counterpart) for one batch."""
+    def _batch_product(
+        self, index: int, count: float, params: Tree, inputs, targets: Tensor, tree: Tree
+    ) -> Tree:
+        """``∇²_θ (s_b · loss_b) V`` (or its GGN / Fisher counterpart) for batch ``index``, which holds
+        ``count`` loss terms (``s_b = loss.batch_scale(count)``)."""
 
     def _check_loss(self, index: int, output: Tensor, loss: Tensor) -> None:
         self._model.check_output(index, output)
@@ -128,8 +134,8 @@ class Hessian(ModelCurvature):
         (8, 8)
     """
 
-    def _batch_product(self, index, params, inputs, targets, tree):
-        scale = self._batch_scale(index)
+    def _batch_product(self, index, count, params, inputs, targets, tree):
+        scale = self._loss.batch_scale(count)
 
         def loss_and_output(p: Tree) -> tuple[Tensor, Tensor]:
             output = self._model.forward(p, inputs)
@@ -144,24 +150,20 @@ class Hessian(ModelCurvature):
 class _OutputCurvature(ModelCurvature):
     """``J^T Λ J`` operators: subclasses say how ``Λ_n`` acts on the output tangents."""
 
-    def _batch_product(self, index, params, inputs, targets, tree):
+    def _batch_product(self, index, count, params, inputs, targets, tree):
         forward = lambda p: self._model.forward(p, inputs)  # noqa: E731
         output, pullback = vjp(forward, params)
         output = output.detach()
         self._check_loss(index, output, self._loss(output, targets))
         tangents = vmap(lambda v: jvp(forward, (params,), (v,))[1])(tree)
-        cotangents = self._apply_output_curvature(index, output, targets, tangents)
+        cotangents = self._apply_output_curvature(index, count, output, targets, tangents)
         return pull_back(pullback, cotangents)
 
     @abstractmethod
     def _apply_output_curvature(
-        self, index: int, output: Tensor, targets: Tensor, tangents: Tensor
+        self, index: int, count: float, output: Tensor, targets: Tensor, tangents: Tensor
     ) -> Tensor:
-        """``Λ_b U`` for output tangents ``U`` of shape ``[K, *output.shape]``."""
-
-    def _datum_gradients(self, index: int, output: Tensor, targets: Tensor) -> Tensor:
-        """``∇_f ℓ_n`` for every datum of the batch: the gradient of ``s_b · loss`` w.r.t. the output."""
-        return self._loss.datum_gradients(output, targets, self._counts[index])
+        """``Λ_b U`` for output tangents ``U`` of shape ``[K, *output.shape]`` (``count`` terms)."""
 
 
 def _outer_products(gradients: Tensor, tangents: Tensor) -> Tensor:
@@ -188,8 +190,8 @@ class GGN(_OutputCurvature):
         True
     """
 
-    def _apply_output_curvature(self, index, output, targets, tangents):
-        scale = self._batch_scale(index)
+    def _apply_output_curvature(self, index, count, output, targets, tangents):
+        scale = self._loss.batch_scale(count)
         gradient = grad(lambda o: scale * self._loss(o, targets))
         return vmap(lambda u: jvp(gradient, (output,), (u,))[1])(tangents)
 
@@ -211,8 +213,8 @@ class EmpiricalFisher(_OutputCurvature):
 
     _needs_likelihood = True
 
-    def _apply_output_curvature(self, index, output, targets, tangents):
-        return _outer_products(self._datum_gradients(index, output, targets).unsqueeze(0), tangents)
+    def _apply_output_curvature(self, index, count, output, targets, tangents):
+        return _outer_products(self._loss.datum_gradients(output, targets, count).unsqueeze(0), tangents)
 
 
 class FisherMC(_OutputCurvature):
@@ -222,7 +224,9 @@ class FisherMC(_OutputCurvature):
     An unbiased estimate of the GGN (= type-2 Fisher) for ``MSELoss`` (``N(f, ½ I)``),
     ``CrossEntropyLoss`` and ``BCEWithLogitsLoss``. The labels of batch ``b`` come from a
     generator seeded with ``(seed, b)``, so the operator is one fixed matrix: every product,
-    and every operator built with the same ``seed``, uses the same labels.
+    and every operator built with the same ``seed``, uses the same labels. The batches must
+    therefore come in the same order on every pass (``shuffle=False``); a reshuffled pass
+    raises :class:`~curvops.errors.NonDeterministicDataError`.
 
     Args:
         mc_samples: ``M``, labels drawn per datum.
@@ -238,6 +242,7 @@ class FisherMC(_OutputCurvature):
     """
 
     _needs_likelihood = True
+    _any_order = False  # the labels of batch b are drawn with (seed, b)
 
     def __init__(
         self,
@@ -260,7 +265,7 @@ class FisherMC(_OutputCurvature):
         """The ``[M, *targets.shape]`` labels this operator draws for batch ``index``."""
         return self._loss.sample_batch(output, targets, self.mc_samples, self.seed, index)
 
-    def _apply_output_curvature(self, index, output, targets, tangents):
+    def _apply_output_curvature(self, index, count, output, targets, tangents):
         sampled = self.sample_targets(index, output, targets)
-        gradients = vmap(lambda t: self._datum_gradients(index, output, t))(sampled)
+        gradients = vmap(lambda t: self._loss.datum_gradients(output, t, count))(sampled)
         return _outer_products(gradients, tangents)

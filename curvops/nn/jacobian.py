@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
 
+from ..errors import NonDeterministicDataError
 from ..linalg.linear_map import LinearMap
 from .model import ModelData, add_trees, fixed_forward, pull_back
 
@@ -54,7 +55,8 @@ class Jacobian(LinearMap):
         self._output_shapes = []
         with torch.no_grad():
             for index, inputs, _ in self._model.batches("Jacobian: reading data"):
-                output = self._model.forward(params, inputs)
+                with fixed_forward():
+                    output = self._model.forward(params, inputs)
                 self._model.check_output(index, output)
                 self._output_shapes.append(output.shape)
         rows = sum(shape.numel() for shape in self._output_shapes)
@@ -64,22 +66,33 @@ class Jacobian(LinearMap):
         tree = self._model.to_tree(x)
         params = self._model.param_dict()
         blocks = []
-        with fixed_forward():
-            for index, inputs, _ in self._model.batches("Jacobian product"):
-                forward = lambda p: self._model.forward(p, inputs)  # noqa: E731, B023
+        for index, inputs, _ in self._model.batches("Jacobian product"):
+            forward = lambda p: self._model.forward(p, inputs)  # noqa: E731, B023
+            with fixed_forward():
                 output, tangents = vmap(lambda v: jvp(forward, (params,), (v,)), out_dims=(None, 0))(tree)  # noqa: B023
-                self._model.check_output(index, output)
-                blocks.append(tangents.reshape(x.shape[1], -1).T)
+            self._check_output(index, output)
+            blocks.append(tangents.reshape(x.shape[1], -1).T)
         return torch.cat(blocks, dim=0)
 
     def _rmatmat(self, y: Tensor) -> Tensor:
         params = self._model.param_dict()
         parts = y.split([shape.numel() for shape in self._output_shapes], dim=0)
         total = None
-        with fixed_forward():
-            for index, inputs, _ in self._model.batches("Jacobian transpose product"):
+        for index, inputs, _ in self._model.batches("Jacobian transpose product"):
+            with fixed_forward():
                 output, pullback = vjp(lambda p: self._model.forward(p, inputs), params)  # noqa: B023
-                self._model.check_output(index, output)
-                cotangents = parts[index].T.reshape(y.shape[1], *self._output_shapes[index])
-                total = add_trees(total, pull_back(pullback, cotangents))
+            self._check_output(index, output)
+            cotangents = parts[index].T.reshape(y.shape[1], *self._output_shapes[index])
+            total = add_trees(total, pull_back(pullback, cotangents))
         return self._model.from_tree(total)
+
+    def _check_output(self, index: int, output: Tensor) -> None:
+        """Finite, and shaped as batch ``index``'s output on the first pass (its rows of ``J``)."""
+        expected = self._output_shapes[index]
+        if output.shape != expected:
+            raise NonDeterministicDataError(
+                f"Jacobian: batch {index} gives outputs of shape {list(output.shape)}, {list(expected)} on "
+                "the first pass: the rows of J are the outputs batch by batch, so the batches must be the "
+                "same on every pass; use a fixed, non-shuffled loader (shuffle=False)."
+            )
+        self._model.check_output(index, output)

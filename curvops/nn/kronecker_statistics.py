@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..linalg.composite import computation_dtype
 from .losses import LossAdapter
-from .model import ModelData
+from .model import ModelData, fixed_forward
 
 KRONECKER_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
@@ -466,16 +466,20 @@ class KroneckerStatistics:
                 for total, part in zip(sums[i], parts, strict=True)
             ]
 
-        scale = self.sums.scale(self._pass("EKFAC eigenvalue correction", consume))
+        any_order = self.sums.fisher_type != "mc"  # the labels must be those of the first pass
+        scale = self.sums.scale(self._pass("EKFAC eigenvalue correction", consume, any_order))
         return [tuple(None if t is None else t / scale for t in pair) for pair in sums]
 
-    def _pass(self, description: str, consume) -> float:
+    def _pass(self, description: str, consume, any_order: bool = True) -> float:
         """One pass over the data; ``consume(layer, inputs, gradients)`` per layer and batch.
 
-        Returns the normaliser ``Z`` (the number of loss terms for a mean, 1 for a sum).
+        Each batch's count of loss terms comes from its own targets. ``any_order``: the pass's
+        sums do not depend on the order of the batches (not so for ``"mc"`` labels, drawn per batch
+        index, once a pass must match an earlier one). Returns the normaliser ``Z`` (the number of
+        loss terms for a mean, 1 for a sum).
         """
         total = 0.0
-        for index, inputs, targets in self.model.batches(description):
+        for index, inputs, targets in self.model.batches(description, any_order=any_order):
             count = self.loss.count(targets)
             total += count
             if count:
@@ -494,7 +498,7 @@ class KroneckerStatistics:
 
         handles = [layer.module.register_forward_hook(hook) for layer in self.layers]
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), fixed_forward():
                 output = self.model.model(inputs)
         finally:
             for handle in handles:

@@ -2,21 +2,73 @@
 
 Parameters are *snapshotted by reference*: an operator is the curvature at the values the
 parameters had when it was built. They are not copied; instead every pass checks that no
-parameter was changed in place (e.g. by ``optimizer.step()``) or replaced since, and raises
-:class:`~curvops.errors.StaleParametersError` if one was, so a stale operator can never be
-used by mistake. Build a new operator after the parameters change.
+parameter or buffer of the model was changed (in place, e.g. by ``optimizer.step()``, through
+``.data``, or replaced) since, and raises :class:`~curvops.errors.StaleParametersError` if one
+was, so a stale operator can never be used by mistake. Build a new operator after the
+parameters change.
+
+Every complete pass over the data is compared with the first (:meth:`ModelData.batches`), the
+model's forward passes must not draw random numbers (:func:`fixed_forward`), and batch
+normalisation with batch statistics is refused (:func:`check_batch_statistics`): together they
+make an operator one fixed matrix, the curvature of a loss that is a sum over the data.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from ..errors import NonDeterministicDataError, StaleParametersError
+
+
+def _leaves(tree: Any) -> list[Tensor]:
+    """The tensors of ``tree`` (a tensor, or nested tuples, lists and dicts of them)."""
+    return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, Tensor)]
+
+
+def _sums(tensors: Sequence[Tensor]) -> Tensor:
+    """``[L, 2]`` float64 on the first tensor's device: each tensor's ``Σ t`` and ``Σ t²``.
+
+    Integers (and bools) exactly, in float64; floating-point tensors by native reductions in
+    their own precision (half types in float32), with no float64 copy. No device sync.
+    """
+    rows = []
+    for tensor in tensors:
+        values = tensor.detach()
+        values = torch.view_as_real(values) if values.is_complex() else values
+        if not values.is_floating_point():
+            values = values.to(torch.float64)
+            row = torch.stack([values.sum(), values.square().sum()])
+        else:
+            values = values.float() if values.dtype in (torch.float16, torch.bfloat16) else values
+            row = torch.stack([values.sum(), torch.linalg.vector_norm(values).square()])
+        rows.append(row.to(device=tensors[0].device, dtype=torch.float64))
+    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
+
+
+SUM_TOLERANCE = 1e-5
+"""Relative tolerance of floating-point :func:`_sums`: they may round apart in another order."""
+
+
+def _same_sums(first: Sequence[float], second: Sequence[float], elements: int, exact: bool) -> bool:
+    """Whether two ``(Σ t, Σ t²)`` of ``elements`` entries agree: exactly for integers; for floats
+    up to :data:`SUM_TOLERANCE` of ``√(n Σ t²) >= Σ |t|`` (sums) and of ``Σ t²`` (squares).
+    NaNs agree with NaNs."""
+    if all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(first, second, strict=True)):
+        return True
+    if exact:
+        return False
+    (total, squares), (total_b, squares_b) = first, second
+    return abs(total - total_b) <= SUM_TOLERANCE * math.sqrt(elements * abs(squares)) and abs(
+        squares - squares_b
+    ) <= SUM_TOLERANCE * abs(squares)
 
 
 def _fingerprint(*tensors: Any) -> tuple:
@@ -36,6 +88,82 @@ def _same(first: tuple, second: tuple) -> bool:
         ):
             return False
     return True
+
+
+class PassRecord:
+    """What one pass over the data saw, for comparing a later pass with the first.
+
+    Per batch the shapes and floating-point kinds of the tensors of ``(X, y)`` and their
+    float64 sums and sums of squares; the sums stay on the device until :meth:`finish`
+    (one sync per pass).
+    """
+
+    def __init__(self) -> None:
+        self.layouts: list[tuple[tuple[str, tuple[int, ...], bool], ...]] = []
+        self._pending: list[Tensor] = []
+        self.sums: list[list[tuple[float, float]]] = []
+
+    def add(self, x: Any, y: Any) -> None:
+        """Record one batch."""
+        named = [(f"X{i or ''}", t) for i, t in enumerate(_leaves(x))]
+        named += [(f"y{i or ''}", t) for i, t in enumerate(_leaves(y))]
+        self.layouts.append(
+            tuple((name, tuple(t.shape), t.is_floating_point() or t.is_complex()) for name, t in named)
+        )
+        self._pending.append(_sums([t for _, t in named]))
+
+    def finish(self) -> None:
+        """Fetch the sums of every batch (one device sync)."""
+        if self._pending:
+            flat = torch.cat([part.reshape(-1, 2).cpu() for part in self._pending]).tolist()
+            sizes = [len(layout) for layout in self.layouts]
+            offsets = [sum(sizes[:b]) for b in range(len(sizes) + 1)]
+            self.sums = [[tuple(row) for row in flat[a:b]] for a, b in itertools.pairwise(offsets)]
+        self._pending = []
+
+    def totals(self) -> dict[str, list]:
+        """Order-free totals per tensor name: ``[rows, elements, Σ t, Σ t², floating]``."""
+        totals: dict[str, list] = {}
+        for layout, sums in zip(self.layouts, self.sums, strict=True):
+            for (name, shape, floating), (total, squares) in zip(layout, sums, strict=True):
+                entry = totals.setdefault(name, [0, 0, 0.0, 0.0, floating])
+                entry[0] += shape[0] if shape else 1
+                entry[1] += math.prod(shape)
+                entry[2] += total
+                entry[3] += squares
+        return totals
+
+    def same_batch(self, other: PassRecord, index: int) -> bool:
+        """Whether batch ``index`` has the same shapes and sums in both passes."""
+        layout, sums = self.layouts[index], self.sums[index]
+        if layout != other.layouts[index]:
+            return False
+        return all(
+            _same_sums(row_a, row_b, math.prod(shape), exact=not floating)
+            for (_, shape, floating), row_a, row_b in zip(layout, sums, other.sums[index], strict=True)
+        )
+
+    def total_differences(self, other: PassRecord) -> list[str]:
+        """What differs between the order-free totals of two passes, in words."""
+        mine, theirs = self.totals(), other.totals()
+        if mine.keys() != theirs.keys():
+            return [f"the batches hold tensors {sorted(theirs)}, on the first pass {sorted(mine)}"]
+        changes = []
+        for name, (rows, elements, total, squares, floating) in mine.items():
+            rows_b, elements_b, total_b, squares_b, _ = theirs[name]
+            if (rows, elements) != (rows_b, elements_b):
+                changes.append(
+                    f"{name} has {rows_b} rows ({elements_b} entries), {rows} ({elements}) on the first"
+                )
+            elif not _same_sums((total, squares), (total_b, squares_b), elements, exact=not floating):
+                changes.append(f"the values of {name} differ (sum {total_b:.8g}, {total:.8g} on the first)")
+        return changes
+
+
+_FIX = (
+    "curvops passes over the data once per product and needs the same data on every pass: use a "
+    "fixed loader (a list of batches, or a DataLoader with shuffle=False and no random augmentation)"
+)
 
 
 def pull_back(pullback: Callable, cotangents: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
@@ -58,18 +186,86 @@ def add_trees(total: dict[str, Tensor] | None, part: dict[str, Tensor]) -> dict[
     return part if total is None else {name: total[name] + part[name] for name in total}
 
 
+RANDOM_FORWARD = (
+    "The model draws random numbers in its forward pass (dropout or another random layer in train "
+    "mode?), so its curvature is not one fixed matrix; call model.eval() or use a fixed dropout mask."
+)
+
+
+def _rng_states() -> list[Tensor]:
+    """The global random number generators' states: the CPU's, and every GPU's once CUDA is up."""
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states += torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng(states: list[Tensor]) -> bool:
+    """Put back ``states`` if the generators moved since; whether they had."""
+    now = _rng_states()
+    if len(now) == len(states) and all(torch.equal(a, b) for a, b in zip(now, states, strict=True)):
+        return False
+    torch.set_rng_state(states[0])
+    if len(states) > 1:
+        torch.cuda.set_rng_state_all(states[1:])
+    return True
+
+
 @contextmanager
 def fixed_forward() -> Iterator[None]:
-    """Turn torch.func's error for a random forward pass into one that says what to do."""
+    """Refuse a model that draws random numbers in the forward passes run inside.
+
+    Two signs: torch.func's own error for a random operation under ``vmap``, and any change of
+    the global generators' states (:func:`torch.get_rng_state`, CUDA's too), which are then
+    restored, so the user's random stream is never moved. Wrap model computations only, not
+    the iteration over a ``DataLoader`` (which draws random numbers for its own seeds).
+
+    Example:
+        >>> with curvops.nn.model.fixed_forward():  # doctest: +ELLIPSIS
+        ...     torch.nn.Dropout(0.5)(torch.ones(4))
+        Traceback (most recent call last):
+        ...
+        curvops.errors.NonDeterministicDataError: The model draws random numbers ... fixed dropout mask.
+    """
+    before = _rng_states()
     try:
         yield
     except RuntimeError as error:
         if "random operation" not in str(error):
             raise
-        raise NonDeterministicDataError(
-            "The model draws random numbers in its forward pass (dropout or another random layer "
-            "in train mode?), so its curvature is not one fixed matrix; call model.eval()."
-        ) from error
+        raise NonDeterministicDataError(RANDOM_FORWARD) from error
+    finally:
+        moved = _restore_rng(before)
+    if moved:
+        raise NonDeterministicDataError(RANDOM_FORWARD)
+
+
+def check_batch_statistics(model: nn.Module) -> None:
+    """Refuse batch normalisation that normalises with the batch's own statistics.
+
+    In train mode (or without running statistics) a ``BatchNorm`` layer couples the data of a
+    batch, so the loss is not a sum over data and depends on the batching; in train mode it also
+    updates its running statistics in every forward pass.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+        >>> curvops.nn.model.check_batch_statistics(model)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: '1' is a BatchNorm1d in train mode ...; call model.eval().
+        >>> curvops.nn.model.check_batch_statistics(model.eval())
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            module.training or module.running_mean is None
+        ):
+            mode = "in train mode" if module.training else "without running statistics"
+            raise ValueError(
+                f"{name or type(module).__name__!r} is a {type(module).__name__} {mode} (batch "
+                "normalisation with the batch's own statistics): the loss is then not a sum over data, "
+                "and curvops never updates a model's running statistics; call model.eval()"
+                + ("." if module.training else " after training with track_running_stats=True.")
+            )
 
 
 class ModelData:
@@ -80,9 +276,12 @@ class ModelData:
         data: a re-iterable of ``(X, y)`` batches (a list or a ``DataLoader``).
         params: parameters of ``model`` (default: its trainable ones, in order).
         progressbar: show a tqdm bar on every pass over the data.
-        check_deterministic: remember each batch's data (and model output, once seen) on
-            the first pass and raise :class:`~curvops.errors.NonDeterministicDataError`
-            when a later pass differs (shuffling, augmentation, dropout in train mode).
+        check_deterministic: also compare each batch's data (and model output, once seen)
+            with the first pass's as it comes, whatever the operator, and raise
+            :class:`~curvops.errors.NonDeterministicDataError` when it differs.
+
+    Raises:
+        ValueError: for batch normalisation with batch statistics (train mode).
     """
 
     def __init__(
@@ -124,26 +323,63 @@ class ModelData:
         self.dtype, self.device = params[0].dtype, params[0].device
         self.progressbar = progressbar
         self.check_deterministic = check_deterministic
-        self._versions = self._parameter_state()
+        check_batch_statistics(model)
+        self._state = self._parameter_state()
+        self._values = self._value_sums()
         self._fingerprints: dict[tuple[str, int], tuple] = {}
-        self._batch_count: int | None = None
+        self._first_pass: PassRecord | None = None
 
     @property
     def size(self) -> int:
         """``D``: the number of entries of the chosen parameters."""
         return sum(p.numel() for p in self.params)
 
-    def _parameter_state(self) -> list[tuple[int, int]]:
-        return [(p._version, p.data_ptr()) for p in self.params]
+    def _named_tensors(self) -> list[tuple[str, Tensor]]:
+        """Every parameter and buffer of the model (not only the chosen ones: all shape the loss)."""
+        return [*self.model.named_parameters(), *self.model.named_buffers()]
+
+    def _parameter_state(self) -> list[tuple[str, int, int]]:
+        """``(name, version counter, storage address)`` per parameter and buffer."""
+        return [(name, t._version, t.data_ptr()) for name, t in self._named_tensors()]
+
+    def _value_sums(self) -> list[tuple[float, float]]:
+        """Each parameter's and buffer's ``(Σ t, Σ t²)`` (:func:`_sums`), in one device sync."""
+        return [tuple(row) for row in _sums([t for _, t in self._named_tensors()]).tolist()]
 
     def check_fresh(self) -> None:
-        """Raise :class:`StaleParametersError` if a parameter changed since the operator was built."""
-        for name, before, after in zip(self.names, self._versions, self._parameter_state(), strict=True):
-            if before != after:
-                raise StaleParametersError(
-                    f"Parameter {name!r} changed after this operator was built; it represents the "
-                    "curvature at the old values. Build a new operator for the new parameters."
+        """Raise :class:`StaleParametersError` if a parameter or buffer changed since the build.
+
+        Catches in-place updates (``optimizer.step()``), replaced tensors, and changes through
+        ``.data`` that no version counter sees (``p.data.mul_(2)``, a BatchNorm buffer): a sum
+        and a sum of squares per tensor, compared up to rounding (one device sync; :func:`_same_sums`).
+        Changes below that tolerance, and permutations of a tensor's entries, go unnoticed.
+        """
+        state = self._parameter_state()
+        if [name for name, _, _ in state] != [name for name, _, _ in self._state]:
+            raise StaleParametersError(
+                "The model's parameters or buffers are not the ones it had when this operator was "
+                "built (one was added or removed); build a new operator."
+            )
+        changed = [
+            name for (name, *before), (_, *after) in zip(self._state, state, strict=True) if before != after
+        ]
+        if not changed:
+            changed = [
+                name
+                for (name, t), before, after in zip(
+                    self._named_tensors(), self._values, self._value_sums(), strict=True
                 )
+                if not _same_sums(
+                    before, after, t.numel(), exact=not (t.is_floating_point() or t.is_complex())
+                )
+            ]
+        if changed:
+            name = changed[0]
+            kind = "Parameter" if name in dict(self.model.named_parameters()) else "Buffer"
+            raise StaleParametersError(
+                f"{kind} {name!r} changed after this operator was built; it represents the "
+                "curvature at the old values. Build a new operator for the new parameters."
+            )
 
     def param_dict(self) -> dict[str, Tensor]:
         """``{name: detached parameter}`` for ``torch.func.functional_call``."""
@@ -175,34 +411,70 @@ class ModelData:
             return tensor
         return tensor.to(self.device)
 
-    def batches(self, description: str) -> Iterator[tuple[int, Any, Tensor]]:
+    def batches(self, description: str, any_order: bool = False) -> Iterator[tuple[int, Any, Tensor]]:
         """``(index, X, y)`` for every batch, on the parameters' device (floats in their dtype).
 
-        Checks the parameters are fresh, the batches well formed and finite, and — with
-        ``check_deterministic`` — that they equal those of the first pass.
+        Checks that the parameters are fresh and the batches well formed and finite; and, at
+        the end of every complete pass, that it saw the data of the first complete pass: the
+        same number of batches always, and the same batches in the same order — or, with
+        ``any_order`` (for a result that does not depend on the order: a sum over batches), the
+        same totals per tensor (rows, entries, ``Σ t`` and ``Σ t²``; integers exactly, floats up
+        to rounding: :func:`_same_sums`). A changed pass raises
+        :class:`~curvops.errors.NonDeterministicDataError`. ``check_deterministic`` compares each
+        batch with the first pass's as it comes.
         """
         self.check_fresh()
-        count = 0
+        record = PassRecord()
         batches = self.data
         if self.progressbar:
             from tqdm.auto import tqdm  # a widget in Jupyter; imported only when asked for
 
             batches = tqdm(batches, desc=description)
+        expected = None if self._first_pass is None else len(self._first_pass.layouts)
         for index, batch in enumerate(batches):
+            if index == expected:
+                raise NonDeterministicDataError(
+                    f"{description}: data yielded more than {expected} batches on this pass, {expected} on "
+                    f"the first; {_FIX}."
+                )
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise TypeError(f"Batch {index} must be an (X, y) pair, got {type(batch).__name__}.")
             x, y = self._move(batch[0], "X", index), self._move(batch[1], "y", index)
             if self.check_deterministic:
                 self._check_batch("data", index, _fingerprint(x, y))
-            count += 1
+            record.add(x, y)
             yield index, x, y
-        if count == 0:
+        if not record.layouts:
             raise ValueError("data is empty: it yielded no batches.")
-        if self.check_deterministic and self._batch_count not in (None, count):
+        record.finish()
+        self._check_pass(description, record, any_order)
+
+    def _check_pass(self, description: str, record: PassRecord, any_order: bool) -> None:
+        """Compare a complete pass with the first (which it becomes if there was none)."""
+        first = self._first_pass
+        if first is None:
+            self._first_pass = record
+            return
+        count, expected = len(record.layouts), len(first.layouts)
+        if count != expected:
             raise NonDeterministicDataError(
-                f"data yielded {count} batches, but {self._batch_count} on an earlier pass."
+                f"{description}: data yielded {count} batches on this pass, {expected} on the first; {_FIX}."
             )
-        self._batch_count = count
+        if any_order:
+            changes = first.total_differences(record)
+            if changes:
+                raise NonDeterministicDataError(
+                    f"{description}: the data differ from the first pass: {'; '.join(changes)} (random "
+                    f"augmentation, or shuffling with drop_last?); {_FIX}."
+                )
+            return
+        for index in range(count):
+            if not first.same_batch(record, index):
+                raise NonDeterministicDataError(
+                    f"{description}: batch {index} differs from batch {index} of the first pass, and this "
+                    "result depends on the order of the batches (labels drawn per batch, rows batch by "
+                    f"batch, or data by position); shuffling? {_FIX}."
+                )
 
     def check_output(self, index: int, output: Tensor) -> None:
         """Raise on a non-finite model output; compare it with the first pass if asked."""
