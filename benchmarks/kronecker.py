@@ -51,7 +51,8 @@ def row(n: int, dtype: torch.dtype, device: torch.device, damping: float, budget
     result["inv-matvec"] = seconds("inverse @ v", inverse=inverse, v=v)
     dense_bytes = (n * n) ** 2 * torch.finfo(dtype).bits // 8
     if dense_bytes <= budget_gib * 2**30:
-        dense = op.to_dense()
+        with curvops.linalg.memory_budget(int(budget_gib * 2**30)):
+            dense = op.to_dense()
         shifted = dense + damping * torch.eye(n * n, dtype=dtype, device=device)
         result["dense matvec"] = seconds("dense @ v", dense=dense, v=v)
         result["dense solve"] = seconds(

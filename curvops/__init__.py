@@ -11,6 +11,7 @@ from . import influence, laplace, linalg, nn, optim
 from .compare import Comparison, compare
 from .errors import (
     ConvergenceWarning,
+    MemoryBudgetError,
     NonDeterministicDataError,
     NotPositiveDefiniteError,
     SingularOperatorError,
@@ -61,6 +62,7 @@ __all__ = [
     "Laplace",
     "LinearMap",
     "LowRankUpdate",
+    "MemoryBudgetError",
     "NonDeterministicDataError",
     "NotPositiveDefiniteError",
     "Permuted",

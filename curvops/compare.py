@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .linalg import rademacher, spectral
-from .linalg.base import CurvatureOperator, check_damping, check_positive_int
+from .linalg.base import CurvatureOperator, check_bool, check_damping, check_positive_int
 from .nn import ModelCurvature
 
 EXACT_MAX_SIZE = 2048
@@ -151,7 +151,7 @@ def compare(
             size, NUM_VECTORS, generator=generator, dtype=reference.dtype, device=reference.device
         )
     vectors = _check_vectors(vectors, reference)
-    exact = size <= EXACT_MAX_SIZE if exact is None else bool(exact)
+    exact = size <= EXACT_MAX_SIZE if exact is None else check_bool(exact, "exact")
 
     if exact:
         a, b = (_dense(op) for op in (reference, approximation))

@@ -37,3 +37,8 @@ class NonDeterministicDataError(RuntimeError):
     """A pass over the data saw other batches than the first pass (fewer or more, other values,
     or another order where the result depends on it), or the model drew random numbers in its
     forward pass (dropout in train mode); use a fixed loader and ``model.eval()``."""
+
+
+class MemoryBudgetError(MemoryError):
+    """A dense ``D x D`` result would exceed the memory budget; see
+    :func:`curvops.linalg.set_memory_budget`."""

@@ -5,7 +5,7 @@ its dense matrix.
 """
 
 from .base import CurvatureOperator
-from .composite import BlockDiagonal, Scaled, Sum
+from .composite import BlockDiagonal, Cast, Scaled, Sum, computation_dtype
 from .diagonal import Diagonal, Identity
 from .estimators import (
     hutchinson_diagonal,
@@ -22,6 +22,7 @@ from .kronecker import Dense, Kronecker, KroneckerEigen
 from .linear_map import LinearMap, Transposed
 from .lowrank import LowRankUpdate
 from .matrix_functions import LanczosPower
+from .memory import get_memory_budget, memory_budget, set_memory_budget
 from .permuted import Permuted
 from .solvers import CGInverse, cg
 from .state import from_state_dict
@@ -29,6 +30,7 @@ from .state import from_state_dict
 __all__ = [
     "BlockDiagonal",
     "CGInverse",
+    "Cast",
     "CurvatureOperator",
     "Dense",
     "Diagonal",
@@ -43,14 +45,18 @@ __all__ = [
     "Sum",
     "Transposed",
     "cg",
+    "computation_dtype",
     "from_state_dict",
+    "get_memory_budget",
     "hutchinson_diagonal",
     "hutchinson_trace",
     "hutchpp_diagonal",
     "hutchpp_trace",
     "lanczos",
     "lanczos_basis",
+    "memory_budget",
     "rademacher",
     "ritz_pairs",
+    "set_memory_budget",
     "slq_logdet",
 ]

@@ -8,7 +8,10 @@ composition and state dicts — lives here once.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from numbers import Real
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -17,6 +20,7 @@ from torch import Tensor
 
 from . import estimators
 from .linear_map import LinearMap
+from .memory import check_dense
 
 if TYPE_CHECKING:
     from .state import StateSchema
@@ -28,6 +32,37 @@ INVERSE_METHODS = ("exact", "cg")
 POWER_METHODS = ("exact", "lanczos")
 
 _REGISTRY: dict[str, type[CurvatureOperator]] = {}
+_SOURCE_EPS = contextvars.ContextVar("curvops_source_eps", default=0.0)
+
+
+def validation_eps(dtype: torch.dtype) -> float:
+    """The machine epsilon that checks of a tensor's properties (symmetry, orthonormality) use.
+
+    That of ``dtype``, or of the coarser dtype the tensor was converted from inside
+    :func:`converted_from`: ``op.to(dtype=torch.float64)`` of a float32 operator keeps its
+    float32 rounding, which must not fail float64's tolerance.
+    """
+    return max(torch.finfo(dtype).eps, _SOURCE_EPS.get())
+
+
+def is_widened(dtype: torch.dtype) -> bool:
+    """Whether tensors of ``dtype`` are being rebuilt from a coarser dtype (see
+    :func:`converted_from`): their symmetry or orthonormality then holds only to the coarser
+    precision, and constructors restore it to ``dtype``'s (``Kronecker`` symmetrises its
+    factors, ``KroneckerEigen`` re-orthonormalises its eigenvectors), changing the matrix by
+    no more than the coarser dtype's rounding."""
+    return validation_eps(dtype) > torch.finfo(dtype).eps
+
+
+@contextlib.contextmanager
+def converted_from(dtype: torch.dtype) -> Iterator[None]:
+    """Within this block, operators are rebuilt from tensors converted from ``dtype``
+    (see :func:`validation_eps`)."""
+    token = _SOURCE_EPS.set(validation_eps(dtype) if dtype.is_floating_point else _SOURCE_EPS.get())
+    try:
+        yield
+    finally:
+        _SOURCE_EPS.reset(token)
 
 
 def _scalar(value: Any) -> Any:
@@ -81,7 +116,7 @@ def check_damping(damping: float) -> float:
 def check_power(p: float) -> float:
     """Return the exponent ``p`` as a float, raising ``ValueError`` unless it is a finite real."""
     p = _scalar(p)
-    if not isinstance(p, Real) or not math.isfinite(p):
+    if isinstance(p, bool) or not isinstance(p, Real) or not math.isfinite(p):
         raise ValueError(f"The power p must be a finite real number, got {p!r}.")
     return float(p)
 
@@ -174,9 +209,12 @@ class CurvatureOperator(LinearMap):
         return self._as_dense_operator()._eigenvalues()
 
     def _as_dense_operator(self) -> CurvatureOperator:
-        """The fallback without structure: the (symmetrised) dense matrix as a ``Dense``."""
+        """The fallback without structure: the (symmetrised) dense matrix as a ``Dense``, whose
+        float64 ``eigh`` needs two more ``D x D`` matrices: all within the memory budget."""
         from .kronecker import Dense
 
+        what = f"The dense fallback of {type(self).__name__} (no structure for this quantity)"
+        check_dense(self.shape, self.dtype, what, float64_copies=2)
         dense = self._to_dense()
         return Dense(0.5 * (dense + dense.T))
 
@@ -240,6 +278,7 @@ class CurvatureOperator(LinearMap):
             3.0
         """
         check_choice(method, TRACE_METHODS, "trace method")
+        check_positive_int(num_samples, "num_samples")
         if method == "exact":
             return self._trace()
         estimate = estimators.hutchinson_trace if method == "hutchinson" else estimators.hutchpp_trace
@@ -261,6 +300,7 @@ class CurvatureOperator(LinearMap):
             [2.0, 3.0]
         """
         check_choice(method, DIAGONAL_METHODS, "diagonal method")
+        check_positive_int(num_samples, "num_samples")
         if method == "exact":
             return self._diagonal()
         estimate = estimators.hutchinson_diagonal if method == "hutchinson" else estimators.hutchpp_diagonal
@@ -298,6 +338,8 @@ class CurvatureOperator(LinearMap):
         damping = check_damping(damping)
         method = method or self._logdet_method
         check_choice(method, LOGDET_METHODS, "logdet method")
+        check_positive_int(num_samples, "num_samples")
+        check_positive_int(num_steps, "num_steps")
         if method == "exact":
             return self._logdet(damping)
         return estimators.slq_logdet(self._matmat, self._probes(generator), num_samples, num_steps, damping)
@@ -354,8 +396,9 @@ class CurvatureOperator(LinearMap):
         damping = check_damping(damping)
         method = method or self._inverse_method
         check_choice(method, INVERSE_METHODS, "inverse method")
+        check_bool(factored, "factored")
         if method == "exact":
-            return self._inverse(damping, bool(factored))
+            return self._inverse(damping, factored)
         from .solvers import CGInverse
 
         return CGInverse(self, damping, rtol=rtol, maxiter=maxiter)
@@ -400,6 +443,8 @@ class CurvatureOperator(LinearMap):
         damping = check_damping(damping)
         method = method or self._power_method
         check_choice(method, POWER_METHODS, "power method")
+        if num_steps is not None:
+            check_positive_int(num_steps, "num_steps")
         if p == 1:
             from .diagonal import Identity
 

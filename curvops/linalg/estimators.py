@@ -42,7 +42,7 @@ def rademacher(
 
 
 def _check_samples(num_samples: int, minimum: int, what: str) -> None:
-    if not isinstance(num_samples, int) or num_samples < minimum:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < minimum:
         raise ValueError(f"{what} needs num_samples >= {minimum}, got {num_samples!r}.")
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..errors import SingularOperatorError
 from . import spectral
-from .base import CurvatureOperator
+from .base import CurvatureOperator, is_widened, validation_eps
 from .state import StateSchema, TensorSpec
 
 _MATRIX = TensorSpec((2,), square=True)
@@ -32,7 +32,9 @@ _FACTOR = TensorSpec((1, 2), square=True)
 def check_matrix(matrix: Any, name: str, symmetric: bool, allow_diagonal: bool = False) -> None:
     """Raise a clear error unless ``matrix`` is a finite, square, floating-point ``[n, n]`` tensor.
 
-    With ``symmetric=True`` it must also equal its transpose up to ``sqrt(eps)`` relative.
+    With ``symmetric=True`` it must also equal its transpose up to ``sqrt(eps)`` relative
+    (``eps`` of its dtype, or of the dtype it was converted from: see
+    :func:`~curvops.linalg.base.validation_eps`).
     With ``allow_diagonal=True`` a finite floating-point 1-D ``[n]`` tensor (the diagonal of a
     diagonal matrix, symmetric by construction) passes too.
     """
@@ -48,7 +50,7 @@ def check_matrix(matrix: Any, name: str, symmetric: bool, allow_diagonal: bool =
     if not bool(torch.isfinite(matrix).all()):
         raise ValueError(f"{name} contains NaN or inf.")
     if symmetric and not vector and matrix.numel():
-        tol = math.sqrt(torch.finfo(matrix.dtype).eps) * matrix.abs().max()
+        tol = math.sqrt(validation_eps(matrix.dtype)) * matrix.abs().max()
         if bool((matrix - matrix.T).abs().max() > tol):
             raise ValueError(f"{name} is not symmetric; curvops operators are symmetric.")
 
@@ -121,6 +123,20 @@ def _outer(vectors: Sequence[Tensor]) -> Tensor:
     return functools.reduce(lambda acc, v: acc.unsqueeze(-1) * v, vectors[1:], vectors[0])
 
 
+def _rounding_bound(factor: Tensor, e: Tensor, q: Tensor) -> Tensor:
+    """``ε n |q_j|^T |F| |q_j| + ε_64 n max|e|`` per eigenpair ``(e_j, q_j)`` of ``F``: see
+    :meth:`Kronecker._factor_noise`."""
+    n = factor.shape[0]
+    entries = torch.finfo(factor.dtype).eps * n * ((factor.abs() @ q.abs()) * q.abs()).sum(0)
+    return entries + spectral.EIGH_EPS * n * e.abs().max()
+
+
+def _orthonormalised(q: Tensor) -> Tensor:
+    """The orthonormal matrix nearest ``q`` column by column (QR with ``diag(R) > 0``)."""
+    basis, r = torch.linalg.qr(q)
+    return basis * torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
+
+
 def _factor_diagonal(factor: Tensor) -> Tensor:
     """The diagonal of a factor: the factor itself if it is 1-D, else its matrix diagonal."""
     return factor if factor.ndim == 1 else factor.diagonal()
@@ -130,7 +146,10 @@ class Kronecker(CurvatureOperator):
     """``F_1 ⊗ F_2 ⊗ ... ⊗ F_k`` for symmetric factors; KFAC's block is ``G ⊗ A``.
 
     With eigendecompositions ``F_i = Q_i diag(e_i) Q_i^T`` (computed once, in float64, and
-    cached) every quantity is exact and cheap:
+    cached) every quantity is exact and cheap. The factors are taken as the exact matrices:
+    an eigenvalue counts as zero only within the bound that rounding of the factor's entries
+    puts on it (see :meth:`_factor_noise`), so a diagonal matrix stored as a dense factor gives
+    the same answers as :class:`~curvops.Diagonal`.
 
     - ``tr = Π tr F_i``; ``diag = ⊗ diag F_i``;
     - ``logdet(F + λI) = Σ log(e_1 ∘ ... ∘ e_k + λ)``, ``-inf`` (with a warning) for a
@@ -173,9 +192,12 @@ class Kronecker(CurvatureOperator):
         for i, factor in enumerate(factors):
             check_matrix(factor, f"{type(self).__name__} factor {i}", symmetric=True, allow_diagonal=True)
         dtype, device = check_same_place(factors, "Kronecker factors")
+        if is_widened(dtype):  # converted from a coarser dtype: symmetric to its precision only
+            factors = [f if f.ndim == 1 else 0.5 * (f + f.T) for f in factors]
         super().__init__(math.prod(f.shape[0] for f in factors), dtype, device)
         self.factors = tuple(factors)
         self._eigen: list[tuple[Tensor, Tensor | None]] | None = None
+        self._noise: list[Tensor] | None = None
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -199,21 +221,28 @@ class Kronecker(CurvatureOperator):
     def _eigenvalues(self) -> Tensor:
         return self._spectrum().flatten()
 
-    def _rtol(self) -> float:
-        """Rounding noise comes from the dense factors' ``eigh`` only; diagonals are exact."""
-        return torch.finfo(self.dtype).eps * max((f.shape[0] for f in self.factors if f.ndim == 2), default=0)
+    def _factor_noise(self) -> list[Tensor]:
+        """Per factor, per eigenvalue ``e_ij``: how far rounding can have moved it, ``t_ij``.
 
-    def _noise_scale(self) -> Tensor | None:
-        """Per eigenvalue, the size of the numbers whose rounding errors it carries.
-
-        That is ``Π_i max|e_i|`` over the dense factors times ``Π_i |d_i|`` over the diagonal
-        ones, whose entries are exact: a small diagonal entry is not rounding noise. Without
-        diagonal factors it is ``max|e_1 ∘ ... ∘ e_k|``, the default (``None``).
+        A factor's entries carry rounding errors ``|δF| <= ε n |F|`` (``ε`` of its dtype); to first
+        order they move ``e_ij`` by ``|q_j^T δF q_j| <= ε n |q_j|^T |F| |q_j|``, and ``eigh`` (in
+        float64) adds ``ε_64 n max|e_i|``. So a small eigenvalue of a dense, well-mixed factor is
+        noise, while that of a diagonal matrix (``|q_j|^T |F| |q_j| = |e_ij|``) is resolved to its
+        dtype's relative precision, as :class:`~curvops.Diagonal` takes it. A 1-D (diagonal)
+        factor is exact: ``t = 0``.
         """
-        eigen = self.eigendecompositions()
-        if all(q is not None for _, q in eigen) or self.shape[0] == 0:
-            return None
-        return _outer([e.abs() if q is None else e.abs().max().expand_as(e) for e, q in eigen])
+        if self._noise is None:
+            self._noise = [
+                torch.zeros_like(e) if q is None else _rounding_bound(f, e, q)
+                for f, (e, q) in zip(self.factors, self.eigendecompositions(), strict=True)
+            ]
+        return self._noise
+
+    def _spectrum_noise(self) -> Tensor:
+        """``Π_i (|e_i| + t_i) - Π_i |e_i|``: how far the product's eigenvalues can have moved."""
+        eigen, noise = self.eigendecompositions(), self._factor_noise()
+        widened = _outer([e.abs() + t for (e, _), t in zip(eigen, noise, strict=True)])
+        return widened - _outer([e.abs() for e, _ in eigen])
 
     def _matmat(self, x: Tensor) -> Tensor:
         return mode_product(self.factors, x.reshape(*self.sizes, -1)).reshape(x.shape)
@@ -228,9 +257,8 @@ class Kronecker(CurvatureOperator):
         return functools.reduce(operator.mul, [_factor_diagonal(f).sum() for f in self.factors])
 
     def _logdet(self, damping: float) -> Tensor:
-        scale = self._noise_scale()
         return spectral.logdet_from_eigenvalues(
-            self._spectrum().flatten(), damping, self._rtol(), None if scale is None else scale.flatten()
+            self._spectrum().flatten(), damping, 1.0, self._spectrum_noise().flatten()
         )
 
     def _inverse(self, damping: float, factored: bool) -> CurvatureOperator:
@@ -239,7 +267,7 @@ class Kronecker(CurvatureOperator):
         return self._power(-1.0, damping)
 
     def _power(self, p: float, damping: float) -> KroneckerEigen:
-        values = spectral.power_eigenvalues(self._spectrum(), p, damping, self._rtol(), self._noise_scale())
+        values = spectral.power_eigenvalues(self._spectrum(), p, damping, 1.0, self._spectrum_noise())
         return KroneckerEigen([q for _, q in self.eigendecompositions()], values)
 
     def _factored_inverse(self, damping: float) -> Kronecker:
@@ -252,11 +280,12 @@ class Kronecker(CurvatureOperator):
         pis = mean_eigenvalues / mean_eigenvalues.log().mean().exp()
         strength = damping ** (1.0 / len(self.factors))
         inverses = []
-        for (e, q), pi in zip(self.eigendecompositions(), pis, strict=True):
+        pairs = zip(self.eigendecompositions(), self._factor_noise(), pis, strict=True)
+        for (e, q), noise, pi in pairs:
+            inverse = spectral.inverse_eigenvalues(e, strength * pi, 1.0, noise)
             if q is None:  # a diagonal factor: exact entries, and its inverse stays diagonal
-                inverses.append(spectral.inverse_eigenvalues(e, strength * pi, 0.0))
+                inverses.append(inverse)
                 continue
-            inverse = spectral.inverse_eigenvalues(e, strength * pi, self._rtol())
             matrix = (q * inverse) @ q.T
             inverses.append(0.5 * (matrix + matrix.T))
         return Kronecker(*inverses)
@@ -353,11 +382,13 @@ class KroneckerEigen(CurvatureOperator):
                 continue
             check_matrix(q, f"KroneckerEigen eigenvectors[{i}]", symmetric=False)
             eye = torch.eye(q.shape[0], dtype=q.dtype, device=q.device)
-            tol = math.sqrt(torch.finfo(q.dtype).eps * max(q.shape[0], 1))
+            tol = math.sqrt(validation_eps(q.dtype) * max(q.shape[0], 1))
             if q.numel() and bool((q.T @ q - eye).abs().max() > tol):
                 raise ValueError(f"KroneckerEigen eigenvectors[{i}] is not orthonormal (Q^T Q != I).")
         matrices = [q for q in eigenvectors if q is not None]
         dtype, device = check_same_place([*matrices, eigenvalues], "eigenvectors and eigenvalues")
+        if is_widened(dtype):  # converted from a coarser dtype: orthonormal to its precision only
+            eigenvectors = tuple(None if q is None else _orthonormalised(q) for q in eigenvectors)
         if len(matrices) < len(eigenvectors) and eigenvalues.ndim != len(eigenvectors):
             raise ValueError(
                 f"With None (identity) eigenvectors the eigenvalues must have one axis per factor, "

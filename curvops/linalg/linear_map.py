@@ -15,6 +15,8 @@ import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
+from .memory import check_dense
+
 
 class LinearMap(ABC):
     """A linear map ``A`` of shape ``(m, n)``: ``[n]`` or ``[n, K]`` in, ``[m]`` or ``[m, K]`` out.
@@ -66,6 +68,11 @@ class LinearMap(ABC):
 
     def _apply(self, x: Tensor | np.ndarray, transpose: bool) -> Tensor | np.ndarray:
         if isinstance(x, np.ndarray):
+            if np.iscomplexobj(x):
+                raise TypeError(
+                    f"{type(self).__name__} is a real operator and got a complex array ({x.dtype}); "
+                    "apply it to the real and imaginary parts separately: op @ x.real + 1j * (op @ x.imag)."
+                )
             tensor = torch.as_tensor(np.ascontiguousarray(x), device=self.device).to(self.dtype)
             return self._apply(tensor, transpose).cpu().numpy()
         if not isinstance(x, Tensor):
@@ -123,10 +130,14 @@ class LinearMap(ABC):
     def to_dense(self) -> Tensor:
         """The ``[m, n]`` matrix, from products with unit vectors unless structure is known.
 
+        A matrix over the memory budget raises :class:`~curvops.errors.MemoryBudgetError`
+        before anything is computed (see :mod:`curvops.linalg.memory`).
+
         Example:
             >>> curvops.Identity(2, dtype=torch.float32).to_dense().tolist()
             [[1.0, 0.0], [0.0, 1.0]]
         """
+        check_dense(self.shape, self.dtype, f"to_dense of {type(self).__name__}")
         return self._to_dense()
 
     def to_scipy(self) -> scipy.sparse.linalg.LinearOperator:

@@ -58,7 +58,7 @@ class LowRankUpdate(CurvatureOperator):
             )
         if not bool(factors.isfinite().all()):
             raise ValueError("LowRankUpdate factors contain NaN or inf.")
-        if sign not in (1, -1):
+        if isinstance(sign, bool) or sign not in (1, -1):
             raise ValueError(f"LowRankUpdate sign must be +1 or -1, got {sign}.")
         super().__init__(base.shape[0], base.dtype, base.device)
         self.base = base

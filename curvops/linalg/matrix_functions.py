@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import spectral
-from .base import CurvatureOperator, check_damping, check_power
+from .base import CurvatureOperator, check_damping, check_positive_int, check_power
 from .estimators import lanczos_basis, ritz_pairs
 from .state import NONNEGATIVE_REAL, POSITIVE_INT, REAL, StateSchema
 
@@ -54,8 +54,7 @@ class LanczosPower(CurvatureOperator):
         if not isinstance(op, CurvatureOperator):
             raise TypeError(f"LanczosPower takes a curvops operator, got {type(op).__name__}.")
         num_steps = min(op.shape[0], 50) if num_steps is None else num_steps
-        if not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"LanczosPower needs num_steps >= 1, got {num_steps!r}.")
+        check_positive_int(num_steps, "num_steps")
         super().__init__(op.shape[0], op.dtype, op.device)
         self.op = op
         self.p = check_power(p)

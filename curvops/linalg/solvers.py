@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ConvergenceWarning, NotPositiveDefiniteError
-from .base import CurvatureOperator
-from .state import NONNEGATIVE_INT, NONNEGATIVE_REAL, POSITIVE_REAL, StateSchema
+from ..errors import ConvergenceWarning, NotPositiveDefiniteError, SingularOperatorError
+from .base import CurvatureOperator, check_damping, check_positive, check_positive_int
+from .state import NONNEGATIVE_REAL, POSITIVE_INT, POSITIVE_REAL, StateSchema
 
 
 def cg(
@@ -27,9 +27,12 @@ def cg(
 
     Each iteration costs one product of ``A`` with a ``[D, K]`` block. Column ``k`` stops
     when ``‖B_k - (A + λI) X_k‖ <= rtol ‖B_k‖``. ``A + λI`` must be symmetric positive
-    definite: a direction of non-positive curvature raises
-    :class:`~curvops.errors.NotPositiveDefiniteError`; hitting ``maxiter`` first issues a
-    :class:`~curvops.errors.ConvergenceWarning` with the worst relative residual.
+    definite: a direction of negative curvature raises
+    :class:`~curvops.errors.NotPositiveDefiniteError`, and one of zero curvature up to rounding
+    (``|p^T (A + λI) p| <= ε D ‖A + λI‖ ‖p‖²`` with a small ``(A + λI) p``: a singular ``A + λI``,
+    at the exact method's tolerance) raises :class:`~curvops.errors.SingularOperatorError`; hitting
+    ``maxiter`` first issues a :class:`~curvops.errors.ConvergenceWarning` with the worst
+    relative residual.
 
     Args:
         matmat: ``A``'s product with ``[D, K]`` tensors.
@@ -44,24 +47,21 @@ def cg(
         >>> torch.allclose(a @ x, torch.tensor([[1.0], [2.0]], dtype=torch.float64))
         True
     """
-    rtol = math.sqrt(torch.finfo(rhs.dtype).eps) if rtol is None else rtol
-    maxiter = 10 * rhs.shape[0] if maxiter is None else maxiter
+    rtol = math.sqrt(torch.finfo(rhs.dtype).eps) if rtol is None else check_positive(rtol, "rtol")
+    maxiter = 10 * rhs.shape[0] if maxiter is None else check_positive_int(maxiter, "maxiter")
     x = torch.zeros_like(rhs)
     residual = rhs.clone()
     direction = residual.clone()
     squared = (residual * residual).sum(0)
     target = rtol * rhs.norm(dim=0)
+    largest = torch.zeros(rhs.shape[1], dtype=rhs.dtype, device=rhs.device)
     for _ in range(maxiter):
         active = squared.sqrt() > target
         if not bool(active.any()):
             return x
         product = matmat(direction) + damping * direction
         curvature = (direction * product).sum(0)
-        if bool((curvature[active] <= 0).any()):
-            raise NotPositiveDefiniteError(
-                f"CG met non-positive curvature: op + {damping}*I is not positive definite. "
-                "Pass a larger damping or use method='exact'."
-            )
+        largest[active] = _check_curvature(direction[:, active], product[:, active], largest[active], damping)
         step = torch.where(active, squared / curvature, 0)
         x = x + step * direction
         residual = residual - step * product
@@ -77,6 +77,40 @@ def cg(
             stacklevel=2,
         )
     return x
+
+
+def _check_curvature(direction: Tensor, product: Tensor, largest: Tensor, damping: float) -> Tensor:
+    """Raise where a CG direction ``p`` shows ``M = A + λI`` singular or indefinite; return the
+    updated ``largest``, the running maximum of ``‖M p‖ / ‖p‖`` (a lower bound of ``‖M‖``).
+
+    ``r = p^T M p / ‖p‖²`` within ``tol = ε D largest`` of zero (the exact eigendecomposition's
+    tolerance) is zero up to rounding, and CG would divide by rounding noise (a huge,
+    meaningless ``x``). For a positive semi-definite ``M`` then ``‖M p‖² <= ‖M‖ p^T M p`` is small
+    too: ``M`` is singular (:class:`~curvops.errors.SingularOperatorError`). A clearly negative
+    ``r``, or a zero ``r`` with a large ``‖M p‖``, means ``M`` is indefinite
+    (:class:`~curvops.errors.NotPositiveDefiniteError`).
+    """
+    tiny = torch.finfo(direction.dtype).tiny
+    norms = direction.norm(dim=0).clamp_min(tiny)
+    rayleigh = (direction * product).sum(0) / norms.square()
+    largest = torch.maximum(largest, product.norm(dim=0) / norms)
+    eps = torch.finfo(direction.dtype).eps * direction.shape[0]
+    tol = eps * largest
+    flat = rayleigh.abs() <= tol
+    singular = flat & (product.norm(dim=0) / norms <= 10 * math.sqrt(eps) * largest)
+    if bool((rayleigh < -tol).any() or (flat & ~singular).any()):
+        raise NotPositiveDefiniteError(
+            f"CG met non-positive curvature p^T (op + {damping}*I) p <= 0: op + {damping}*I is not "
+            "positive definite. Pass a larger damping or use method='exact'."
+        )
+    if bool(singular.any()):
+        worst = (rayleigh.abs() / largest.clamp_min(tiny))[singular].max().item()
+        raise SingularOperatorError(
+            f"CG met a direction p with |p^T (op + {damping}*I) p| / ‖p‖² = {worst:.3e} times ‖op + "
+            f"{damping}*I‖, zero up to rounding: op + {damping}*I is singular, so its inverse does "
+            "not exist; pass damping > 0."
+        )
+    return largest
 
 
 class CGInverse(CurvatureOperator):
@@ -105,9 +139,9 @@ class CGInverse(CurvatureOperator):
             raise TypeError(f"CGInverse takes a curvops operator, got {type(op).__name__}.")
         super().__init__(op.shape[0], op.dtype, op.device)
         self.op = op
-        self.damping = float(damping)
-        self.rtol = math.sqrt(torch.finfo(op.dtype).eps) if rtol is None else float(rtol)
-        self.maxiter = 10 * op.shape[0] if maxiter is None else int(maxiter)
+        self.damping = check_damping(damping)
+        self.rtol = math.sqrt(torch.finfo(op.dtype).eps) if rtol is None else check_positive(rtol, "rtol")
+        self.maxiter = 10 * op.shape[0] if maxiter is None else check_positive_int(maxiter, "maxiter")
 
     def _matmat(self, x: Tensor) -> Tensor:
         return cg(self.op._matmat, x, self.damping, self.rtol, self.maxiter)
@@ -122,7 +156,7 @@ class CGInverse(CurvatureOperator):
     def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
         return StateSchema(
             children=1,
-            config={"damping": NONNEGATIVE_REAL, "rtol": POSITIVE_REAL, "maxiter": NONNEGATIVE_INT},
+            config={"damping": NONNEGATIVE_REAL, "rtol": POSITIVE_REAL, "maxiter": POSITIVE_INT},
         )
 
     @classmethod

@@ -12,6 +12,11 @@ from torch import Tensor
 
 from ..errors import NotPositiveDefiniteError, SingularOperatorError, SingularOperatorWarning
 
+EIGH_DTYPE = torch.float64
+"""The dtype every eigendecomposition runs in, whatever the operator's dtype."""
+EIGH_EPS = torch.finfo(EIGH_DTYPE).eps
+"""Its machine epsilon: an eigenvalue within ``EIGH_EPS · n · max|e|`` of zero is rounding noise."""
+
 
 def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     """Eigendecomposition ``matrix = Q diag(e) Q^T`` of a symmetric matrix.
@@ -30,7 +35,7 @@ def eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
         >>> e.tolist()
         [1.0, 2.0]
     """
-    e, q = torch.linalg.eigh(matrix.to(torch.float64))
+    e, q = torch.linalg.eigh(matrix.to(EIGH_DTYPE))
     return e.to(matrix.dtype), q.to(matrix.dtype)
 
 

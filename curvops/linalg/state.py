@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import StateDictError
-from .base import _REGISTRY, CurvatureOperator
+from .base import _REGISTRY, CurvatureOperator, converted_from
 
 _KEYS = ("type", "shape", "dtype", "tensors", "children", "config")
 
@@ -241,7 +241,8 @@ def rebuild(
         device = next((t.device for t in tensors.values()), None)
         device = device or (children[0].device if children else torch.device("cpu"))
     try:
-        op = cls._from_state(tensors, children, dict(state["config"]), target_dtype, torch.device(device))
+        with converted_from(stored_dtype):  # the tensors keep the stored dtype's rounding
+            op = cls._from_state(tensors, children, dict(state["config"]), target_dtype, torch.device(device))
     except StateDictError:
         raise
     except ValueError as error:

@@ -11,12 +11,14 @@ from torch import Tensor, nn
 
 from ..linalg import (
     BlockDiagonal,
+    Cast,
     CurvatureOperator,
     Dense,
     Diagonal,
     Kronecker,
     KroneckerEigen,
     Permuted,
+    computation_dtype,
     spectral,
 )
 from ..linalg.base import check_choice, check_positive_int
@@ -94,6 +96,11 @@ def KFAC(
     (``"fc"``, a :class:`~curvops.Permuted` Kronecker block from ``vec([W b])`` to
     ``[vec W, b]``); only a ``params`` order that splits a layer's weight from its bias
     wraps the whole operator in one ``Permuted``.
+
+    Precision: the statistics are accumulated in at least float32 and the factors decomposed in
+    float64; for a bfloat16 or float16 model every block is a :class:`~curvops.linalg.Cast` of
+    its float32 operator, so products (and the inverse's) take and give the model's dtype while
+    the eigenvalues keep float32's resolution (see ``docs/conventions.rst``, "Precision").
 
     Args:
         model: the network.
@@ -298,21 +305,29 @@ def _build(
         for layer, layer_blocks in zip(layers, blocks, strict=True)
         for entry in place(layer, layer_blocks, layout, device)
     ]
+    compute = computation_dtype(model_data.dtype)
     for module_name, module, chosen in others:
         exact = _exact_operator(fisher_type, model, loss_fn, data, chosen, mc_samples, seed)
-        block = Dense(exact.to_dense()) if unsupported == "dense" else Diagonal(exact.diagonal())
+        exact_matrix = exact.to_dense() if unsupported == "dense" else exact.diagonal()
+        block = (Dense if unsupported == "dense" else Diagonal)(exact_matrix.to(compute))
         where = torch.cat([layout.indices(p, device) for p in chosen])
         entries.append((module_name or type(module).__name__, block, where))
-    return assemble(sorted(entries, key=lambda entry: int(entry[2].min())))
+    return assemble(sorted(entries, key=lambda entry: int(entry[2].min())), model_data.dtype)
 
 
-def assemble(entries: list[tuple[str, CurvatureOperator, Tensor]]) -> CurvatureOperator:
+def assemble(
+    entries: list[tuple[str, CurvatureOperator, Tensor]], dtype: torch.dtype | None = None
+) -> CurvatureOperator:
     """``(label, block, flat indices)`` in order as one operator on the flat parameter vector.
 
     A block whose indices are a contiguous range (a layer's weight and bias next to each
     other in ``params``) is permuted within that range, so the result is a labelled
-    ``BlockDiagonal``; otherwise the whole block-diagonal is permuted at once.
+    ``BlockDiagonal``; otherwise the whole block-diagonal is permuted at once. With ``dtype``
+    (the model's) every block of another dtype (float32 statistics of a bf16 model) becomes a
+    :class:`~curvops.linalg.Cast` to it: the precision policy.
     """
+    if dtype is not None:
+        entries = [(label, _in_dtype(block, dtype), where) for label, block, where in entries]
     labels = [label for label, _, _ in entries]
     local = []
     for _, block, where in entries:
@@ -323,6 +338,10 @@ def assemble(entries: list[tuple[str, CurvatureOperator, Tensor]]) -> CurvatureO
         in_order = bool((where[1:] > where[:-1]).all())
         local.append(block if in_order else Permuted(block, where - start))
     return BlockDiagonal(local, labels)
+
+
+def _in_dtype(block: CurvatureOperator, dtype: torch.dtype) -> CurvatureOperator:
+    return block if block.dtype == dtype else Cast(block, dtype)
 
 
 def find_layers(

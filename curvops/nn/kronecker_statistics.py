@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..linalg.composite import computation_dtype
 from .losses import LossAdapter
 from .model import ModelData, fixed_forward
 
@@ -230,7 +231,8 @@ class KroneckerSums:
         fisher_type: ``"type-2"``, ``"mc"``, ``"empirical"`` or ``"forward-only"``.
         kfac_approx: ``"expand"`` or ``"reduce"``.
         mc_samples: labels drawn per datum for ``"mc"`` (``G`` is divided by it).
-        dtype, device: of the factors.
+        dtype, device: of the model; the factors are accumulated in
+            :func:`~curvops.linalg.computation_dtype` (float32 for bfloat16 / float16 models).
     """
 
     def __init__(
@@ -243,7 +245,7 @@ class KroneckerSums:
         device: torch.device,
     ) -> None:
         self.layers, self.fisher_type, self.kfac_approx = layers, fisher_type, kfac_approx
-        self.mc_samples, self.dtype, self.device = mc_samples, dtype, device
+        self.mc_samples, self.dtype, self.device = mc_samples, computation_dtype(dtype), device
         self.trace_restricted = False
 
     def scale(self, normalizer: float) -> float:
@@ -278,6 +280,7 @@ class KroneckerSums:
 
     def add(self, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None) -> None:
         """Add one batch to ``A`` and ``G`` (and TKFAC's sums)."""
+        gradients = None if gradients is None else gradients.to(self.dtype)
         if layer.embedding:
             self._add_embedding(layer, inputs, gradients)
             return
@@ -342,6 +345,7 @@ class KroneckerSums:
         divide the sums over all batches by :meth:`scale` for EKFAC's eigenvalues.
         """
         q_out, q_in, q_bias = basis
+        gradients = gradients.to(self.dtype)
         weight = bias = None
         if layer.weight is not None:
             rotated = gradients @ q_out

@@ -343,7 +343,9 @@ class KFACOptimizer(torch.optim.Optimizer):
         entries = [
             e for la, b in zip(self.layers, blocks, strict=True) for e in place(la, b, self._layout, device)
         ]
-        return assemble(sorted(entries, key=lambda entry: int(entry[2].min())))
+        return assemble(
+            sorted(entries, key=lambda entry: int(entry[2].min())), self.curvature_params[0].dtype
+        )
 
     def _update(self, batch: CapturedBatch, damping: float) -> None:
         """Fold the batch into the running statistics and rebuild what depends on them."""
