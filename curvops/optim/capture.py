@@ -3,17 +3,28 @@
 The optimizer cannot run passes over a data set of its own: it sees the user's forward
 pass and ``loss.backward()``. Forward hooks on the layers keep their inputs and outputs; a
 forward hook on the loss module keeps the model output and the targets, and puts a hook on
-the output's gradient. When the user's backward pass reaches the output (the graph below
-it is still intact), that hook backpropagates the output-space columns of the Fisher type
-(sampled labels for ``"mc"``, the loss-Hessian factor for ``"type-2"``, the true labels for
-``"empirical"``) to the layer outputs with ``torch.autograd.grad``: the parameters' ``.grad``
-stays the true-label gradient.
+the loss value's gradient. When the user's backward pass reaches the loss value (the graph
+below it is still intact), that hook backpropagates the output-space columns of the Fisher
+type (sampled labels for ``"mc"``, the loss-Hessian factor for ``"type-2"``, the true labels
+for ``"empirical"``) to the layer outputs with ``torch.autograd.grad``: the parameters'
+``.grad`` stays the true-label gradient.
+
+Only backpropagated losses count: a forward pass that is abandoned (an accuracy check, a
+non-finite loss the loop skips) leaves no statistics and no flag behind. Every backward pass
+since the last :meth:`BatchCapture.clear` adds one micro-batch, weighted as its loss is in
+what was backpropagated (gradient accumulation).
+
+The hooks never tie the model to the optimizer: copying or pickling the model or the loss
+(``copy.deepcopy``, ``torch.save(model)``) turns them into :class:`InertHook`, so the copy
+carries no optimizer state and captures nothing.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,19 +32,44 @@ from torch import Tensor, nn
 from ..nn.kronecker_statistics import KroneckerLayer, check_single_call, output_columns, output_gradients
 from ..nn.losses import LossAdapter
 
+MICRO_BATCH_STRIDE = 2**32
+"""The ``"mc"`` draws of micro-batch ``m`` of step ``t`` use the index ``t + m · MICRO_BATCH_STRIDE``."""
+
 
 @dataclass
 class CapturedBatch:
-    """One batch's layer inputs, output gradients ``[K, N, S, n_out]`` (``None`` for
-    ``"forward-only"``) and normaliser ``Z`` (the loss terms of a mean, 1 for a sum)."""
+    """One micro-batch's layer inputs, output gradients ``[K, N, S, n_out]`` (``None`` for
+    ``"forward-only"``) and the weight ``w = c / Z`` of each of its loss terms: ``c`` is the
+    gradient that reached its loss value (``1`` for ``loss.backward()``, ``1/K`` for
+    ``(loss / K).backward()``), ``Z`` the loss's normaliser (its loss terms for a mean, 1 for a sum)."""
 
     inputs: list[Tensor]
     gradients: list[Tensor | None]
-    normalizer: float
+    weight: float
+
+
+class InertHook:
+    """What a :class:`CaptureHook` becomes in a copy or an unpickled model: a hook that does nothing."""
+
+    def __call__(self, *args: Any) -> None:
+        return None
+
+
+class CaptureHook:
+    """A module hook that calls ``method``; copied or pickled, it is an :class:`InertHook`."""
+
+    def __init__(self, method: Callable[..., None]) -> None:
+        self.method = method
+
+    def __call__(self, *args: Any) -> None:
+        self.method(*args)
+
+    def __reduce__(self) -> tuple[type[InertHook], tuple[()]]:
+        return InertHook, ()
 
 
 class BatchCapture:
-    """Hooks that turn each training batch into a :class:`CapturedBatch`.
+    """Hooks that turn each backpropagated training batch into a :class:`CapturedBatch`.
 
     Args:
         model: the network (its forward pre-hook starts a new capture).
@@ -43,7 +79,11 @@ class BatchCapture:
         fisher_type: as for :func:`~curvops.KFAC`.
         mc_samples: labels drawn per datum for ``"mc"``.
         active: called with no arguments; whether the current forward pass is to be captured.
-        draw: called with no arguments; the ``(seed, index)`` of the ``"mc"`` label draws.
+        draw: called with no arguments; the ``(seed, step)`` of the ``"mc"`` label draws.
+
+    Attributes:
+        batches: the micro-batches backpropagated since the last :meth:`clear`.
+        nonfinite_loss: whether one of them had a non-finite loss (it is then not in ``batches``).
     """
 
     def __init__(
@@ -59,18 +99,26 @@ class BatchCapture:
     ) -> None:
         self.loss, self.layers, self.fisher_type, self.mc_samples = loss, layers, fisher_type, mc_samples
         self.active, self.draw = active, draw
-        self.batch: CapturedBatch | None = None
+        self.batches: list[CapturedBatch] = []
         self.nonfinite_loss = False
-        self._busy = False  # inside our own backward pass, which calls the loss and reaches the output
+        self._busy = False  # inside our own backward pass, which calls the loss
         self._pending: dict[int, list[tuple[Tensor, Tensor]]] = {}
-        self._handles = [model.register_forward_pre_hook(self._start)]
-        self._handles += [layer.module.register_forward_hook(self._on_layer) for layer in layers]
-        self._handles.append(loss_fn.register_forward_hook(self._on_loss))
+        self._handles = [model.register_forward_pre_hook(CaptureHook(self._start))]
+        self._handles += [layer.module.register_forward_hook(CaptureHook(self._on_layer)) for layer in layers]
+        self._handles.append(loss_fn.register_forward_hook(CaptureHook(self._on_loss)))
 
     def remove(self) -> None:
         """Remove every hook."""
         for handle in self._handles:
             handle.remove()
+        self.clear(pending=True)
+
+    def clear(self, pending: bool = False) -> None:
+        """Forget the captured micro-batches and the non-finite flag; with ``pending``, also the
+        layer tensors (and their graphs) of a forward pass whose loss was not computed."""
+        self.batches, self.nonfinite_loss = [], False
+        if pending:
+            self._pending = {}
 
     def _capturing(self) -> bool:
         return not self._busy and torch.is_grad_enabled() and self.active()
@@ -86,35 +134,55 @@ class BatchCapture:
         pending, self._pending = self._pending, {}
         if not pending or not self._capturing() or not value.requires_grad:
             return  # not a loss of this model's captured forward pass
-        if not bool(torch.isfinite(value.detach()).all()):
-            self.nonfinite_loss = True
-            return
         output, targets = args[0], args[1]
         for layer in self.layers:
             check_single_call(layer, len(pending.get(id(layer.module), [])))
         inputs = [pending[id(layer.module)][0][0] for layer in self.layers]
-        count = self.loss.count(targets)
-        if not count:
-            return
-        normalizer = self.loss.batch_scale(count)
-        if self.fisher_type == "forward-only":
-            self.batch = CapturedBatch(inputs, [None] * len(inputs), normalizer)
-            return
         layer_outputs = [pending[id(layer.module)][0][1] for layer in self.layers]
-        seed, index = self.draw()
+        loss_value = value.detach()  # the hook holds no reference to value itself: no cycle
 
-        def on_output_gradient(_: Tensor) -> None:
-            if self._busy:
-                return
-            self._busy = True
-            try:
-                detached = output.detach()
-                columns = output_columns(
-                    self.loss, self.fisher_type, detached, targets, count, self.mc_samples, seed, index
-                )
-                gradients = output_gradients(self.layers, output, layer_outputs, columns)
-                self.batch = CapturedBatch(inputs, [g.detach() for g in gradients], normalizer)
-            finally:
-                self._busy = False
+        def on_loss_gradient(gradient: Tensor) -> None:
+            if not self._busy:
+                self._add(loss_value, gradient, output, targets, inputs, layer_outputs)
 
-        output.register_hook(on_output_gradient)
+        value.register_hook(on_loss_gradient)
+
+    def _add(
+        self,
+        value: Tensor,
+        gradient: Tensor,
+        output: Tensor,
+        targets: Tensor,
+        inputs: list[Tensor],
+        layer_outputs: list[Tensor],
+    ) -> None:
+        """The backward pass reached a loss value with gradient ``c``: add its micro-batch."""
+        c = float(gradient)
+        if not (math.isfinite(c) and bool(torch.isfinite(value).all())):
+            self.nonfinite_loss = True
+            return
+        if c < 0:
+            raise ValueError(
+                f"KFACOptimizer: the loss of loss_fn was backpropagated with weight {c} < 0 (e.g. "
+                "(-loss).backward()); the Fisher of a negated loss is not a curvature. Backpropagate "
+                "the loss itself, or a positive multiple of it."
+            )
+        count = self.loss.count(targets)
+        if not count or not c:
+            return
+        batch_weight = c / self.loss.batch_scale(count)
+        if self.fisher_type == "forward-only":
+            self.batches.append(CapturedBatch(inputs, [None] * len(inputs), batch_weight))
+            return
+        seed, step = self.draw()
+        self._busy = True
+        try:
+            detached = output.detach()
+            index = step + len(self.batches) * MICRO_BATCH_STRIDE
+            columns = output_columns(
+                self.loss, self.fisher_type, detached, targets, count, self.mc_samples, seed, index
+            )
+            gradients = output_gradients(self.layers, output, layer_outputs, columns)
+        finally:
+            self._busy = False
+        self.batches.append(CapturedBatch(inputs, [g.detach() for g in gradients], batch_weight))

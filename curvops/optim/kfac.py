@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from ..errors import StateDictError
 from ..linalg import CurvatureOperator, Dense, Diagonal, Kronecker, from_state_dict
-from ..linalg.base import check_choice, check_nonnegative, check_positive, check_positive_int
+from ..linalg.base import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+)
 from ..nn.kfac import Layout, assemble, corrected_blocks, eigenbasis, find_layers, kronecker_blocks, place
 from ..nn.kronecker_statistics import (
     CORRECTIONS,
@@ -55,10 +62,10 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     Per step ``t`` (counting from 0):
 
-    - every ``T_stats`` steps, the batch's statistics (``A``, ``G``; TKFAC's ``δ``, ``Φ``,
-      ``Ψ``) enter exponential moving averages ``S ← β S + (1 - β) S_batch`` (``β =
-      ema_decay``; the first batch initialises them). EKFAC also averages its corrected
-      eigenvalues ``s`` of the batch in the current eigenbasis.
+    - every ``T_stats`` steps, the step's statistics (``A``, ``G``; TKFAC's ``δ``, ``Φ``,
+      ``Ψ``) enter exponential moving averages ``S ← β S + (1 - β) S_step`` (``β =
+      ema_decay``; the first step initialises them). EKFAC also averages its corrected
+      eigenvalues ``s`` of the step in the current eigenbasis.
     - every ``T_inv`` steps (a multiple of ``T_stats``), the preconditioner is rebuilt from
       the averages with the step's damping ``λ``: KFAC ``(G ⊗ A + λI)^-1`` (exact, or
       π-damped with ``factored=True``); EKFAC recomputes its eigenbasis ``Q_G ⊗ Q_A`` and
@@ -72,10 +79,29 @@ class KFACOptimizer(torch.optim.Optimizer):
       ``m ← μ m − η ν p``, ``θ ← θ + m`` (Gao et al.'s momentum form; with a constant ``η``,
       ``torch.optim.SGD``'s).
 
+    Gradient accumulation: ``S_step`` holds every micro-batch backpropagated since the last
+    ``step`` or ``zero_grad`` (a forward pass without ``backward`` adds nothing), weighted as
+    the gradients are. If ``K`` micro-batches enter what is backpropagated as
+    ``Σ_k c_k L_k`` (``L_k = loss_fn(model(X_k), y_k)``, ``c_k`` the gradient reaching ``L_k``:
+    ``1`` for ``L_k.backward()``, ``1/K`` for ``(L_k / K).backward()``), each of their loss
+    terms has the weight ``w_k = c_k / Z_k`` (``Z_k``: the terms ``L_k`` averages, 1 for a
+    sum), and ``G = Σ_k w_k Σ_{n∈k} g g^T`` (per sampled label for ``"mc"``),
+    ``A = Σ_k w_k Σ_{n∈k} a a^T / Σ_k w_k N_k S_k`` (TKFAC's sums and EKFAC's ``s`` likewise):
+    the KFAC of the objective ``Σ_k c_k L_k`` whose gradient ``.grad`` holds. With
+    ``c_k = Z_k / Σ_j Z_j`` (for equal micro-batches ``1/K``) that objective is the mean loss
+    of the union batch, and the statistics are exactly :func:`~curvops.KFAC`'s on the
+    concatenated batch.
+
     A step whose loss or gradient is not finite is skipped with a ``RuntimeWarning``
-    (parameters, momentum and running statistics unchanged); so are non-finite batch
-    statistics (the step then uses the previous preconditioner). ``state_dict`` holds the
-    running statistics and the preconditioner, so training resumes bit for bit.
+    (parameters, momentum and running statistics unchanged); so are unusable statistics
+    (non-finite, or TKFAC's ``δ = 0``: the step then uses the previous preconditioner).
+    ``state_dict`` holds the running statistics and the preconditioner, so training resumes
+    bit for bit.
+
+    The hooks never tie the model to the optimizer: ``copy.deepcopy(model)`` and
+    ``torch.save(model)`` work at any point of the loop, and the copy (an EMA model, a
+    checkpoint) carries inert hooks: it captures nothing and trains like any model (attach a
+    new optimizer to it, e.g. with this one's ``state_dict``).
 
     Args:
         model: the network; hooks go on its Kronecker layers (``nn.Linear``, ``nn.Conv1d``,
@@ -95,7 +121,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         T_inv: steps between preconditioner rebuilds, a multiple of ``T_stats``.
         fisher_type: ``"mc"``, ``"type-2"``, ``"empirical"`` (or ``"forward-only"``, KFAC only).
         mc_samples: labels drawn per datum for ``"mc"``; the draws of step ``t`` are seeded
-            with ``(seed, t)``.
+            with ``(seed, t)`` (micro-batch ``m`` of an accumulated step: ``(seed, t + m·2³²)``).
         kl_clip: ``κ > 0``, or ``None`` for no clipping.
         factored: KFAC's π-damped inverse instead of the exact damped one.
         kfac_approx, bias, correction, seed: as for :func:`~curvops.KFAC` / :func:`~curvops.EKFAC`.
@@ -146,6 +172,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         correction: str = "auto",
         seed: int = 0,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
         check_choice(curvature, CURVATURES, "curvature")
         check_choice(fisher_type, FISHER_TYPES, "fisher_type")
         check_choice(kfac_approx, KFAC_APPROXIMATIONS, "kfac_approx")
@@ -170,6 +198,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         if kl_clip is not None:
             check_positive(kl_clip, "kl_clip")
         check_nonnegative(weight_decay, "weight_decay")
+        check_bool(factored, "factored")
+        check_int(seed, "seed")
         self._lr, self._damping = check_schedule(lr, "lr"), check_schedule(damping, "damping")
         params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
         if any(isinstance(p, dict) for p in params):
@@ -181,7 +211,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             "damping": evaluate(self._damping, 0, "damping"),
         }
         super().__init__(params, defaults)
-        self.curvature, self.fisher_type, self.factored = curvature, fisher_type, bool(factored)
+        self.curvature, self.fisher_type, self.factored = curvature, fisher_type, factored
         self.ema_decay, self.T_stats, self.T_inv, self.kl_clip = float(ema_decay), T_stats, T_inv, kl_clip
         self.correction = correction
         self.layers, _ = find_layers(model, params, bias, kfac_approx)
@@ -233,6 +263,12 @@ class KFACOptimizer(torch.optim.Optimizer):
         """Remove the hooks on the model and the loss (the optimizer can no longer step)."""
         self._capture.remove()
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; the statistics of the backward passes since the
+        last step are dropped with the gradients they belong to."""
+        super().zero_grad(set_to_none)
+        self._capture.clear()
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One update from the gradients in ``.grad`` (see the class docstring).
@@ -245,8 +281,8 @@ class KFACOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        batch, self._capture.batch = self._capture.batch, None
-        nonfinite_loss, self._capture.nonfinite_loss = self._capture.nonfinite_loss, False
+        batches, nonfinite_loss = self._capture.batches, self._capture.nonfinite_loss
+        self._capture.clear(pending=True)
         if nonfinite_loss or not all_finite([p.grad for p in group["params"] if p.grad is not None]):
             warnings.warn(
                 f"KFACOptimizer step {self.steps}: non-finite loss or gradient; the step is skipped "
@@ -258,12 +294,13 @@ class KFACOptimizer(torch.optim.Optimizer):
         group["lr"] = lr = evaluate(self._lr, self.steps, "lr", group["lr"])
         group["damping"] = damping = evaluate(self._damping, self.steps, "damping", group["damping"])
         if self.steps % self.T_stats == 0:
-            if batch is None:
+            if not batches:
                 raise RuntimeError(
                     "KFACOptimizer saw no forward and backward pass through its loss_fn since the last "
-                    "step: compute the loss with the loss_fn module passed to the optimizer."
+                    "step or zero_grad: compute the loss with the loss_fn module passed to the optimizer "
+                    "and call backward() on it."
                 )
-            self._update(batch, damping)
+            self._update(batches, damping)
         if self.preconditioner is None:
             warnings.warn(
                 f"KFACOptimizer step {self.steps}: no curvature statistics yet; the step is skipped.",
@@ -345,40 +382,50 @@ class KFACOptimizer(torch.optim.Optimizer):
         ]
         return assemble(sorted(entries, key=lambda entry: int(entry[2].min())))
 
-    def _update(self, batch: CapturedBatch, damping: float) -> None:
-        """Fold the batch into the running statistics and rebuild what depends on them."""
-        if not self._average(batch):
+    def _update(self, batches: list[CapturedBatch], damping: float) -> None:
+        """Fold the step's micro-batches into the running statistics and rebuild what depends on them."""
+        if not self._average(batches):
             return
         rebuild = self.steps % self.T_inv == 0 or self.preconditioner is None
         if self.curvature == "ekfac":
             if rebuild:
                 self._new_eigenbases()
-            self._correct(batch)
+            self._correct(batches)
             rebuild = True
         if rebuild:
             self._rebuild(damping)
 
-    def _average(self, batch: CapturedBatch) -> bool:
-        """``S ← β S + (1 - β) S_batch`` for every statistic; ``False`` (and a warning) when the
-        batch's statistics are not finite, which leaves the averages untouched."""
+    def _average(self, batches: list[CapturedBatch]) -> bool:
+        """``S ← β S + (1 - β) S_step`` for every statistic; ``False`` (and a warning) when the
+        step's statistics are unusable, which leaves the averages untouched."""
         self._sums.reset(trace_restricted=self.curvature == "tkfac")
-        for layer, inputs, gradients in zip(self._batch_layers, batch.inputs, batch.gradients, strict=True):
-            self._sums.add(layer, inputs, gradients)
-        self._sums.finish(batch.normalizer)
-        fresh = [self._statistics(layer) for layer in self._batch_layers]
-        if not all_finite([value for values in fresh for value in values.values()]):
+        for batch in batches:
+            for layer, inputs, gradients in zip(self._batch_layers, batch.inputs, batch.gradients, strict=True):
+                self._sums.add(layer, inputs, gradients, batch.weight)
+        usable = self._usable_statistics()
+        if usable:
+            self._sums.finish(1.0)  # the weights w_k = c_k / Z_k hold the normalisation
+            usable = self._usable_statistics()
+        if not usable:
             warnings.warn(
-                f"KFACOptimizer step {self.steps}: non-finite curvature statistics; they are left out "
-                "of the running averages.",
+                f"KFACOptimizer step {self.steps}: non-finite curvature statistics (or TKFAC's δ = 0); "
+                "they are left out of the running averages.",
                 RuntimeWarning,
                 stacklevel=3,
             )
             return False
+        fresh = [self._statistics(layer) for layer in self._batch_layers]
         for layer, values in zip(self.layers, fresh, strict=True):
             for name, value in values.items():
                 old = getattr(layer, name)
                 setattr(layer, name, value if old is None else torch.lerp(value, old, self.ema_decay))
         return True
+
+    def _usable_statistics(self) -> bool:
+        """Whether the step's statistics are finite and every TKFAC ``δ`` is positive."""
+        values = [value for layer in self._batch_layers for value in self._statistics(layer).values()]
+        traces = [layer.trace for layer in self._batch_layers if layer.trace is not None]
+        return all_finite(values) and (not traces or bool((torch.stack(traces) > 0).all()))
 
     def _new_eigenbases(self) -> None:
         """EKFAC: the eigenbasis of the running ``G ⊗ A``, with ``s`` restarted from ``γ α^T``."""
@@ -391,15 +438,23 @@ class KFACOptimizer(torch.optim.Optimizer):
                 bias if layer.bias is not None and not layer.joint else None,
             ]
 
-    def _correct(self, batch: CapturedBatch) -> None:
-        """EKFAC: the batch's eigenvalues in the current basis enter the running ``s``."""
-        scale = self._sums.scale(batch.normalizer)
-        for layer, inputs, gradients in zip(self._batch_layers, batch.inputs, batch.gradients, strict=True):
-            parts = self._sums.correction(layer, inputs, gradients, self.bases[layer.name], self.correction)
+    def _correct(self, batches: list[CapturedBatch]) -> None:
+        """EKFAC: the step's eigenvalues in the current basis, ``Σ_k w_k s_k``, enter the running ``s``."""
+        scale = self._sums.scale(1.0)
+        for index, layer in enumerate(self._batch_layers):
+            totals: list[Tensor | None] = [None, None]
+            for batch in batches:
+                parts = self._sums.correction(
+                    layer, batch.inputs[index], batch.gradients[index], self.bases[layer.name], self.correction
+                )
+                totals = [
+                    None if part is None else batch.weight * part + (0 if total is None else total)
+                    for total, part in zip(totals, parts, strict=True)
+                ]
             running = self.scales[layer.name]
-            for i, part in enumerate(parts):
-                if part is not None:
-                    running[i] = torch.lerp(part / scale, running[i], self.ema_decay)
+            for i, total in enumerate(totals):
+                if total is not None:
+                    running[i] = torch.lerp(total / scale, running[i], self.ema_decay)
 
     def _rebuild(self, damping: float) -> None:
         if self.curvature == "tkfac":
