@@ -279,7 +279,9 @@ class KroneckerSums:
                 layer.trace_input_factor = layer.trace_input_factor / _trace(layer.trace_input_factor)
                 layer.trace_output_factor = layer.trace_output_factor / _trace(layer.trace_output_factor)
 
-    def add(self, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None, weight: float = 1.0) -> None:
+    def add(
+        self, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None, weight: float = 1.0
+    ) -> None:
         """Add one batch to ``A`` and ``G`` (and TKFAC's sums), each of its terms times ``weight``
         (``A`` becomes the weighted mean of its inputs' ``a a^T``)."""
         if gradients is not None and weight != 1.0:
@@ -520,6 +522,12 @@ class KroneckerStatistics:
 
 def check_single_call(layer: KroneckerLayer, calls: int) -> None:
     """Raise unless the layer's module ran exactly once in the forward pass."""
+    if calls == 0:
+        raise ValueError(
+            f"Module {layer.name!r} did not run in the forward pass, though its parameters are in params: "
+            "its weight is used without calling the module (as nn.MultiheadAttention does with out_proj), "
+            "or the module is unused. KFAC needs one call per layer; leave its parameters out of params."
+        )
     if calls != 1:
         raise ValueError(
             f"Module {layer.name!r} ran {calls} times in one forward pass (weight tying or "

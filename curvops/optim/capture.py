@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from ..nn.kronecker_statistics import KroneckerLayer, check_single_call, output_columns, output_gradients
 from ..nn.losses import LossAdapter
 
-MICRO_BATCH_STRIDE = 2**32
-"""The ``"mc"`` draws of micro-batch ``m`` of step ``t`` use the index ``t + m · MICRO_BATCH_STRIDE``."""
+MICRO_BATCH_STRIDE = 2**20
+"""The ``"mc"`` draws of micro-batch ``m`` of step ``t`` use the index ``t + m · MICRO_BATCH_STRIDE``
+(distinct within a step: the generators keep 32 bits of their seed)."""
 
 
 @dataclass
@@ -102,7 +103,7 @@ class BatchCapture:
         self.batches: list[CapturedBatch] = []
         self.nonfinite_loss = False
         self._busy = False  # inside our own backward pass, which calls the loss
-        self._pending: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self._pending: dict[int, list[tuple[Tensor, Tensor]]] | None = None  # None: no forward pass
         self._handles = [model.register_forward_pre_hook(CaptureHook(self._start))]
         self._handles += [layer.module.register_forward_hook(CaptureHook(self._on_layer)) for layer in layers]
         self._handles.append(loss_fn.register_forward_hook(CaptureHook(self._on_loss)))
@@ -118,21 +119,23 @@ class BatchCapture:
         layer tensors (and their graphs) of a forward pass whose loss was not computed."""
         self.batches, self.nonfinite_loss = [], False
         if pending:
-            self._pending = {}
+            self._pending = None
 
     def _capturing(self) -> bool:
         return not self._busy and torch.is_grad_enabled() and self.active()
 
     def _start(self, module: nn.Module, args: tuple) -> None:
-        self._pending = {}
+        if self._capturing():  # a forward pass without grad (evaluation) keeps the pending one
+            self._pending = {}
 
     def _on_layer(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if self._capturing():
+            self._pending = {} if self._pending is None else self._pending
             self._pending.setdefault(id(module), []).append((args[0].detach(), output))
 
     def _on_loss(self, module: nn.Module, args: tuple, value: Tensor) -> None:
-        pending, self._pending = self._pending, {}
-        if not pending or not self._capturing() or not value.requires_grad:
+        pending, self._pending = self._pending, None
+        if pending is None or not self._capturing() or not value.requires_grad:
             return  # not a loss of this model's captured forward pass
         output, targets = args[0], args[1]
         for layer in self.layers:

@@ -9,6 +9,7 @@ damped inverse. No Kronecker algebra is written here.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -40,6 +41,7 @@ from .capture import BatchCapture, CapturedBatch
 from .schedule import Schedule, all_finite, check_fraction, check_schedule, evaluate
 
 CURVATURES = ("kfac", "ekfac", "tkfac")
+CURVATURE_STATE = ("curvature", "steps", "statistics", "bases", "scales", "preconditioner")
 STATISTICS = (
     "input_factor",
     "output_factor",
@@ -121,7 +123,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         T_inv: steps between preconditioner rebuilds, a multiple of ``T_stats``.
         fisher_type: ``"mc"``, ``"type-2"``, ``"empirical"`` (or ``"forward-only"``, KFAC only).
         mc_samples: labels drawn per datum for ``"mc"``; the draws of step ``t`` are seeded
-            with ``(seed, t)`` (micro-batch ``m`` of an accumulated step: ``(seed, t + m·2³²)``).
+            with ``(seed, t)`` (micro-batch ``m`` of an accumulated step: ``(seed, t + m·2²⁰)``).
         kl_clip: ``κ > 0``, or ``None`` for no clipping.
         factored: KFAC's π-damped inverse instead of the exact damped one.
         kfac_approx, bias, correction, seed: as for :func:`~curvops.KFAC` / :func:`~curvops.EKFAC`.
@@ -328,13 +330,16 @@ class KFACOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; raises :class:`~curvops.errors.StateDictError` when it
-        belongs to other layers, shapes or curvature."""
+        """Restore :meth:`state_dict`; raises :class:`~curvops.errors.StateDictError`, before
+        changing anything, when it belongs to other layers, shapes or curvature (naming the key)."""
         state = dict(state_dict)
         extra = state.pop("curvature", None)
         if not isinstance(extra, dict):
             raise StateDictError("Not a KFACOptimizer state dict: it has no 'curvature' entry.")
-        if extra.get("curvature") != self.curvature:
+        missing = [key for key in CURVATURE_STATE if key not in extra]
+        if missing:
+            raise StateDictError(f"The KFACOptimizer state dict's 'curvature' entry has no {missing} keys.")
+        if extra["curvature"] != self.curvature:
             raise StateDictError(
                 f"The state dict holds {str(extra.get('curvature')).upper()} statistics; this optimizer "
                 f"uses {self.curvature.upper()}."
@@ -345,6 +350,11 @@ class KFACOptimizer(torch.optim.Optimizer):
             raise StateDictError(
                 f"The state dict's layers {sorted(stored)} differ from the optimizer's {sorted(names)}."
             )
+        steps = extra["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise StateDictError(f"['curvature']['steps'] must be an integer >= 0, got {steps!r}.")
+        self._check_running_state(extra)
+        self._check_momentum(state)
         preconditioner = None
         if extra["preconditioner"] is not None:
             preconditioner = from_state_dict(extra["preconditioner"], device=self._sums.device)
@@ -353,6 +363,7 @@ class KFACOptimizer(torch.optim.Optimizer):
                     f"The stored preconditioner is {tuple(preconditioner.shape)}; the optimizer's "
                     f"parameters need {(self._layout.size, self._layout.size)}."
                 )
+        state["state"] = copy.deepcopy(state.get("state", {}))  # momentum buffers of its own: no aliasing
         super().load_state_dict(state)
         place_ = {"device": self._sums.device, "dtype": self._sums.dtype}
         for la in self.layers:
@@ -368,6 +379,53 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.steps = int(extra["steps"])
 
     # ------------------------------------------------------------------ internals
+    def _check_running_state(self, extra: dict[str, Any]) -> None:
+        """Raise unless every stored statistic, basis and eigenvalue tensor has the shape this
+        optimizer's layers give it."""
+        for kind in ("bases", "scales"):
+            if set(extra[kind]) - {la.name for la in self.layers}:
+                raise StateDictError(
+                    f"['curvature'][{kind!r}] names layers {sorted(extra[kind])}; the optimizer has "
+                    f"{[la.name for la in self.layers]}."
+                )
+        for layer in self.layers:
+            self._check_layer_state(layer, extra)
+
+    def _check_layer_state(self, layer: KroneckerLayer, extra: dict[str, Any]) -> None:
+        expected = _running_shapes(layer, self.curvature)
+        statistics, key = extra["statistics"][layer.name], f"['statistics'][{layer.name!r}]"
+        if not isinstance(statistics, dict):
+            raise StateDictError(f"['curvature']{key} must be a dict of tensors, got {statistics!r}.")
+        if set(statistics) not in (set(), set(expected["statistics"])):
+            raise StateDictError(
+                f"['curvature']{key} holds {sorted(statistics)}; {self.curvature.upper()} needs "
+                f"{sorted(expected['statistics'])}."
+            )
+        for name, value in statistics.items():
+            _check_tensor(f"{key}[{name!r}]", value, expected["statistics"][name])
+        for kind in ("bases", "scales"):
+            if layer.name in extra[kind]:
+                stored, shapes, key = extra[kind][layer.name], expected[kind], f"[{kind!r}][{layer.name!r}]"
+                if not isinstance(stored, (list, tuple)) or len(stored) != len(shapes):
+                    raise StateDictError(
+                        f"['curvature']{key} must be a list of {len(shapes)} entries, got {stored!r}."
+                    )
+                for i, (value, shape) in enumerate(zip(stored, shapes, strict=True)):
+                    _check_tensor(f"{key}[{i}]", value, shape)
+
+    def _check_momentum(self, state: dict[str, Any]) -> None:
+        """Raise unless every stored momentum buffer has its parameter's shape."""
+        params = self.param_groups[0]["params"]
+        for index, entry in state.get("state", {}).items():
+            buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else None
+            if buffer is not None and isinstance(index, int) and 0 <= index < len(params):
+                key = f"['state'][{index}]['momentum_buffer']"
+                if not isinstance(buffer, Tensor) or buffer.shape != params[index].shape:
+                    raise StateDictError(
+                        f"The KFACOptimizer state dict's {key} is {_describe(buffer)}; parameter {index} "
+                        f"has shape {list(params[index].shape)}."
+                    )
+
     def _statistics(self, layer: KroneckerLayer) -> dict[str, Tensor]:
         return {name: getattr(layer, name) for name in STATISTICS if getattr(layer, name) is not None}
 
@@ -399,8 +457,9 @@ class KFACOptimizer(torch.optim.Optimizer):
         """``S ← β S + (1 - β) S_step`` for every statistic; ``False`` (and a warning) when the
         step's statistics are unusable, which leaves the averages untouched."""
         self._sums.reset(trace_restricted=self.curvature == "tkfac")
+        layers = self._batch_layers
         for batch in batches:
-            for layer, inputs, gradients in zip(self._batch_layers, batch.inputs, batch.gradients, strict=True):
+            for layer, inputs, gradients in zip(layers, batch.inputs, batch.gradients, strict=True):
                 self._sums.add(layer, inputs, gradients, batch.weight)
         usable = self._usable_statistics()
         if usable:
@@ -442,19 +501,16 @@ class KFACOptimizer(torch.optim.Optimizer):
         """EKFAC: the step's eigenvalues in the current basis, ``Σ_k w_k s_k``, enter the running ``s``."""
         scale = self._sums.scale(1.0)
         for index, layer in enumerate(self._batch_layers):
-            totals: list[Tensor | None] = [None, None]
-            for batch in batches:
-                parts = self._sums.correction(
-                    layer, batch.inputs[index], batch.gradients[index], self.bases[layer.name], self.correction
-                )
-                totals = [
-                    None if part is None else batch.weight * part + (0 if total is None else total)
-                    for total, part in zip(totals, parts, strict=True)
-                ]
+            basis = self.bases[layer.name]
+            weighted = [
+                [None if part is None else batch.weight * part for part in self._sums.correction(
+                    layer, batch.inputs[index], batch.gradients[index], basis, self.correction)]
+                for batch in batches
+            ]  # fmt: skip
             running = self.scales[layer.name]
-            for i, total in enumerate(totals):
-                if total is not None:
-                    running[i] = torch.lerp(total / scale, running[i], self.ema_decay)
+            for i, parts in enumerate(zip(*weighted, strict=True)):
+                if parts[0] is not None:
+                    running[i] = torch.lerp(sum(parts) / scale, running[i], self.ema_decay)
 
     def _rebuild(self, damping: float) -> None:
         if self.curvature == "tkfac":
@@ -507,6 +563,48 @@ class KFACOptimizer(torch.optim.Optimizer):
                 update = update if buffer is None else buffer.mul_(momentum).add_(update)
                 state["momentum_buffer"] = update
             p.add_(update)
+
+
+def _running_shapes(layer: KroneckerLayer, curvature: str) -> dict[str, Any]:
+    """The shapes of a layer's running state: ``"statistics"`` by name (those of
+    :attr:`KFACOptimizer.layers`), and EKFAC's ``"bases"`` ``(Q_out, Q_in, Q_bias)`` and
+    ``"scales"`` ``(s_weight, s_bias)`` (``None`` where the layer has no such entry)."""
+    weight = layer.module.weight
+    if layer.embedding:
+        n_in, n_out = weight.shape
+    else:
+        n_in, n_out = weight[0].numel() + layer.joint, weight.shape[0]
+    input_shape = (n_in,) if layer.embedding else (n_in, n_in)
+    output_shape = (n_out, n_out)
+    statistics = {"input_factor": input_shape, "output_factor": output_shape}
+    if curvature == "tkfac":
+        statistics.update(trace=(), trace_input_factor=input_shape, trace_output_factor=output_shape)
+        if layer.bias is not None and not layer.joint:
+            statistics["bias_trace"] = ()
+    separate_bias = (n_out,) if layer.bias is not None and not layer.joint else None
+    weight_scale = None if layer.weight is None else ((n_in, n_out) if layer.embedding else (n_out, n_in))
+    return {
+        "statistics": statistics,
+        "bases": (output_shape, None if layer.embedding else input_shape, output_shape),
+        "scales": (weight_scale, separate_bias),
+    }
+
+
+def _describe(value: Any) -> str:
+    return f"a tensor of shape {list(value.shape)}" if isinstance(value, Tensor) else repr(value)
+
+
+def _check_tensor(key: str, value: Any, shape: tuple[int, ...] | None) -> None:
+    """Raise :class:`StateDictError` naming ``['curvature']`` ``key`` unless ``value`` is a tensor of
+    ``shape`` (or ``None`` where the shape is ``None``)."""
+    if shape is None and value is None:
+        return
+    if shape is None or not isinstance(value, Tensor) or tuple(value.shape) != tuple(shape):
+        wanted = "None" if shape is None else f"a tensor of shape {list(shape)}"
+        raise StateDictError(
+            f"The KFACOptimizer state dict's ['curvature']{key} is {_describe(value)}; this optimizer "
+            f"needs {wanted}."
+        )
 
 
 def _damped_inverse(factor: Tensor, damping: float) -> Tensor:
