@@ -41,6 +41,7 @@ from .capture import BatchCapture, CapturedBatch
 from .schedule import Schedule, all_finite, check_fraction, check_schedule, evaluate
 
 CURVATURES = ("kfac", "ekfac", "tkfac")
+STATE = "The KFACOptimizer state dict's"
 CURVATURE_STATE = ("curvature", "steps", "statistics", "bases", "scales", "preconditioner")
 STATISTICS = (
     "input_factor",
@@ -338,7 +339,10 @@ class KFACOptimizer(torch.optim.Optimizer):
             raise StateDictError("Not a KFACOptimizer state dict: it has no 'curvature' entry.")
         missing = [key for key in CURVATURE_STATE if key not in extra]
         if missing:
-            raise StateDictError(f"The KFACOptimizer state dict's 'curvature' entry has no {missing} keys.")
+            raise StateDictError(f"{STATE} 'curvature' entry has no {missing} keys.")
+        for kind in ("statistics", "bases", "scales"):
+            if not isinstance(extra[kind], dict):
+                raise StateDictError(f"{STATE} ['curvature'][{kind!r}] must be a dict, got {extra[kind]!r}.")
         if extra["curvature"] != self.curvature:
             raise StateDictError(
                 f"The state dict holds {str(extra.get('curvature')).upper()} statistics; this optimizer "
@@ -352,7 +356,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             )
         steps = extra["steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise StateDictError(f"['curvature']['steps'] must be an integer >= 0, got {steps!r}.")
+            raise StateDictError(f"{STATE} ['curvature']['steps'] must be an integer >= 0, got {steps!r}.")
         self._check_running_state(extra)
         self._check_momentum(state)
         preconditioner = None
@@ -385,7 +389,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         for kind in ("bases", "scales"):
             if set(extra[kind]) - {la.name for la in self.layers}:
                 raise StateDictError(
-                    f"['curvature'][{kind!r}] names layers {sorted(extra[kind])}; the optimizer has "
+                    f"{STATE} ['curvature'][{kind!r}] names layers {sorted(extra[kind])}; the optimizer has "
                     f"{[la.name for la in self.layers]}."
                 )
         for layer in self.layers:
@@ -395,10 +399,10 @@ class KFACOptimizer(torch.optim.Optimizer):
         expected = _running_shapes(layer, self.curvature)
         statistics, key = extra["statistics"][layer.name], f"['statistics'][{layer.name!r}]"
         if not isinstance(statistics, dict):
-            raise StateDictError(f"['curvature']{key} must be a dict of tensors, got {statistics!r}.")
+            raise StateDictError(f"{STATE} ['curvature']{key} must be a dict of tensors, got {statistics!r}.")
         if set(statistics) not in (set(), set(expected["statistics"])):
             raise StateDictError(
-                f"['curvature']{key} holds {sorted(statistics)}; {self.curvature.upper()} needs "
+                f"{STATE} ['curvature']{key} holds {sorted(statistics)}; {self.curvature.upper()} needs "
                 f"{sorted(expected['statistics'])}."
             )
         for name, value in statistics.items():
@@ -408,7 +412,7 @@ class KFACOptimizer(torch.optim.Optimizer):
                 stored, shapes, key = extra[kind][layer.name], expected[kind], f"[{kind!r}][{layer.name!r}]"
                 if not isinstance(stored, (list, tuple)) or len(stored) != len(shapes):
                     raise StateDictError(
-                        f"['curvature']{key} must be a list of {len(shapes)} entries, got {stored!r}."
+                        f"{STATE} ['curvature']{key} must be a list of {len(shapes)} entries, got {stored!r}."
                     )
                 for i, (value, shape) in enumerate(zip(stored, shapes, strict=True)):
                     _check_tensor(f"{key}[{i}]", value, shape)
@@ -422,7 +426,7 @@ class KFACOptimizer(torch.optim.Optimizer):
                 key = f"['state'][{index}]['momentum_buffer']"
                 if not isinstance(buffer, Tensor) or buffer.shape != params[index].shape:
                     raise StateDictError(
-                        f"The KFACOptimizer state dict's {key} is {_describe(buffer)}; parameter {index} "
+                        f"{STATE} {key} is {_describe(buffer)}; parameter {index} "
                         f"has shape {list(params[index].shape)}."
                     )
 
@@ -602,8 +606,7 @@ def _check_tensor(key: str, value: Any, shape: tuple[int, ...] | None) -> None:
     if shape is None or not isinstance(value, Tensor) or tuple(value.shape) != tuple(shape):
         wanted = "None" if shape is None else f"a tensor of shape {list(shape)}"
         raise StateDictError(
-            f"The KFACOptimizer state dict's ['curvature']{key} is {_describe(value)}; this optimizer "
-            f"needs {wanted}."
+            f"{STATE} ['curvature']{key} is {_describe(value)}; this optimizer needs {wanted}."
         )
 
 
