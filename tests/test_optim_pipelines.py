@@ -243,6 +243,36 @@ def test_zero_grad_drops_the_statistics_of_earlier_backward_passes():
         torch.testing.assert_close(layer.input_factor, a, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("pattern", ["accuracy check before the loss", "all forwards first"])
+def test_a_loss_of_an_earlier_forward_pass_is_refused(pattern):
+    loss_fn = nn.CrossEntropyLoss()
+    model = mlp()
+    KFACOptimizer(model, loss_fn)
+    (x, y), (other, _) = batch(8, seed=0), batch(8, seed=1)
+    output = model(x)
+    later = model(other)  # grad enabled: its layer tensors replace those of x
+    with pytest.raises(ValueError, match=r"earlier forward pass.*Compute each loss right after its forward"):
+        loss_fn(output, y)
+    if pattern == "all forwards first":
+        loss_fn(later, y)  # the latest forward's own loss is fine
+
+
+def test_a_loss_of_another_model_between_forward_and_loss_is_ignored():
+    loss_fn = nn.CrossEntropyLoss()
+    model, teacher = mlp(), mlp(seed=3)
+    before = copy.deepcopy(model)
+    opt = KFACOptimizer(model, loss_fn, fisher_type="type-2", ema_decay=0.0)
+    x, y = batch(8, seed=0)
+    opt.zero_grad()
+    output = model(x)
+    loss_fn(teacher(x), y).backward()  # the same loss module on another model's output
+    loss_fn(output, y).backward()
+    opt.step()
+    for layer, (g, a) in zip(opt.layers, true_factors(before, [(x, y)], [1.0], "type-2"), strict=True):
+        torch.testing.assert_close(layer.output_factor, g, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(layer.input_factor, a, rtol=1e-10, atol=1e-13)
+
+
 def test_mc_micro_batches_draw_their_own_labels():
     loss_fn = nn.CrossEntropyLoss()
     x, y = batch(64, seed=0)

@@ -22,6 +22,7 @@ carries no optimizer state and captures nothing.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +104,7 @@ class BatchCapture:
         self.batches: list[CapturedBatch] = []
         self.nonfinite_loss = False
         self._busy = False  # inside our own backward pass, which calls the loss
+        self._weights = {id(p) for layer in layers for p in layer.module.parameters(recurse=False)}
         self._pending: dict[int, list[tuple[Tensor, Tensor]]] | None = None  # None: no forward pass
         self._handles = [model.register_forward_pre_hook(CaptureHook(self._start))]
         self._handles += [layer.module.register_forward_hook(CaptureHook(self._on_layer)) for layer in layers]
@@ -138,6 +140,9 @@ class BatchCapture:
         if pending is None or not self._capturing() or not value.requires_grad:
             return  # not a loss of this model's captured forward pass
         output, targets = args[0], args[1]
+        if not self._from_pending_forward(output, pending):
+            self._pending = pending  # a loss of something else: the pending forward pass waits for its own
+            return
         for layer in self.layers:
             check_single_call(layer, len(pending.get(id(layer.module), [])))
         inputs = [pending[id(layer.module)][0][0] for layer in self.layers]
@@ -149,6 +154,21 @@ class BatchCapture:
                 self._add(loss_value, gradient, output, targets, inputs, layer_outputs)
 
         value.register_hook(on_loss_gradient)
+
+    def _from_pending_forward(self, output: Tensor, pending: dict[int, list[tuple[Tensor, Tensor]]]) -> bool:
+        """Whether the loss input ``output`` comes from the pending forward pass (``False``: from
+        another model); raises if it comes from an earlier forward pass of this model."""
+        nodes = {out.grad_fn for calls in pending.values() for _, out in calls} - {None}
+        origin = graph_origin(output, nodes, self._weights) if nodes else "forward"
+        if origin == "model":
+            raise ValueError(
+                "KFACOptimizer: loss_fn was called on the output of an earlier forward pass of the model, "
+                "after another forward pass with grad enabled (an accuracy check, or every micro-batch's "
+                "forward before the losses): its statistics would pair one batch's loss with another's "
+                "layer inputs. Compute each loss right after its forward pass, and run other forward "
+                "passes under torch.no_grad()."
+            )
+        return origin == "forward"
 
     def _add(
         self,
@@ -189,3 +209,31 @@ class BatchCapture:
         finally:
             self._busy = False
         self.batches.append(CapturedBatch(inputs, [g.detach() for g in gradients], batch_weight))
+
+
+def graph_origin(output: Tensor, forward_nodes: set[Any], weights: set[int]) -> str:
+    """Where ``output`` comes from: ``"forward"`` if its autograd graph reaches one of
+    ``forward_nodes`` (the ``grad_fn`` of the pending forward pass's layer outputs), else
+    ``"model"`` if it reaches one of ``weights`` (ids of the layers' parameters: an earlier
+    forward pass), else ``"other"``. Breadth first, so a loss of the pending forward pass stops
+    after the few nodes between the model output and the loss input.
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 2)
+        >>> hidden = layer(torch.randn(3, 2))
+        >>> graph_origin(hidden.tanh(), {hidden.grad_fn}, {id(layer.weight)})
+        'forward'
+        >>> graph_origin(layer(torch.randn(3, 2)), {hidden.grad_fn}, {id(layer.weight)})
+        'model'
+    """
+    queue, seen, model = deque([output.grad_fn]), set(), False
+    while queue:
+        node = queue.popleft()
+        if node is None or node in seen:
+            continue
+        if node in forward_nodes:
+            return "forward"
+        seen.add(node)
+        model = model or id(getattr(node, "variable", None)) in weights
+        queue.extend(next_node for next_node, _ in node.next_functions)
+    return "model" if model else "other"
