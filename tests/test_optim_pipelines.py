@@ -471,6 +471,25 @@ def test_valid_state_of_every_layer_kind_loads(curvature, kind):
     assert opt.steps == len(data or [0, 0])
 
 
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        (("state", 0, "gradient_average"), torch.zeros(3),
+         r"\['gradient_average'\] is \[3\]; parameter 0 has shape \[2, 3\]"),
+        (("zeroth_order", "steps"), "3", r"\['steps'\] must be an integer"),
+        (("zeroth_order", "curvature"), float("nan"), r"\['curvature'\] must be a finite number"),
+    ],
+)  # fmt: skip
+def test_tampered_zeroth_order_state_is_refused_at_load(path, value, match):
+    model, x, y = regression()
+    opt = ZerothOrderOptimizer(model.parameters(), lr=0.1)
+    opt.step(lambda: nn.functional.mse_loss(model(x), y))
+    fresh = ZerothOrderOptimizer(model.parameters(), lr=0.1)
+    with pytest.raises(StateDictError, match=match):
+        fresh.load_state_dict(tamper(opt.state_dict(), path, value))
+    assert fresh.steps == 0 and not fresh.state
+
+
 # ---------------------------------------------------------------- item 21: TKFAC and attention
 @pytest.mark.parametrize("scale", [1e160, 0.0])  # overflowing inputs (δ = nan), zero inputs (δ = 0)
 def test_tkfac_unusable_statistics_are_skipped_with_a_warning(scale):

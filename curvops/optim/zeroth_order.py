@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -174,13 +175,32 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict`; raises :class:`~curvops.errors.StateDictError`, before
+        changing anything, for a missing or malformed entry (naming the key)."""
         state = dict(state_dict)
         extra = state.pop("zeroth_order", None)
         if not isinstance(extra, dict):
             raise StateDictError("Not a ZerothOrderOptimizer state dict: it has no 'zeroth_order' entry.")
+        steps, curvature = extra.get("steps"), extra.get("curvature")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise StateDictError(f"['zeroth_order']['steps'] must be an integer >= 0, got {steps!r}.")
+        if isinstance(curvature, bool) or not isinstance(curvature, Real) or not 0 <= curvature < math.inf:
+            raise StateDictError(
+                f"['zeroth_order']['curvature'] must be a finite number >= 0, got {curvature!r}."
+            )
+        params = self._params()
+        for index, entry in state.get("state", {}).items():
+            average = entry.get("gradient_average") if isinstance(entry, dict) else None
+            if isinstance(index, int) and 0 <= index < len(params) and average is not None:
+                if not isinstance(average, Tensor) or average.shape != params[index].shape:
+                    shape = list(average.shape) if isinstance(average, Tensor) else type(average).__name__
+                    raise StateDictError(
+                        f"['state'][{index}]['gradient_average'] is {shape}; parameter {index} has shape "
+                        f"{list(params[index].shape)}."
+                    )
+        state["state"] = copy.deepcopy(state.get("state", {}))  # buffers of its own: no aliasing
         super().load_state_dict(state)
-        self.steps, self.curvature = int(extra["steps"]), float(extra["curvature"])
+        self.steps, self.curvature = steps, float(curvature)
 
 
 def loss_value(loss: object) -> float:
