@@ -115,8 +115,9 @@ def KFAC(
         bias: ``"separate"`` (a ``G`` block of its own) or ``"joint"`` (one block ``G ⊗ A`` with
             a constant 1 appended to the inputs) for layers whose weight and bias are both in
             ``params``.
-        unsupported: what to do with parameters of other modules (LayerNorm, BatchNorm, ...):
-            ``"error"``, or an exact ``"dense"`` or ``"diagonal"`` block per module from the
+        unsupported: what to do with parameters of other modules (LayerNorm, BatchNorm,
+            ``nn.MultiheadAttention`` with its ``out_proj``, ...): ``"error"``, or an exact
+            ``"dense"`` or ``"diagonal"`` block per module from the
             exact operator of the same ``fisher_type`` (GGN for ``"type-2"`` and
             ``"forward-only"``).
         check_deterministic: raise when the data or outputs differ between passes.

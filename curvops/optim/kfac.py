@@ -77,7 +77,8 @@ class KFACOptimizer(torch.optim.Optimizer):
       ``(√δ Ψ + √λ I)^-1 ⊗ (√δ Φ + √λ I)^-1``. A separate bias block is ``(G + λI)^-1``.
     - the step: ``d = ∇ + w θ`` (``w = weight_decay``), ``p = P d`` with the
       preconditioner ``P`` on the Kronecker layers' parameters and ``p = d`` on every other
-      parameter (LayerNorm, BatchNorm, ...: a plain first-order update); with ``kl_clip = κ``
+      parameter (LayerNorm, BatchNorm, ``nn.MultiheadAttention`` with its ``out_proj``, ...:
+      a plain first-order update); with ``kl_clip = κ``
       the step is scaled by ``ν = min(1, sqrt(κ / (η² Σ p·d)))`` (Ba et al. 2017); then
       ``m ← μ m − η ν p``, ``θ ← θ + m`` (Gao et al.'s momentum form; with a constant ``η``,
       ``torch.optim.SGD``'s).
