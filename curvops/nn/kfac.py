@@ -36,6 +36,11 @@ from .losses import LossAdapter
 from .model import ModelData
 
 UNSUPPORTED_OPTIONS = ("error", "dense", "diagonal")
+OPAQUE_MODULES = {
+    nn.MultiheadAttention: "it uses its out_proj weight without calling the out_proj module",
+}
+"""Modules that use their submodules' weights without calling them (so no layer hook sees
+those uses): all their parameters are unsupported, with the reason shown in errors."""
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
@@ -119,8 +124,9 @@ def KFAC(
         bias: ``"separate"`` (a ``G`` block of its own) or ``"joint"`` (one block ``G ⊗ A`` with
             a constant 1 appended to the inputs) for layers whose weight and bias are both in
             ``params``.
-        unsupported: what to do with parameters of other modules (LayerNorm, BatchNorm, ...):
-            ``"error"``, or an exact ``"dense"`` or ``"diagonal"`` block per module from the
+        unsupported: what to do with parameters of other modules (LayerNorm, BatchNorm,
+            ``nn.MultiheadAttention`` with its ``out_proj``, ...): ``"error"``, or an exact
+            ``"dense"`` or ``"diagonal"`` block per module from the
             exact operator of the same ``fisher_type`` (GGN for ``"type-2"`` and
             ``"forward-only"``).
         check_deterministic: raise when the data or outputs differ between passes.
@@ -281,9 +287,14 @@ def _build(
     layers, others = find_layers(model, model_data.params, bias, kfac_approx)
     if others and unsupported == "error":
         listing = ", ".join(f"{module_name!r} ({type(module).__name__})" for module_name, module, _ in others)
+        reasons = "".join(
+            f" nn.{kind.__name__} is not supported yet by KFAC: {reason}."
+            for kind, reason in OPAQUE_MODULES.items()
+            if any(isinstance(module, kind) for _, module, _ in others)
+        )
         raise ValueError(
-            f"{name} has no Kronecker rule for the parameters of {listing}. Leave them out of params, "
-            "or pass unsupported='dense' or 'diagonal' for an exact block of their own."
+            f"{name} has no Kronecker rule for the parameters of {listing}.{reasons} Leave them out of "
+            "params, or pass unsupported='dense' or 'diagonal' for an exact block of their own."
         )
     blocks: list[list[CurvatureOperator]] = []
     if layers:
@@ -347,8 +358,15 @@ def _in_dtype(block: CurvatureOperator, dtype: torch.dtype) -> CurvatureOperator
 def find_layers(
     model: nn.Module, params: list[nn.Parameter], bias: str, kfac_approx: str
 ) -> tuple[list[KroneckerLayer], list[tuple[str, nn.Module, list[nn.Parameter]]]]:
-    """The supported layers holding chosen parameters, and the other modules that do."""
+    """The supported layers holding chosen parameters, and the other modules that do (a
+    module of :data:`OPAQUE_MODULES` stands for all the parameters inside it)."""
     owners = _owners(model)
+    opaque = {
+        id(inner): (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, tuple(OPAQUE_MODULES))
+        for inner in module.modules()
+    }
     chosen = {id(p) for p in params}
     layers: dict[int, KroneckerLayer] = {}
     others: dict[int, tuple[str, nn.Module, list[nn.Parameter]]] = {}
@@ -361,7 +379,10 @@ def find_layers(
                 "Leave it out of params."
             )
         name, module, attribute = places[0]
-        if isinstance(module, KRONECKER_LAYERS) and attribute in ("weight", "bias"):
+        if id(module) in opaque:
+            name, module = opaque[id(module)]
+            others.setdefault(id(module), (name, module, []))[2].append(p)
+        elif isinstance(module, KRONECKER_LAYERS) and attribute in ("weight", "bias"):
             if id(module) not in layers:
                 check_layer(name, module, kfac_approx)
                 weight = module.weight if id(module.weight) in chosen else None

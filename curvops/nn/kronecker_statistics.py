@@ -272,17 +272,25 @@ class KroneckerSums:
             layer.output_factor = layer.output_factor / scale
             if self.trace_restricted:
                 if not bool(layer.trace > 0):
-                    raise ValueError(f"Layer {layer.name!r} has no curvature (δ = 0): TKFAC is undefined.")
+                    raise ValueError(
+                        f"Layer {layer.name!r} has δ = {float(layer.trace)} (its block's trace): TKFAC "
+                        "needs δ > 0 (no curvature at δ = 0; nan: the statistics overflow)."
+                    )
                 layer.trace = layer.trace / scale
                 layer.bias_trace = None if layer.bias_trace is None else layer.bias_trace / scale
                 layer.trace_input_factor = layer.trace_input_factor / _trace(layer.trace_input_factor)
                 layer.trace_output_factor = layer.trace_output_factor / _trace(layer.trace_output_factor)
 
-    def add(self, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None) -> None:
-        """Add one batch to ``A`` and ``G`` (and TKFAC's sums)."""
+    def add(
+        self, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None, weight: float = 1.0
+    ) -> None:
+        """Add one batch to ``A`` and ``G`` (and TKFAC's sums), each of its terms times ``weight``
+        (``A`` becomes the weighted mean of its inputs' ``a a^T``)."""
         gradients = None if gradients is None else gradients.to(self.dtype)
+        if gradients is not None and weight != 1.0:
+            gradients = gradients * math.sqrt(weight)  # every gradient statistic is quadratic in g
         if layer.embedding:
-            self._add_embedding(layer, inputs, gradients)
+            self._add_embedding(layer, inputs, gradients, weight)
             return
         features = layer_inputs(layer.module, inputs.to(self.dtype), layer.joint)
         if self.trace_restricted and gradients is not None:
@@ -292,8 +300,8 @@ class KroneckerSums:
         if self.kfac_approx == "reduce":
             features = features.mean(dim=1, keepdim=True)
             gradients = None if gradients is None else gradients.sum(dim=2, keepdim=True)
-        layer.input_factor = _add(layer.input_factor, second_moment(features))
-        layer.input_count += features[..., 0].numel()
+        layer.input_factor = _add(layer.input_factor, weight * second_moment(features))
+        layer.input_count += weight * features[..., 0].numel()
         if gradients is None:
             return
         layer.output_factor = _add(layer.output_factor, second_moment(gradients))
@@ -304,15 +312,17 @@ class KroneckerSums:
             weighted_outputs = gradients * input_norms.sqrt().unsqueeze(-1)
             layer.trace_output_factor = _add(layer.trace_output_factor, second_moment(weighted_outputs))
 
-    def _add_embedding(self, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None) -> None:
+    def _add_embedding(
+        self, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None, weight: float
+    ) -> None:
         """One-hot inputs: ``A`` (and ``Φ``) are diagonal, ``‖a‖² = 1`` (0 at ``padding_idx``)."""
         indices = inputs.flatten()
         present = torch.ones_like(indices, dtype=self.dtype)
         if layer.module.padding_idx is not None:
             present = present * (indices != layer.module.padding_idx)
         zeros = torch.zeros(layer.module.num_embeddings, dtype=self.dtype, device=self.device)
-        layer.input_factor = _add(layer.input_factor, zeros.index_add(0, indices, present))
-        layer.input_count += indices.numel()
+        layer.input_factor = _add(layer.input_factor, weight * zeros.index_add(0, indices, present))
+        layer.input_count += weight * indices.numel()
         if gradients is None:
             return
         layer.output_factor = _add(layer.output_factor, second_moment(gradients))
@@ -524,6 +534,12 @@ class KroneckerStatistics:
 
 def check_single_call(layer: KroneckerLayer, calls: int) -> None:
     """Raise unless the layer's module ran exactly once in the forward pass."""
+    if calls == 0:
+        raise ValueError(
+            f"Module {layer.name!r} did not run in the forward pass, though its parameters are in params: "
+            "its weight is used without calling the module (as nn.MultiheadAttention does with out_proj), "
+            "or the module is unused. KFAC needs one call per layer; leave its parameters out of params."
+        )
     if calls != 1:
         raise ValueError(
             f"Module {layer.name!r} ran {calls} times in one forward pass (weight tying or "

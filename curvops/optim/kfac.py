@@ -9,6 +9,7 @@ damped inverse. No Kronecker algebra is written here.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -19,7 +20,14 @@ from torch import Tensor, nn
 
 from ..errors import StateDictError
 from ..linalg import CurvatureOperator, Dense, Diagonal, Kronecker, from_state_dict
-from ..linalg.base import check_choice, check_nonnegative, check_positive, check_positive_int
+from ..linalg.base import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+)
 from ..nn.kfac import Layout, assemble, corrected_blocks, eigenbasis, find_layers, kronecker_blocks, place
 from ..nn.kronecker_statistics import (
     CORRECTIONS,
@@ -33,6 +41,8 @@ from .capture import BatchCapture, CapturedBatch
 from .schedule import Schedule, all_finite, check_fraction, check_schedule, evaluate
 
 CURVATURES = ("kfac", "ekfac", "tkfac")
+STATE = "The KFACOptimizer state dict's"
+CURVATURE_STATE = ("curvature", "steps", "statistics", "bases", "scales", "preconditioner")
 STATISTICS = (
     "input_factor",
     "output_factor",
@@ -55,10 +65,10 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     Per step ``t`` (counting from 0):
 
-    - every ``T_stats`` steps, the batch's statistics (``A``, ``G``; TKFAC's ``δ``, ``Φ``,
-      ``Ψ``) enter exponential moving averages ``S ← β S + (1 - β) S_batch`` (``β =
-      ema_decay``; the first batch initialises them). EKFAC also averages its corrected
-      eigenvalues ``s`` of the batch in the current eigenbasis.
+    - every ``T_stats`` steps, the step's statistics (``A``, ``G``; TKFAC's ``δ``, ``Φ``,
+      ``Ψ``) enter exponential moving averages ``S ← β S + (1 - β) S_step`` (``β =
+      ema_decay``; the first step initialises them). EKFAC also averages its corrected
+      eigenvalues ``s`` of the step in the current eigenbasis.
     - every ``T_inv`` steps (a multiple of ``T_stats``), the preconditioner is rebuilt from
       the averages with the step's damping ``λ``: KFAC ``(G ⊗ A + λI)^-1`` (exact, or
       π-damped with ``factored=True``); EKFAC recomputes its eigenbasis ``Q_G ⊗ Q_A`` and
@@ -67,15 +77,35 @@ class KFACOptimizer(torch.optim.Optimizer):
       ``(√δ Ψ + √λ I)^-1 ⊗ (√δ Φ + √λ I)^-1``. A separate bias block is ``(G + λI)^-1``.
     - the step: ``d = ∇ + w θ`` (``w = weight_decay``), ``p = P d`` with the
       preconditioner ``P`` on the Kronecker layers' parameters and ``p = d`` on every other
-      parameter (LayerNorm, BatchNorm, ...: a plain first-order update); with ``kl_clip = κ``
+      parameter (LayerNorm, BatchNorm, ``nn.MultiheadAttention`` with its ``out_proj``, ...:
+      a plain first-order update); with ``kl_clip = κ``
       the step is scaled by ``ν = min(1, sqrt(κ / (η² Σ p·d)))`` (Ba et al. 2017); then
       ``m ← μ m − η ν p``, ``θ ← θ + m`` (Gao et al.'s momentum form; with a constant ``η``,
       ``torch.optim.SGD``'s).
 
+    Gradient accumulation: ``S_step`` holds every micro-batch backpropagated since the last
+    ``step`` or ``zero_grad`` (a forward pass without ``backward`` adds nothing), weighted as
+    the gradients are. If ``K`` micro-batches enter what is backpropagated as
+    ``Σ_k c_k L_k`` (``L_k = loss_fn(model(X_k), y_k)``, ``c_k`` the gradient reaching ``L_k``:
+    ``1`` for ``L_k.backward()``, ``1/K`` for ``(L_k / K).backward()``), each of their loss
+    terms has the weight ``w_k = c_k / Z_k`` (``Z_k``: the terms ``L_k`` averages, 1 for a
+    sum), and ``G = Σ_k w_k Σ_{n∈k} g g^T`` (per sampled label for ``"mc"``),
+    ``A = Σ_k w_k Σ_{n∈k} a a^T / Σ_k w_k N_k S_k`` (TKFAC's sums and EKFAC's ``s`` likewise):
+    the KFAC of the objective ``Σ_k c_k L_k`` whose gradient ``.grad`` holds. With
+    ``c_k = Z_k / Σ_j Z_j`` (for equal micro-batches ``1/K``) that objective is the mean loss
+    of the union batch, and the statistics are exactly :func:`~curvops.KFAC`'s on the
+    concatenated batch.
+
     A step whose loss or gradient is not finite is skipped with a ``RuntimeWarning``
-    (parameters, momentum and running statistics unchanged); so are non-finite batch
-    statistics (the step then uses the previous preconditioner). ``state_dict`` holds the
-    running statistics and the preconditioner, so training resumes bit for bit.
+    (parameters, momentum and running statistics unchanged); so are unusable statistics
+    (non-finite, or TKFAC's ``δ = 0``: the step then uses the previous preconditioner).
+    ``state_dict`` holds the running statistics and the preconditioner, so training resumes
+    bit for bit.
+
+    The hooks never tie the model to the optimizer: ``copy.deepcopy(model)`` and
+    ``torch.save(model)`` work at any point of the loop, and the copy (an EMA model, a
+    checkpoint) carries inert hooks: it captures nothing and trains like any model (attach a
+    new optimizer to it, e.g. with this one's ``state_dict``).
 
     Args:
         model: the network; hooks go on its Kronecker layers (``nn.Linear``, ``nn.Conv1d``,
@@ -95,7 +125,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         T_inv: steps between preconditioner rebuilds, a multiple of ``T_stats``.
         fisher_type: ``"mc"``, ``"type-2"``, ``"empirical"`` (or ``"forward-only"``, KFAC only).
         mc_samples: labels drawn per datum for ``"mc"``; the draws of step ``t`` are seeded
-            with ``(seed, t)``.
+            with ``(seed, t)`` (micro-batch ``m`` of an accumulated step: ``(seed, t + m·2²⁰)``).
         kl_clip: ``κ > 0``, or ``None`` for no clipping.
         factored: KFAC's π-damped inverse instead of the exact damped one.
         kfac_approx, bias, correction, seed: as for :func:`~curvops.KFAC` / :func:`~curvops.EKFAC`.
@@ -146,6 +176,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         correction: str = "auto",
         seed: int = 0,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
         check_choice(curvature, CURVATURES, "curvature")
         check_choice(fisher_type, FISHER_TYPES, "fisher_type")
         check_choice(kfac_approx, KFAC_APPROXIMATIONS, "kfac_approx")
@@ -170,6 +202,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         if kl_clip is not None:
             check_positive(kl_clip, "kl_clip")
         check_nonnegative(weight_decay, "weight_decay")
+        check_bool(factored, "factored")
+        check_int(seed, "seed")
         self._lr, self._damping = check_schedule(lr, "lr"), check_schedule(damping, "damping")
         params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
         if any(isinstance(p, dict) for p in params):
@@ -181,7 +215,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             "damping": evaluate(self._damping, 0, "damping"),
         }
         super().__init__(params, defaults)
-        self.curvature, self.fisher_type, self.factored = curvature, fisher_type, bool(factored)
+        self.curvature, self.fisher_type, self.factored = curvature, fisher_type, factored
         self.ema_decay, self.T_stats, self.T_inv, self.kl_clip = float(ema_decay), T_stats, T_inv, kl_clip
         self.correction = correction
         self.layers, _ = find_layers(model, params, bias, kfac_approx)
@@ -233,6 +267,12 @@ class KFACOptimizer(torch.optim.Optimizer):
         """Remove the hooks on the model and the loss (the optimizer can no longer step)."""
         self._capture.remove()
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; the statistics of the backward passes since the
+        last step are dropped with the gradients they belong to."""
+        super().zero_grad(set_to_none)
+        self._capture.clear()
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One update from the gradients in ``.grad`` (see the class docstring).
@@ -245,8 +285,8 @@ class KFACOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        batch, self._capture.batch = self._capture.batch, None
-        nonfinite_loss, self._capture.nonfinite_loss = self._capture.nonfinite_loss, False
+        batches, nonfinite_loss = self._capture.batches, self._capture.nonfinite_loss
+        self._capture.clear(pending=True)
         if nonfinite_loss or not all_finite([p.grad for p in group["params"] if p.grad is not None]):
             warnings.warn(
                 f"KFACOptimizer step {self.steps}: non-finite loss or gradient; the step is skipped "
@@ -258,12 +298,13 @@ class KFACOptimizer(torch.optim.Optimizer):
         group["lr"] = lr = evaluate(self._lr, self.steps, "lr", group["lr"])
         group["damping"] = damping = evaluate(self._damping, self.steps, "damping", group["damping"])
         if self.steps % self.T_stats == 0:
-            if batch is None:
+            if not batches:
                 raise RuntimeError(
                     "KFACOptimizer saw no forward and backward pass through its loss_fn since the last "
-                    "step: compute the loss with the loss_fn module passed to the optimizer."
+                    "step or zero_grad: compute the loss with the loss_fn module passed to the optimizer "
+                    "and call backward() on it."
                 )
-            self._update(batch, damping)
+            self._update(batches, damping)
         if self.preconditioner is None:
             warnings.warn(
                 f"KFACOptimizer step {self.steps}: no curvature statistics yet; the step is skipped.",
@@ -291,13 +332,19 @@ class KFACOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; raises :class:`~curvops.errors.StateDictError` when it
-        belongs to other layers, shapes or curvature."""
+        """Restore :meth:`state_dict`; raises :class:`~curvops.errors.StateDictError`, before
+        changing anything, when it belongs to other layers, shapes or curvature (naming the key)."""
         state = dict(state_dict)
         extra = state.pop("curvature", None)
         if not isinstance(extra, dict):
             raise StateDictError("Not a KFACOptimizer state dict: it has no 'curvature' entry.")
-        if extra.get("curvature") != self.curvature:
+        missing = [key for key in CURVATURE_STATE if key not in extra]
+        if missing:
+            raise StateDictError(f"{STATE} 'curvature' entry has no {missing} keys.")
+        for kind in ("statistics", "bases", "scales"):
+            if not isinstance(extra[kind], dict):
+                raise StateDictError(f"{STATE} ['curvature'][{kind!r}] must be a dict, got {extra[kind]!r}.")
+        if extra["curvature"] != self.curvature:
             raise StateDictError(
                 f"The state dict holds {str(extra.get('curvature')).upper()} statistics; this optimizer "
                 f"uses {self.curvature.upper()}."
@@ -308,6 +355,11 @@ class KFACOptimizer(torch.optim.Optimizer):
             raise StateDictError(
                 f"The state dict's layers {sorted(stored)} differ from the optimizer's {sorted(names)}."
             )
+        steps = extra["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise StateDictError(f"{STATE} ['curvature']['steps'] must be an integer >= 0, got {steps!r}.")
+        self._check_running_state(extra)
+        self._check_momentum(state)
         preconditioner = None
         if extra["preconditioner"] is not None:
             preconditioner = from_state_dict(extra["preconditioner"], device=self._sums.device)
@@ -316,6 +368,7 @@ class KFACOptimizer(torch.optim.Optimizer):
                     f"The stored preconditioner is {tuple(preconditioner.shape)}; the optimizer's "
                     f"parameters need {(self._layout.size, self._layout.size)}."
                 )
+        state["state"] = copy.deepcopy(state.get("state", {}))  # momentum buffers of its own: no aliasing
         super().load_state_dict(state)
         place_ = {"device": self._sums.device, "dtype": self._sums.dtype}
         for la in self.layers:
@@ -331,6 +384,53 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.steps = int(extra["steps"])
 
     # ------------------------------------------------------------------ internals
+    def _check_running_state(self, extra: dict[str, Any]) -> None:
+        """Raise unless every stored statistic, basis and eigenvalue tensor has the shape this
+        optimizer's layers give it."""
+        for kind in ("bases", "scales"):
+            if set(extra[kind]) - {la.name for la in self.layers}:
+                raise StateDictError(
+                    f"{STATE} ['curvature'][{kind!r}] names layers {sorted(extra[kind])}; the optimizer has "
+                    f"{[la.name for la in self.layers]}."
+                )
+        for layer in self.layers:
+            self._check_layer_state(layer, extra)
+
+    def _check_layer_state(self, layer: KroneckerLayer, extra: dict[str, Any]) -> None:
+        expected = _running_shapes(layer, self.curvature)
+        statistics, key = extra["statistics"][layer.name], f"['statistics'][{layer.name!r}]"
+        if not isinstance(statistics, dict):
+            raise StateDictError(f"{STATE} ['curvature']{key} must be a dict of tensors, got {statistics!r}.")
+        if set(statistics) not in (set(), set(expected["statistics"])):
+            raise StateDictError(
+                f"{STATE} ['curvature']{key} holds {sorted(statistics)}; {self.curvature.upper()} needs "
+                f"{sorted(expected['statistics'])}."
+            )
+        for name, value in statistics.items():
+            _check_tensor(f"{key}[{name!r}]", value, expected["statistics"][name])
+        for kind in ("bases", "scales"):
+            if layer.name in extra[kind]:
+                stored, shapes, key = extra[kind][layer.name], expected[kind], f"[{kind!r}][{layer.name!r}]"
+                if not isinstance(stored, (list, tuple)) or len(stored) != len(shapes):
+                    raise StateDictError(
+                        f"{STATE} ['curvature']{key} must be a list of {len(shapes)} entries, got {stored!r}."
+                    )
+                for i, (value, shape) in enumerate(zip(stored, shapes, strict=True)):
+                    _check_tensor(f"{key}[{i}]", value, shape)
+
+    def _check_momentum(self, state: dict[str, Any]) -> None:
+        """Raise unless every stored momentum buffer has its parameter's shape."""
+        params = self.param_groups[0]["params"]
+        for index, entry in state.get("state", {}).items():
+            buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else None
+            if buffer is not None and isinstance(index, int) and 0 <= index < len(params):
+                key = f"['state'][{index}]['momentum_buffer']"
+                if not isinstance(buffer, Tensor) or buffer.shape != params[index].shape:
+                    raise StateDictError(
+                        f"{STATE} {key} is {_describe(buffer)}; parameter {index} "
+                        f"has shape {list(params[index].shape)}."
+                    )
+
     def _statistics(self, layer: KroneckerLayer) -> dict[str, Tensor]:
         return {name: getattr(layer, name) for name in STATISTICS if getattr(layer, name) is not None}
 
@@ -347,40 +447,51 @@ class KFACOptimizer(torch.optim.Optimizer):
             sorted(entries, key=lambda entry: int(entry[2].min())), self.curvature_params[0].dtype
         )
 
-    def _update(self, batch: CapturedBatch, damping: float) -> None:
-        """Fold the batch into the running statistics and rebuild what depends on them."""
-        if not self._average(batch):
+    def _update(self, batches: list[CapturedBatch], damping: float) -> None:
+        """Fold the step's micro-batches into the running statistics and rebuild what depends on them."""
+        if not self._average(batches):
             return
         rebuild = self.steps % self.T_inv == 0 or self.preconditioner is None
         if self.curvature == "ekfac":
             if rebuild:
                 self._new_eigenbases()
-            self._correct(batch)
+            self._correct(batches)
             rebuild = True
         if rebuild:
             self._rebuild(damping)
 
-    def _average(self, batch: CapturedBatch) -> bool:
-        """``S ← β S + (1 - β) S_batch`` for every statistic; ``False`` (and a warning) when the
-        batch's statistics are not finite, which leaves the averages untouched."""
+    def _average(self, batches: list[CapturedBatch]) -> bool:
+        """``S ← β S + (1 - β) S_step`` for every statistic; ``False`` (and a warning) when the
+        step's statistics are unusable, which leaves the averages untouched."""
         self._sums.reset(trace_restricted=self.curvature == "tkfac")
-        for layer, inputs, gradients in zip(self._batch_layers, batch.inputs, batch.gradients, strict=True):
-            self._sums.add(layer, inputs, gradients)
-        self._sums.finish(batch.normalizer)
-        fresh = [self._statistics(layer) for layer in self._batch_layers]
-        if not all_finite([value for values in fresh for value in values.values()]):
+        layers = self._batch_layers
+        for batch in batches:
+            for layer, inputs, gradients in zip(layers, batch.inputs, batch.gradients, strict=True):
+                self._sums.add(layer, inputs, gradients, batch.weight)
+        usable = self._usable_statistics()
+        if usable:
+            self._sums.finish(1.0)  # the weights w_k = c_k / Z_k hold the normalisation
+            usable = self._usable_statistics()
+        if not usable:
             warnings.warn(
-                f"KFACOptimizer step {self.steps}: non-finite curvature statistics; they are left out "
-                "of the running averages.",
+                f"KFACOptimizer step {self.steps}: non-finite curvature statistics (or TKFAC's δ = 0); "
+                "they are left out of the running averages.",
                 RuntimeWarning,
                 stacklevel=3,
             )
             return False
+        fresh = [self._statistics(layer) for layer in self._batch_layers]
         for layer, values in zip(self.layers, fresh, strict=True):
             for name, value in values.items():
                 old = getattr(layer, name)
                 setattr(layer, name, value if old is None else torch.lerp(value, old, self.ema_decay))
         return True
+
+    def _usable_statistics(self) -> bool:
+        """Whether the step's statistics are finite and every TKFAC ``δ`` is positive."""
+        values = [value for layer in self._batch_layers for value in self._statistics(layer).values()]
+        traces = [layer.trace for layer in self._batch_layers if layer.trace is not None]
+        return all_finite(values) and (not traces or bool((torch.stack(traces) > 0).all()))
 
     def _new_eigenbases(self) -> None:
         """EKFAC: the eigenbasis of the running ``G ⊗ A``, with ``s`` restarted from ``γ α^T``."""
@@ -393,15 +504,20 @@ class KFACOptimizer(torch.optim.Optimizer):
                 bias if layer.bias is not None and not layer.joint else None,
             ]
 
-    def _correct(self, batch: CapturedBatch) -> None:
-        """EKFAC: the batch's eigenvalues in the current basis enter the running ``s``."""
-        scale = self._sums.scale(batch.normalizer)
-        for layer, inputs, gradients in zip(self._batch_layers, batch.inputs, batch.gradients, strict=True):
-            parts = self._sums.correction(layer, inputs, gradients, self.bases[layer.name], self.correction)
+    def _correct(self, batches: list[CapturedBatch]) -> None:
+        """EKFAC: the step's eigenvalues in the current basis, ``Σ_k w_k s_k``, enter the running ``s``."""
+        scale = self._sums.scale(1.0)
+        for index, layer in enumerate(self._batch_layers):
+            basis = self.bases[layer.name]
+            weighted = [
+                [None if part is None else batch.weight * part for part in self._sums.correction(
+                    layer, batch.inputs[index], batch.gradients[index], basis, self.correction)]
+                for batch in batches
+            ]  # fmt: skip
             running = self.scales[layer.name]
-            for i, part in enumerate(parts):
-                if part is not None:
-                    running[i] = torch.lerp(part / scale, running[i], self.ema_decay)
+            for i, parts in enumerate(zip(*weighted, strict=True)):
+                if parts[0] is not None:
+                    running[i] = torch.lerp(sum(parts) / scale, running[i], self.ema_decay)
 
     def _rebuild(self, damping: float) -> None:
         if self.curvature == "tkfac":
@@ -454,6 +570,47 @@ class KFACOptimizer(torch.optim.Optimizer):
                 update = update if buffer is None else buffer.mul_(momentum).add_(update)
                 state["momentum_buffer"] = update
             p.add_(update)
+
+
+def _running_shapes(layer: KroneckerLayer, curvature: str) -> dict[str, Any]:
+    """The shapes of a layer's running state: ``"statistics"`` by name (those of
+    :attr:`KFACOptimizer.layers`), and EKFAC's ``"bases"`` ``(Q_out, Q_in, Q_bias)`` and
+    ``"scales"`` ``(s_weight, s_bias)`` (``None`` where the layer has no such entry)."""
+    weight = layer.module.weight
+    if layer.embedding:
+        n_in, n_out = weight.shape
+    else:
+        n_in, n_out = weight[0].numel() + layer.joint, weight.shape[0]
+    input_shape = (n_in,) if layer.embedding else (n_in, n_in)
+    output_shape = (n_out, n_out)
+    statistics = {"input_factor": input_shape, "output_factor": output_shape}
+    if curvature == "tkfac":
+        statistics.update(trace=(), trace_input_factor=input_shape, trace_output_factor=output_shape)
+        if layer.bias is not None and not layer.joint:
+            statistics["bias_trace"] = ()
+    separate_bias = (n_out,) if layer.bias is not None and not layer.joint else None
+    weight_scale = None if layer.weight is None else ((n_in, n_out) if layer.embedding else (n_out, n_in))
+    return {
+        "statistics": statistics,
+        "bases": (output_shape, None if layer.embedding else input_shape, output_shape),
+        "scales": (weight_scale, separate_bias),
+    }
+
+
+def _describe(value: Any) -> str:
+    return f"a tensor of shape {list(value.shape)}" if isinstance(value, Tensor) else repr(value)
+
+
+def _check_tensor(key: str, value: Any, shape: tuple[int, ...] | None) -> None:
+    """Raise :class:`StateDictError` naming ``['curvature']`` ``key`` unless ``value`` is a tensor of
+    ``shape`` (or ``None`` where the shape is ``None``)."""
+    if shape is None and value is None:
+        return
+    if shape is None or not isinstance(value, Tensor) or tuple(value.shape) != tuple(shape):
+        wanted = "None" if shape is None else f"a tensor of shape {list(shape)}"
+        raise StateDictError(
+            f"{STATE} ['curvature']{key} is {_describe(value)}; this optimizer needs {wanted}."
+        )
 
 
 def _damped_inverse(factor: Tensor, damping: float) -> Tensor:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable
+from numbers import Real
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import StateDictError
-from ..linalg.base import check_nonnegative, check_positive
+from ..linalg.base import check_int, check_nonnegative, check_positive
 from .schedule import Schedule, check_fraction, check_schedule, evaluate
 
 
@@ -20,7 +22,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
 
     Per step ``t``, with a direction ``z`` of independent Rademacher entries (drawn per
     parameter tensor from a generator seeded with ``(seed, t, tensor index)``) and ``ε =
-    epsilon``, the closure is evaluated at ``θ + εz``, ``θ − εz`` and ``θ``:
+    epsilon``, the closure is evaluated at ``θ``, ``θ + εz`` and ``θ − εz``:
 
     - directional derivative ``d = (ℓ₊ − ℓ₋) / 2ε ≈ z^T ∇ℓ`` (exact for a quadratic up to
       rounding), hence the gradient estimate ``d z`` with ``E[d z] = ∇ℓ``;
@@ -34,19 +36,24 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     Memory: the model's inference plus the optimizer state ``g`` (one tensor per parameter)
     and the scalar ``h``; ``z`` is regenerated from its seed whenever it is needed, never
     stored (only one parameter tensor's worth of it exists at a time). ``θ`` is restored by
-    adding ``εz`` back, which may differ from the original in the last bit.
+    adding ``εz`` back, which may differ from the original in the last bit (keeping a copy of
+    ``θ`` instead would double the memory).
 
-    A step whose losses are not finite is skipped with a ``RuntimeWarning`` (``θ`` restored,
-    state unchanged).
+    The closure must return the loss at the current parameters as a scalar: a Python number
+    or a one-element tensor. It is called first at ``θ``, so a closure that raises or returns
+    anything else (a vector of per-datum losses, ``None``) fails before ``θ`` is touched; if it
+    raises at ``θ ± εz``, ``θ`` is restored (as above) before the error propagates. A step
+    whose losses are not finite is skipped with a ``RuntimeWarning`` (``θ`` restored, state
+    unchanged).
 
     Args:
         params: the parameters.
         lr: ``η``, a number or a schedule ``step -> η``.
         epsilon: the perturbation size ``ε > 0``.
-        betas: ``(β₁, β₂)`` in ``[0, 1)``.
+        betas: a pair ``(β₁, β₂)`` of numbers in ``[0, 1)``.
         eps: added to ``ĥ`` under the square root.
         weight_decay: ``w >= 0``.
-        seed: seed of the directions.
+        seed: seed of the directions (an integer).
 
     Attributes:
         steps: the number of steps taken.
@@ -78,10 +85,9 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         self._lr = check_schedule(lr, "lr")
         check_positive(epsilon, "epsilon")
         check_positive(eps, "eps")
-        if len(betas) != 2:
-            raise ValueError(f"betas must be a pair (β1, β2), got {betas!r}.")
-        beta1, beta2 = (check_fraction(b, f"betas[{i}]") for i, b in enumerate(betas))
+        beta1, beta2 = check_betas(betas)
         check_nonnegative(weight_decay, "weight_decay")
+        check_int(seed, "seed")
         defaults = {
             "lr": evaluate(self._lr, 0, "lr"),
             "epsilon": float(epsilon),
@@ -109,9 +115,18 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         for index, p in enumerate(self._params()):
             p.add_(self.direction(self.steps, index), alpha=scale)
 
+    def _loss_at(self, closure: Callable[[], Tensor | float], offset: float) -> float:
+        """``ℓ(θ + offset · z)``; ``θ`` is back in place afterwards, also when the closure raises."""
+        self._perturb(offset)
+        try:
+            return loss_value(closure())
+        finally:
+            self._perturb(-offset)
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        """One step; ``closure()`` returns the loss at the current parameters (no backward).
+    def step(self, closure: Callable[[], Tensor | float]) -> Tensor | float:  # type: ignore[override]
+        """One step; ``closure()`` returns the loss at the current parameters as a scalar (a
+        number or a one-element tensor; no backward).
 
         Returns ``ℓ₀``, the loss at the parameters before the step. The step's estimates
         ``(d, c)`` are kept in :attr:`last_estimates`.
@@ -120,13 +135,10 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
             raise ValueError("ZerothOrderOptimizer.step needs a closure that returns the loss.")
         group = self.param_groups[0]
         epsilon = group["epsilon"]
-        self._perturb(epsilon)
-        plus = float(closure())
-        self._perturb(-2 * epsilon)
-        minus = float(closure())
-        self._perturb(epsilon)
         loss = closure()
-        center = float(loss)
+        center = loss_value(loss)
+        plus = self._loss_at(closure, epsilon)
+        minus = self._loss_at(closure, -epsilon)
         if not all(math.isfinite(v) for v in (plus, minus, center)):
             warnings.warn(
                 f"ZerothOrderOptimizer step {self.steps}: non-finite loss; the step is skipped.",
@@ -163,10 +175,62 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict`; raises :class:`~curvops.errors.StateDictError`, before
+        changing anything, for a missing or malformed entry (naming the key)."""
         state = dict(state_dict)
         extra = state.pop("zeroth_order", None)
         if not isinstance(extra, dict):
             raise StateDictError("Not a ZerothOrderOptimizer state dict: it has no 'zeroth_order' entry.")
+        steps, curvature = extra.get("steps"), extra.get("curvature")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise StateDictError(f"['zeroth_order']['steps'] must be an integer >= 0, got {steps!r}.")
+        if isinstance(curvature, bool) or not isinstance(curvature, Real) or not 0 <= curvature < math.inf:
+            raise StateDictError(
+                f"['zeroth_order']['curvature'] must be a finite number >= 0, got {curvature!r}."
+            )
+        params = self._params()
+        for index, entry in state.get("state", {}).items():
+            average = entry.get("gradient_average") if isinstance(entry, dict) else None
+            if isinstance(index, int) and 0 <= index < len(params) and average is not None:
+                if not isinstance(average, Tensor) or average.shape != params[index].shape:
+                    shape = list(average.shape) if isinstance(average, Tensor) else type(average).__name__
+                    raise StateDictError(
+                        f"['state'][{index}]['gradient_average'] is {shape}; parameter {index} has shape "
+                        f"{list(params[index].shape)}."
+                    )
+        state["state"] = copy.deepcopy(state.get("state", {}))  # buffers of its own: no aliasing
         super().load_state_dict(state)
-        self.steps, self.curvature = int(extra["steps"]), float(extra["curvature"])
+        self.steps, self.curvature = steps, float(curvature)
+
+
+def loss_value(loss: object) -> float:
+    """The closure's loss as a float: a real number or a one-element tensor, else ``TypeError``.
+
+    Example:
+        >>> loss_value(torch.tensor([0.5]))
+        0.5
+    """
+    if isinstance(loss, Tensor) and loss.numel() == 1 and not loss.is_complex():
+        return float(loss)
+    if isinstance(loss, Real) and not isinstance(loss, bool):
+        return float(loss)
+    what = f"a tensor of shape {list(loss.shape)}" if isinstance(loss, Tensor) else type(loss).__name__
+    raise TypeError(
+        "ZerothOrderOptimizer: the closure must return the loss as a scalar (a number or a one-element "
+        f"tensor), got {what}; reduce per-datum losses with .mean() or .sum()."
+    )
+
+
+def check_betas(betas: object) -> tuple[float, float]:
+    """``(β₁, β₂)``: a pair of numbers in ``[0, 1)``, else a ``ValueError`` that shows the form.
+
+    Example:
+        >>> check_betas((0.9, 0.99))
+        (0.9, 0.99)
+    """
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(
+            f"betas must be a pair (beta1, beta2) of numbers in [0, 1), e.g. (0.9, 0.99); got {betas!r}."
+        )
+    beta1, beta2 = (check_fraction(b, f"betas[{i}]") for i, b in enumerate(betas))
+    return beta1, beta2
