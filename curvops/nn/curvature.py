@@ -29,7 +29,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from ..linalg.base import CurvatureOperator, check_positive_int
 from .losses import LossAdapter
-from .model import ModelData, add_trees, fixed_forward, pull_back
+from .model import ModelData, add_trees, fixed_forward, pull_back, push_forward
 
 Tree = dict[str, Tensor]
 
@@ -160,7 +160,7 @@ class _OutputCurvature(ModelCurvature):
         output, pullback = vjp(forward, params)
         output = output.detach()
         self._check_loss(index, output, targets)
-        tangents = vmap(lambda v: jvp(forward, (params,), (v,))[1])(tree)
+        _, tangents = push_forward(forward, params, tree)
         cotangents = self._apply_output_curvature(index, count, output, targets, tangents)
         return pull_back(pullback, cotangents)
 

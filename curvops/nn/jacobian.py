@@ -6,11 +6,11 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import jvp, vjp, vmap
+from torch.func import vjp
 
 from ..errors import NonDeterministicDataError
 from ..linalg.linear_map import LinearMap
-from .model import ModelData, add_trees, fixed_forward, pull_back
+from .model import ModelData, add_trees, fixed_forward, pull_back, push_forward
 
 
 class Jacobian(LinearMap):
@@ -71,7 +71,7 @@ class Jacobian(LinearMap):
         for index, inputs, _ in self._model.batches("Jacobian product"):
             forward = lambda p: self._model.forward(p, inputs)  # noqa: E731, B023
             with fixed_forward():
-                output, tangents = vmap(lambda v: jvp(forward, (params,), (v,)), out_dims=(None, 0))(tree)  # noqa: B023
+                output, tangents = push_forward(forward, params, tree)
             self._check_output(index, output)
             blocks.append(tangents.reshape(x.shape[1], -1).T)
         return torch.cat(blocks, dim=0)

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import jvp, vjp, vmap
 from torch.utils._pytree import tree_leaves
 
 from ..errors import NonDeterministicDataError, StaleParametersError
@@ -179,6 +180,29 @@ def pull_back(pullback: Callable, cotangents: Tensor | dict[str, Tensor]) -> dic
     else:
         columns = [pullback(u)[0] for u in cotangents]
     return {name: torch.stack([column[name] for column in columns]) for name in columns[0]}
+
+
+def push_forward(
+    forward: Callable, params: dict[str, Tensor], tree: dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """The output and ``J v`` for every column ``v`` of ``tree`` (``{name: [K, *shape]}``):
+    ``(f(θ), [K, *output.shape])``.
+
+    Forward mode (``vmap`` of ``jvp``) where every operation of the model has a forward-mode
+    derivative; otherwise (e.g. ``nn.MultiheadAttention``'s fused kernel in eval mode) reverse
+    over reverse: ``J^T u`` is linear in ``u``, so ``J v = ∂/∂u ⟨J^T u, v⟩``, one backward pass
+    per column through a recorded pullback.
+    """
+    try:
+        return vmap(lambda v: jvp(forward, (params,), (v,)), out_dims=(None, 0))(tree)
+    except NotImplementedError as error:
+        if "forward AD" not in str(error):
+            raise
+    output = forward(params)
+    _, transpose = vjp(lambda u: vjp(forward, params)[1](u)[0], torch.zeros_like(output))
+    count = next(iter(tree.values())).shape[0]
+    columns = [transpose({name: t[k] for name, t in tree.items()})[0] for k in range(count)]
+    return output, torch.stack(columns)
 
 
 def add_trees(total: dict[str, Tensor] | None, part: dict[str, Tensor]) -> dict[str, Tensor]:
