@@ -45,7 +45,7 @@ from .nn.curvature import GGN, ModelCurvature
 from .nn.kfac import kronecker_approximation
 from .nn.kronecker_statistics import loss_hessian_factor
 from .nn.losses import LossAdapter
-from .nn.model import ModelData, fixed_forward
+from .nn.model import ModelData, check_built_from, fixed_forward
 
 CURVATURES = ("kfac", "ekfac", "tkfac", "tekfac", "diagonal", "full")
 PRIOR_METHODS = ("marglik", "grid")
@@ -144,7 +144,8 @@ class Laplace:
             that order; a layer's weight and bias are two), a sequence or 1-D tensor.
         temperature: ``T > 0``; ``T < 1`` sharpens the posterior ("cold posterior").
         params: the parameters the posterior is over (default: the model's trainable ones);
-            the others stay at their values.
+            the others stay at their values (a change of one of them, or of a buffer, raises
+            :class:`~curvops.errors.StaleParametersError` at the next prediction).
         sigma_noise: ``σ > 0`` of a Gaussian likelihood, with ``MSELoss`` only (see above).
         curvature_options: keyword arguments for the Kronecker builders (``fisher_type``,
             default ``"type-2"``; ``bias``, ``kfac_approx``, ``unsupported``, ...).
@@ -210,7 +211,8 @@ class Laplace:
         # the factor turning the operator of loss_fn into K of the summed log-likelihood
         likelihood_scale = 1.0 if sigma_noise is None else 1.0 / (2.0 * sigma_noise**2)
         reduction_scale = self.num_terms if self._loss_adapter.reduction == "mean" else 1.0
-        op = self._build(curvature, loss_fn, data, params, curvature_options)
+        checked = self._model.checked_data("Laplace curvature")  # the passes of the first one
+        op = self._build(curvature, loss_fn, checked, params, curvature_options)
         if op.shape[0] != self.mean.numel():
             raise ValueError(
                 f"The curvature operator has size {op.shape[0]}, but the parameters have {self.mean.numel()} "
@@ -297,6 +299,7 @@ class Laplace:
         """The curvature operator of ``loss_fn`` (as it reduces), or the summed GGN's diagonal."""
         options = dict(options or {})
         if not isinstance(curvature, str):
+            check_built_from(curvature)
             if options:
                 raise ValueError("curvature_options apply to named curvatures, not to a prebuilt operator.")
             if isinstance(curvature, ModelCurvature):
@@ -670,7 +673,10 @@ class Laplace:
         return x
 
     def _forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """The model output at ``params``, with a clear error for inputs the model rejects."""
+        """The model output at ``params``, with a clear error for inputs the model rejects (and a
+        :class:`~curvops.errors.StaleParametersError` if a parameter outside ``θ`` or a buffer,
+        which the model provides, changed since the build)."""
+        self._model.check_fresh(chosen=False)
         try:
             output = self._model.forward(params, x)
         except (RuntimeError, ValueError, IndexError, TypeError) as error:
@@ -701,6 +707,8 @@ class Laplace:
 
         def single(params: dict[str, Tensor], datum: Tensor) -> Tensor:
             return self._model.forward(params, datum.unsqueeze(0)).reshape(-1)
+
+        self._model.check_fresh(chosen=False)
 
         with fixed_forward():
             jac = vmap(jacrev(single), in_dims=(None, 0))(self._theta, x)
