@@ -264,6 +264,12 @@ def test_a_batch_of_only_padding_labels_gives_the_one_batch_answers(entry):
     assert_same_answers(ENTRIES[entry](mlp(), lf, batches_of(x, y, 4)), one_batch)
 
 
+def test_query_scores_refuse_a_reshuffled_query_loader():
+    x, y = labelled(ignored=0)
+    with pytest.raises(curvops.NonDeterministicDataError, match=r"query_data gradients: batch 0 differs"):
+        influence_scores(mlp(), nn.CrossEntropyLoss(), [(x, y)], shuffled(x, y), curvature="identity")
+
+
 # ------------------------------------------------------------- case 2: a pass with fewer batches
 
 
@@ -630,3 +636,30 @@ def test_a_bare_pair_is_one_batch(entry):
     assert_same_answers(
         ENTRIES[entry](mlp(), lf, (x, y)), ENTRIES[entry](mlp(), lf, [(x, y)]), rtol=0, atol=0
     )
+
+
+def optimizer_steps(model, params, steps=2):
+    """The parameters after ``steps`` KFACOptimizer steps on one fixed padded batch."""
+    x, y = labelled(n=12, ignored=3)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
+    opt = curvops.optim.KFACOptimizer(model, loss_fn, params=params, lr=0.1, damping=0.1, T_inv=1)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_kfac_optimizer_takes_frozen_parameters_and_dicts():
+    """Frozen parameters in ``params`` stay put and change nothing else; a dict means its values."""
+    trainable = mlp()
+    frozen_copy(trainable, {"0.weight", "0.bias"})
+    expected = optimizer_steps(trainable, list(trainable[2].parameters()))
+    frozen = frozen_copy(mlp(), {"0.weight", "0.bias"})
+    torch.testing.assert_close(optimizer_steps(frozen, list(frozen.parameters())), expected, rtol=0, atol=0)
+    named = mlp()
+    frozen_copy(named, {"0.weight", "0.bias"})
+    by_name = optimizer_steps(named, dict(named.named_parameters()))
+    torch.testing.assert_close(by_name, expected, rtol=0, atol=0)
+    start = torch.cat([p.detach().reshape(-1) for p in mlp()[0].parameters()])
+    torch.testing.assert_close(expected[: start.numel()], start, rtol=0, atol=0)
