@@ -375,6 +375,59 @@ def test_no_entry_point_changes_parameters_or_buffers(entry):
         assert torch.equal(t, state[name]), name
 
 
+def built_then_used(model):
+    """``(build, use)`` pairs: built in eval mode, used after ``model.train()``."""
+    x, y = labelled(n=12, ignored=0)
+    data, lf = [(x, y)], nn.CrossEntropyLoss()
+    v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=DOUBLE)
+    head = list(model[-1].parameters())
+    return {
+        "GGN": (lambda: curvops.GGN(model, lf, data), lambda op: op @ v),
+        "Hessian": (lambda: curvops.Hessian(model, lf, data), lambda op: op @ v),
+        "Jacobian": (lambda: curvops.Jacobian(model, data), lambda op: op @ v),
+        "Laplace predictive": (
+            lambda: Laplace(model, lf, data, curvature="full"),
+            lambda la: la.predictive(x),
+        ),
+        "Laplace mc predictive": (
+            lambda: Laplace(model, lf, data, curvature="full"),
+            lambda la: la.predictive(x, method="mc", generator=torch.Generator().manual_seed(0)),
+        ),
+        "Laplace glm": (
+            lambda: Laplace(model, lf, data, curvature="kfac", params=head),
+            lambda la: la.glm_distribution(x),
+        ),
+        "influence_scores(curvature=op)": (
+            lambda: influence_curvature(model, lf, data, curvature="ggn"),
+            lambda op: influence_scores(model, lf, data, data, curvature=op),
+        ),
+    }
+
+
+MODE_USES = list(built_then_used(mlp()))
+
+
+@pytest.mark.parametrize("use", MODE_USES)
+def test_train_mode_switched_on_after_the_build_is_refused(use):
+    """Batch norm: the clear ValueError (not torch.func's in-place error), buffers untouched;
+    dropout: the one message."""
+    model = bn_eval_model()
+    build, run = built_then_used(model)[use]
+    built = build()
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    model.train()
+    with pytest.raises(ValueError, match=r"'1' is a BatchNorm1d in train mode.*model\.eval\(\)"):
+        run(built)
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, state[name]), name
+    model = mlp(nn.Dropout(0.5)).eval()
+    build, run = built_then_used(model)[use]
+    built = build()
+    model.train()
+    with pytest.raises(curvops.NonDeterministicDataError, match=RANDOM):
+        run(built)
+
+
 # ------------------------------------------------------------------- case 5: a module used twice
 
 

@@ -514,7 +514,8 @@ class ModelData:
     def batches(self, description: str, any_order: bool = False) -> Iterator[tuple[int, Any, Tensor]]:
         """``(index, X, y)`` for every batch, on the parameters' device (floats in their dtype).
 
-        Checks that the parameters are fresh and the batches well formed and finite; and, at
+        Checks that the parameters are fresh, batch normalisation is not in train mode (it may
+        have been switched since the build) and the batches well formed and finite; and, at
         the end of every complete pass, that it saw the data of the first complete pass: the
         same number of batches always, and the same batches in the same order — or, with
         ``any_order`` (for a result that does not depend on the order: a sum over batches), the
@@ -524,6 +525,7 @@ class ModelData:
         batch with the first pass's as it comes.
         """
         self.check_fresh()
+        check_batch_statistics(self.model)  # the model may have been put in train mode since
         record = PassRecord()
         batches = self.data
         if self.progressbar:
