@@ -264,6 +264,37 @@ def test_a_batch_of_only_padding_labels_gives_the_one_batch_answers(entry):
     assert_same_answers(ENTRIES[entry](mlp(), lf, batches_of(x, y, 4)), one_batch)
 
 
+def test_weighted_padded_influence_matches_the_dense_truth_in_any_batching():
+    """``ℓ_n`` the weighted summed CE of datum ``n``; ``F`` the GGN of the mean, ``Z = Σ w_y``."""
+    x, y = labelled(n=14, ignored=5)
+    weight = torch.tensor([0.5, 2.0, 1.0], dtype=DOUBLE)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE)
+    summed = nn.CrossEntropyLoss(weight=weight, ignore_index=IGNORE, reduction="sum")
+    model = mlp()
+    names, shapes = [n for n, _ in model.named_parameters()], [p.shape for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def output(t, inputs):
+        parts = t.split([s.numel() for s in shapes])
+        values = {n: p.reshape(s) for n, p, s in zip(names, parts, shapes, strict=True)}
+        return torch.func.functional_call(model, values, (inputs,))
+
+    out = output(theta, x)
+    lam = jacrev(jacrev(lambda o: summed(o.reshape(out.shape), y)))(out.reshape(-1))
+    jac = jacrev(lambda t: output(t, x).reshape(-1))(theta)
+    terms = float(weight[y[y != IGNORE]].sum())
+    damped = jac.T @ lam @ jac / terms + 0.5 * torch.eye(len(theta), dtype=DOUBLE)
+    grads = torch.stack(
+        [jacrev(lambda t, n=n: summed(output(t, x[n : n + 1]), y[n : n + 1]))(theta) for n in range(14)]
+    )
+    truth = grads @ torch.linalg.solve(damped, grads.T)
+    for data in ([(x, y)], batches_of(x, y, 4)):
+        scores = influence_scores(model, loss_fn, data, data, curvature="ggn", damping=0.5)
+        torch.testing.assert_close(scores, truth)
+        own = self_influence(model, loss_fn, data, curvature="ggn", damping=0.5)
+        torch.testing.assert_close(own, truth.diagonal())
+
+
 def test_query_scores_refuse_a_reshuffled_query_loader():
     x, y = labelled(ignored=0)
     with pytest.raises(curvops.NonDeterministicDataError, match=r"query_data gradients: batch 0 differs"):
