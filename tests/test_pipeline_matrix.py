@@ -301,6 +301,17 @@ def test_query_scores_refuse_a_reshuffled_query_loader():
         influence_scores(mlp(), nn.CrossEntropyLoss(), [(x, y)], shuffled(x, y), curvature="identity")
 
 
+MC_DRAWS = ["FisherMC", "KFAC mc"]  # labels drawn per batch index: another batching, another sample
+
+
+@pytest.mark.parametrize("entry", [name for name in ENTRIES if name not in MC_DRAWS])
+def test_an_empty_batch_changes_nothing(entry):
+    x, y = labelled(n=12, ignored=3)
+    lf = LOSSES["ignore_index"]()
+    with_empty = [(x[:6], y[:6]), (x[:0], y[:0]), (x[6:], y[6:])]
+    assert_same_answers(ENTRIES[entry](mlp(), lf, with_empty), ENTRIES[entry](mlp(), lf, [(x, y)]))
+
+
 # ------------------------------------------------------------- case 2: a pass with fewer batches
 
 
@@ -621,6 +632,11 @@ X6 = randn(6, 3, seed=5)
 TARGETS = {
     "MSE [N,1] for [N,3]": (nn.MSELoss(), randn(3, 1), r"shape \[3, 3\], got \[3, 1\]"),
     "CE float indices": (nn.CrossEntropyLoss(), torch.tensor([0.0, 1.0, 2.0], dtype=DOUBLE), r"y\.long\(\)"),
+    "CE int32 labels": (
+        nn.CrossEntropyLoss(),
+        torch.tensor([0, 1, 2], dtype=torch.int32),
+        r"int64.*y\.long\(\)",
+    ),
     "CE labels [N,1]": (nn.CrossEntropyLoss(), torch.tensor([[0], [1], [2]]), r"got \[3, 1\]"),
     "CE label 5": (nn.CrossEntropyLoss(), torch.tensor([0, 5, 2]), "class index 5"),
     "CE label -1": (nn.CrossEntropyLoss(), torch.tensor([0, -1, 2]), "class index -1"),

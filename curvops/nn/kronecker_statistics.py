@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..linalg.composite import computation_dtype
 from .losses import LossAdapter
-from .model import ModelData, fixed_forward
+from .model import ModelData, fixed_forward, is_empty
 
 KRONECKER_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
@@ -494,6 +494,8 @@ class KroneckerStatistics:
         """
         total = 0.0
         for index, inputs, targets in self.model.batches(description, any_order=any_order):
+            if is_empty(inputs):  # no rows: nothing to add
+                continue
             count = self.loss.count(targets)
             total += count
             for layer, layer_input, gradients in self._batch(index, inputs, targets, count):

@@ -34,6 +34,12 @@ def _leaves(tree: Any) -> list[Tensor]:
     return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, Tensor)]
 
 
+def is_empty(x: Any) -> bool:
+    """Whether a batch's inputs have no rows: every tensor of ``x`` has a first axis of size 0."""
+    leaves = _leaves(x)
+    return bool(leaves) and all(t.ndim > 0 and t.shape[0] == 0 for t in leaves)
+
+
 def _sums(tensors: Sequence[Tensor]) -> Tensor:
     """``[L, 2]`` float64 on the first tensor's device: each tensor's ``Σ t`` and ``Σ t²``.
 
