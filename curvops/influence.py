@@ -66,7 +66,7 @@ from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Identity,
 from .linalg.base import check_choice, check_curvature, check_damping, check_positive_int
 from .nn import EKFAC, GGN, KFAC, TKFAC, EmpiricalFisher, FisherMC, LossAdapter, ModelData
 from .nn.kfac import KRONECKER_APPROXIMATIONS, find_layers, kronecker_approximation
-from .nn.model import as_batches, check_batch_statistics, fixed_forward
+from .nn.model import as_batches, check_batch_statistics, check_built_from, fixed_forward, mark_built_from
 
 _INPUT_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError)
 """What a model or loss raises on inputs it cannot take (torch.func's decompositions assert)."""
@@ -184,13 +184,19 @@ class _Examples:
             raise ValueError(f"{self.what} holds no examples.")
 
     def check(self) -> None:
-        """Fail early on empty data and on inputs the model or loss cannot take (first batch)."""
+        """Fail early on empty data and on inputs the model or loss cannot take (first batch).
+
+        A complete pass, so that it is the first pass every later one is compared with, batch
+        by batch: the scores are by position, so a reshuffled pass raises
+        :class:`~curvops.errors.NonDeterministicDataError` (the model runs on one batch only).
+        """
         if next(iter(self.data), None) is None:
             raise ValueError(f"{self.what} is empty: it yielded no batches.")
+        diagnosed = False
         for index, x, y in self.batches():
-            if len(y):
+            if len(y) and not diagnosed:
                 self._diagnose(index, x, y)
-                return
+                diagnosed = True
 
     def _diagnose(self, index: int, x: Any, y: Tensor) -> None:
         """Raise a ``ValueError`` naming the shapes if the model or the loss fails on ``(x, y)``."""
@@ -414,7 +420,7 @@ def _build(
     """The operator called ``curvature`` of the mean loss over the training data, its builder
     given ``options`` (checked by :func:`_check_options`)."""
     model_data = train.model_data
-    data, mean = train.data, losses.mean
+    data, mean = model_data.checked_data("train_data curvature"), losses.mean
     if curvature == "identity":
         return Identity(model_data.size, model_data.dtype, model_data.device)
     if curvature in KRONECKER_APPROXIMATIONS:
@@ -437,13 +443,14 @@ def _build(
         builder = EXACT_CURVATURES[fisher_type]
         exact = builder(model, mean, data, params=params, progressbar=progressbar, **options)
         if curvature == "ggn":
-            return Dense(exact.to_dense())
+            return mark_built_from(Dense(exact.to_dense()), model_data)
         diagonal = exact.diagonal()
     parts = diagonal.split([p.numel() for p in model_data.params])
-    return BlockDiagonal([Diagonal(part) for part in parts], model_data.names)
+    return mark_built_from(BlockDiagonal([Diagonal(part) for part in parts], model_data.names), model_data)
 
 
 def _check_operator(op: CurvatureOperator, model_data: ModelData) -> None:
+    check_built_from(op)
     if op.shape[0] != model_data.size:
         raise ValueError(
             f"The curvature operator has shape {op.shape}, but the parameters have D = {model_data.size} "

@@ -38,14 +38,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value, jacrev, vmap
 
-from .errors import NotPositiveDefiniteError
+from .errors import NonDeterministicDataError, NotPositiveDefiniteError
 from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Permuted, Sum
 from .linalg.base import check_choice, check_curvature, check_positive, check_positive_int
 from .nn.curvature import GGN, ModelCurvature
 from .nn.kfac import kronecker_approximation
 from .nn.kronecker_statistics import loss_hessian_factor
 from .nn.losses import LossAdapter
-from .nn.model import ModelData, fixed_forward
+from .nn.model import ModelData, check_batch_statistics, check_built_from, fixed_forward
 
 CURVATURES = ("kfac", "ekfac", "tkfac", "tekfac", "diagonal", "full")
 PRIOR_METHODS = ("marglik", "grid")
@@ -144,7 +144,8 @@ class Laplace:
             that order; a layer's weight and bias are two), a sequence or 1-D tensor.
         temperature: ``T > 0``; ``T < 1`` sharpens the posterior ("cold posterior").
         params: the parameters the posterior is over (default: the model's trainable ones);
-            the others stay at their values.
+            the others stay at their values (a change of one of them, or of a buffer, raises
+            :class:`~curvops.errors.StaleParametersError` at the next prediction).
         sigma_noise: ``σ > 0`` of a Gaussian likelihood, with ``MSELoss`` only (see above).
         curvature_options: keyword arguments for the Kronecker builders (``fisher_type``,
             default ``"type-2"``; ``bias``, ``kfac_approx``, ``unsupported``, ...).
@@ -210,7 +211,8 @@ class Laplace:
         # the factor turning the operator of loss_fn into K of the summed log-likelihood
         likelihood_scale = 1.0 if sigma_noise is None else 1.0 / (2.0 * sigma_noise**2)
         reduction_scale = self.num_terms if self._loss_adapter.reduction == "mean" else 1.0
-        op = self._build(curvature, loss_fn, data, params, curvature_options)
+        checked = self._model.checked_data("Laplace curvature")  # the passes of the first one
+        op = self._build(curvature, loss_fn, checked, params, curvature_options)
         if op.shape[0] != self.mean.numel():
             raise ValueError(
                 f"The curvature operator has size {op.shape[0]}, but the parameters have {self.mean.numel()} "
@@ -297,6 +299,7 @@ class Laplace:
         """The curvature operator of ``loss_fn`` (as it reduces), or the summed GGN's diagonal."""
         options = dict(options or {})
         if not isinstance(curvature, str):
+            check_built_from(curvature)
             if options:
                 raise ValueError("curvature_options apply to named curvatures, not to a prebuilt operator.")
             if isinstance(curvature, ModelCurvature):
@@ -670,9 +673,14 @@ class Laplace:
         return x
 
     def _forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """The model output at ``params``, with a clear error for inputs the model rejects."""
+        """The model output at ``params``, with a clear error for inputs the model rejects (see
+        :meth:`_check_model` for the model's state)."""
+        self._check_model()
         try:
-            output = self._model.forward(params, x)
+            with fixed_forward():
+                output = self._model.forward(params, x)
+        except NonDeterministicDataError:
+            raise
         except (RuntimeError, ValueError, IndexError, TypeError) as error:
             example = self._input_example
             expected = f" (the training inputs had shape {list(example)})" if example else ""
@@ -685,6 +693,14 @@ class Laplace:
                 f"but the training outputs were [B, {', '.join(map(str, self._output_shape))}]."
             )
         return output
+
+    def _check_model(self) -> None:
+        """Before a forward pass of the model: raise :class:`~curvops.errors.StaleParametersError`
+        if a parameter outside ``θ`` or a buffer, which the model provides, changed since the
+        build, and refuse batch normalisation switched to train mode since (which would update
+        the model's running statistics)."""
+        self._model.check_fresh(chosen=False)
+        check_batch_statistics(self.model)
 
     def _chunks(self, x: Tensor, batch_size: int | None) -> Iterable[tuple[int, Tensor]]:
         """``(start, x[start:stop])`` so that a chunk's Jacobian ``[B, C, D]`` stays bounded."""
@@ -702,6 +718,7 @@ class Laplace:
         def single(params: dict[str, Tensor], datum: Tensor) -> Tensor:
             return self._model.forward(params, datum.unsqueeze(0)).reshape(-1)
 
+        self._check_model()
         with fixed_forward():
             jac = vmap(jacrev(single), in_dims=(None, 0))(self._theta, x)
         return torch.cat([jac[name].flatten(2) for name in self.param_names], dim=2)

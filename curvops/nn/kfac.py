@@ -33,7 +33,7 @@ from .kronecker_statistics import (
     check_layer,
 )
 from .losses import LossAdapter
-from .model import ModelData
+from .model import ModelData, mark_built_from
 
 UNSUPPORTED_OPTIONS = ("error", "dense", "diagonal")
 OPAQUE_MODULES = {
@@ -318,12 +318,14 @@ def _build(
     ]
     compute = computation_dtype(model_data.dtype)
     for module_name, module, chosen in others:
-        exact = _exact_operator(fisher_type, model, loss_fn, data, chosen, mc_samples, seed)
+        checked = model_data.checked_data(f"{name} exact block of {module_name!r}")
+        exact = _exact_operator(fisher_type, model, loss_fn, checked, chosen, mc_samples, seed)
         exact_matrix = exact.to_dense() if unsupported == "dense" else exact.diagonal()
         block = (Dense if unsupported == "dense" else Diagonal)(exact_matrix.to(compute))
         where = torch.cat([layout.indices(p, device) for p in chosen])
         entries.append((module_name or type(module).__name__, block, where))
-    return assemble(sorted(entries, key=lambda entry: int(entry[2].min())), model_data.dtype)
+    op = assemble(sorted(entries, key=lambda entry: int(entry[2].min())), model_data.dtype)
+    return mark_built_from(op, model_data)
 
 
 def assemble(

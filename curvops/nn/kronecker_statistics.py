@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..linalg.composite import computation_dtype
 from .losses import LossAdapter
-from .model import ModelData, fixed_forward
+from .model import ModelData, fixed_forward, is_empty
 
 KRONECKER_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 FISHER_TYPES = ("type-2", "mc", "empirical", "forward-only")
@@ -468,7 +468,9 @@ class KroneckerStatistics:
         position = {id(layer): i for i, layer in enumerate(self.layers)}
         sums: list[list[Tensor | None]] = [[None, None] for _ in self.layers]
 
-        def consume(layer: KroneckerLayer, inputs: Tensor, gradients: Tensor) -> None:
+        def consume(layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None) -> None:
+            if gradients is None:  # a batch without loss terms adds nothing to the corrections
+                return
             i = position[id(layer)]
             parts = self.sums.correction(layer, inputs, gradients, bases[i], correction)
             sums[i] = [
@@ -483,18 +485,21 @@ class KroneckerStatistics:
     def _pass(self, description: str, consume, any_order: bool = True) -> float:
         """One pass over the data; ``consume(layer, inputs, gradients)`` per layer and batch.
 
-        Each batch's count of loss terms comes from its own targets. ``any_order``: the pass's
+        Each batch's count of loss terms comes from its own targets; a batch without any (every
+        target ignored) still adds its inputs to ``A``, as its rows do within a larger batch, and
+        hands ``consume`` no gradients (``None``). ``any_order``: the pass's
         sums do not depend on the order of the batches (not so for ``"mc"`` labels, drawn per batch
         index, once a pass must match an earlier one). Returns the normaliser ``Z`` (the number of
         loss terms for a mean, 1 for a sum).
         """
         total = 0.0
         for index, inputs, targets in self.model.batches(description, any_order=any_order):
+            if is_empty(inputs):  # no rows: nothing to add
+                continue
             count = self.loss.count(targets)
             total += count
-            if count:
-                for layer, layer_input, gradients in self._batch(index, inputs, targets, count):
-                    consume(layer, layer_input, gradients)
+            for layer, layer_input, gradients in self._batch(index, inputs, targets, count):
+                consume(layer, layer_input, gradients)
         if total == 0:
             raise ValueError("The data has no loss terms (every target is ignored).")
         return self.loss.batch_scale(total)
@@ -521,7 +526,7 @@ class KroneckerStatistics:
             check_single_call(layer, len(captured[id(layer.module)]))
         layer_inputs_ = [captured[id(layer.module)][0][0] for layer in self.layers]
         self.loss.check_target(output, targets, index)
-        if self.sums.fisher_type == "forward-only":
+        if self.sums.fisher_type == "forward-only" or not count:
             return [(layer, x, None) for layer, x in zip(self.layers, layer_inputs_, strict=True)]
         columns = output_columns(
             self.loss, self.sums.fisher_type, output.detach(), targets, count,

@@ -145,6 +145,11 @@ class LossAdapter:
                 f"Batch {index}: CrossEntropyLoss on an output {shape} (classes on axis 1) needs class "
                 f"indices of shape {labels}, got {given}.{_class_axis_hint(shape, given)}"
             )
+        if target.dtype != torch.int64:
+            raise ValueError(
+                f"Batch {index}: CrossEntropyLoss needs int64 class indices, got {target.dtype}; "
+                "use y.long()."
+            )
         classes, ignored = shape[1], self.loss_fn.ignore_index
         bad = target[(target != ignored) & ((target < 0) | (target >= classes))]
         if bad.numel():

@@ -34,6 +34,12 @@ def _leaves(tree: Any) -> list[Tensor]:
     return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, Tensor)]
 
 
+def is_empty(x: Any) -> bool:
+    """Whether a batch's inputs have no rows: every tensor of ``x`` has a first axis of size 0."""
+    leaves = _leaves(x)
+    return bool(leaves) and all(t.ndim > 0 and t.shape[0] == 0 for t in leaves)
+
+
 def _sums(tensors: Sequence[Tensor]) -> Tensor:
     """``[L, 2]`` float64 on the first tensor's device: each tensor's ``Σ t`` and ``Σ t²``.
 
@@ -421,8 +427,10 @@ class ModelData:
         """Each parameter's and buffer's ``(Σ t, Σ t²)`` (:func:`_sums`), in one device sync."""
         return [tuple(row) for row in _sums([t for _, t in self._named_tensors()]).tolist()]
 
-    def check_fresh(self) -> None:
-        """Raise :class:`StaleParametersError` if a parameter or buffer changed since the build.
+    def check_fresh(self, chosen: bool = True) -> None:
+        """Raise :class:`StaleParametersError` if a parameter or buffer changed since the build
+        (with ``chosen=False`` one outside :attr:`params`: for a result that keeps its own copy of
+        the chosen parameters' values, as :class:`~curvops.laplace.Laplace` does).
 
         Catches in-place updates (``optimizer.step()``), replaced tensors, and changes through
         ``.data`` that no version counter sees (``p.data.mul_(2)``, a BatchNorm buffer): a sum
@@ -435,8 +443,11 @@ class ModelData:
                 "The model's parameters or buffers are not the ones it had when this operator was "
                 "built (one was added or removed); build a new operator."
             )
+        skipped = set() if chosen else set(self.names)
         changed = [
-            name for (name, *before), (_, *after) in zip(self._state, state, strict=True) if before != after
+            name
+            for (name, *before), (_, *after) in zip(self._state, state, strict=True)
+            if before != after and name not in skipped
         ]
         if not changed:
             changed = [
@@ -444,7 +455,8 @@ class ModelData:
                 for (name, t), before, after in zip(
                     self._named_tensors(), self._values, self._value_sums(), strict=True
                 )
-                if not _same_sums(
+                if name not in skipped
+                and not _same_sums(
                     before, after, t.numel(), exact=not (t.is_floating_point() or t.is_complex())
                 )
             ]
@@ -508,7 +520,8 @@ class ModelData:
     def batches(self, description: str, any_order: bool = False) -> Iterator[tuple[int, Any, Tensor]]:
         """``(index, X, y)`` for every batch, on the parameters' device (floats in their dtype).
 
-        Checks that the parameters are fresh and the batches well formed and finite; and, at
+        Checks that the parameters are fresh, batch normalisation is not in train mode (it may
+        have been switched since the build) and the batches well formed and finite; and, at
         the end of every complete pass, that it saw the data of the first complete pass: the
         same number of batches always, and the same batches in the same order — or, with
         ``any_order`` (for a result that does not depend on the order: a sum over batches), the
@@ -518,6 +531,7 @@ class ModelData:
         batch with the first pass's as it comes.
         """
         self.check_fresh()
+        check_batch_statistics(self.model)  # the model may have been put in train mode since
         record = PassRecord()
         batches = self.data
         if self.progressbar:
@@ -542,6 +556,13 @@ class ModelData:
             raise ValueError("data is empty: it yielded no batches.")
         record.finish()
         self._check_pass(description, record, any_order)
+
+    def checked_data(self, description: str) -> CheckedData:
+        """The data as a re-iterable whose every complete pass is checked against this object's
+        first pass (order-free, as :meth:`batches` with ``any_order``): for an operator built over
+        the same data inside another computation (Laplace's curvature, the influence functions'),
+        so that its passes cannot see other data than the computation's own pass did."""
+        return CheckedData(self, description)
 
     def _check_pass(self, description: str, record: PassRecord, any_order: bool) -> None:
         """Compare a complete pass with the first (which it becomes if there was none)."""
@@ -588,3 +609,32 @@ class ModelData:
                 "random layer in train mode?); call model.eval()"
             )
             raise NonDeterministicDataError(f"Batch {index}: {cause}.")
+
+
+def mark_built_from(op: Any, model_data: ModelData) -> Any:
+    """Remember on a stored operator (KFAC's blocks, a densified curvature) the model state it was
+    built at, for :func:`check_built_from`; returns ``op``."""
+    op._built_from = model_data
+    return op
+
+
+def check_built_from(op: Any) -> None:
+    """Raise :class:`~curvops.errors.StaleParametersError` if ``op`` was built (see
+    :func:`mark_built_from`) from a model whose parameters or buffers changed since: a stored
+    operator is the curvature at the old values, so using it with the new ones (as the
+    Laplace approximation or influence scores would) mixes two models."""
+    model_data = getattr(op, "_built_from", None)
+    if model_data is not None:
+        model_data.check_fresh()
+
+
+class CheckedData:
+    """``(X, y)`` batches of a :class:`ModelData`, each pass checked against its first pass
+    (see :meth:`ModelData.checked_data`)."""
+
+    def __init__(self, model_data: ModelData, description: str) -> None:
+        self.model_data, self.description = model_data, description
+
+    def __iter__(self) -> Iterator[tuple[Any, Tensor]]:
+        for _, x, y in self.model_data.batches(self.description, any_order=True):
+            yield x, y

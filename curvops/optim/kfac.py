@@ -37,6 +37,7 @@ from ..nn.kronecker_statistics import (
     KroneckerSums,
 )
 from ..nn.losses import LossAdapter
+from ..nn.model import as_parameter_list
 from .capture import BatchCapture, CapturedBatch
 from .schedule import Schedule, all_finite, check_fraction, check_schedule, evaluate
 
@@ -112,7 +113,9 @@ class KFACOptimizer(torch.optim.Optimizer):
             ``nn.Conv2d``, ``nn.Embedding``, as for :func:`~curvops.KFAC`).
         loss_fn: the ``nn.Module`` loss the training loop calls: ``nn.CrossEntropyLoss``,
             ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (any module for ``"forward-only"``).
-        params: the parameters to train (default: the model's trainable ones), one group.
+        params: the parameters to train (default: the model's trainable ones), one group: a
+            list, or a dict of them (its values, in order); frozen ones (``requires_grad=False``)
+            stay as they are and are not preconditioned.
         curvature: ``"kfac"``, ``"ekfac"`` or ``"tkfac"``.
         lr: ``η``, a number or a schedule ``step -> η`` (a number in ``param_groups`` also
             follows ``torch.optim.lr_scheduler``).
@@ -205,7 +208,10 @@ class KFACOptimizer(torch.optim.Optimizer):
         check_bool(factored, "factored")
         check_int(seed, "seed")
         self._lr, self._damping = check_schedule(lr, "lr"), check_schedule(damping, "damping")
-        params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        else:
+            params = as_parameter_list(params)
         if any(isinstance(p, dict) for p in params):
             raise TypeError("KFACOptimizer takes one group of parameters, not a list of param-group dicts.")
         defaults = {
@@ -218,7 +224,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.curvature, self.fisher_type, self.factored = curvature, fisher_type, factored
         self.ema_decay, self.T_stats, self.T_inv, self.kl_clip = float(ema_decay), T_stats, T_inv, kl_clip
         self.correction = correction
-        self.layers, _ = find_layers(model, params, bias, kfac_approx)
+        trainable = [p for p in params if p.requires_grad]  # a frozen one is not trained, as in torch.optim
+        self.layers, _ = find_layers(model, trainable, bias, kfac_approx)
         if not self.layers:
             raise ValueError(
                 "None of the parameters belongs to a layer with a Kronecker rule (nn.Linear, nn.Conv1d, "
