@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .linalg import rademacher, spectral
-from .linalg.base import CurvatureOperator, check_bool, check_damping, check_positive_int
+from .linalg.base import CurvatureOperator, check_bool, check_damping, check_generator, check_positive_int
 from .nn import ModelCurvature
 
 EXACT_MAX_SIZE = 2048
@@ -146,6 +146,7 @@ def compare(
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < size:
         raise ValueError(f"k must be an integer with 1 <= k < D = {size}, got {k!r}.")
     check_positive_int(num_samples, "num_samples")
+    check_generator(generator)
     if vectors is None:
         vectors = torch.randn(
             size, NUM_VECTORS, generator=generator, dtype=reference.dtype, device=reference.device

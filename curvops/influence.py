@@ -63,7 +63,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import NonDeterministicDataError
 from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Identity, LowRankUpdate, Permuted
-from .linalg.base import check_choice, check_curvature, check_damping, check_positive_int
+from .linalg.base import check_bool, check_choice, check_curvature, check_damping, check_positive_int
 from .nn import EKFAC, GGN, KFAC, TKFAC, EmpiricalFisher, FisherMC, LossAdapter, ModelData
 from .nn.kfac import KRONECKER_APPROXIMATIONS, find_layers, kronecker_approximation
 from .nn.model import as_batches, check_batch_statistics, fixed_forward
@@ -858,6 +858,7 @@ def leave_one_out_scores(
         torch.Size([2, 2, 6])
     """
     single, indices = _removed_indices(removed)
+    check_bool(renormalize, "renormalize")
     setup = _Setup(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
         train_batch_size, query_batch_size, progressbar, curvature_options,

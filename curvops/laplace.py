@@ -40,7 +40,7 @@ from torch.func import grad_and_value, jacrev, vmap
 
 from .errors import NotPositiveDefiniteError
 from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Permuted, Sum
-from .linalg.base import check_choice, check_curvature, check_positive, check_positive_int
+from .linalg.base import check_choice, check_curvature, check_generator, check_positive, check_positive_int
 from .nn.curvature import GGN, ModelCurvature
 from .nn.kfac import kronecker_approximation
 from .nn.kronecker_statistics import loss_hessian_factor
@@ -246,7 +246,13 @@ class Laplace:
             return torch.tensor(check_positive(value, "prior_precision"), **place)
         if isinstance(value, Tensor) and value.ndim != 1:
             raise ValueError(f"prior_precision must be a number or 1-D, got shape {list(value.shape)}.")
-        values = torch.as_tensor(value, **place).detach().clone()
+        message = f"prior_precision must be a number > 0 or one per parameter tensor, got {value!r}."
+        if isinstance(value, (str, bytes)) or (isinstance(value, Tensor) and not value.is_floating_point()):
+            raise TypeError(message)
+        try:
+            values = torch.as_tensor(value, **place).detach().clone()
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(message) from error
         if values.ndim != 1 or values.numel() != len(self._sizes):
             raise ValueError(
                 f"prior_precision needs one number, or one per parameter tensor ({len(self._sizes)}: "
@@ -603,22 +609,17 @@ class Laplace:
             (True, True)
         """
         check_choice(method, PRIOR_METHODS, "prior precision method")
+        check_positive_int(steps, "steps")
+        check_positive(lr, "lr")
+        grid = self._check_grid(grid)
         start = (
             self._prior_precision if prior_precision is None else self._check_prior_precision(prior_precision)
         )
         if method == "grid":
-            grid = torch.logspace(-4, 4, 100) if grid is None else torch.as_tensor(grid)
-            grid = grid.to(dtype=self.mean.dtype, device=self.mean.device).reshape(-1)
-            if grid.numel() == 0:
-                raise ValueError("grid is empty.")
-            for value in grid.tolist():
-                check_positive(value, "every grid value")
             candidates = [torch.full_like(start, value) for value in grid.tolist()]
             values = torch.stack([self.log_marginal_likelihood(tau) for tau in candidates])
             self._prior_precision = torch.full_like(start, grid[int(values.argmax())].item())
             return self._prior_precision
-        check_positive_int(steps, "steps")
-        check_positive(lr, "lr")
         log_tau = start.log().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([log_tau], lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -631,6 +632,26 @@ class Laplace:
                 schedule.step()
         self._prior_precision = self._check_prior_precision(log_tau.detach().exp())
         return self._prior_precision
+
+    def _check_grid(self, grid: Any) -> Tensor:
+        """The 1-D grid of candidate ``τ`` (default ``logspace(-4, 4, 100)``); every value ``> 0``."""
+        message = f"grid must be a 1-D tensor or sequence of numbers > 0, got {grid!r}."
+        if grid is None:
+            grid = torch.logspace(-4, 4, 100)
+        elif isinstance(grid, (str, bytes, Real)):
+            raise TypeError(message)
+        try:
+            grid = torch.as_tensor(grid)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(message) from error
+        if grid.dtype == torch.bool or grid.is_complex():
+            raise TypeError(message)
+        grid = grid.to(dtype=self.mean.dtype, device=self.mean.device).reshape(-1)
+        if grid.numel() == 0:
+            raise ValueError("grid is empty.")
+        for value in grid.tolist():
+            check_positive(value, "every grid value")
+        return grid
 
     # ----------------------------------------------------------------- sampling
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -651,6 +672,7 @@ class Laplace:
             torch.Size([5, 6])
         """
         check_positive_int(n, "n")
+        check_generator(generator)
         root = self._power(-0.5, self._prior_precision)
         noise = torch.randn(
             n, self.mean.numel(), generator=generator, dtype=self.mean.dtype, device=self.mean.device
@@ -787,8 +809,11 @@ class Laplace:
             (torch.Size([4, 3]), True)
         """
         check_choice(method, PREDICTIVE_METHODS, "predictive method")
-        check_choice(link_approx, LINK_APPROXIMATIONS, "link approximation")
+        check_choice(link_approx, LINK_APPROXIMATIONS, "link_approx")
         check_positive_int(n_samples, "n_samples")
+        check_generator(generator)
+        if batch_size is not None:
+            check_positive_int(batch_size, "batch_size")
         x = self._prepare_inputs(x)
         if self.likelihood == "classification" and len(self._output_shape) != 1:
             raise ValueError(

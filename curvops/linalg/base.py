@@ -108,6 +108,23 @@ def check_int(value: Any, what: str) -> int:
     return value
 
 
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """Return ``seed``, raising ``TypeError`` unless it is an integer (``1.5`` or ``True`` would
+    fail at the first draw or silently mean ``1``)."""
+    return check_int(seed, what)
+
+
+def check_generator(generator: Any, what: str = "generator") -> torch.Generator | None:
+    """Return ``generator``, raising ``TypeError`` unless it is ``None`` or a ``torch.Generator``
+    (for a seed ``s`` pass ``torch.Generator().manual_seed(s)``)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{what} must be None or a torch.Generator, got {generator!r}; for a seed s pass "
+            "torch.Generator().manual_seed(s)."
+        )
+    return generator
+
+
 def check_damping(damping: float) -> float:
     """Return ``damping`` as a float, raising ``ValueError`` unless it is finite and ``>= 0``."""
     return check_nonnegative(damping, "damping")

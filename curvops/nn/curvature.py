@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
-from ..linalg.base import CurvatureOperator, check_positive_int
+from ..linalg.base import CurvatureOperator, check_positive_int, check_seed
 from .losses import LossAdapter
 from .model import ModelData, add_trees, fixed_forward, pull_back, push_forward
 
@@ -261,10 +261,11 @@ class FisherMC(_OutputCurvature):
         check_deterministic: bool = False,
     ) -> None:
         check_positive_int(mc_samples, "mc_samples")
+        check_seed(seed)
         super().__init__(model, loss_fn, data, params, progressbar, check_deterministic)
         self._loss.check_sampling(type(self).__name__)
         self.mc_samples = mc_samples
-        self.seed = int(seed)
+        self.seed = seed
 
     def sample_targets(self, index: int, output: Tensor, targets: Tensor) -> Tensor:
         """The ``[M, *targets.shape]`` labels this operator draws for batch ``index``."""

@@ -21,7 +21,7 @@ from ..linalg import (
     computation_dtype,
     spectral,
 )
-from ..linalg.base import check_choice, check_positive_int
+from ..linalg.base import check_bool, check_choice, check_positive_int, check_seed
 from .curvature import GGN, EmpiricalFisher, FisherMC
 from .kronecker_statistics import (
     CORRECTIONS,
@@ -228,7 +228,8 @@ def TKFAC(
         1.0
     """
     arguments = locals()
-    approximation = "tekfac" if arguments.pop("eigenvalue_correction") else "tkfac"
+    corrected = check_bool(arguments.pop("eigenvalue_correction"), "eigenvalue_correction")
+    approximation = "tekfac" if corrected else "tkfac"
     return _build(approximation, **arguments)
 
 
@@ -278,6 +279,7 @@ def _build(
     check_choice(unsupported, UNSUPPORTED_OPTIONS, "unsupported")
     check_choice(correction, CORRECTIONS, "correction")
     check_positive_int(mc_samples, "mc_samples")
+    check_seed(seed)
     if approximation != "kfac" and fisher_type == "forward-only":
         raise ValueError(f"{name} needs output gradients; fisher_type='forward-only' has none.")
     loss = LossAdapter(loss_fn, likelihood=fisher_type != "forward-only", what=f"{name}({fisher_type!r})")

@@ -27,6 +27,7 @@ from torch.func import jvp, vjp, vmap
 from torch.utils._pytree import tree_leaves
 
 from ..errors import NonDeterministicDataError, StaleParametersError
+from ..linalg.base import check_bool
 
 
 def _leaves(tree: Any) -> list[Tensor]:
@@ -370,6 +371,8 @@ class ModelData:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        check_bool(progressbar, "progressbar")
+        check_bool(check_deterministic, "check_deterministic")
         data = as_batches(data)
         if iter(data) is data:
             raise TypeError(
