@@ -153,6 +153,8 @@ def compare(
         )
     vectors = _check_vectors(vectors, reference)
     exact = size <= EXACT_MAX_SIZE if exact is None else check_bool(exact, "exact")
+    if not exact and num_samples < 3:
+        raise ValueError(f"num_samples must be >= 3 for Hutch++ (exact=False), got {num_samples}.")
 
     if exact:
         a, b = (_dense(op) for op in (reference, approximation))

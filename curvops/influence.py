@@ -62,7 +62,17 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import NonDeterministicDataError
-from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Identity, LowRankUpdate, Permuted
+from .linalg import (
+    BlockDiagonal,
+    Cast,
+    CurvatureOperator,
+    Dense,
+    Diagonal,
+    Identity,
+    LowRankUpdate,
+    Permuted,
+    computation_dtype,
+)
 from .linalg.base import check_bool, check_choice, check_curvature, check_damping, check_positive_int
 from .nn import EKFAC, GGN, KFAC, TKFAC, EmpiricalFisher, FisherMC, LossAdapter, ModelData
 from .nn.kfac import KRONECKER_APPROXIMATIONS, find_layers, kronecker_approximation
@@ -239,7 +249,10 @@ class _Examples:
             raise
         columns = model_data.from_tree(tree)
         if not bool(torch.isfinite(columns).all()):
-            raise ValueError(f"{self.what} batch {index}: a per-example gradient contains NaN or inf.")
+            raise ValueError(
+                f"{self.what} batch {index}: a per-example gradient contains NaN or inf."
+                f"{model_data.non_finite_tensors()}"
+            )
         return columns
 
     def columns(self, size: int) -> Iterator[Tensor]:
@@ -437,10 +450,19 @@ def _build(
         builder = EXACT_CURVATURES[fisher_type]
         exact = builder(model, mean, data, params=params, progressbar=progressbar, **options)
         if curvature == "ggn":
-            return Dense(exact.to_dense())
+            return _dense(exact)
         diagonal = exact.diagonal()
     parts = diagonal.split([p.numel() for p in model_data.params])
     return BlockDiagonal([Diagonal(part) for part in parts], model_data.names)
+
+
+def _dense(op: CurvatureOperator) -> CurvatureOperator:
+    """``op`` as a symmetric ``Dense`` in its computation dtype (the precision policy: a bf16
+    model's GGN is decomposed in float32, where bf16 rounding would zero its small eigenvalues),
+    cast back to ``op``'s dtype."""
+    matrix = op.to_dense().to(computation_dtype(op.dtype))
+    dense = Dense(0.5 * (matrix + matrix.T))
+    return dense if dense.dtype == op.dtype else Cast(dense, op.dtype)
 
 
 def _check_operator(op: CurvatureOperator, model_data: ModelData) -> None:

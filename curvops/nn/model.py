@@ -424,6 +424,21 @@ class ModelData:
         """Each parameter's and buffer's ``(Σ t, Σ t²)`` (:func:`_sums`), in one device sync."""
         return [tuple(row) for row in _sums([t for _, t in self._named_tensors()]).tolist()]
 
+    def non_finite_tensors(self) -> str:
+        """Why an output can be non-finite from the model itself: its parameters and buffers
+        holding NaN or inf (seen in their value sums from the build), named; else ``""``."""
+        names = [
+            name
+            for (name, tensor), sums in zip(self._named_tensors(), self._values, strict=True)
+            if not all(math.isfinite(value) for value in sums) and not bool(torch.isfinite(tensor).all())
+        ]
+        if not names:
+            return ""
+        return (
+            f" The model's {', '.join(map(repr, names))} contain NaN or inf (a diverged training step "
+            "or a bad checkpoint?): restore finite values."
+        )
+
     def check_fresh(self) -> None:
         """Raise :class:`StaleParametersError` if a parameter or buffer changed since the build.
 
@@ -576,7 +591,8 @@ class ModelData:
     def check_output(self, index: int, output: Tensor) -> None:
         """Raise on a non-finite model output; compare it with the first pass if asked."""
         if not bool(torch.isfinite(output).all()):
-            raise ValueError(f"Batch {index}: the model output contains NaN or inf.")
+            cause = self.non_finite_tensors()
+            raise ValueError(f"Batch {index}: the model output contains NaN or inf.{cause}")
         if self.check_deterministic:
             self._check_batch("output", index, _fingerprint(output))
 
