@@ -64,17 +64,15 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .errors import NonDeterministicDataError
 from .linalg import (
     BlockDiagonal,
-    Cast,
     CurvatureOperator,
-    Dense,
     Diagonal,
     Identity,
     LowRankUpdate,
     Permuted,
-    computation_dtype,
 )
 from .linalg.base import check_bool, check_choice, check_curvature, check_damping, check_positive_int
 from .nn import EKFAC, GGN, KFAC, TKFAC, EmpiricalFisher, FisherMC, LossAdapter, ModelData
+from .nn.curvature import computation_copy, dense_operator
 from .nn.kfac import KRONECKER_APPROXIMATIONS, find_layers, kronecker_approximation
 from .nn.model import as_batches, check_batch_statistics, fixed_forward
 
@@ -448,21 +446,14 @@ def _build(
         diagonal = squares / train.totals()[1]
     else:
         builder = EXACT_CURVATURES[fisher_type]
-        exact = builder(model, mean, data, params=params, progressbar=progressbar, **options)
         if curvature == "ggn":
-            return _dense(exact)
+            model, params = computation_copy(model_data)
+            exact = builder(model, mean, data, params=params, progressbar=progressbar, **options)
+            return dense_operator(exact, model_data.dtype)
+        exact = builder(model, mean, data, params=params, progressbar=progressbar, **options)
         diagonal = exact.diagonal()
     parts = diagonal.split([p.numel() for p in model_data.params])
     return BlockDiagonal([Diagonal(part) for part in parts], model_data.names)
-
-
-def _dense(op: CurvatureOperator) -> CurvatureOperator:
-    """``op`` as a symmetric ``Dense`` in its computation dtype (the precision policy: a bf16
-    model's GGN is decomposed in float32, where bf16 rounding would zero its small eigenvalues),
-    cast back to ``op``'s dtype."""
-    matrix = op.to_dense().to(computation_dtype(op.dtype))
-    dense = Dense(0.5 * (matrix + matrix.T))
-    return dense if dense.dtype == op.dtype else Cast(dense, op.dtype)
 
 
 def _check_operator(op: CurvatureOperator, model_data: ModelData) -> None:

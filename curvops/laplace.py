@@ -41,7 +41,7 @@ from torch.func import grad_and_value, jacrev, vmap
 from .errors import NotPositiveDefiniteError
 from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Permuted, Sum
 from .linalg.base import check_choice, check_curvature, check_generator, check_positive, check_positive_int
-from .nn.curvature import GGN, ModelCurvature
+from .nn.curvature import GGN, ModelCurvature, computation_copy, dense_operator
 from .nn.kfac import kronecker_approximation
 from .nn.kronecker_statistics import loss_hessian_factor
 from .nn.losses import LossAdapter
@@ -306,16 +306,15 @@ class Laplace:
             if options:
                 raise ValueError("curvature_options apply to named curvatures, not to a prebuilt operator.")
             if isinstance(curvature, ModelCurvature):
-                dense = curvature.to_dense()
-                return Dense(0.5 * (dense + dense.T))
+                return dense_operator(curvature)
             return curvature
         if curvature in ("diagonal", "full") and options:
             raise ValueError(f"curvature={curvature!r} takes no curvature_options (it is the exact GGN's).")
         if curvature == "diagonal":
             return self._diagonal_ggn()
         if curvature == "full":
-            dense = GGN(self.model, loss_fn, data, params=self._model.params).to_dense()
-            return Dense(0.5 * (dense + dense.T))
+            model, params = computation_copy(self._model)
+            return dense_operator(GGN(model, loss_fn, data, params=params), self._model.dtype)
         options.setdefault("fisher_type", "type-2")
         return kronecker_approximation(
             curvature, self.model, loss_fn, data, params=self._model.params, **options
