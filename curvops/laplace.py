@@ -808,7 +808,7 @@ class Laplace:
             (torch.Size([4, 3]), True)
         """
         check_choice(method, PREDICTIVE_METHODS, "predictive method")
-        check_choice(link_approx, LINK_APPROXIMATIONS, "link_approx")
+        check_choice(link_approx, LINK_APPROXIMATIONS, "link approximation (link_approx)")
         check_positive_int(n_samples, "n_samples")
         check_generator(generator)
         if batch_size is not None:
