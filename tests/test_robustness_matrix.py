@@ -354,6 +354,23 @@ def test_dtype_round_trips_keep_the_matrix(name, start, other):
         assert _relative(converted.inverse(1e-3).to_dense(), op.inverse(1e-3).to_dense()) < 1e-4
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(KRONECKER_BUILDERS))
+def test_half_precision_conversion_keeps_float32_decompositions(name, half):
+    """``.to(dtype=torch.bfloat16)`` stored the factors in bf16: the KFAC inverse was 37% off,
+    TKFAC's 61%, Laplace's posterior precision 237% (and 4957% after ``.to(float64)``)."""
+    model64, _, x, y = _bf16_pair()
+    op = KRONECKER_BUILDERS[name](model64, [(x, y)])
+    converted = op.to(dtype=half)
+    back = converted.to(dtype=DOUBLE)
+    assert (converted.dtype, back.dtype) == (half, DOUBLE)
+    v = torch.randn(op.shape[0], 3, generator=torch.Generator().manual_seed(9), dtype=DOUBLE)
+    exact = torch.linalg.solve(op.to_dense() + 1e-3 * torch.eye(op.shape[0], dtype=DOUBLE), v)
+    assert _relative(converted.inverse(1e-3) @ v.to(half), exact) < 0.05
+    assert _relative(back.inverse(1e-3) @ v, exact) < 1e-4
+    assert _relative(converted.logdet(1e-3), op.logdet(1e-3)) < 0.01
+
+
 # --------------------------------------------------------------------------- item 14: CG at damping 0
 SINGULAR_MODEL = _mlp(2, 6, 3, seed=6)  # D = 39 > N·(C-1) = 8: the GGN is singular
 SINGULAR_DATA = [
