@@ -16,7 +16,7 @@ import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
-from .linalg import rademacher, spectral
+from .linalg import computation_dtype, rademacher, spectral
 from .linalg.base import CurvatureOperator, check_bool, check_damping, check_generator, check_positive_int
 from .nn import ModelCurvature
 
@@ -140,6 +140,9 @@ def compare(
         (0.6220, True)
     """
     size = _check_operators(reference, approximation)
+    reference, approximation = (
+        _widened(op, name) for op, name in ((reference, "reference"), (approximation, "approximation"))
+    )
     dampings = tuple(check_damping(d) for d in (damping if isinstance(damping, Sequence) else [damping]))
     if not dampings:
         raise ValueError("damping must be a number or a non-empty sequence of numbers.")
@@ -205,6 +208,24 @@ def _check_operators(reference: CurvatureOperator, approximation: CurvatureOpera
             f"Devices differ: reference {reference.device}, approximation {approximation.device}."
         )
     return reference.shape[0]
+
+
+def _widened(op: CurvatureOperator, name: str) -> CurvatureOperator:
+    """``op``, or a bfloat16 / float16 ``op`` in float64: its float32 structure converted (the
+    precision policy), since ``eps · D`` of bf16 would zero the small eigenvalues that
+    ``logdet_error`` and ``inverse_angle`` depend on. A matrix-free model operator of such a
+    model has only bf16 products (no structure to convert): refused."""
+    if computation_dtype(op.dtype) == op.dtype:
+        return op
+    try:
+        return op.to(dtype=torch.float64)
+    except TypeError as error:
+        raise TypeError(
+            f"The {name} is a {op.dtype} operator defined by a model ({type(op).__name__}): its products "
+            f"carry {op.dtype}'s 2-3 digits, which swamp the small eigenvalues behind logdet_error and "
+            "inverse_angle. Compare the model in float64 instead: build both operators on "
+            "copy.deepcopy(model).double()."
+        ) from error
 
 
 def _check_vectors(vectors: Tensor, op: CurvatureOperator) -> Tensor:

@@ -296,6 +296,41 @@ def test_influence_in_bf16_matches_float64(curvature):
         assert _relative(scores16, gradients[:, :3].T @ inverse @ gradients) < 0.05
 
 
+@pytest.mark.parametrize("unsupported", ["dense", "diagonal"])
+def test_kfac_exact_blocks_of_a_bf16_layernorm_model_match_float64(unsupported):
+    """KFAC(unsupported="dense") on a bf16 LayerNorm model crashed ("Dense factor 0 is not
+    symmetric"): the exact blocks now come from a float32 copy of the model."""
+    torch.manual_seed(10)
+    model64 = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    _, _, x, y = _bf16_pair()
+    build = lambda m, d: curvops.KFAC(m, CE, d, fisher_type="type-2", unsupported=unsupported)  # noqa: E731
+    op64, op16 = build(model64, [(x, y)]), build(copy.deepcopy(model64).bfloat16(), [(x.bfloat16(), y)])
+    v = torch.randn(op64.shape[0], 2, generator=torch.Generator().manual_seed(11), dtype=DOUBLE)
+    assert _relative(op16.inverse(1e-4) @ v.bfloat16(), op64.inverse(1e-4) @ v) < 0.05
+
+
+def test_compare_of_bf16_structured_operators_matches_float64():
+    """compare zeroed eigenvalues below bf16's eps · D · max: logdet_error and inverse_angle of
+    bf16 operators were far from float64's."""
+    model64, model16, x, y = _bf16_pair()
+    metrics = []
+    for model, data in ((model64, [(x, y)]), (model16, [(x.bfloat16(), y)])):
+        reference = curvops.EKFAC(model, CE, data, fisher_type="type-2")
+        metrics.append(curvops.compare(reference, curvops.KFAC(model, CE, data, fisher_type="type-2")))
+    exact, half = metrics
+    # the two bf16 approximations differ from each other by a few % of float64's (old: ~100%)
+    for name, tolerance in (("frobenius_error", 0.05), ("trace_ratio", 0.05), ("inverse_angle", 0.15)):
+        assert abs(getattr(half, name) - getattr(exact, name)) < tolerance * abs(getattr(exact, name))
+    assert abs(half.logdet_error[0] - exact.logdet_error[0]) < 0.15 * exact.logdet_error[0]
+
+
+def test_compare_refuses_a_bf16_model_operator():
+    _, model16, x, y = _bf16_pair()
+    data = [(x.bfloat16(), y)]
+    with pytest.raises(TypeError, match=r"reference is a torch.bfloat16 operator.*double\(\)"):
+        curvops.compare(curvops.GGN(model16, CE, data), curvops.KFAC(model16, CE, data, fisher_type="type-2"))
+
+
 # --------------------------------------------------------------------------- item 13: memory budget
 BIG = nn.Sequential(nn.Linear(4, 400), nn.Tanh(), nn.Linear(400, 500)).double()  # D = 202,500
 BIG_DATA = [(torch.randn(4, 4, dtype=DOUBLE), torch.tensor([0, 1, 2, 3]))]
