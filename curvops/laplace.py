@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, jacrev, vmap
 
 from .errors import NotPositiveDefiniteError
-from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Permuted, Sum
+from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Permuted, Sum, computation_dtype
 from .linalg.base import check_choice, check_curvature, check_generator, check_positive, check_positive_int
 from .nn.curvature import GGN, ModelCurvature, computation_copy, dense_operator
 from .nn.kfac import kronecker_approximation
@@ -306,6 +306,12 @@ class Laplace:
             if options:
                 raise ValueError("curvature_options apply to named curvatures, not to a prebuilt operator.")
             if isinstance(curvature, ModelCurvature):
+                if computation_dtype(curvature.dtype) != curvature.dtype:
+                    raise TypeError(
+                        f"curvature is a {curvature.dtype} {type(curvature).__name__}: its dense matrix from "
+                        f"{curvature.dtype} products swamps the small eigenvalues of the posterior. Pass "
+                        "curvature='full', which computes the GGN on a float32 copy of the model."
+                    )
                 return dense_operator(curvature)
             return curvature
         if curvature in ("diagonal", "full") and options:

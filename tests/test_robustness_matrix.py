@@ -331,6 +331,33 @@ def test_compare_refuses_a_bf16_model_operator():
         curvops.compare(curvops.GGN(model16, CE, data), curvops.KFAC(model16, CE, data, fisher_type="type-2"))
 
 
+def test_cg_on_a_bf16_model_operator_runs_in_float32():
+    """CG on a bf16 GGN raised SingularOperatorError at damping 1e-2 (bf16 iterates: every
+    Rayleigh quotient looked like rounding); influence with a prebuilt bf16 GGN did too."""
+    model64, model16, x, y = _bf16_pair()
+    ggn16 = curvops.GGN(model16, CE, [(x.bfloat16(), y)])
+    v = torch.randn(ggn16.shape[0], 2, generator=torch.Generator().manual_seed(12), dtype=DOUBLE)
+    truth = torch.linalg.solve(_dense_ggn_mean(model64, x, y) + 1e-2 * torch.eye(D_BIG_MLP, dtype=DOUBLE), v)
+    solution = ggn16.inverse(1e-2, method="cg") @ v.bfloat16()
+    assert solution.dtype == torch.bfloat16
+    assert _relative(solution, truth) < 0.05
+    query = [(x[:3].bfloat16(), y[:3])]
+    scores = influence.influence_scores(
+        model16, CE, [(x.bfloat16(), y)], query, curvature=ggn16, damping=1e-2
+    )
+    gradients = _per_example_gradients(model64, x, y)
+    inverse = torch.linalg.inv(_dense_ggn_mean(model64, x, y) + 1e-2 * torch.eye(D_BIG_MLP, dtype=DOUBLE))
+    assert _relative(scores, gradients[:, :3].T @ inverse @ gradients) < 0.05
+
+
+def test_laplace_refuses_a_prebuilt_bf16_model_operator():
+    """Its dense matrix from bf16 products put the posterior variance 153% off float64."""
+    _, model16, x, y = _bf16_pair()
+    data = [(x.bfloat16(), y)]
+    with pytest.raises(TypeError, match="curvature='full'"):
+        curvops.Laplace(model16, CE, data, curvature=curvops.GGN(model16, CE, data))
+
+
 # --------------------------------------------------------------------------- item 13: memory budget
 BIG = nn.Sequential(nn.Linear(4, 400), nn.Tanh(), nn.Linear(400, 500)).double()  # D = 202,500
 BIG_DATA = [(torch.randn(4, 4, dtype=DOUBLE), torch.tensor([0, 1, 2, 3]))]
