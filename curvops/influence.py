@@ -169,7 +169,7 @@ class _Examples:
                 f"tensors (X, y), got {type(data).__name__}; one-shot iterators and generators cannot be "
                 "passed over more than once."
             )
-        self.model_data = ModelData(model, self.data, params, progressbar)
+        self.model_data = ModelData(model, self.data, params, progressbar, label=what)
         self.losses = losses
         self.what = what
 

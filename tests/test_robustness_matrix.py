@@ -540,19 +540,19 @@ NON_FINITE_CASES = {
         lambda: MODEL,
         CE,
         lambda: [(_with(X, (1, 0), float("nan")), Y)],
-        r"Batch 0: X contains NaN",
+        r"Batch 0( of (train|query)_data)?: X contains NaN",
     ),
     "inf input": (
         lambda: MODEL,
         CE,
         lambda: [(_with(X, (2, 1), float("inf")), Y)],
-        r"Batch 0: X contains NaN or inf",
+        r"Batch 0( of (train|query)_data)?: X contains NaN or inf",
     ),
     "NaN target": (
         lambda: MODEL,
         MSE,
         lambda: [(X, _with(Y_REGRESSION, (0, 0), float("nan")))],
-        r"Batch 0: y contains NaN",
+        r"Batch 0( of (train|query)_data)?: y contains NaN",
     ),
     "NaN parameter": (_nan_parameter_model, CE, lambda: DATA, r"batch 0: .*'2.weight' contain NaN or inf"),
 }
@@ -564,3 +564,10 @@ def test_non_finite_inputs_raise_naming_the_batch_or_parameter(builder, case):
     model, loss_fn, data, message = NON_FINITE_CASES[case]
     with pytest.raises(ValueError, match=f"(?i){message}"):
         FINITE_BUILDERS[builder](model(), loss_fn, data())
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ggn", "identity"])
+def test_non_finite_query_data_is_named(curvature):
+    query = [(_with(X, (3, 0), float("nan")), Y)]
+    with pytest.raises(ValueError, match=r"Batch 0 of query_data: X contains NaN"):
+        influence.influence_scores(MODEL, CE, DATA, query, curvature=curvature)

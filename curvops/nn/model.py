@@ -356,6 +356,7 @@ class ModelData:
         check_deterministic: also compare each batch's data (and model output, once seen)
             with the first pass's as it comes, whatever the operator, and raise
             :class:`~curvops.errors.NonDeterministicDataError` when it differs.
+        label: the data set's name in errors (``"query_data"``: "Batch 0 of query_data: ...").
 
     Raises:
         ValueError: for batch normalisation with batch statistics (train mode).
@@ -368,6 +369,7 @@ class ModelData:
         params: Sequence[nn.Parameter] | None = None,
         progressbar: bool = False,
         check_deterministic: bool = False,
+        label: str = "",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
@@ -401,6 +403,7 @@ class ModelData:
         self.dtype, self.device = params[0].dtype, params[0].device
         self.progressbar = progressbar
         self.check_deterministic = check_deterministic
+        self.label = label
         check_batch_statistics(model)
         self._state = self._parameter_state()
         self._values = self._value_sums()
@@ -519,7 +522,8 @@ class ModelData:
         if tensor.is_floating_point():
             tensor = tensor.to(device=self.device, dtype=self.dtype)
             if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"Batch {index}: {what} contains NaN or inf.")
+                of = f" of {self.label}" if self.label else ""
+                raise ValueError(f"Batch {index}{of}: {what} contains NaN or inf.")
             return tensor
         return tensor.to(self.device)
 
