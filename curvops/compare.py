@@ -16,8 +16,8 @@ import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
-from .linalg import rademacher, spectral
-from .linalg.base import CurvatureOperator, check_bool, check_damping, check_positive_int
+from .linalg import computation_dtype, rademacher, spectral
+from .linalg.base import CurvatureOperator, check_bool, check_damping, check_generator, check_positive_int
 from .nn import ModelCurvature
 
 EXACT_MAX_SIZE = 2048
@@ -140,18 +140,24 @@ def compare(
         (0.6220, True)
     """
     size = _check_operators(reference, approximation)
+    reference, approximation = (
+        _widened(op, name) for op, name in ((reference, "reference"), (approximation, "approximation"))
+    )
     dampings = tuple(check_damping(d) for d in (damping if isinstance(damping, Sequence) else [damping]))
     if not dampings:
         raise ValueError("damping must be a number or a non-empty sequence of numbers.")
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < size:
         raise ValueError(f"k must be an integer with 1 <= k < D = {size}, got {k!r}.")
     check_positive_int(num_samples, "num_samples")
+    check_generator(generator)
     if vectors is None:
         vectors = torch.randn(
             size, NUM_VECTORS, generator=generator, dtype=reference.dtype, device=reference.device
         )
     vectors = _check_vectors(vectors, reference)
     exact = size <= EXACT_MAX_SIZE if exact is None else check_bool(exact, "exact")
+    if not exact and num_samples < 3:
+        raise ValueError(f"num_samples must be >= 3 for Hutch++ (exact=False), got {num_samples}.")
 
     if exact:
         a, b = (_dense(op) for op in (reference, approximation))
@@ -202,6 +208,24 @@ def _check_operators(reference: CurvatureOperator, approximation: CurvatureOpera
             f"Devices differ: reference {reference.device}, approximation {approximation.device}."
         )
     return reference.shape[0]
+
+
+def _widened(op: CurvatureOperator, name: str) -> CurvatureOperator:
+    """``op``, or a bfloat16 / float16 ``op`` in float64: its float32 structure converted (the
+    precision policy), since ``eps · D`` of bf16 would zero the small eigenvalues that
+    ``logdet_error`` and ``inverse_angle`` depend on. A matrix-free model operator of such a
+    model has only bf16 products (no structure to convert): refused."""
+    if computation_dtype(op.dtype) == op.dtype:
+        return op
+    try:
+        return op.to(dtype=torch.float64)
+    except TypeError as error:
+        raise TypeError(
+            f"The {name} is a {op.dtype} operator defined by a model ({type(op).__name__}): its products "
+            f"carry {op.dtype}'s 2-3 digits, which swamp the small eigenvalues behind logdet_error and "
+            "inverse_angle. Compare the model in float64 instead: build both operators on "
+            "copy.deepcopy(model).double()."
+        ) from error
 
 
 def _check_vectors(vectors: Tensor, op: CurvatureOperator) -> Tensor:

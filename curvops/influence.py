@@ -62,9 +62,17 @@ from torch.func import grad, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import NonDeterministicDataError
-from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Identity, LowRankUpdate, Permuted
-from .linalg.base import check_choice, check_curvature, check_damping, check_positive_int
+from .linalg import (
+    BlockDiagonal,
+    CurvatureOperator,
+    Diagonal,
+    Identity,
+    LowRankUpdate,
+    Permuted,
+)
+from .linalg.base import check_bool, check_choice, check_curvature, check_damping, check_positive_int
 from .nn import EKFAC, GGN, KFAC, TKFAC, EmpiricalFisher, FisherMC, LossAdapter, ModelData
+from .nn.curvature import computation_copy, dense_operator
 from .nn.kfac import KRONECKER_APPROXIMATIONS, find_layers, kronecker_approximation
 from .nn.model import as_batches, check_batch_statistics, check_built_from, fixed_forward, mark_built_from
 
@@ -161,7 +169,7 @@ class _Examples:
                 f"tensors (X, y), got {type(data).__name__}; one-shot iterators and generators cannot be "
                 "passed over more than once."
             )
-        self.model_data = ModelData(model, self.data, params, progressbar)
+        self.model_data = ModelData(model, self.data, params, progressbar, label=what)
         self.losses = losses
         self.what = what
 
@@ -245,7 +253,10 @@ class _Examples:
             raise
         columns = model_data.from_tree(tree)
         if not bool(torch.isfinite(columns).all()):
-            raise ValueError(f"{self.what} batch {index}: a per-example gradient contains NaN or inf.")
+            raise ValueError(
+                f"{self.what} batch {index}: a per-example gradient contains NaN or inf."
+                f"{model_data.non_finite_tensors()}"
+            )
         return columns
 
     def columns(self, size: int) -> Iterator[Tensor]:
@@ -441,9 +452,11 @@ def _build(
         diagonal = squares / train.totals()[1]
     else:
         builder = EXACT_CURVATURES[fisher_type]
-        exact = builder(model, mean, data, params=params, progressbar=progressbar, **options)
         if curvature == "ggn":
-            return mark_built_from(Dense(exact.to_dense()), model_data)
+            model, params = computation_copy(model_data)
+            exact = builder(model, mean, data, params=params, progressbar=progressbar, **options)
+            return mark_built_from(dense_operator(exact, model_data.dtype), model_data)
+        exact = builder(model, mean, data, params=params, progressbar=progressbar, **options)
         diagonal = exact.diagonal()
     parts = diagonal.split([p.numel() for p in model_data.params])
     return mark_built_from(BlockDiagonal([Diagonal(part) for part in parts], model_data.names), model_data)
@@ -865,6 +878,7 @@ def leave_one_out_scores(
         torch.Size([2, 2, 6])
     """
     single, indices = _removed_indices(removed)
+    check_bool(renormalize, "renormalize")
     setup = _Setup(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
         train_batch_size, query_batch_size, progressbar, curvature_options,

@@ -39,9 +39,9 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, jacrev, vmap
 
 from .errors import NonDeterministicDataError, NotPositiveDefiniteError
-from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Permuted, Sum
-from .linalg.base import check_choice, check_curvature, check_positive, check_positive_int
-from .nn.curvature import GGN, ModelCurvature
+from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Permuted, Sum, computation_dtype
+from .linalg.base import check_choice, check_curvature, check_generator, check_positive, check_positive_int
+from .nn.curvature import GGN, ModelCurvature, computation_copy, dense_operator
 from .nn.kfac import kronecker_approximation
 from .nn.kronecker_statistics import loss_hessian_factor
 from .nn.losses import LossAdapter
@@ -248,7 +248,13 @@ class Laplace:
             return torch.tensor(check_positive(value, "prior_precision"), **place)
         if isinstance(value, Tensor) and value.ndim != 1:
             raise ValueError(f"prior_precision must be a number or 1-D, got shape {list(value.shape)}.")
-        values = torch.as_tensor(value, **place).detach().clone()
+        message = f"prior_precision must be a number > 0 or one per parameter tensor, got {value!r}."
+        if isinstance(value, (str, bytes)) or (isinstance(value, Tensor) and not value.is_floating_point()):
+            raise TypeError(message)
+        try:
+            values = torch.as_tensor(value, **place).detach().clone()
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(message) from error
         if values.ndim != 1 or values.numel() != len(self._sizes):
             raise ValueError(
                 f"prior_precision needs one number, or one per parameter tensor ({len(self._sizes)}: "
@@ -303,16 +309,21 @@ class Laplace:
             if options:
                 raise ValueError("curvature_options apply to named curvatures, not to a prebuilt operator.")
             if isinstance(curvature, ModelCurvature):
-                dense = curvature.to_dense()
-                return Dense(0.5 * (dense + dense.T))
+                if computation_dtype(curvature.dtype) != curvature.dtype:
+                    raise TypeError(
+                        f"curvature is a {curvature.dtype} {type(curvature).__name__}: its dense matrix from "
+                        f"{curvature.dtype} products swamps the small eigenvalues of the posterior. Pass "
+                        "curvature='full', which computes the GGN on a float32 copy of the model."
+                    )
+                return dense_operator(curvature)
             return curvature
         if curvature in ("diagonal", "full") and options:
             raise ValueError(f"curvature={curvature!r} takes no curvature_options (it is the exact GGN's).")
         if curvature == "diagonal":
             return self._diagonal_ggn()
         if curvature == "full":
-            dense = GGN(self.model, loss_fn, data, params=self._model.params).to_dense()
-            return Dense(0.5 * (dense + dense.T))
+            model, params = computation_copy(self._model)
+            return dense_operator(GGN(model, loss_fn, data, params=params), self._model.dtype)
         options.setdefault("fisher_type", "type-2")
         return kronecker_approximation(
             curvature, self.model, loss_fn, data, params=self._model.params, **options
@@ -606,22 +617,17 @@ class Laplace:
             (True, True)
         """
         check_choice(method, PRIOR_METHODS, "prior precision method")
+        check_positive_int(steps, "steps")
+        check_positive(lr, "lr")
+        grid = self._check_grid(grid)
         start = (
             self._prior_precision if prior_precision is None else self._check_prior_precision(prior_precision)
         )
         if method == "grid":
-            grid = torch.logspace(-4, 4, 100) if grid is None else torch.as_tensor(grid)
-            grid = grid.to(dtype=self.mean.dtype, device=self.mean.device).reshape(-1)
-            if grid.numel() == 0:
-                raise ValueError("grid is empty.")
-            for value in grid.tolist():
-                check_positive(value, "every grid value")
             candidates = [torch.full_like(start, value) for value in grid.tolist()]
             values = torch.stack([self.log_marginal_likelihood(tau) for tau in candidates])
             self._prior_precision = torch.full_like(start, grid[int(values.argmax())].item())
             return self._prior_precision
-        check_positive_int(steps, "steps")
-        check_positive(lr, "lr")
         log_tau = start.log().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([log_tau], lr=lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
@@ -634,6 +640,26 @@ class Laplace:
                 schedule.step()
         self._prior_precision = self._check_prior_precision(log_tau.detach().exp())
         return self._prior_precision
+
+    def _check_grid(self, grid: Any) -> Tensor:
+        """The 1-D grid of candidate ``τ`` (default ``logspace(-4, 4, 100)``); every value ``> 0``."""
+        message = f"grid must be a 1-D tensor or sequence of numbers > 0, got {grid!r}."
+        if grid is None:
+            grid = torch.logspace(-4, 4, 100)
+        elif isinstance(grid, (str, bytes, Real)):
+            raise TypeError(message)
+        try:
+            grid = torch.as_tensor(grid)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(message) from error
+        if grid.dtype == torch.bool or grid.is_complex():
+            raise TypeError(message)
+        grid = grid.to(dtype=self.mean.dtype, device=self.mean.device).reshape(-1)
+        if grid.numel() == 0:
+            raise ValueError("grid is empty.")
+        for value in grid.tolist():
+            check_positive(value, "every grid value")
+        return grid
 
     # ----------------------------------------------------------------- sampling
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -654,6 +680,7 @@ class Laplace:
             torch.Size([5, 6])
         """
         check_positive_int(n, "n")
+        check_generator(generator)
         root = self._power(-0.5, self._prior_precision)
         noise = torch.randn(
             n, self.mean.numel(), generator=generator, dtype=self.mean.dtype, device=self.mean.device
@@ -804,8 +831,11 @@ class Laplace:
             (torch.Size([4, 3]), True)
         """
         check_choice(method, PREDICTIVE_METHODS, "predictive method")
-        check_choice(link_approx, LINK_APPROXIMATIONS, "link approximation")
+        check_choice(link_approx, LINK_APPROXIMATIONS, "link approximation (link_approx)")
         check_positive_int(n_samples, "n_samples")
+        check_generator(generator)
+        if batch_size is not None:
+            check_positive_int(batch_size, "batch_size")
         x = self._prepare_inputs(x)
         if self.likelihood == "classification" and len(self._output_shape) != 1:
             raise ValueError(

@@ -108,6 +108,23 @@ def check_int(value: Any, what: str) -> int:
     return value
 
 
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """Return ``seed``, raising ``TypeError`` unless it is an integer (``1.5`` or ``True`` would
+    fail at the first draw or silently mean ``1``)."""
+    return check_int(seed, what)
+
+
+def check_generator(generator: Any, what: str = "generator") -> torch.Generator | None:
+    """Return ``generator``, raising ``TypeError`` unless it is ``None`` or a ``torch.Generator``
+    (for a seed ``s`` pass ``torch.Generator().manual_seed(s)``)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{what} must be None or a torch.Generator, got {generator!r}; for a seed s pass "
+            "torch.Generator().manual_seed(s)."
+        )
+    return generator
+
+
 def check_damping(damping: float) -> float:
     """Return ``damping`` as a float, raising ``ValueError`` unless it is finite and ``>= 0``."""
     return check_nonnegative(damping, "damping")
@@ -553,10 +570,29 @@ class CurvatureOperator(LinearMap):
     ) -> CurvatureOperator:
         """A copy of this operator on another device and/or dtype.
 
+        A bfloat16 or float16 ``dtype`` follows the precision policy: the copy is a
+        :class:`~curvops.linalg.Cast` to ``dtype`` of the operator in float32, its computation
+        dtype, so products take and give ``dtype`` tensors while decompositions keep float32's
+        resolution (factors stored in bf16 would lose every eigenvalue below ``eps n max`` of
+        bf16). ``.to(dtype=torch.float64)`` of such a ``Cast`` is the float32 operator in float64.
+
         Example:
             >>> curvops.Diagonal(torch.ones(2)).to(dtype=torch.float64).dtype
             torch.float64
+            >>> half = curvops.Diagonal(torch.ones(2)).to(dtype=torch.bfloat16)
+            >>> type(half).__name__, half.dtype, half.op.dtype
+            ('Cast', torch.bfloat16, torch.float32)
         """
+        from .composite import Cast, computation_dtype
         from .state import from_state_dict
 
-        return from_state_dict(self.state_dict(), device=device or self.device, dtype=dtype)
+        device = device or self.device
+        if dtype is None or dtype == self.dtype:
+            return from_state_dict(self.state_dict(), device=device, dtype=dtype)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
+        compute = computation_dtype(dtype)
+        op = from_state_dict(self.state_dict(), device=device, dtype=compute)
+        if isinstance(op, Cast) and op.op.dtype == op.dtype:
+            op = op.op
+        return op if compute == dtype else Cast(op, dtype)

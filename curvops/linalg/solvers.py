@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..errors import ConvergenceWarning, NotPositiveDefiniteError, SingularOperatorError
 from .base import CurvatureOperator, check_damping, check_positive, check_positive_int
+from .composite import computation_dtype
 from .state import NONNEGATIVE_REAL, POSITIVE_INT, POSITIVE_REAL, StateSchema
 
 
@@ -32,7 +33,8 @@ def cg(
     (``|p^T (A + λI) p| <= ε D ‖A + λI‖ ‖p‖²`` with a small ``(A + λI) p``: a singular ``A + λI``,
     at the exact method's tolerance) raises :class:`~curvops.errors.SingularOperatorError`; hitting
     ``maxiter`` first issues a :class:`~curvops.errors.ConvergenceWarning` with the worst
-    relative residual.
+    relative residual. A bfloat16 / float16 ``B`` is solved in float32 (the precision policy:
+    products of ``A`` in ``B``'s dtype, iterates and tolerances in float32).
 
     Args:
         matmat: ``A``'s product with ``[D, K]`` tensors.
@@ -47,6 +49,10 @@ def cg(
         >>> torch.allclose(a @ x, torch.tensor([[1.0], [2.0]], dtype=torch.float64))
         True
     """
+    compute = computation_dtype(rhs.dtype)
+    if compute != rhs.dtype:  # the precision policy: bf16 iterates would drown in rounding
+        solution = cg(lambda v: matmat(v.to(rhs.dtype)).to(compute), rhs.to(compute), damping, rtol, maxiter)
+        return solution.to(rhs.dtype)
     rtol = math.sqrt(torch.finfo(rhs.dtype).eps) if rtol is None else check_positive(rtol, "rtol")
     maxiter = 10 * rhs.shape[0] if maxiter is None else check_positive_int(maxiter, "maxiter")
     x = torch.zeros_like(rhs)
@@ -122,7 +128,8 @@ class CGInverse(CurvatureOperator):
     Args:
         op: a symmetric operator with ``op + λI`` positive definite.
         damping: ``λ >= 0``.
-        rtol: CG's relative residual tolerance (default ``sqrt(eps)``).
+        rtol: CG's relative residual tolerance (default ``sqrt(eps)`` of the computation dtype:
+            float32's for a bf16 operator, see :func:`cg`).
         maxiter: CG's iteration limit (default ``10 D``).
 
     Example:
@@ -140,7 +147,8 @@ class CGInverse(CurvatureOperator):
         super().__init__(op.shape[0], op.dtype, op.device)
         self.op = op
         self.damping = check_damping(damping)
-        self.rtol = math.sqrt(torch.finfo(op.dtype).eps) if rtol is None else check_positive(rtol, "rtol")
+        default = math.sqrt(torch.finfo(computation_dtype(op.dtype)).eps)
+        self.rtol = default if rtol is None else check_positive(rtol, "rtol")
         self.maxiter = 10 * op.shape[0] if maxiter is None else check_positive_int(maxiter, "maxiter")
 
     def _matmat(self, x: Tensor) -> Tensor:

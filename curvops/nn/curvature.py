@@ -20,6 +20,7 @@ on a CPU it measured up to 2x faster than forward-over-reverse for convolutions.
 
 from __future__ import annotations
 
+import copy
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 
@@ -27,7 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
-from ..linalg.base import CurvatureOperator, check_positive_int
+from ..linalg import Cast, Dense, computation_dtype
+from ..linalg.base import CurvatureOperator, check_positive_int, check_seed
 from .losses import LossAdapter
 from .model import ModelData, add_trees, fixed_forward, pull_back, push_forward
 
@@ -261,10 +263,11 @@ class FisherMC(_OutputCurvature):
         check_deterministic: bool = False,
     ) -> None:
         check_positive_int(mc_samples, "mc_samples")
+        check_seed(seed)
         super().__init__(model, loss_fn, data, params, progressbar, check_deterministic)
         self._loss.check_sampling(type(self).__name__)
         self.mc_samples = mc_samples
-        self.seed = int(seed)
+        self.seed = seed
 
     def sample_targets(self, index: int, output: Tensor, targets: Tensor) -> Tensor:
         """The ``[M, *targets.shape]`` labels this operator draws for batch ``index``."""
@@ -274,3 +277,41 @@ class FisherMC(_OutputCurvature):
         sampled = self.sample_targets(index, output, targets)
         gradients = vmap(lambda t: self._loss.datum_gradients(output, t, count))(sampled)
         return _outer_products(gradients, tangents)
+
+
+def computation_copy(model_data: ModelData) -> tuple[nn.Module, list[nn.Parameter]]:
+    """The model and chosen parameters of ``model_data`` in its computation dtype: themselves,
+    or for a bfloat16 / float16 model a float32 copy with the same weights (exactly) and its
+    matching parameters. The precision policy for dense exact curvatures: a GGN from bf16
+    products is accurate to bf16's 3 digits only, which swamps its small eigenvalues.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+        >>> data = [(torch.randn(4, 2), torch.randn(4, 2))]
+        >>> copy, params = computation_copy(ModelData(model, data))
+        >>> params[0].dtype, torch.equal(params[0], model.weight.float())
+        (torch.float32, True)
+    """
+    compute = computation_dtype(model_data.dtype)
+    if compute == model_data.dtype:
+        return model_data.model, model_data.params
+    model = copy.deepcopy(model_data.model).to(compute)
+    named = dict(model.named_parameters())
+    return model, [named[name] for name in model_data.names]
+
+
+def dense_operator(op: CurvatureOperator, dtype: torch.dtype | None = None) -> CurvatureOperator:
+    """``op`` as a symmetric :class:`~curvops.Dense` ``(M + M^T) / 2``, a
+    :class:`~curvops.linalg.Cast` to ``dtype`` (default ``op``'s) where that differs. Refuses,
+    before computing, a matrix over the memory budget.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 2)
+        >>> data = [(torch.randn(4, 2), torch.randn(4, 2))]
+        >>> dense = dense_operator(GGN(model, torch.nn.MSELoss(), data), torch.bfloat16)
+        >>> type(dense).__name__, dense.dtype, dense.op.dtype
+        ('Cast', torch.bfloat16, torch.float32)
+    """
+    matrix = op.to_dense()
+    dense = Dense(0.5 * (matrix + matrix.T))
+    return dense if dtype in (None, dense.dtype) else Cast(dense, dtype)

@@ -18,11 +18,10 @@ from ..linalg import (
     Kronecker,
     KroneckerEigen,
     Permuted,
-    computation_dtype,
     spectral,
 )
-from ..linalg.base import check_choice, check_positive_int
-from .curvature import GGN, EmpiricalFisher, FisherMC
+from ..linalg.base import check_bool, check_choice, check_positive_int, check_seed
+from .curvature import GGN, EmpiricalFisher, FisherMC, computation_copy, dense_operator
 from .kronecker_statistics import (
     CORRECTIONS,
     FISHER_TYPES,
@@ -228,7 +227,8 @@ def TKFAC(
         1.0
     """
     arguments = locals()
-    approximation = "tekfac" if arguments.pop("eigenvalue_correction") else "tkfac"
+    corrected = check_bool(arguments.pop("eigenvalue_correction"), "eigenvalue_correction")
+    approximation = "tekfac" if corrected else "tkfac"
     return _build(approximation, **arguments)
 
 
@@ -278,6 +278,7 @@ def _build(
     check_choice(unsupported, UNSUPPORTED_OPTIONS, "unsupported")
     check_choice(correction, CORRECTIONS, "correction")
     check_positive_int(mc_samples, "mc_samples")
+    check_seed(seed)
     if approximation != "kfac" and fisher_type == "forward-only":
         raise ValueError(f"{name} needs output gradients; fisher_type='forward-only' has none.")
     loss = LossAdapter(loss_fn, likelihood=fisher_type != "forward-only", what=f"{name}({fisher_type!r})")
@@ -316,12 +317,14 @@ def _build(
         for layer, layer_blocks in zip(layers, blocks, strict=True)
         for entry in place(layer, layer_blocks, layout, device)
     ]
-    compute = computation_dtype(model_data.dtype)
+    if others:  # exact blocks from the model in its computation dtype (a float32 copy of a bf16 one)
+        exact_model, exact_params = computation_copy(model_data)
+        twin = {id(p): q for p, q in zip(model_data.params, exact_params, strict=True)}
     for module_name, module, chosen in others:
         checked = model_data.checked_data(f"{name} exact block of {module_name!r}")
-        exact = _exact_operator(fisher_type, model, loss_fn, checked, chosen, mc_samples, seed)
-        exact_matrix = exact.to_dense() if unsupported == "dense" else exact.diagonal()
-        block = (Dense if unsupported == "dense" else Diagonal)(exact_matrix.to(compute))
+        chosen_twins = [twin[id(p)] for p in chosen]
+        exact = _exact_operator(fisher_type, exact_model, loss_fn, checked, chosen_twins, mc_samples, seed)
+        block = dense_operator(exact) if unsupported == "dense" else Diagonal(exact.diagonal())
         where = torch.cat([layout.indices(p, device) for p in chosen])
         entries.append((module_name or type(module).__name__, block, where))
     op = assemble(sorted(entries, key=lambda entry: int(entry[2].min())), model_data.dtype)

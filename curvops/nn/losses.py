@@ -199,7 +199,7 @@ class LossAdapter:
     def sample_batch(self, output: Tensor, target: Tensor, count: int, seed: int, index: int) -> Tensor:
         """:meth:`sample` for batch ``index`` from a generator seeded with ``(seed, index)``: every
         pass over the data, and every operator with the same ``seed``, draws the same labels."""
-        generator = torch.Generator(device=output.device).manual_seed(seed * 1_000_003 + index)
+        generator = torch.Generator(device=output.device).manual_seed((seed * 1_000_003 + index) % 2**64)
         return self.sample(output, target, count, generator)
 
     def sample(self, output: Tensor, target: Tensor, count: int, generator: torch.Generator) -> Tensor:

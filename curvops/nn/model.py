@@ -27,6 +27,7 @@ from torch.func import jvp, vjp, vmap
 from torch.utils._pytree import tree_leaves
 
 from ..errors import NonDeterministicDataError, StaleParametersError
+from ..linalg.base import check_bool
 
 
 def _leaves(tree: Any) -> list[Tensor]:
@@ -361,6 +362,7 @@ class ModelData:
         check_deterministic: also compare each batch's data (and model output, once seen)
             with the first pass's as it comes, whatever the operator, and raise
             :class:`~curvops.errors.NonDeterministicDataError` when it differs.
+        label: the data set's name in errors (``"query_data"``: "Batch 0 of query_data: ...").
 
     Raises:
         ValueError: for batch normalisation with batch statistics (train mode).
@@ -373,9 +375,12 @@ class ModelData:
         params: Sequence[nn.Parameter] | None = None,
         progressbar: bool = False,
         check_deterministic: bool = False,
+        label: str = "",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        check_bool(progressbar, "progressbar")
+        check_bool(check_deterministic, "check_deterministic")
         data = as_batches(data)
         if iter(data) is data:
             raise TypeError(
@@ -404,6 +409,7 @@ class ModelData:
         self.dtype, self.device = params[0].dtype, params[0].device
         self.progressbar = progressbar
         self.check_deterministic = check_deterministic
+        self.label = label
         check_batch_statistics(model)
         self._state = self._parameter_state()
         self._values = self._value_sums()
@@ -426,6 +432,21 @@ class ModelData:
     def _value_sums(self) -> list[tuple[float, float]]:
         """Each parameter's and buffer's ``(Σ t, Σ t²)`` (:func:`_sums`), in one device sync."""
         return [tuple(row) for row in _sums([t for _, t in self._named_tensors()]).tolist()]
+
+    def non_finite_tensors(self) -> str:
+        """Why an output can be non-finite from the model itself: its parameters and buffers
+        holding NaN or inf (seen in their value sums from the build), named; else ``""``."""
+        names = [
+            name
+            for (name, tensor), sums in zip(self._named_tensors(), self._values, strict=True)
+            if not all(math.isfinite(value) for value in sums) and not bool(torch.isfinite(tensor).all())
+        ]
+        if not names:
+            return ""
+        return (
+            f" The model's {', '.join(map(repr, names))} contain NaN or inf (a diverged training step "
+            "or a bad checkpoint?): restore finite values."
+        )
 
     def check_fresh(self, chosen: bool = True) -> None:
         """Raise :class:`StaleParametersError` if a parameter or buffer changed since the build
@@ -513,7 +534,8 @@ class ModelData:
         if tensor.is_floating_point():
             tensor = tensor.to(device=self.device, dtype=self.dtype)
             if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"Batch {index}: {what} contains NaN or inf.")
+                of = f" of {self.label}" if self.label else ""
+                raise ValueError(f"Batch {index}{of}: {what} contains NaN or inf.")
             return tensor
         return tensor.to(self.device)
 
@@ -594,7 +616,8 @@ class ModelData:
     def check_output(self, index: int, output: Tensor) -> None:
         """Raise on a non-finite model output; compare it with the first pass if asked."""
         if not bool(torch.isfinite(output).all()):
-            raise ValueError(f"Batch {index}: the model output contains NaN or inf.")
+            cause = self.non_finite_tensors()
+            raise ValueError(f"Batch {index}: the model output contains NaN or inf.{cause}")
         if self.check_deterministic:
             self._check_batch("output", index, _fingerprint(output))
 

@@ -107,7 +107,7 @@ class ZerothOrderOptimizer(torch.optim.Optimizer):
     def direction(self, step: int, index: int) -> Tensor:
         """``z`` of parameter tensor ``index`` at ``step``, regenerated from its seed (``±1`` entries)."""
         p = self._params()[index]
-        seed = (self.seed * 1_000_003 + step) * 10_007 + index
+        seed = ((self.seed * 1_000_003 + step) * 10_007 + index) % 2**64  # torch's seed range
         generator = torch.Generator(device=p.device).manual_seed(seed)
         return torch.empty_like(p).bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
 
