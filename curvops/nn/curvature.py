@@ -108,9 +108,8 @@ class ModelCurvature(CurvatureOperator):
         ``count`` loss terms (``s_b = loss.batch_scale(count)``)."""
 
     def _check_loss(self, index: int, output: Tensor, targets: Tensor) -> None:
-        """Raise on a non-finite output, targets that do not fit it, or a non-finite loss."""
+        """Raise on a non-finite output or loss (the targets were checked against the output)."""
         self._model.check_output(index, output)
-        self._loss.check_target(output, targets, index)
         loss = self._loss(output, targets)
         if not bool(torch.isfinite(loss)):
             raise ValueError(f"Batch {index}: the loss is {loss.item()} (NaN or inf).")
@@ -161,6 +160,7 @@ class _OutputCurvature(ModelCurvature):
         forward = lambda p: self._model.forward(p, inputs)  # noqa: E731
         output, pullback = vjp(forward, params)
         output = output.detach()
+        self._loss.check_target(output, targets, index)
         self._check_loss(index, output, targets)
         _, tangents = push_forward(forward, params, tree)
         cotangents = self._apply_output_curvature(index, count, output, targets, tangents)
