@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from .linalg import computation_dtype, rademacher, spectral
-from .linalg.base import CurvatureOperator, check_bool, check_damping, check_generator, check_positive_int
-from .nn import ModelCurvature
+from .linalg.base import CurvatureOperator
+from .linalg.checks import check_bool, check_damping, check_generator, check_positive_int
 
 EXACT_MAX_SIZE = 2048
 """``compare(exact=None)`` is exact up to this size ``D`` and estimates above it."""
@@ -284,7 +284,7 @@ def _estimated(
     generator: torch.Generator | None,
 ) -> _Quantities:
     """The quantities of ``op`` from products: its own trace, logdet and inverse, and ``eigsh``."""
-    if isinstance(op, ModelCurvature):
+    if op.matrix_free:
         trace = op.trace(method="hutch++", num_samples=num_samples, generator=generator)
     else:
         trace = op.trace()

@@ -68,13 +68,14 @@ from .linalg import (
     Diagonal,
     Identity,
     LowRankUpdate,
-    Permuted,
+    block_layout,
 )
-from .linalg.base import check_bool, check_choice, check_curvature, check_damping, check_positive_int
+from .linalg.checks import check_bool, check_choice, check_damping, check_positive_int
 from .nn import EKFAC, GGN, KFAC, TKFAC, EmpiricalFisher, FisherMC, LossAdapter, ModelData
 from .nn.curvature import computation_copy, dense_operator
 from .nn.kfac import KRONECKER_APPROXIMATIONS, find_layers, kronecker_approximation
 from .nn.model import as_batches, check_batch_statistics, check_built_from, fixed_forward, mark_built_from
+from .nn.options import check_curvature
 
 _INPUT_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError)
 """What a model or loss raises on inputs it cannot take (torch.func's decompositions assert)."""
@@ -484,21 +485,9 @@ def _check_damping(damping: Damping) -> Damping:
     return check_damping(damping)
 
 
-def _blocks(op: CurvatureOperator) -> tuple[list[CurvatureOperator], Callable]:
-    """``op``'s top-level blocks and how to put damped blocks back together."""
-    if isinstance(op, BlockDiagonal):
-        return list(op.blocks), lambda blocks: BlockDiagonal(blocks, op.labels)
-    if isinstance(op, Permuted) and isinstance(op.op, BlockDiagonal):
-        inner = op.op
-        return list(inner.blocks), lambda blocks: Permuted(
-            BlockDiagonal(blocks, inner.labels), op.permutation
-        )
-    return [op], lambda blocks: blocks[0]
-
-
 def _block_dampings(op: CurvatureOperator, damping: Damping) -> list[float]:
     """``λ_b`` for every block of ``op`` (see the module docstring)."""
-    blocks, _ = _blocks(op)
+    blocks = block_layout(op).blocks
     if damping != "heuristic":
         return [float(damping)] * len(blocks)
     return [HEURISTIC_FACTOR * b.trace().item() / max(b.shape[0], 1) for b in blocks]
@@ -506,17 +495,17 @@ def _block_dampings(op: CurvatureOperator, damping: Damping) -> list[float]:
 
 def _damped(op: CurvatureOperator, dampings: list[float], divide: float = 1.0) -> CurvatureOperator:
     """``op + Λ / divide``, block by block, keeping every block's structure (exact inverse)."""
-    blocks, assemble = _blocks(op)
+    layout = block_layout(op)
     damped = [
         b + (lam / divide) * Identity(b.shape[0], b.dtype, b.device)
-        for b, lam in zip(blocks, dampings, strict=True)
+        for b, lam in zip(layout.blocks, dampings, strict=True)
     ]
-    return assemble(damped)
+    return layout.assemble(damped)
 
 
 def _inverse(damped: CurvatureOperator, op: CurvatureOperator) -> CurvatureOperator:
     """``damped^-1``: exact through the structure, or CG for a matrix-free model operator."""
-    return damped.inverse(method="cg" if op._inverse_method == "cg" else "exact")
+    return damped.inverse(method="cg" if op.matrix_free else "exact")
 
 
 class _Setup:

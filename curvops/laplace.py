@@ -39,13 +39,23 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, jacrev, vmap
 
 from .errors import NonDeterministicDataError, NotPositiveDefiniteError
-from .linalg import BlockDiagonal, CurvatureOperator, Dense, Diagonal, Permuted, Sum, computation_dtype
-from .linalg.base import check_choice, check_curvature, check_generator, check_positive, check_positive_int
-from .nn.curvature import GGN, ModelCurvature, computation_copy, dense_operator
+from .linalg import (
+    BlockDiagonal,
+    CurvatureOperator,
+    Dense,
+    Diagonal,
+    Permuted,
+    Sum,
+    block_layout,
+    computation_dtype,
+)
+from .linalg.checks import check_choice, check_generator, check_positive, check_positive_int
+from .nn.curvature import GGN, computation_copy, dense_operator
 from .nn.kfac import kronecker_approximation
 from .nn.kronecker_statistics import loss_hessian_factor
 from .nn.losses import LossAdapter
 from .nn.model import ModelData, check_batch_statistics, check_built_from, fixed_forward
+from .nn.options import check_curvature
 
 CURVATURES = ("kfac", "ekfac", "tkfac", "tekfac", "diagonal", "full")
 PRIOR_METHODS = ("marglik", "grid")
@@ -308,7 +318,7 @@ class Laplace:
             check_built_from(curvature)
             if options:
                 raise ValueError("curvature_options apply to named curvatures, not to a prebuilt operator.")
-            if isinstance(curvature, ModelCurvature):
+            if curvature.matrix_free:
                 if computation_dtype(curvature.dtype) != curvature.dtype:
                     raise TypeError(
                         f"curvature is a {curvature.dtype} {type(curvature).__name__}: its dense matrix from "
@@ -357,13 +367,9 @@ class Laplace:
     def _decompose(self, op: CurvatureOperator, scale: float) -> None:
         """Split ``scale · op`` into blocks with their flat indices (see :class:`_Block`)."""
         device = self.mean.device
-        order = torch.arange(op.shape[0], device=device)
-        if isinstance(op, Permuted):
-            op, order = op.op, op.permutation
-        if isinstance(op, BlockDiagonal):
-            blocks, self._labels = list(op.blocks), op.labels
-        else:
-            blocks, self._labels = [op], None
+        layout = block_layout(op)
+        blocks, self._labels = layout.blocks, layout.labels
+        order = torch.arange(op.shape[0], device=device) if layout.permutation is None else layout.permutation
         groups = torch.repeat_interleave(
             torch.arange(len(self._sizes), device=device), torch.tensor(self._sizes, device=device)
         )

@@ -5,6 +5,7 @@ its dense matrix.
 """
 
 from .base import CurvatureOperator
+from .blocks import BlockLayout, block_layout
 from .composite import BlockDiagonal, Cast, Scaled, Sum, computation_dtype
 from .diagonal import Diagonal, Identity
 from .estimators import (
@@ -29,6 +30,7 @@ from .state import from_state_dict
 
 __all__ = [
     "BlockDiagonal",
+    "BlockLayout",
     "CGInverse",
     "Cast",
     "CurvatureOperator",
@@ -44,6 +46,7 @@ __all__ = [
     "Scaled",
     "Sum",
     "Transposed",
+    "block_layout",
     "cg",
     "computation_dtype",
     "from_state_dict",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 from collections.abc import Iterator
 from numbers import Real
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import estimators
+from .checks import check_bool, check_choice, check_damping, check_positive_int, check_power
 from .linear_map import LinearMap
 from .memory import check_dense
 
@@ -65,95 +65,6 @@ def converted_from(dtype: torch.dtype) -> Iterator[None]:
         _SOURCE_EPS.reset(token)
 
 
-def _scalar(value: Any) -> Any:
-    """A one-element tensor as its Python number; anything else unchanged."""
-    return value.item() if isinstance(value, Tensor) and value.numel() == 1 else value
-
-
-def check_nonnegative(value: Any, what: str) -> float:
-    """Return ``value`` as a float, raising ``ValueError`` unless it is a finite number ``>= 0``."""
-    value = _scalar(value)
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}.")
-    return float(value)
-
-
-def check_positive(value: Any, what: str) -> float:
-    """Return ``value`` as a float, raising ``ValueError`` unless it is a finite number ``> 0``."""
-    value = _scalar(value)
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}.")
-    return float(value)
-
-
-def check_positive_int(value: Any, what: str) -> int:
-    """Return ``value``, raising ``ValueError`` unless it is an integer ``>= 1`` (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}.")
-    return value
-
-
-def check_bool(value: Any, what: str) -> bool:
-    """Return ``value``, raising ``TypeError`` unless it is a ``bool`` (``"False"`` or ``0`` would
-    silently mean something else)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{what} must be True or False, got {value!r}.")
-    return value
-
-
-def check_int(value: Any, what: str) -> int:
-    """Return ``value``, raising ``TypeError`` unless it is an integer (not a bool or a float)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what} must be an integer, got {value!r}.")
-    return value
-
-
-def check_seed(seed: Any, what: str = "seed") -> int:
-    """Return ``seed``, raising ``TypeError`` unless it is an integer (``1.5`` or ``True`` would
-    fail at the first draw or silently mean ``1``)."""
-    return check_int(seed, what)
-
-
-def check_generator(generator: Any, what: str = "generator") -> torch.Generator | None:
-    """Return ``generator``, raising ``TypeError`` unless it is ``None`` or a ``torch.Generator``
-    (for a seed ``s`` pass ``torch.Generator().manual_seed(s)``)."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"{what} must be None or a torch.Generator, got {generator!r}; for a seed s pass "
-            "torch.Generator().manual_seed(s)."
-        )
-    return generator
-
-
-def check_damping(damping: float) -> float:
-    """Return ``damping`` as a float, raising ``ValueError`` unless it is finite and ``>= 0``."""
-    return check_nonnegative(damping, "damping")
-
-
-def check_power(p: float) -> float:
-    """Return the exponent ``p`` as a float, raising ``ValueError`` unless it is a finite real."""
-    p = _scalar(p)
-    if isinstance(p, bool) or not isinstance(p, Real) or not math.isfinite(p):
-        raise ValueError(f"The power p must be a finite real number, got {p!r}.")
-    return float(p)
-
-
-def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
-    """Raise ``ValueError`` naming the options unless ``value`` is one of ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"Unknown {what} {value!r}; choose one of {allowed}.")
-
-
-def check_curvature(curvature: Any, names: tuple[str, ...]) -> None:
-    """Raise unless ``curvature`` is one of ``names`` or an operator (a prebuilt curvature)."""
-    if isinstance(curvature, str):
-        check_choice(curvature, names, "curvature")
-    elif not isinstance(curvature, CurvatureOperator):
-        raise TypeError(
-            f"curvature must be one of {names} or a curvops operator, got {type(curvature).__name__}."
-        )
-
-
 class CurvatureOperator(LinearMap):
     """A symmetric linear operator ``op`` of shape ``(D, D)`` on one flat parameter vector.
 
@@ -186,6 +97,19 @@ class CurvatureOperator(LinearMap):
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device | str) -> None:
         super().__init__((size, size), dtype, device)
+
+    @property
+    def matrix_free(self) -> bool:
+        """Whether the operator is known only through its products (the exact curvature of a
+        model: :class:`~curvops.GGN`, :class:`~curvops.Hessian`, ...) rather than through a
+        structure: its ``inverse`` then defaults to CG, ``logdet`` to stochastic Lanczos
+        quadrature and ``power`` to Lanczos, and its ``"exact"`` quantities build the dense matrix.
+
+        Example:
+            >>> curvops.Diagonal(torch.ones(3)).matrix_free
+            False
+        """
+        return self._inverse_method == "cg"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Register the subclass for :func:`~curvops.from_state_dict`.

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import CurvatureOperator, _scalar
+from .base import CurvatureOperator
+from .checks import _scalar
 from .diagonal import Identity
 from .state import LABELS, REAL, StateSchema
 

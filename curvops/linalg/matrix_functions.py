@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from . import spectral
-from .base import CurvatureOperator, check_damping, check_positive_int, check_power
+from .base import CurvatureOperator
+from .checks import check_damping, check_positive_int, check_power
 from .estimators import lanczos_basis, ritz_pairs
 from .state import NONNEGATIVE_REAL, POSITIVE_INT, REAL, StateSchema
 

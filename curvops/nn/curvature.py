@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from ..linalg import Cast, Dense, computation_dtype
-from ..linalg.base import CurvatureOperator, check_positive_int, check_seed
+from ..linalg.base import CurvatureOperator
+from ..linalg.checks import check_positive_int, check_seed
 from .losses import LossAdapter
 from .model import ModelData, add_trees, fixed_forward, pull_back, push_forward
 

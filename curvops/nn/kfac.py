@@ -20,7 +20,7 @@ from ..linalg import (
     Permuted,
     spectral,
 )
-from ..linalg.base import check_bool, check_choice, check_positive_int, check_seed
+from ..linalg.checks import check_bool, check_choice, check_positive_int, check_seed
 from .curvature import GGN, EmpiricalFisher, FisherMC, computation_copy, dense_operator
 from .kronecker_statistics import (
     CORRECTIONS,

@@ -27,7 +27,7 @@ from torch.func import jvp, vjp, vmap
 from torch.utils._pytree import tree_leaves
 
 from ..errors import NonDeterministicDataError, StaleParametersError
-from ..linalg.base import check_bool
+from ..linalg.checks import check_bool
 
 
 def _leaves(tree: Any) -> list[Tensor]:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import StateDictError
 from ..linalg import CurvatureOperator, Dense, Diagonal, Kronecker, from_state_dict
-from ..linalg.base import (
+from ..linalg.checks import (
     check_bool,
     check_choice,
     check_int,

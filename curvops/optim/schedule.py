@@ -8,7 +8,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-from ..linalg.base import check_nonnegative
+from ..linalg.checks import check_nonnegative
 
 Schedule = float | Callable[[int], float]
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import StateDictError
-from ..linalg.base import check_int, check_nonnegative, check_positive
+from ..linalg.checks import check_int, check_nonnegative, check_positive
 from .schedule import Schedule, check_fraction, check_schedule, evaluate
 
 
