@@ -72,8 +72,10 @@ from .linalg import (
 )
 from .linalg.checks import check_bool, check_choice, check_damping, check_positive_int
 from .nn import EKFAC, GGN, KFAC, TKFAC, EmpiricalFisher, FisherMC, LossAdapter, ModelData
+from .nn.approximations import KRONECKER_APPROXIMATIONS
 from .nn.curvature import computation_copy, dense_operator
-from .nn.kfac import KRONECKER_APPROXIMATIONS, find_layers, kronecker_approximation
+from .nn.kfac import kronecker_approximation
+from .nn.layers import find_layers
 from .nn.model import as_batches, check_batch_statistics, check_built_from, fixed_forward, mark_built_from
 from .nn.options import check_curvature
 

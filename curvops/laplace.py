@@ -52,8 +52,7 @@ from .linalg import (
 from .linalg.checks import check_choice, check_generator, check_positive, check_positive_int
 from .nn.curvature import GGN, computation_copy, dense_operator
 from .nn.kfac import kronecker_approximation
-from .nn.kronecker_statistics import loss_hessian_factor
-from .nn.losses import LossAdapter
+from .nn.losses import LossAdapter, loss_hessian_factor
 from .nn.model import ModelData, check_batch_statistics, check_built_from, fixed_forward
 from .nn.options import check_curvature
 

@@ -16,8 +16,8 @@ from torch import nn
 
 import curvops
 from curvops.errors import StateDictError
+from curvops.nn.statistics import STATISTICS
 from curvops.optim import KFACOptimizer, ZerothOrderOptimizer
-from curvops.optim.kfac import STATISTICS
 
 CURVATURES = ["kfac", "ekfac", "tkfac"]
 BUILDERS = {"kfac": curvops.KFAC, "ekfac": curvops.EKFAC, "tkfac": curvops.TKFAC}

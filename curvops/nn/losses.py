@@ -224,3 +224,40 @@ class LossAdapter:
         if target.is_floating_point():
             return nn.functional.one_hot(classes, output.shape[1]).movedim(-1, 2).to(output.dtype)
         return torch.where(target == loss.ignore_index, target, classes)
+
+
+def loss_hessian_factor(loss: LossAdapter, output: Tensor, targets: Tensor) -> Tensor:
+    """Columns ``S`` with ``Σ_c S_c S_c^T = ∇²_f ℓ`` per datum and position, ``[K, *output.shape]``.
+
+    ``√2 e_j`` for every output element of ``MSELoss``, ``√(σ(1-σ)) e_j`` for
+    ``BCEWithLogitsLoss``, and for ``CrossEntropyLoss`` ``√p_c (e_c - p)`` for every class ``c``
+    at every position at once (zero at ``ignore_index``).
+
+    Example:
+        >>> output = torch.randn(2, 3, dtype=torch.float64)
+        >>> s = loss_hessian_factor(LossAdapter(torch.nn.CrossEntropyLoss()), output, torch.tensor([0, 2]))
+        >>> p = torch.softmax(output[0], 0)
+        >>> torch.allclose(torch.einsum("ki,kj->ij", s[:, 0], s[:, 0]), torch.diag(p) - torch.outer(p, p))
+        True
+    """
+    loss_fn = loss.loss_fn
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        probabilities = torch.softmax(output, dim=1)
+        classes = output.shape[1]
+        eye = torch.eye(classes, dtype=output.dtype, device=output.device)
+        eye = eye.reshape(classes, 1, classes, *([1] * (output.ndim - 2)))
+        per_class = probabilities.movedim(1, 0).unsqueeze(2)  # [C, N, 1, ...]: p_c at every position
+        columns = per_class.sqrt() * (eye - probabilities.unsqueeze(0))
+        if not targets.is_floating_point():
+            columns = columns * (targets != loss_fn.ignore_index).unsqueeze(1).to(output.dtype)
+        return columns
+    curvature = (
+        2.0 * torch.ones_like(output)
+        if isinstance(loss_fn, nn.MSELoss)
+        else (torch.sigmoid(output) * (1 - torch.sigmoid(output)))
+    )
+    per_datum = math.prod(output.shape[1:])
+    eye = torch.eye(per_datum, dtype=output.dtype, device=output.device).reshape(
+        per_datum, 1, *output.shape[1:]
+    )
+    return eye * curvature.sqrt()

@@ -30,7 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..nn.kronecker_statistics import KroneckerLayer, check_single_call, output_columns, output_gradients
+from ..nn.fisher import FisherType
+from ..nn.kronecker_pass import check_single_call, output_gradients
+from ..nn.layers import KroneckerLayer
 from ..nn.losses import LossAdapter
 
 MICRO_BATCH_STRIDE = 2**20
@@ -78,7 +80,7 @@ class BatchCapture:
         loss_fn: the ``nn.Module`` loss the training loop calls on the model output.
         loss: its :class:`~curvops.nn.losses.LossAdapter`.
         layers: the layers to capture.
-        fisher_type: as for :func:`~curvops.KFAC`.
+        fisher: the Fisher type (:mod:`curvops.nn.fisher`).
         mc_samples: labels drawn per datum for ``"mc"``.
         active: called with no arguments; whether the current forward pass is to be captured.
         draw: called with no arguments; the ``(seed, step)`` of the ``"mc"`` label draws.
@@ -94,12 +96,12 @@ class BatchCapture:
         loss_fn: nn.Module,
         loss: LossAdapter,
         layers: list[KroneckerLayer],
-        fisher_type: str,
+        fisher: FisherType,
         mc_samples: int,
         active: Callable[[], bool],
         draw: Callable[[], tuple[int, int]],
     ) -> None:
-        self.loss, self.layers, self.fisher_type, self.mc_samples = loss, layers, fisher_type, mc_samples
+        self.loss, self.layers, self.fisher, self.mc_samples = loss, layers, fisher, mc_samples
         self.active, self.draw = active, draw
         self.batches: list[CapturedBatch] = []
         self.nonfinite_loss = False
@@ -107,6 +109,7 @@ class BatchCapture:
         self._weights = {id(p) for layer in layers for p in layer.module.parameters(recurse=False)}
         self._pending: dict[int, list[tuple[Tensor, Tensor]]] | None = None  # None: no forward pass
         self._handles = [model.register_forward_pre_hook(CaptureHook(self._start))]
+        self._rules = {id(layer.module): layer.rule for layer in layers}
         self._handles += [layer.module.register_forward_hook(CaptureHook(self._on_layer)) for layer in layers]
         self._handles.append(loss_fn.register_forward_hook(CaptureHook(self._on_loss)))
 
@@ -133,7 +136,8 @@ class BatchCapture:
     def _on_layer(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if self._capturing():
             self._pending = {} if self._pending is None else self._pending
-            self._pending.setdefault(id(module), []).append((args[0].detach(), output))
+            kept = self._rules[id(module)].captured_input(args).detach()
+            self._pending.setdefault(id(module), []).append((kept, output))
 
     def _on_loss(self, module: nn.Module, args: tuple, value: Tensor) -> None:
         pending, self._pending = self._pending, None
@@ -195,7 +199,7 @@ class BatchCapture:
         if not count or not c:
             return
         batch_weight = c / self.loss.batch_scale(count)
-        if self.fisher_type == "forward-only":
+        if not self.fisher.backward:
             self.batches.append(CapturedBatch(inputs, [None] * len(inputs), batch_weight))
             return
         seed, step = self.draw()
@@ -203,9 +207,7 @@ class BatchCapture:
         try:
             detached = output.detach()
             index = step + len(self.batches) * MICRO_BATCH_STRIDE
-            columns = output_columns(
-                self.loss, self.fisher_type, detached, targets, count, self.mc_samples, seed, index
-            )
+            columns = self.fisher.columns(self.loss, detached, targets, count, self.mc_samples, seed, index)
             gradients = output_gradients(self.layers, output, layer_outputs, columns)
         finally:
             self._busy = False

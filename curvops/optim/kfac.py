@@ -1,10 +1,11 @@
 """Natural-gradient training with KFAC, EKFAC or TKFAC as a ``torch.optim.Optimizer``.
 
 The optimizer is a thin client of the curvature operators: it keeps running averages of
-the Kronecker statistics (:class:`~curvops.nn.kronecker_statistics.KroneckerSums`, fed by
-the hooks of :mod:`curvops.optim.capture`), builds the same blocks as :func:`~curvops.KFAC`,
-:func:`~curvops.EKFAC` and :func:`~curvops.TKFAC` from them, and asks the operator for its
-damped inverse. No Kronecker algebra is written here.
+the Kronecker statistics (:class:`~curvops.nn.statistics.LayerStatistics` values, from the
+batches that the hooks of :mod:`curvops.optim.capture` catch), has the approximation object
+(:mod:`curvops.nn.approximations`) build the same blocks as :func:`~curvops.KFAC`,
+:func:`~curvops.EKFAC` and :func:`~curvops.TKFAC` from them and damp them. No Kronecker
+algebra is written here.
 """
 
 from __future__ import annotations
@@ -18,40 +19,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import StateDictError
-from ..linalg import CurvatureOperator, Dense, Diagonal, Kronecker, from_state_dict
-from ..linalg.checks import (
-    check_bool,
-    check_choice,
-    check_int,
-    check_nonnegative,
-    check_positive,
-    check_positive_int,
-)
-from ..nn.kfac import Layout, assemble, corrected_blocks, eigenbasis, find_layers, kronecker_blocks, place
-from ..nn.kronecker_statistics import (
-    CORRECTIONS,
-    FISHER_TYPES,
-    KFAC_APPROXIMATIONS,
-    KroneckerLayer,
-    KroneckerSums,
-)
-from ..nn.losses import LossAdapter
+from ..linalg import CurvatureOperator, computation_dtype
+from ..linalg.checks import check_bool, check_nonnegative, check_positive, check_positive_int
+from ..nn.approximations import Basis
+from ..nn.assembly import Layout, assemble
+from ..nn.kronecker_pass import batch_corrections, batch_statistics
+from ..nn.layers import find_layers
 from ..nn.model import as_parameter_list
+from ..nn.options import KroneckerOptions
+from ..nn.statistics import Corrections, LayerStatistics
 from .capture import BatchCapture, CapturedBatch
+from .kfac_state import check_momentum, check_running_state, load_curvature_state
 from .schedule import Schedule, all_finite, check_fraction, check_schedule, evaluate
 
 CURVATURES = ("kfac", "ekfac", "tkfac")
-STATE = "The KFACOptimizer state dict's"
-CURVATURE_STATE = ("curvature", "steps", "statistics", "bases", "scales", "preconditioner")
-STATISTICS = (
-    "input_factor",
-    "output_factor",
-    "trace",
-    "bias_trace",
-    "trace_input_factor",
-    "trace_output_factor",
-)
 
 
 class KFACOptimizer(torch.optim.Optimizer):
@@ -74,8 +55,10 @@ class KFACOptimizer(torch.optim.Optimizer):
       the averages with the step's damping ``λ``: KFAC ``(G ⊗ A + λI)^-1`` (exact, or
       π-damped with ``factored=True``); EKFAC recomputes its eigenbasis ``Q_G ⊗ Q_A`` and
       restarts ``s`` from KFAC's eigenvalues ``γ α^T`` (its inverse ``(s + λ)^-1`` is rebuilt
-      at every statistics step); TKFAC uses Gao et al.'s damped factors
-      ``(√δ Ψ + √λ I)^-1 ⊗ (√δ Φ + √λ I)^-1``. A separate bias block is ``(G + λI)^-1``.
+      at every statistics step); TKFAC ``(δ Ψ ⊗ Φ + λI)^-1``, or with ``factored=True`` Gao et
+      al.'s damped factors ``(√δ Ψ + √λ I)^-1 ⊗ (√δ Φ + √λ I)^-1``. A separate bias block is
+      ``(G + λI)^-1``. Every damped inverse is the approximation's own
+      (:meth:`~curvops.nn.approximations.KroneckerApproximation.damped_inverse`).
     - the step: ``d = ∇ + w θ`` (``w = weight_decay``), ``p = P d`` with the
       preconditioner ``P`` on the Kronecker layers' parameters and ``p = d`` on every other
       parameter (LayerNorm, BatchNorm, ``nn.MultiheadAttention`` with its ``out_proj``, ...:
@@ -130,13 +113,16 @@ class KFACOptimizer(torch.optim.Optimizer):
         mc_samples: labels drawn per datum for ``"mc"``; the draws of step ``t`` are seeded
             with ``(seed, t)`` (micro-batch ``m`` of an accumulated step: ``(seed, t + m·2²⁰)``).
         kl_clip: ``κ > 0``, or ``None`` for no clipping.
-        factored: KFAC's π-damped inverse instead of the exact damped one.
+        factored: the factored damping instead of the exact damped inverse, for every curvature:
+            KFAC's π-damping, TKFAC's per-factor damping of Gao et al.; EKFAC (whose damped
+            inverse is exact and cheap) refuses it.
         kfac_approx, bias, correction, seed: as for :func:`~curvops.KFAC` / :func:`~curvops.EKFAC`.
 
     Attributes:
         curvature_params: the preconditioned parameters (those of Kronecker layers), in order.
-        layers: per Kronecker layer, its running statistics
-            (:class:`~curvops.nn.kronecker_statistics.KroneckerLayer`).
+        layers: per Kronecker layer, its running statistics, an immutable
+            :class:`~curvops.nn.statistics.LayerStatistics` (replaced at every statistics step;
+            :attr:`~curvops.nn.statistics.LayerStatistics.empty` before the first).
         preconditioner: the current damped inverse, an operator on ``curvature_params``
             (``None`` before the first step).
         steps: the number of steps taken.
@@ -181,15 +167,9 @@ class KFACOptimizer(torch.optim.Optimizer):
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
-        check_choice(curvature, CURVATURES, "curvature")
-        check_choice(fisher_type, FISHER_TYPES, "fisher_type")
-        check_choice(kfac_approx, KFAC_APPROXIMATIONS, "kfac_approx")
-        check_choice(bias, ("separate", "joint"), "bias")
-        check_choice(correction, CORRECTIONS, "correction")
-        if curvature != "kfac" and fisher_type == "forward-only":
-            raise ValueError(
-                f"{curvature.upper()} needs output gradients; fisher_type='forward-only' has none."
-            )
+        self.options = KroneckerOptions.checked(
+            curvature, fisher_type, kfac_approx, bias, mc_samples, seed, correction, CURVATURES, "curvature"
+        )
         if not isinstance(loss_fn, nn.Module):
             raise TypeError(
                 "loss_fn must be the nn.Module loss the training loop calls (e.g. nn.CrossEntropyLoss()): "
@@ -201,17 +181,17 @@ class KFACOptimizer(torch.optim.Optimizer):
         check_positive_int(T_inv, "T_inv")
         if T_inv % T_stats:
             raise ValueError(f"T_inv ({T_inv}) must be a multiple of T_stats ({T_stats}).")
-        check_positive_int(mc_samples, "mc_samples")
         if kl_clip is not None:
             check_positive(kl_clip, "kl_clip")
         check_nonnegative(weight_decay, "weight_decay")
-        check_bool(factored, "factored")
-        check_int(seed, "seed")
+        self.approximation = self.options.approximation
+        self.approximation.check_factored(check_bool(factored, "factored"))
         self._lr, self._damping = check_schedule(lr, "lr"), check_schedule(damping, "damping")
-        if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-        else:
-            params = as_parameter_list(params)
+        params = (
+            [p for p in model.parameters() if p.requires_grad]
+            if params is None
+            else as_parameter_list(params)
+        )
         if any(isinstance(p, dict) for p in params):
             raise TypeError("KFACOptimizer takes one group of parameters, not a list of param-group dicts.")
         defaults = {
@@ -223,35 +203,32 @@ class KFACOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.curvature, self.fisher_type, self.factored = curvature, fisher_type, factored
         self.ema_decay, self.T_stats, self.T_inv, self.kl_clip = float(ema_decay), T_stats, T_inv, kl_clip
-        self.correction = correction
         trainable = [p for p in params if p.requires_grad]  # a frozen one is not trained, as in torch.optim
-        self.layers, _ = find_layers(model, trainable, bias, kfac_approx)
-        if not self.layers:
+        layers, _ = find_layers(model, trainable, bias, kfac_approx)
+        if not layers:
             raise ValueError(
                 "None of the parameters belongs to a layer with a Kronecker rule (nn.Linear, nn.Conv1d, "
-                "nn.Conv2d, nn.Embedding); use a first-order optimizer."
+                "nn.Conv2d, nn.Embedding, or one registered with curvops.nn.layers.register_layer_rule); "
+                "use a first-order optimizer."
             )
-        covered = {id(p) for layer in self.layers for p in (layer.weight, layer.bias) if p is not None}
+        covered = {id(p) for layer in layers for p in (layer.weight, layer.bias) if p is not None}
         self.curvature_params = [p for p in params if id(p) in covered]
         self._layout = Layout(self.curvature_params)
-        loss = LossAdapter(
-            loss_fn, likelihood=fisher_type != "forward-only", what=f"KFACOptimizer({fisher_type!r})"
-        )
-        if fisher_type in ("type-2", "mc"):
-            loss.check_sampling(f"KFACOptimizer({fisher_type!r})")
         first = self.curvature_params[0]
-        self._batch_layers = [
-            KroneckerLayer(la.name, la.module, la.weight, la.bias, la.joint) for la in self.layers
-        ]
-        self._sums = KroneckerSums(
-            self._batch_layers, fisher_type, kfac_approx, mc_samples, first.dtype, first.device
-        )
+        self._device, self._dtype = first.device, computation_dtype(first.dtype)
+        self.layers = [LayerStatistics(layer) for layer in layers]
         self._capture = BatchCapture(
-            model, loss_fn, loss, self._batch_layers, fisher_type, mc_samples,
-            active=lambda: self.steps % self.T_stats == 0, draw=lambda: (seed, self.steps),
-        )  # fmt: skip
+            model,
+            loss_fn,
+            self.options.loss(loss_fn, f"KFACOptimizer({fisher_type!r})"),
+            layers,
+            self.options.fisher,
+            mc_samples,
+            active=lambda: self.steps % self.T_stats == 0,
+            draw=lambda: (seed, self.steps),
+        )
         self.steps = 0
-        self.bases: dict[str, tuple[Tensor, Tensor | None, Tensor]] = {}
+        self.bases: dict[str, Basis] = {}
         self.scales: dict[str, list[Tensor | None]] = {}
         self.preconditioner: CurvatureOperator | None = None
 
@@ -264,11 +241,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         Raises ``RuntimeError`` before the first statistics update.
         """
         self._require_statistics()
-        if self.curvature == "ekfac":
-            blocks = [corrected_blocks(la, self.bases[la.name], self.scales[la.name]) for la in self.layers]
-        else:
-            blocks = [kronecker_blocks(la, self.curvature) for la in self.layers]
-        return self._assemble(blocks)
+        return self._assemble(self._blocks())
 
     def remove_hooks(self) -> None:
         """Remove the hooks on the model and the loss (the optimizer can no longer step)."""
@@ -331,7 +304,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         state["curvature"] = {
             "curvature": self.curvature,
             "steps": self.steps,
-            "statistics": {la.name: self._statistics(la) for la in self.layers},
+            "statistics": {s.layer.name: s.tensors() for s in self.layers},
             "bases": {name: list(basis) for name, basis in self.bases.items()},
             "scales": {name: list(scale) for name, scale in self.scales.items()},
             "preconditioner": None if self.preconditioner is None else self.preconditioner.state_dict(),
@@ -342,143 +315,71 @@ class KFACOptimizer(torch.optim.Optimizer):
         """Restore :meth:`state_dict`; raises :class:`~curvops.errors.StateDictError`, before
         changing anything, when it belongs to other layers, shapes or curvature (naming the key)."""
         state = dict(state_dict)
-        extra = state.pop("curvature", None)
-        if not isinstance(extra, dict):
-            raise StateDictError("Not a KFACOptimizer state dict: it has no 'curvature' entry.")
-        missing = [key for key in CURVATURE_STATE if key not in extra]
-        if missing:
-            raise StateDictError(f"{STATE} 'curvature' entry has no {missing} keys.")
-        for kind in ("statistics", "bases", "scales"):
-            if not isinstance(extra[kind], dict):
-                raise StateDictError(f"{STATE} ['curvature'][{kind!r}] must be a dict, got {extra[kind]!r}.")
-        if extra["curvature"] != self.curvature:
-            raise StateDictError(
-                f"The state dict holds {str(extra.get('curvature')).upper()} statistics; this optimizer "
-                f"uses {self.curvature.upper()}."
-            )
-        names = {la.name for la in self.layers}
-        stored = set(extra["statistics"])
-        if stored != names:
-            raise StateDictError(
-                f"The state dict's layers {sorted(stored)} differ from the optimizer's {sorted(names)}."
-            )
-        steps = extra["steps"]
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise StateDictError(f"{STATE} ['curvature']['steps'] must be an integer >= 0, got {steps!r}.")
-        self._check_running_state(extra)
-        self._check_momentum(state)
-        preconditioner = None
-        if extra["preconditioner"] is not None:
-            preconditioner = from_state_dict(extra["preconditioner"], device=self._sums.device)
-            if preconditioner.shape != (self._layout.size, self._layout.size):
-                raise StateDictError(
-                    f"The stored preconditioner is {tuple(preconditioner.shape)}; the optimizer's "
-                    f"parameters need {(self._layout.size, self._layout.size)}."
-                )
+        layers = [s.layer for s in self.layers]
+        extra = check_running_state(state.pop("curvature", None), self.curvature, layers)
+        check_momentum(state, self.param_groups[0]["params"])
+        loaded = load_curvature_state(extra, layers, self._layout.size, self._device, self._dtype)
         state["state"] = copy.deepcopy(state.get("state", {}))  # momentum buffers of its own: no aliasing
         super().load_state_dict(state)
-        place_ = {"device": self._sums.device, "dtype": self._sums.dtype}
-        for la in self.layers:
-            for name, value in extra["statistics"][la.name].items():
-                setattr(la, name, value.to(**place_))
-        self.bases = {
-            n: tuple(None if q is None else q.to(**place_) for q in b) for n, b in extra["bases"].items()
-        }
-        self.scales = {
-            n: [None if s is None else s.to(**place_) for s in v] for n, v in extra["scales"].items()
-        }
-        self.preconditioner = preconditioner
+        self.layers, self.bases, self.scales, self.preconditioner = loaded
         self.steps = int(extra["steps"])
 
     # ------------------------------------------------------------------ internals
-    def _check_running_state(self, extra: dict[str, Any]) -> None:
-        """Raise unless every stored statistic, basis and eigenvalue tensor has the shape this
-        optimizer's layers give it."""
-        for kind in ("bases", "scales"):
-            if set(extra[kind]) - {la.name for la in self.layers}:
-                raise StateDictError(
-                    f"{STATE} ['curvature'][{kind!r}] names layers {sorted(extra[kind])}; the optimizer has "
-                    f"{[la.name for la in self.layers]}."
-                )
-        for layer in self.layers:
-            self._check_layer_state(layer, extra)
-
-    def _check_layer_state(self, layer: KroneckerLayer, extra: dict[str, Any]) -> None:
-        expected = _running_shapes(layer, self.curvature)
-        statistics, key = extra["statistics"][layer.name], f"['statistics'][{layer.name!r}]"
-        if not isinstance(statistics, dict):
-            raise StateDictError(f"{STATE} ['curvature']{key} must be a dict of tensors, got {statistics!r}.")
-        if set(statistics) not in (set(), set(expected["statistics"])):
-            raise StateDictError(
-                f"{STATE} ['curvature']{key} holds {sorted(statistics)}; {self.curvature.upper()} needs "
-                f"{sorted(expected['statistics'])}."
-            )
-        for name, value in statistics.items():
-            _check_tensor(f"{key}[{name!r}]", value, expected["statistics"][name])
-        for kind in ("bases", "scales"):
-            if layer.name in extra[kind]:
-                stored, shapes, key = extra[kind][layer.name], expected[kind], f"[{kind!r}][{layer.name!r}]"
-                if not isinstance(stored, (list, tuple)) or len(stored) != len(shapes):
-                    raise StateDictError(
-                        f"{STATE} ['curvature']{key} must be a list of {len(shapes)} entries, got {stored!r}."
-                    )
-                for i, (value, shape) in enumerate(zip(stored, shapes, strict=True)):
-                    _check_tensor(f"{key}[{i}]", value, shape)
-
-    def _check_momentum(self, state: dict[str, Any]) -> None:
-        """Raise unless every stored momentum buffer has its parameter's shape."""
-        params = self.param_groups[0]["params"]
-        for index, entry in state.get("state", {}).items():
-            buffer = entry.get("momentum_buffer") if isinstance(entry, dict) else None
-            if buffer is not None and isinstance(index, int) and 0 <= index < len(params):
-                key = f"['state'][{index}]['momentum_buffer']"
-                if not isinstance(buffer, Tensor) or buffer.shape != params[index].shape:
-                    raise StateDictError(
-                        f"{STATE} {key} is {_describe(buffer)}; parameter {index} "
-                        f"has shape {list(params[index].shape)}."
-                    )
-
-    def _statistics(self, layer: KroneckerLayer) -> dict[str, Tensor]:
-        return {name: getattr(layer, name) for name in STATISTICS if getattr(layer, name) is not None}
-
     def _require_statistics(self) -> None:
-        if self.layers[0].input_factor is None:
+        if self.layers[0].empty:
             raise RuntimeError("No curvature statistics yet: take a training step first.")
 
+    def _blocks(self) -> list[list[CurvatureOperator]]:
+        """Each layer's blocks from the running state."""
+        approximation = self.approximation
+        if approximation.corrected:
+            return [
+                approximation.corrected_blocks(
+                    s.layer, self.bases[s.layer.name], Corrections(*self.scales[s.layer.name])
+                )
+                for s in self.layers
+            ]
+        return [approximation.kronecker_blocks(s) for s in self.layers]
+
     def _assemble(self, blocks: list[list[CurvatureOperator]]) -> CurvatureOperator:
-        device = self._sums.device
         entries = [
-            e for la, b in zip(self.layers, blocks, strict=True) for e in place(la, b, self._layout, device)
+            entry
+            for s, layer_blocks in zip(self.layers, blocks, strict=True)
+            for entry in self._layout.place(s.layer, layer_blocks, self._device)
         ]
-        return assemble(
-            sorted(entries, key=lambda entry: int(entry[2].min())), self.curvature_params[0].dtype
-        )
+        return assemble(entries, self.curvature_params[0].dtype)
 
     def _update(self, batches: list[CapturedBatch], damping: float) -> None:
         """Fold the step's micro-batches into the running statistics and rebuild what depends on them."""
         if not self._average(batches):
             return
         rebuild = self.steps % self.T_inv == 0 or self.preconditioner is None
-        if self.curvature == "ekfac":
+        if self.approximation.corrected:
             if rebuild:
                 self._new_eigenbases()
             self._correct(batches)
             rebuild = True
         if rebuild:
-            self._rebuild(damping)
+            damped = [
+                [self.approximation.damped_inverse(block, damping, self.factored) for block in layer_blocks]
+                for layer_blocks in self._blocks()
+            ]
+            self.preconditioner = self._assemble(damped)
 
     def _average(self, batches: list[CapturedBatch]) -> bool:
         """``S ← β S + (1 - β) S_step`` for every statistic; ``False`` (and a warning) when the
         step's statistics are unusable, which leaves the averages untouched."""
-        self._sums.reset(trace_restricted=self.curvature == "tkfac")
-        layers = self._batch_layers
+        options, fisher = self.options, self.options.fisher
+        step = [LayerStatistics(s.layer) for s in self.layers]
         for batch in batches:
-            for layer, inputs, gradients in zip(layers, batch.inputs, batch.gradients, strict=True):
-                self._sums.add(layer, inputs, gradients, batch.weight)
-        usable = self._usable_statistics()
-        if usable:
-            self._sums.finish(1.0)  # the weights w_k = c_k / Z_k hold the normalisation
-            usable = self._usable_statistics()
+            for i, (inputs, gradients) in enumerate(zip(batch.inputs, batch.gradients, strict=True)):
+                step[i] = step[i] + batch_statistics(
+                    step[i].layer, inputs, gradients, options, self._dtype, batch.weight
+                )
+        usable = all(s.usable() for s in step)
+        if usable:  # the weights w_k = c_k / Z_k hold the normalisation
+            step = [fisher.finished(s.normalised(fisher.scale(1.0, options.mc_samples))) for s in step]
+            usable = all(s.usable() for s in step)
         if not usable:
             warnings.warn(
                 f"KFACOptimizer step {self.steps}: non-finite curvature statistics (or TKFAC's δ = 0); "
@@ -487,64 +388,34 @@ class KFACOptimizer(torch.optim.Optimizer):
                 stacklevel=3,
             )
             return False
-        fresh = [self._statistics(layer) for layer in self._batch_layers]
-        for layer, values in zip(self.layers, fresh, strict=True):
-            for name, value in values.items():
-                old = getattr(layer, name)
-                setattr(layer, name, value if old is None else torch.lerp(value, old, self.ema_decay))
+        self.layers = [old.average(new, self.ema_decay) for old, new in zip(self.layers, step, strict=True)]
         return True
 
-    def _usable_statistics(self) -> bool:
-        """Whether the step's statistics are finite and every TKFAC ``δ`` is positive."""
-        values = [value for layer in self._batch_layers for value in self._statistics(layer).values()]
-        traces = [layer.trace for layer in self._batch_layers if layer.trace is not None]
-        return all_finite(values) and (not traces or bool((torch.stack(traces) > 0).all()))
-
     def _new_eigenbases(self) -> None:
-        """EKFAC: the eigenbasis of the running ``G ⊗ A``, with ``s`` restarted from ``γ α^T``."""
-        for layer in self.layers:
-            basis, (gamma, alpha, bias) = eigenbasis(layer, "ekfac")
-            weight = torch.outer(alpha, gamma) if layer.embedding else torch.outer(gamma, alpha)
-            self.bases[layer.name] = basis
-            self.scales[layer.name] = [
-                weight if layer.weight is not None else None,
-                bias if layer.bias is not None and not layer.joint else None,
-            ]
+        """EKFAC: the eigenbasis of the running ``G ⊗ A``, with ``s`` restarted from its eigenvalues."""
+        for s in self.layers:
+            self.bases[s.layer.name], self.scales[s.layer.name] = self.approximation.eigenbasis(s)
 
     def _correct(self, batches: list[CapturedBatch]) -> None:
         """EKFAC: the step's eigenvalues in the current basis, ``Σ_k w_k s_k``, enter the running ``s``."""
-        scale = self._sums.scale(1.0)
-        for index, layer in enumerate(self._batch_layers):
-            basis = self.bases[layer.name]
-            weighted = [
-                [None if part is None else batch.weight * part for part in self._sums.correction(
-                    layer, batch.inputs[index], batch.gradients[index], basis, self.correction)]
-                for batch in batches
-            ]  # fmt: skip
-            running = self.scales[layer.name]
-            for i, parts in enumerate(zip(*weighted, strict=True)):
-                if parts[0] is not None:
-                    running[i] = torch.lerp(sum(parts) / scale, running[i], self.ema_decay)
-
-    def _rebuild(self, damping: float) -> None:
-        if self.curvature == "tkfac":
-            self.preconditioner = self._assemble([self._tkfac_inverse(la, damping) for la in self.layers])
-        else:
-            self.preconditioner = self.curvature_operator().inverse(damping, factored=self.factored)
-
-    def _tkfac_inverse(self, layer: KroneckerLayer, damping: float) -> list[CurvatureOperator]:
-        """Gao et al.'s damped inverse ``(√δ Ψ + √λ I)^-1 ⊗ (√δ Φ + √λ I)^-1`` (and a separate
-        bias's ``(G + λI)^-1``, ``G`` scaled to the bias block's trace)."""
-        blocks = []
-        if layer.weight is not None:
-            root, scale = math.sqrt(damping), layer.trace.sqrt()
-            phi = _damped_inverse(scale * layer.trace_input_factor, root)
-            psi = _damped_inverse(scale * layer.trace_output_factor, root)
-            blocks.append(Kronecker(*((phi, psi) if layer.embedding else (psi, phi))))
-        if layer.bias is not None and not layer.joint:
-            g = layer.output_factor
-            blocks.append(Dense(g * (layer.bias_trace / g.trace())).inverse(damping))
-        return blocks
+        scale = self.options.fisher.scale(1.0, self.options.mc_samples)
+        for index, s in enumerate(self.layers):
+            name = s.layer.name
+            step = Corrections()
+            for batch in batches:
+                parts = batch_corrections(
+                    s.layer,
+                    batch.inputs[index],
+                    batch.gradients[index],
+                    self.bases[name],
+                    self.options.correction,
+                )
+                step = step + parts * batch.weight
+            step = step / scale
+            running = self.scales[name]
+            for i, new in enumerate((step.weight, step.bias)):
+                if new is not None:
+                    running[i] = torch.lerp(new, running[i], self.ema_decay)
 
     def _apply(self, group: dict[str, Any], lr: float) -> None:
         """``p = P d`` on the Kronecker parameters, ``p = d`` elsewhere; KL clipping; momentum."""
@@ -554,8 +425,12 @@ class KFACOptimizer(torch.optim.Optimizer):
             if p.grad is not None
         }
         steps = dict(directions)
-        flat = torch.cat([directions[id(p)].reshape(-1) if id(p) in directions else p.new_zeros(p.numel())
-                          for p in self.curvature_params])  # fmt: skip
+        flat = torch.cat(
+            [
+                directions[id(p)].reshape(-1) if id(p) in directions else p.new_zeros(p.numel())
+                for p in self.curvature_params
+            ]
+        )
         preconditioned = self.preconditioner @ flat
         offset = 0
         for p in self.curvature_params:
@@ -577,53 +452,3 @@ class KFACOptimizer(torch.optim.Optimizer):
                 update = update if buffer is None else buffer.mul_(momentum).add_(update)
                 state["momentum_buffer"] = update
             p.add_(update)
-
-
-def _running_shapes(layer: KroneckerLayer, curvature: str) -> dict[str, Any]:
-    """The shapes of a layer's running state: ``"statistics"`` by name (those of
-    :attr:`KFACOptimizer.layers`), and EKFAC's ``"bases"`` ``(Q_out, Q_in, Q_bias)`` and
-    ``"scales"`` ``(s_weight, s_bias)`` (``None`` where the layer has no such entry)."""
-    weight = layer.module.weight
-    if layer.embedding:
-        n_in, n_out = weight.shape
-    else:
-        n_in, n_out = weight[0].numel() + layer.joint, weight.shape[0]
-    input_shape = (n_in,) if layer.embedding else (n_in, n_in)
-    output_shape = (n_out, n_out)
-    statistics = {"input_factor": input_shape, "output_factor": output_shape}
-    if curvature == "tkfac":
-        statistics.update(trace=(), trace_input_factor=input_shape, trace_output_factor=output_shape)
-        if layer.bias is not None and not layer.joint:
-            statistics["bias_trace"] = ()
-    separate_bias = (n_out,) if layer.bias is not None and not layer.joint else None
-    weight_scale = None if layer.weight is None else ((n_in, n_out) if layer.embedding else (n_out, n_in))
-    return {
-        "statistics": statistics,
-        "bases": (output_shape, None if layer.embedding else input_shape, output_shape),
-        "scales": (weight_scale, separate_bias),
-    }
-
-
-def _describe(value: Any) -> str:
-    return f"a tensor of shape {list(value.shape)}" if isinstance(value, Tensor) else repr(value)
-
-
-def _check_tensor(key: str, value: Any, shape: tuple[int, ...] | None) -> None:
-    """Raise :class:`StateDictError` naming ``['curvature']`` ``key`` unless ``value`` is a tensor of
-    ``shape`` (or ``None`` where the shape is ``None``)."""
-    if shape is None and value is None:
-        return
-    if shape is None or not isinstance(value, Tensor) or tuple(value.shape) != tuple(shape):
-        wanted = "None" if shape is None else f"a tensor of shape {list(shape)}"
-        raise StateDictError(
-            f"{STATE} ['curvature']{key} is {_describe(value)}; this optimizer needs {wanted}."
-        )
-
-
-def _damped_inverse(factor: Tensor, damping: float) -> Tensor:
-    """``(F + λI)^-1`` of one Kronecker factor as a tensor (1-D for a diagonal factor), from
-    the operator's exact damped inverse."""
-    if factor.ndim == 1:
-        return Diagonal(factor).inverse(damping).diagonal()
-    inverse = Dense(factor).inverse(damping).to_dense()
-    return 0.5 * (inverse + inverse.T)

@@ -1,0 +1,151 @@
+"""The Kronecker approximations as objects: KFAC, EKFAC, TKFAC and TEKFAC.
+
+Each knows which statistics it needs (TKFAC's trace terms; a second, correcting pass for
+EKFAC and TEKFAC), how it makes a layer's blocks from them and how it damps them:
+
+| approximation | weight block | separate bias block |
+| --- | --- | --- |
+| KFAC | ``G ⊗ A`` (``A ⊗ G`` for a transposed rule) | ``G`` |
+| TKFAC | ``δ Ψ ⊗ Φ`` | ``G · tr(bias block) / tr G`` |
+| EKFAC, TEKFAC | ``(Q_out ⊗ Q_in) diag(s) (Q_out ⊗ Q_in)^T``, KFAC's / TKFAC's basis | ``Q diag(s) Q^T`` |
+
+Damping (:meth:`KroneckerApproximation.damped_inverse`): exact ``(B + λI)^-1`` unless
+``factored``, which is KFAC's π-damping ``(G + π√λ I)^-1 ⊗ (A + √λ/π I)^-1`` with
+``π² = (tr G / n_out) / (tr A / n_in)`` (Martens & Grosse 2015), and TKFAC's
+``(√δ Ψ + √λ I)^-1 ⊗ (√δ Φ + √λ I)^-1`` (Gao et al. 2021: the same with unnormalised traces).
+EKFAC's eigenvalues are explicit, so it has no factored form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from ..linalg import CurvatureOperator, Dense, Kronecker, KroneckerEigen
+from .fisher import FisherType
+from .layers.rule import KroneckerLayer
+from .statistics import Corrections, LayerStatistics
+
+Basis = tuple[Tensor, Tensor | None, Tensor]
+"""A layer's eigenbasis ``(Q_out, Q_in, Q_bias)`` (``Q_in`` is ``None`` for a diagonal input
+factor: the identity)."""
+
+
+@dataclass(frozen=True)
+class KroneckerApproximation:
+    """One Kronecker approximation (see the module docstring).
+
+    Attributes:
+        name: ``"kfac"``, ``"ekfac"``, ``"tkfac"`` or ``"tekfac"``.
+        trace_restricted: TKFAC's factors ``δ Ψ ⊗ Φ`` instead of ``G ⊗ A``.
+        corrected: EKFAC's eigenvalues ``s``, measured in a second pass, in the factors' eigenbasis.
+    """
+
+    name: str
+    trace_restricted: bool
+    corrected: bool
+
+    def __repr__(self) -> str:
+        return self.label
+
+    @property
+    def label(self) -> str:
+        """The name in capitals, for messages."""
+        return self.name.upper()
+
+    def check(self, fisher: FisherType) -> None:
+        """Raise unless ``fisher`` gives what the approximation needs (output gradients, except KFAC)."""
+        if (self.corrected or self.trace_restricted) and not fisher.backward:
+            raise ValueError(f"{self.label} needs output gradients; fisher_type={fisher.name!r} has none.")
+
+    def check_factored(self, factored: bool) -> None:
+        """Raise if ``factored`` damping is asked of an approximation without factors to damp."""
+        if factored and self.corrected:
+            raise ValueError(
+                f"{self.label} has no factored damping: its eigenvalues are explicit, so its damped "
+                "inverse (s + λ)^-1 is exact and cheap. Use factored=False."
+            )
+
+    def factors(self, statistics: LayerStatistics) -> tuple[Tensor, Tensor, Tensor]:
+        """``(output, input, bias)`` factors: KFAC's ``(G, A, G)``, TKFAC's ``(δΨ, Φ, scaled G)``."""
+        s = statistics
+        if not self.trace_restricted:
+            return s.output_factor, s.input_factor, s.output_factor
+        g = s.output_factor
+        bias = g if s.bias_trace is None else g * (s.bias_trace / g.trace())
+        return s.trace * s.trace_output_factor, s.trace_input_factor, bias
+
+    def kronecker_blocks(self, statistics: LayerStatistics) -> list[CurvatureOperator]:
+        """The uncorrected blocks of a layer: its weight's (with a joint bias), then a separate bias's."""
+        layer = statistics.layer
+        output, input, bias = self.factors(statistics)
+        blocks: list[CurvatureOperator] = []
+        if layer.weight is not None:
+            blocks.append(Kronecker(*layer.kronecker_order(output, input)))
+        if layer.separate_bias:
+            blocks.append(Dense(bias))
+        return blocks
+
+    def eigenbasis(self, statistics: LayerStatistics) -> tuple[Basis, list[Tensor | None]]:
+        """The eigenbasis of the uncorrected blocks and their own eigenvalues there, ``[s_weight,
+        s_bias]`` (``None`` for a block the layer does not have): where EKFAC starts."""
+        layer = statistics.layer
+        output, input, bias = self.factors(statistics)
+        weight = Kronecker(*layer.kronecker_order(output, input))
+        decompositions = weight.eigendecompositions()
+        e_out, q_out = decompositions[1 if layer.rule.transposed else 0]
+        q_in = None if layer.rule.transposed else decompositions[1][1]
+        e_bias, q_bias = Kronecker(bias).eigendecompositions()[0] if self.trace_restricted else (e_out, q_out)
+        scales = [
+            weight.eigen().spectrum if layer.weight is not None else None,
+            e_bias if layer.separate_bias else None,
+        ]
+        return (q_out, q_in, q_bias), scales
+
+    def corrected_blocks(
+        self, layer: KroneckerLayer, basis: Basis, corrections: Corrections
+    ) -> list[CurvatureOperator]:
+        """EKFAC's blocks: ``KroneckerEigen`` in ``basis`` with the corrected eigenvalues."""
+        q_out, q_in, q_bias = basis
+        blocks: list[CurvatureOperator] = []
+        if corrections.weight is not None:
+            bases = [None, q_out] if layer.rule.transposed else [q_out, q_in]
+            blocks.append(KroneckerEigen(bases, corrections.weight))
+        if corrections.bias is not None:
+            blocks.append(KroneckerEigen([q_bias], corrections.bias))
+        return blocks
+
+    def damped_inverse(self, block: CurvatureOperator, damping: float, factored: bool) -> CurvatureOperator:
+        """``(B + λI)^-1`` of one of the approximation's blocks, or its factored form."""
+        if factored and isinstance(block, Kronecker) and len(block.factors) > 1:
+            balance = "trace" if self.trace_restricted else "mean"
+            return block.factor_inverse(block.pi_dampings(damping, balance=balance))
+        return block.inverse(damping)
+
+
+KFAC_APPROXIMATION = KroneckerApproximation("kfac", trace_restricted=False, corrected=False)
+EKFAC_APPROXIMATION = KroneckerApproximation("ekfac", trace_restricted=False, corrected=True)
+TKFAC_APPROXIMATION = KroneckerApproximation("tkfac", trace_restricted=True, corrected=False)
+TEKFAC_APPROXIMATION = KroneckerApproximation("tekfac", trace_restricted=True, corrected=True)
+
+APPROXIMATIONS = {
+    a.name: a for a in (KFAC_APPROXIMATION, EKFAC_APPROXIMATION, TKFAC_APPROXIMATION, TEKFAC_APPROXIMATION)
+}
+"""Every Kronecker approximation by name."""
+
+KRONECKER_APPROXIMATIONS = tuple(APPROXIMATIONS)
+
+
+def approximation(
+    name: str, allowed: tuple[str, ...] = KRONECKER_APPROXIMATIONS, what: str = "Kronecker approximation"
+) -> KroneckerApproximation:
+    """The approximation called ``name``, one of ``allowed``.
+
+    Example:
+        >>> approximation("tekfac").corrected
+        True
+    """
+    if not isinstance(name, str) or name not in allowed:
+        raise ValueError(f"Unknown {what} {name!r}; choose one of {allowed}.")
+    return APPROXIMATIONS[name]

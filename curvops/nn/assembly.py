@@ -1,0 +1,76 @@
+"""Where each block of a block-diagonal curvature lies in the flat parameter vector, and
+putting the blocks together as one operator."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..linalg import BlockDiagonal, Cast, CurvatureOperator, Permuted
+from .layers.rule import KroneckerLayer
+
+Entry = tuple[str, CurvatureOperator, Tensor]
+"""``(label, block, flat indices)``."""
+
+
+class Layout:
+    """Where each parameter's entries sit in the flat parameter vector."""
+
+    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        self.offsets, start = {}, 0
+        for p in params:
+            self.offsets[id(p)] = start
+            start += p.numel()
+        self.size = start
+
+    def indices(self, p: nn.Parameter, device: torch.device) -> Tensor:
+        """The flat indices of ``p``'s entries."""
+        return self.offsets[id(p)] + torch.arange(p.numel(), device=device)
+
+    def joint(self, weight: nn.Parameter, bias: nn.Parameter, device: torch.device) -> Tensor:
+        """``vec([W b])`` order: each output row's weights, then its bias."""
+        rows = self.indices(weight, device).reshape(weight.shape[0], -1)
+        return torch.cat([rows, self.indices(bias, device).unsqueeze(1)], dim=1).flatten()
+
+    def place(
+        self, layer: KroneckerLayer, blocks: list[CurvatureOperator], device: torch.device
+    ) -> list[Entry]:
+        """The entries of a layer's blocks (weight, or weight+bias if joint; then a separate bias)."""
+        name = layer.name or type(layer.module).__name__
+        if layer.joint:
+            return [(name, blocks[0], self.joint(layer.weight, layer.bias, device))]
+        params = [(kind, p) for kind, p in (("weight", layer.weight), ("bias", layer.bias)) if p is not None]
+        return [
+            (f"{name}.{kind}", block, self.indices(p, device))
+            for (kind, p), block in zip(params, blocks, strict=True)
+        ]
+
+
+def assemble(entries: list[Entry], dtype: torch.dtype | None = None) -> CurvatureOperator:
+    """``(label, block, flat indices)`` entries as one operator on the flat parameter vector,
+    in the order of their first index.
+
+    A block whose indices are a contiguous range (a layer's weight and bias next to each
+    other in ``params``) is permuted within that range, so the result is a labelled
+    ``BlockDiagonal``; otherwise the whole block-diagonal is permuted at once. With ``dtype``
+    (the model's) every block of another dtype (float32 statistics of a bf16 model) becomes a
+    :class:`~curvops.linalg.Cast` to it: the precision policy.
+    """
+    entries = sorted(entries, key=lambda entry: int(entry[2].min()))
+    if dtype is not None:
+        entries = [
+            (label, block if block.dtype == dtype else Cast(block, dtype), where)
+            for label, block, where in entries
+        ]
+    labels = [label for label, _, _ in entries]
+    local = []
+    for _, block, where in entries:
+        start = int(where.min())
+        if int(where.max()) - start + 1 != where.numel():  # the indices are distinct: not a range
+            permutation = torch.cat([where for _, _, where in entries])
+            return Permuted(BlockDiagonal([block for _, block, _ in entries], labels), permutation)
+        in_order = bool((where[1:] > where[:-1]).all())
+        local.append(block if in_order else Permuted(block, where - start))
+    return BlockDiagonal(local, labels)

@@ -1,0 +1,200 @@
+"""Kronecker statistics from passes over a data set, with module hooks.
+
+Every pass runs the model with forward hooks on the layers (what each keeps:
+:meth:`~curvops.nn.layers.rule.LayerRule.captured_input` and the layer output), backpropagates
+the Fisher type's output-space columns to the layer outputs in one batched backward pass, and
+hands each layer's inputs and output gradients to its rule. The per-batch functions here are
+shared with :class:`~curvops.optim.KFACOptimizer`, which sees the batches of a training loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..linalg.composite import computation_dtype
+from .approximations import Basis
+from .layers.rule import KroneckerLayer
+from .losses import LossAdapter
+from .model import ModelData, fixed_forward, is_empty
+from .options import KroneckerOptions
+from .statistics import Corrections, LayerStatistics
+
+
+def check_single_call(layer: KroneckerLayer, calls: int) -> None:
+    """Raise unless the layer's module ran exactly once in the forward pass."""
+    if calls == 0:
+        raise ValueError(
+            f"Module {layer.name!r} did not run in the forward pass, though its parameters are in params: "
+            "its weight is used without calling the module (as nn.MultiheadAttention does with out_proj), "
+            "or the module is unused. KFAC needs one call per layer; leave its parameters out of params."
+        )
+    if calls != 1:
+        raise ValueError(
+            f"Module {layer.name!r} ran {calls} times in one forward pass (weight tying or "
+            "reuse); KFAC needs one call per layer. Leave its parameters out of params."
+        )
+
+
+def output_gradients(
+    layers: list[KroneckerLayer], output: Tensor, layer_outputs: list[Tensor], columns: Tensor
+) -> list[Tensor]:
+    """Backpropagate the ``[K, *output.shape]`` columns to the layer outputs, as ``[K, N, S, n_out]``.
+
+    The graph is kept (``retain_graph``), so the caller's own backward pass can still run.
+    """
+    if len(columns) == 1:  # one column: a plain backward pass, no vmap
+        single = torch.autograd.grad(
+            output, layer_outputs, grad_outputs=columns[0], materialize_grads=True, retain_graph=True
+        )
+        gradients = [gradient.unsqueeze(0) for gradient in single]
+    else:
+        gradients = torch.autograd.grad(
+            output,
+            layer_outputs,
+            grad_outputs=columns,
+            is_grads_batched=True,
+            materialize_grads=True,
+            retain_graph=True,
+        )
+    return [layer.rule.output_gradients(layer.module, g) for layer, g in zip(layers, gradients, strict=True)]
+
+
+def batch_statistics(
+    layer: KroneckerLayer,
+    inputs: Tensor,
+    gradients: Tensor | None,
+    options: KroneckerOptions,
+    dtype: torch.dtype,
+    weight: float = 1.0,
+) -> LayerStatistics:
+    """One batch's sums of a layer (:meth:`~curvops.nn.layers.rule.LayerRule.statistics`), each of
+    its terms times ``weight`` (``A`` becomes the weighted mean of its inputs' ``a a^T``), in ``dtype``."""
+    gradients = None if gradients is None else gradients.to(dtype)
+    if gradients is not None and weight != 1.0:
+        gradients = gradients * math.sqrt(weight)  # every gradient statistic is quadratic in g
+    trace_restricted = options.approximation.trace_restricted
+    return layer.rule.statistics(
+        layer, inputs, gradients, weight, options.kfac_approx, trace_restricted, dtype
+    )
+
+
+def batch_corrections(
+    layer: KroneckerLayer, inputs: Tensor, gradients: Tensor, basis: Basis, correction: str
+) -> Corrections:
+    """One batch's sums ``Σ_{n,c} ((Q_out ⊗ Q_in)^T vec(∇_W ℓ_nc))²`` (and a separate bias's) in
+    ``basis`` (:meth:`~curvops.nn.approximations.KroneckerApproximation.eigenbasis`)."""
+    q_out, q_in, q_bias = basis
+    gradients = gradients.to(q_out.dtype)
+    weight = bias = None
+    if layer.weight is not None:
+        weight = layer.rule.correction(layer, inputs, gradients @ q_out, q_in, correction)
+    if layer.separate_bias:
+        bias = (gradients.sum(dim=2) @ q_bias).square().sum(dim=(0, 1))
+    return Corrections(weight, bias)
+
+
+class KroneckerPass:
+    """Passes over a data set that collect every layer's statistics, and EKFAC's corrections.
+
+    Args:
+        model: the model and data (:class:`~curvops.nn.model.ModelData`).
+        loss: the loss (:class:`~curvops.nn.losses.LossAdapter`).
+        layers: the layers to collect for.
+        options: the checked options (Fisher type, ``kfac_approx``, samples, seed, ...).
+    """
+
+    def __init__(
+        self, model: ModelData, loss: LossAdapter, layers: list[KroneckerLayer], options: KroneckerOptions
+    ) -> None:
+        self.model, self.loss, self.layers, self.options = model, loss, layers, options
+        self.dtype = computation_dtype(model.dtype)
+
+    def statistics(self) -> list[LayerStatistics]:
+        """One pass: every layer's normalised statistics (TKFAC's terms if the approximation needs them)."""
+        totals = [LayerStatistics(layer) for layer in self.layers]
+
+        def consume(i: int, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None) -> None:
+            totals[i] = totals[i] + batch_statistics(layer, inputs, gradients, self.options, self.dtype)
+
+        scale = self._pass("KFAC statistics", consume)
+        fisher = self.options.fisher
+        return [fisher.finished(total.normalised(scale)) for total in totals]
+
+    def corrections(self, bases: list[Basis]) -> list[Corrections]:
+        """EKFAC's eigenvalues ``s = E[(Q_out^T ∇_W ℓ_n Q_in)²]`` in each layer's eigenbasis.
+
+        One more pass over the data. ``∇_W ℓ_n = Σ_s g_ns a_ns^T`` is each datum's (and
+        output-space column's) gradient, summed over positions whatever ``kfac_approx`` is,
+        so ``s`` is exactly the diagonal of the true block in the basis ``Q_out ⊗ Q_in``.
+        ``correction`` (an option) picks per-example gradients or position Gramians
+        (:func:`~curvops.nn.layers.rule.correction_strategy`).
+        """
+        sums = [Corrections() for _ in self.layers]
+
+        def consume(i: int, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None) -> None:
+            if gradients is not None:  # a batch without loss terms adds nothing to the corrections
+                sums[i] = sums[i] + batch_corrections(
+                    layer, inputs, gradients, bases[i], self.options.correction
+                )
+
+        any_order = not self.options.fisher.sampled  # the labels must be those of the first pass
+        scale = self._pass("EKFAC eigenvalue correction", consume, any_order)
+        return [total / scale for total in sums]
+
+    def _pass(self, description: str, consume: Callable, any_order: bool = True) -> float:
+        """One pass over the data; ``consume(i, layer, inputs, gradients)`` per layer and batch.
+
+        Each batch's count of loss terms comes from its own targets; a batch without any (every
+        target ignored) still adds its inputs to ``A``, as its rows do within a larger batch, and
+        hands ``consume`` no gradients (``None``). ``any_order``: the pass's sums do not depend on
+        the order of the batches (not so for ``"mc"`` labels, drawn per batch index, once a pass
+        must match an earlier one). Returns the scale ``G``'s sums are divided by.
+        """
+        total = 0.0
+        for index, inputs, targets in self.model.batches(description, any_order=any_order):
+            if is_empty(inputs):  # no rows: nothing to add
+                continue
+            count = self.loss.count(targets)
+            total += count
+            for i, (layer, layer_input, gradients) in enumerate(self._batch(index, inputs, targets, count)):
+                consume(i, layer, layer_input, gradients)
+        if total == 0:
+            raise ValueError("The data has no loss terms (every target is ignored).")
+        return self.options.fisher.scale(self.loss.batch_scale(total), self.options.mc_samples)
+
+    def _batch(self, index: int, inputs, targets: Tensor, count: float) -> list[tuple]:
+        """``(layer, its input, its output gradients [K, N, S, n_out] or None)`` for one batch."""
+        captured: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer.module): [] for layer in self.layers}
+        rules = {id(layer.module): layer.rule for layer in self.layers}
+
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            if not output.requires_grad:  # all parameters up to here frozen: a leaf to differentiate at
+                output = output.detach().requires_grad_(True)
+            captured[id(module)].append((rules[id(module)].captured_input(args).detach(), output))
+            return output
+
+        handles = [layer.module.register_forward_hook(hook) for layer in self.layers]
+        try:
+            with torch.enable_grad(), fixed_forward():
+                output = self.model.model(inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.model.check_output(index, output.detach())
+        for layer in self.layers:
+            check_single_call(layer, len(captured[id(layer.module)]))
+        layer_inputs = [captured[id(layer.module)][0][0] for layer in self.layers]
+        self.loss.check_target(output, targets, index)
+        fisher = self.options.fisher
+        if not fisher.backward or not count:
+            return [(layer, x, None) for layer, x in zip(self.layers, layer_inputs, strict=True)]
+        columns = fisher.columns(
+            self.loss, output.detach(), targets, count, self.options.mc_samples, self.options.seed, index
+        )
+        layer_outputs = [captured[id(layer.module)][0][1] for layer in self.layers]
+        gradients = output_gradients(self.layers, output, layer_outputs, columns)
+        return list(zip(self.layers, layer_inputs, gradients, strict=True))

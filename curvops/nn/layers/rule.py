@@ -1,0 +1,275 @@
+"""What a layer rule is: how the Kronecker approximations see one kind of layer.
+
+A layer computes ``y_ns = W a_ns (+ b)`` at positions ``s`` (tokens, pixels; one position for
+a plain ``Linear``) of datum ``n``. Its block of the Fisher / GGN is approximated by ``G ⊗ A``
+(Martens & Grosse 2015; convolutions Grosse & Martens 2016; weight sharing Eschenhagen et
+al. 2023):
+
+- ``kfac_approx="expand"`` treats positions as data:
+  ``A = (1/(N S)) Σ_{n,s} a_ns a_ns^T`` and ``G = (1/Z) Σ_{n,s} Σ_c g_nsc g_nsc^T``;
+- ``"reduce"`` sums the output gradients and averages the inputs over positions:
+  ``A = (1/N) Σ_n â_n â_n^T`` with ``â_n = (1/S) Σ_s a_ns``, ``G = (1/Z) Σ_n Σ_c ĝ_nc ĝ_nc^T``
+  with ``ĝ_nc = Σ_s g_nsc``.
+
+``Z`` normalises as the loss does (:mod:`curvops.nn.losses`); the columns ``c`` are the
+output-space vectors of the Fisher type (:mod:`curvops.nn.fisher`). TKFAC's trace terms and
+EKFAC's eigenvalue corrections come from the same captured tensors.
+
+A rule (:class:`LayerRule`) says what the layer's forward hook captures, how its parameters
+lie in the flat vector (``W`` row-major ``[n_out, n_in]``, or ``[n_in, n_out]`` for a
+``transposed`` rule such as an embedding's, whose block is then ``A ⊗ G``), and how a
+batch's sums come from the captured tensors. :class:`DenseInputRule` does the sums for every
+layer whose inputs are vectors ``a_ns``: a new layer of that kind only says how its inputs
+become ``[N, S, n_in]`` and its output gradients ``[K, N, S, n_out]``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..statistics import LayerStatistics
+
+CORRECTION_CHUNK = 2**26
+"""Numbers per intermediate of a gradient-norm sum or an eigenvalue correction: data are
+processed in chunks below it."""
+
+
+@dataclass(frozen=True, eq=False)
+class KroneckerLayer:
+    """One layer whose weight and/or bias is among the chosen parameters: its identity.
+
+    Attributes:
+        name: the module's name in the model.
+        module: the module.
+        rule: its :class:`LayerRule`.
+        weight, bias: the chosen parameters (``None`` where not chosen or absent).
+        joint: weight and bias share one block ``G ⊗ A`` (the input carries a trailing 1).
+    """
+
+    name: str
+    module: nn.Module
+    rule: LayerRule
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    joint: bool
+
+    @property
+    def separate_bias(self) -> bool:
+        """Whether the bias is chosen and has a block ``G`` of its own."""
+        return self.bias is not None and not self.joint
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """``(n_out, n_in)`` of the factors ``G`` and ``A`` (``n_in`` counts a joint bias's 1)."""
+        n_out, n_in = self.rule.sizes(self.module)
+        return n_out, n_in + self.joint
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of ``A``: ``[n_in]`` for a diagonal input factor, else ``[n_in, n_in]``."""
+        n_in = self.sizes[1]
+        return (n_in,) if self.rule.diagonal_input else (n_in, n_in)
+
+    def kronecker_order(self, output: Tensor, input: Tensor) -> tuple[Tensor, Tensor]:
+        """The factors in the order of the weight's flattening: ``(G, A)``, or ``(A, G)`` if transposed."""
+        return (input, output) if self.rule.transposed else (output, input)
+
+
+class LayerRule(ABC):
+    """The Kronecker rule of one kind of layer (see the module docstring).
+
+    Subclass :class:`DenseInputRule` for layers with vector inputs; override the methods
+    here for other kinds (the embedding's one-hot inputs). Register a rule with
+    :func:`~curvops.nn.layers.register_layer_rule`.
+
+    Attributes:
+        transposed: the weight is stored ``[n_in, n_out]`` (its block is ``A ⊗ G``).
+        diagonal_input: ``A`` is diagonal, stored as a 1-D ``[n_in]`` tensor.
+    """
+
+    transposed: ClassVar[bool] = False
+    diagonal_input: ClassVar[bool] = False
+
+    def check(self, name: str, module: nn.Module, kfac_approx: str) -> None:  # noqa: B027 (optional)
+        """Raise ``ValueError`` (naming the module) for configurations the rule does not handle."""
+
+    def sizes(self, module: nn.Module) -> tuple[int, int]:
+        """``(n_out, n_in)`` of the weight seen as a matrix (without a joint bias)."""
+        weight = module.weight
+        n_out, n_in = weight.shape[0], weight[0].numel()
+        return (n_in, n_out) if self.transposed else (n_out, n_in)
+
+    def captured_input(self, args: tuple) -> Tensor:
+        """What the forward hook keeps of the module's positional arguments: its input."""
+        return args[0]
+
+    def output_gradients(self, module: nn.Module, gradients: Tensor) -> Tensor:
+        """Gradients w.r.t. the module output, ``[K, N, *out]``, as ``[K, N, S, n_out]``."""
+        return gradients.reshape(gradients.shape[0], gradients.shape[1], -1, gradients.shape[-1])
+
+    @abstractmethod
+    def statistics(
+        self,
+        layer: KroneckerLayer,
+        inputs: Tensor,
+        gradients: Tensor | None,
+        weight: float,
+        kfac_approx: str,
+        trace_restricted: bool,
+        dtype: torch.dtype,
+    ) -> LayerStatistics:
+        """One batch's sums: ``Σ w a a^T`` and its count, ``Σ g g^T`` (gradients already carry
+        ``√w``) and, with ``trace_restricted``, TKFAC's ``Σ ‖∇_W ℓ‖²``, ``Σ tr(gg^T) aa^T``,
+        ``Σ tr(aa^T) gg^T`` and a separate bias's ``Σ ‖∇_b ℓ‖²``, all in ``dtype``."""
+
+    @abstractmethod
+    def correction(
+        self, layer: KroneckerLayer, inputs: Tensor, rotated: Tensor, q_in: Tensor | None, correction: str
+    ) -> Tensor:
+        """One batch's ``Σ_{n,c} (Q_out^T ∇_W ℓ_nc Q_in)²`` (``[n_out, n_in]``, transposed for a
+        transposed rule) from the output gradients already rotated by ``Q_out``."""
+
+
+def second_moment(rows: Tensor) -> Tensor:
+    """``Σ x x^T`` over the vectors ``x = rows[..., :]`` (all leading axes summed).
+
+    Contiguous rows take one matrix product; rows that are a transposed view (unfolded
+    convolution patches, convolution output gradients) take a batched product over their
+    leading axes, which avoids copying them into row-major order.
+
+    Example:
+        >>> rows = torch.randn(4, 3, 2, dtype=torch.float64)
+        >>> torch.allclose(second_moment(rows), rows.reshape(-1, 2).T @ rows.reshape(-1, 2))
+        True
+    """
+    if rows.is_contiguous():
+        flat = rows.reshape(-1, rows.shape[-1])
+        return flat.T @ flat
+    batched = rows.reshape(-1, *rows.shape[-2:])
+    return torch.bmm(batched.transpose(1, 2), batched).sum(0)
+
+
+def correction_strategy(
+    correction: str, columns: int, data: int, positions: int, outputs: int, inputs: int
+) -> str:
+    """``"per-example"`` or ``"gramian"``: ``"auto"`` picks the one with less memory.
+
+    Per-example rotated gradients take ``K·N·n_out·n_in`` numbers for ``K`` columns and ``N``
+    data; the Gramians ``N·S²·(n_out + n_in)`` for ``S`` positions.
+
+    Example:
+        >>> correction_strategy("auto", 1, 512, 1, 1024, 1024)  # no weight sharing: tiny Gramians
+        'gramian'
+        >>> correction_strategy("auto", 1, 8, 64, 256, 256)  # 64 tokens per datum
+        'per-example'
+    """
+    if correction != "auto":
+        return correction
+    per_example = columns * data * outputs * inputs
+    gramian = data * positions * positions * (outputs + inputs)
+    return "per-example" if per_example <= gramian else "gramian"
+
+
+def _chunks(data: int, per_datum: int) -> range:
+    return range(0, data, max(1, CORRECTION_CHUNK // per_datum))
+
+
+def gradient_norms(gradients: Tensor, features: Tensor) -> Tensor:
+    """``Σ_{k,n} ‖Σ_s g_kns a_ns^T‖_F²``: the squared norms of every datum's (and column's)
+    weight gradient, from ``[K, N, S, n_out]`` output gradients and ``[N, S, n_in]`` inputs.
+
+    TKFAC's ``δ`` is their mean, so its block's trace is the true block's, with or without
+    weight sharing. The gradients are formed explicitly or through position Gramians,
+    ``Σ_{s,t} (g_kns · g_knt)(a_ns · a_nt)``, whichever takes less memory
+    (:func:`correction_strategy`), in chunks of data.
+
+    Example:
+        >>> g, a = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
+        >>> truth = torch.einsum("knso,nsi->knoi", g, a).square().sum()
+        >>> torch.allclose(gradient_norms(g, a), truth)
+        True
+    """
+    columns, data, positions, outputs = gradients.shape
+    strategy = correction_strategy("auto", columns, data, positions, outputs, features.shape[-1])
+    per_datum = columns * outputs * features.shape[-1] if strategy == "per-example" else positions * positions
+    total = gradients.new_zeros(())
+    for start in _chunks(data, per_datum):
+        stop = start + max(1, CORRECTION_CHUNK // per_datum)
+        g, a = gradients[:, start:stop], features[start:stop]
+        if strategy == "per-example":
+            total = total + torch.einsum("knso,nsi->knoi", g, a).square().sum()
+        else:
+            output_gram = torch.einsum("knso,knto->nst", g, g)
+            total = total + (output_gram * torch.einsum("nsi,nti->nst", a, a)).sum()
+    return total
+
+
+class DenseInputRule(LayerRule):
+    """A layer with vector inputs ``a_ns``: subclasses say how the captured input becomes
+    ``[N, S, n_in]`` (:meth:`features`); the factor sums, TKFAC's terms and EKFAC's
+    corrections follow from them."""
+
+    @abstractmethod
+    def features(self, module: nn.Module, inputs: Tensor) -> Tensor:
+        """The input vectors ``a`` at every position, ``[N, S, n_in]``."""
+
+    def _features(self, layer: KroneckerLayer, inputs: Tensor) -> Tensor:
+        features = self.features(layer.module, inputs)
+        if layer.joint:
+            features = torch.cat([features, features.new_ones(*features.shape[:-1], 1)], dim=-1)
+        return features
+
+    def statistics(
+        self,
+        layer: KroneckerLayer,
+        inputs: Tensor,
+        gradients: Tensor | None,
+        weight: float,
+        kfac_approx: str,
+        trace_restricted: bool,
+        dtype: torch.dtype,
+    ) -> LayerStatistics:
+        features = self._features(layer, inputs.to(dtype))
+        terms = {}
+        if trace_restricted and gradients is not None:
+            terms["trace"] = gradient_norms(gradients, features)
+            if layer.separate_bias:
+                terms["bias_trace"] = gradients.sum(dim=2).square().sum()
+        if kfac_approx == "reduce":
+            features = features.mean(dim=1, keepdim=True)
+            gradients = None if gradients is None else gradients.sum(dim=2, keepdim=True)
+        terms["input_factor"] = weight * second_moment(features)
+        count = weight * features[..., 0].numel()
+        if gradients is not None:
+            terms["output_factor"] = second_moment(gradients)
+            if trace_restricted:
+                input_norms, output_norms = features.square().sum(-1), gradients.square().sum(-1)
+                weighted_inputs = features * output_norms.sum(0).sqrt().unsqueeze(-1)
+                terms["trace_input_factor"] = second_moment(weighted_inputs)
+                terms["trace_output_factor"] = second_moment(gradients * input_norms.sqrt().unsqueeze(-1))
+        return LayerStatistics(layer, input_count=count, **terms)
+
+    def correction(
+        self, layer: KroneckerLayer, inputs: Tensor, rotated: Tensor, q_in: Tensor | None, correction: str
+    ) -> Tensor:
+        features = self._features(layer, inputs.to(q_in.dtype)) @ q_in
+        columns, data, positions, outputs = rotated.shape
+        size = features.shape[-1]
+        strategy = correction_strategy(correction, columns, data, positions, outputs, size)
+        per_datum = columns * outputs * size if strategy == "per-example" else positions**2 * (outputs + size)
+        total = None
+        for start in _chunks(data, per_datum):  # bounded memory
+            stop = start + max(1, CORRECTION_CHUNK // per_datum)
+            g, a = rotated[:, start:stop], features[start:stop]
+            if strategy == "per-example":
+                part = torch.einsum("knso,nsi->knoi", g, a).square().sum(dim=(0, 1))
+            else:
+                output_gram = torch.einsum("knso,knto->nsto", g, g)
+                part = torch.einsum("nsto,nsti->oi", output_gram, torch.einsum("nsi,nti->nsti", a, a))
+            total = part if total is None else total + part
+        return total

@@ -1,0 +1,152 @@
+"""Kronecker statistics as values: one immutable record per layer.
+
+A pass over the data (or the optimizer's training step) produces, per layer, the *sums*
+``Σ w a a^T`` (with their count ``Σ w · positions``), ``Σ g g^T`` and TKFAC's terms; sums add
+(``+``: more batches, more ranks). :meth:`LayerStatistics.normalised` divides them into the
+factors ``A``, ``G`` (``δ``, ``Φ``, ``Ψ``), and normalised values average
+(:meth:`LayerStatistics.average`: the optimizer's running averages). EKFAC's eigenvalue
+sums are :class:`Corrections`, alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .layers.rule import KroneckerLayer
+
+STATISTICS = (
+    "input_factor",
+    "output_factor",
+    "trace",
+    "bias_trace",
+    "trace_input_factor",
+    "trace_output_factor",
+)
+"""The tensors of :class:`LayerStatistics`, by field name."""
+
+
+def _sum(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return b if a is None else a if b is None else a + b
+
+
+def _trace_normalised(factor: Tensor | None) -> Tensor | None:
+    """``F / tr F`` (a 1-D factor is a diagonal)."""
+    if factor is None:
+        return None
+    return factor / (factor.sum() if factor.ndim == 1 else factor.trace())
+
+
+@dataclass(frozen=True, eq=False)
+class LayerStatistics:
+    """The Kronecker statistics of one layer: sums, or (after :meth:`normalised`) factors.
+
+    Attributes:
+        layer: the layer they belong to.
+        input_factor: ``A`` (``[n_in, n_in]``, or ``[n_in]`` for a diagonal factor); as a sum
+            ``Σ w a a^T``.
+        output_factor: ``G`` (``[n_out, n_out]``); as a sum ``Σ g g^T`` (``None`` before any
+            output gradient).
+        trace, trace_input_factor, trace_output_factor: TKFAC's ``δ``, ``Φ`` and ``Ψ``
+            (``tr Φ = tr Ψ = 1`` once normalised), or ``None``.
+        bias_trace: the trace of a separate bias's true block, or ``None``.
+        input_count: what ``A``'s sum is divided by (``1`` once normalised).
+
+    Example:
+        >>> layer = None  # any KroneckerLayer; values of the same layer add
+        >>> a = LayerStatistics(layer, input_factor=torch.eye(2), output_factor=torch.eye(3), input_count=4.0)
+        >>> total = (a + a).normalised(scale=2.0)
+        >>> total.input_factor[0, 0].item(), total.output_factor[0, 0].item()
+        (0.25, 1.0)
+    """
+
+    layer: KroneckerLayer
+    input_factor: Tensor | None = None
+    output_factor: Tensor | None = None
+    trace: Tensor | None = None
+    bias_trace: Tensor | None = None
+    trace_input_factor: Tensor | None = None
+    trace_output_factor: Tensor | None = None
+    input_count: float = 0.0
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The statistics that are set, by name (:data:`STATISTICS` order)."""
+        return {name: getattr(self, name) for name in STATISTICS if getattr(self, name) is not None}
+
+    @property
+    def empty(self) -> bool:
+        """Whether no batch has entered yet."""
+        return self.input_factor is None
+
+    def __add__(self, other: LayerStatistics) -> LayerStatistics:
+        if other.layer is not self.layer:
+            raise ValueError("Statistics of different layers do not add.")
+        sums = {name: _sum(getattr(self, name), getattr(other, name)) for name in STATISTICS}
+        return LayerStatistics(self.layer, input_count=self.input_count + other.input_count, **sums)
+
+    def replace(self, **tensors: Tensor | None) -> LayerStatistics:
+        """The same statistics with some tensors replaced."""
+        return dataclasses.replace(self, **tensors)
+
+    def normalised(self, scale: float) -> LayerStatistics:
+        """The factors from the sums: ``A = Σ w a a^T / count``, ``G = Σ g g^T / scale`` (``scale``
+        is ``Z``, times the samples per datum for ``"mc"``), ``δ`` and a bias's trace ``/ scale``,
+        ``Φ`` and ``Ψ`` divided by their traces. Raises ``ValueError`` (naming the layer) for
+        TKFAC's ``δ <= 0`` or ``nan``."""
+        if self.trace is not None and not bool(self.trace > 0):
+            raise ValueError(
+                f"Layer {self.layer.name!r} has δ = {float(self.trace)} (its block's trace): TKFAC "
+                "needs δ > 0 (no curvature at δ = 0; nan: the statistics overflow)."
+            )
+
+        def divided(value: Tensor | None, by: float | Tensor) -> Tensor | None:
+            return None if value is None else value / by
+
+        return LayerStatistics(
+            self.layer,
+            input_factor=divided(self.input_factor, self.input_count),
+            output_factor=divided(self.output_factor, scale),
+            trace=divided(self.trace, scale),
+            bias_trace=divided(self.bias_trace, scale),
+            trace_input_factor=_trace_normalised(self.trace_input_factor),
+            trace_output_factor=_trace_normalised(self.trace_output_factor),
+            input_count=1.0,
+        )
+
+    def average(self, new: LayerStatistics, decay: float) -> LayerStatistics:
+        """The running average ``β self + (1 - β) new`` (``β = decay``) of normalised statistics;
+        ``new`` itself while ``self`` is :attr:`empty`."""
+        if self.empty:
+            return new
+        mixed = {name: torch.lerp(value, getattr(self, name), decay) for name, value in new.tensors().items()}
+        return LayerStatistics(self.layer, input_count=new.input_count, **mixed)
+
+    def usable(self) -> bool:
+        """Whether every statistic is finite and TKFAC's ``δ`` (if any) positive."""
+        values = list(self.tensors().values())
+        finite = all(bool(torch.isfinite(v).all()) for v in values)
+        return finite and (self.trace is None or bool(self.trace > 0))
+
+
+@dataclass(frozen=True, eq=False)
+class Corrections:
+    """EKFAC's eigenvalue sums of one layer: ``Σ (Q^T ∇_W ℓ Q_in)²`` for the weight
+    (``[n_out, n_in]``, transposed for a transposed rule) and ``Σ (Q_bias^T ∇_b ℓ)²`` for a
+    separate bias (``None`` where the layer has no such block)."""
+
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+
+    def __add__(self, other: Corrections) -> Corrections:
+        return Corrections(_sum(self.weight, other.weight), _sum(self.bias, other.bias))
+
+    def __mul__(self, scale: float) -> Corrections:
+        return Corrections(*(None if s is None else s * scale for s in (self.weight, self.bias)))
+
+    def __truediv__(self, scale: float) -> Corrections:
+        return Corrections(*(None if s is None else s / scale for s in (self.weight, self.bias)))
