@@ -13,6 +13,7 @@ from torch import Tensor
 from .base import CurvatureOperator
 from .checks import _scalar
 from .diagonal import Identity
+from .precision import computation_dtype as computation_dtype  # nn/kronecker_statistics.py imports it here
 from .state import LABELS, REAL, StateSchema
 
 
@@ -313,17 +314,6 @@ class BlockDiagonal(CurvatureOperator):
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> BlockDiagonal:
         return cls(children, config.get("labels"))
-
-
-def computation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype curvops accumulates statistics and runs decompositions in for data of ``dtype``:
-    ``dtype`` itself for float32 and float64, float32 for bfloat16 and float16.
-
-    Example:
-        >>> computation_dtype(torch.bfloat16), computation_dtype(torch.float64)
-        (torch.float32, torch.float64)
-    """
-    return torch.promote_types(dtype, torch.float32)
 
 
 class Cast(CurvatureOperator):
