@@ -17,7 +17,7 @@ from helpers import DOUBLE, generator, random_orthogonal, random_psd
 from torch import nn
 
 import curvops
-from curvops.linalg.base import _REGISTRY
+from curvops.linalg.state import _REGISTRY
 
 
 def _data():

@@ -6,7 +6,8 @@ its dense matrix.
 
 from .base import CurvatureOperator
 from .blocks import BlockLayout, block_layout
-from .composite import BlockDiagonal, Cast, Scaled, Sum, computation_dtype
+from .composite import BlockDiagonal, Cast, Scaled, Sum
+from .dense import Dense
 from .diagonal import Diagonal, Identity
 from .estimators import (
     hutchinson_diagonal,
@@ -19,12 +20,13 @@ from .estimators import (
     ritz_pairs,
     slq_logdet,
 )
-from .kronecker import Dense, Kronecker, KroneckerEigen
+from .kronecker import Kronecker, KroneckerEigen
 from .linear_map import LinearMap, Transposed
 from .lowrank import LowRankUpdate
 from .matrix_functions import LanczosPower
 from .memory import get_memory_budget, memory_budget, set_memory_budget
 from .permuted import Permuted
+from .precision import computation_dtype
 from .solvers import CGInverse, cg
 from .state import from_state_dict
 

@@ -4,15 +4,22 @@ A subclass implements ``_matmat`` and, where it has structure, the hooks ``_to_d
 ``_diagonal``, ``_trace``, ``_logdet``, ``_inverse``, ``_power`` and ``_eigenvalues``.
 Everything else — input checks, NumPy and SciPy interop, estimator selection, ``det``,
 composition and state dicts — lives here once.
+
+Some generic methods return subclasses (``op + other`` a ``Sum``, ``c * op`` a ``Scaled``, the
+dense fallback a ``Dense``, ``inverse(method="cg")`` a ``CGInverse``, ``power`` an ``Identity``
+sum or a ``LanczosPower``, ``to`` a ``Cast``). This module imports none of the modules that
+define them: every subclass registers itself in :mod:`~curvops.linalg.state`'s registry of
+operator types as it is defined (``__init_subclass__``; state dicts are rebuilt from the
+same registry), and the generic methods look their classes up there by name
+(:func:`~curvops.linalg.state.operator_type`). So imports among ``curvops.linalg``'s modules
+run one way: ``base`` imports only modules that do not import it (``checks``, ``estimators``,
+``linear_map``, ``memory``, ``precision``, ``state``), and every operator module imports ``base``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
 from numbers import Real
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -21,48 +28,21 @@ from . import estimators
 from .checks import check_bool, check_choice, check_damping, check_positive_int, check_power
 from .linear_map import LinearMap
 from .memory import check_dense
-
-if TYPE_CHECKING:
-    from .state import StateSchema
+from .precision import computation_dtype
+from .state import (
+    StateSchema,
+    check_state_matches,
+    from_state_dict,
+    operator_type,
+    rebuild,
+    register_operator,
+)
 
 TRACE_METHODS = ("exact", "hutchinson", "hutch++")
 DIAGONAL_METHODS = ("exact", "hutchinson", "hutch++")
 LOGDET_METHODS = ("exact", "slq")
 INVERSE_METHODS = ("exact", "cg")
 POWER_METHODS = ("exact", "lanczos")
-
-_REGISTRY: dict[str, type[CurvatureOperator]] = {}
-_SOURCE_EPS = contextvars.ContextVar("curvops_source_eps", default=0.0)
-
-
-def validation_eps(dtype: torch.dtype) -> float:
-    """The machine epsilon that checks of a tensor's properties (symmetry, orthonormality) use.
-
-    That of ``dtype``, or of the coarser dtype the tensor was converted from inside
-    :func:`converted_from`: ``op.to(dtype=torch.float64)`` of a float32 operator keeps its
-    float32 rounding, which must not fail float64's tolerance.
-    """
-    return max(torch.finfo(dtype).eps, _SOURCE_EPS.get())
-
-
-def is_widened(dtype: torch.dtype) -> bool:
-    """Whether tensors of ``dtype`` are being rebuilt from a coarser dtype (see
-    :func:`converted_from`): their symmetry or orthonormality then holds only to the coarser
-    precision, and constructors restore it to ``dtype``'s (``Kronecker`` symmetrises its
-    factors, ``KroneckerEigen`` re-orthonormalises its eigenvectors), changing the matrix by
-    no more than the coarser dtype's rounding."""
-    return validation_eps(dtype) > torch.finfo(dtype).eps
-
-
-@contextlib.contextmanager
-def converted_from(dtype: torch.dtype) -> Iterator[None]:
-    """Within this block, operators are rebuilt from tensors converted from ``dtype``
-    (see :func:`validation_eps`)."""
-    token = _SOURCE_EPS.set(validation_eps(dtype) if dtype.is_floating_point else _SOURCE_EPS.get())
-    try:
-        yield
-    finally:
-        _SOURCE_EPS.reset(token)
 
 
 class CurvatureOperator(LinearMap):
@@ -120,7 +100,7 @@ class CurvatureOperator(LinearMap):
         super().__init_subclass__(**kwargs)
         own = cls.__module__.startswith("curvops.")
         cls._state_type = cls.__name__ if own else f"{cls.__module__}.{cls.__qualname__}"
-        _REGISTRY[cls._state_type] = cls
+        register_operator(cls)
 
     # ------------------------------------------------- hooks: _matmat, and structure if any
     def _rmatmat(self, y: Tensor) -> Tensor:
@@ -152,12 +132,10 @@ class CurvatureOperator(LinearMap):
     def _as_dense_operator(self) -> CurvatureOperator:
         """The fallback without structure: the (symmetrised) dense matrix as a ``Dense``, whose
         float64 ``eigh`` needs two more ``D x D`` matrices: all within the memory budget."""
-        from .kronecker import Dense
-
         what = f"The dense fallback of {type(self).__name__} (no structure for this quantity)"
         check_dense(self.shape, self.dtype, what, float64_copies=2)
         dense = self._to_dense()
-        return Dense(0.5 * (dense + dense.T))
+        return operator_type("Dense")(0.5 * (dense + dense.T))
 
     # state dict hooks: tensors, child operators and plain settings that rebuild the operator
     def _state_tensors(self) -> dict[str, Tensor]:
@@ -340,9 +318,7 @@ class CurvatureOperator(LinearMap):
         check_bool(factored, "factored")
         if method == "exact":
             return self._inverse(damping, factored)
-        from .solvers import CGInverse
-
-        return CGInverse(self, damping, rtol=rtol, maxiter=maxiter)
+        return operator_type("CGInverse")(self, damping, rtol=rtol, maxiter=maxiter)
 
     def power(
         self, p: float, damping: float = 0.0, method: str | None = None, num_steps: int | None = None
@@ -387,14 +363,11 @@ class CurvatureOperator(LinearMap):
         if num_steps is not None:
             check_positive_int(num_steps, "num_steps")
         if p == 1:
-            from .diagonal import Identity
-
-            return self if damping == 0 else self + damping * Identity(self.shape[0], self.dtype, self.device)
+            identity = operator_type("Identity")(self.shape[0], self.dtype, self.device)
+            return self if damping == 0 else self + damping * identity
         if method == "exact":
             return self._power(p, damping)
-        from .matrix_functions import LanczosPower
-
-        return LanczosPower(self, p, damping, num_steps)
+        return operator_type("LanczosPower")(self, p, damping, num_steps)
 
     def eigenvalues(self) -> Tensor:
         """The ``D`` eigenvalues of ``op``, ascending, as a ``[D]`` tensor of its dtype and device.
@@ -416,9 +389,7 @@ class CurvatureOperator(LinearMap):
     def __add__(self, other: CurvatureOperator) -> CurvatureOperator:
         if not isinstance(other, CurvatureOperator):
             return NotImplemented
-        from .composite import Sum
-
-        return Sum([self, other])
+        return operator_type("Sum")([self, other])
 
     def __sub__(self, other: CurvatureOperator) -> CurvatureOperator:
         if not isinstance(other, CurvatureOperator):
@@ -430,9 +401,7 @@ class CurvatureOperator(LinearMap):
             scale = scale.item()
         if not isinstance(scale, Real):
             return NotImplemented
-        from .composite import Scaled
-
-        return Scaled(self, float(scale))
+        return operator_type("Scaled")(self, float(scale))
 
     __rmul__ = __mul__
 
@@ -482,8 +451,6 @@ class CurvatureOperator(LinearMap):
             >>> op.diagonal().tolist()
             [2.0, 3.0]
         """
-        from .state import check_state_matches, rebuild
-
         where = type(self).__name__
         check_state_matches(self.state_dict(), state, where)
         rebuilt = rebuild(state, self.device, None, where)
@@ -507,9 +474,7 @@ class CurvatureOperator(LinearMap):
             >>> type(half).__name__, half.dtype, half.op.dtype
             ('Cast', torch.bfloat16, torch.float32)
         """
-        from .composite import Cast, computation_dtype
-        from .state import from_state_dict
-
+        cast = operator_type("Cast")
         device = device or self.device
         if dtype is None or dtype == self.dtype:
             return from_state_dict(self.state_dict(), device=device, dtype=dtype)
@@ -517,6 +482,6 @@ class CurvatureOperator(LinearMap):
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}.")
         compute = computation_dtype(dtype)
         op = from_state_dict(self.state_dict(), device=device, dtype=compute)
-        if isinstance(op, Cast) and op.op.dtype == op.dtype:
+        if isinstance(op, cast) and op.op.dtype == op.dtype:
             op = op.op
-        return op if compute == dtype else Cast(op, dtype)
+        return op if compute == dtype else cast(op, dtype)

@@ -1,4 +1,5 @@
-"""Argument checks shared by every part of curvops: numbers, integers, flags, seeds, choices.
+"""Argument checks shared by every part of curvops: numbers, integers, flags, seeds, choices,
+matrices.
 
 Each returns the checked value (as the type it stands for) or raises an exception that names
 the argument and what it must be.
@@ -7,11 +8,14 @@ the argument and what it must be.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Real
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .precision import validation_eps
 
 
 def _scalar(value: Any) -> Any:
@@ -91,3 +95,41 @@ def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
     """Raise ``ValueError`` naming the options unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"Unknown {what} {value!r}; choose one of {allowed}.")
+
+
+def check_matrix(matrix: Any, name: str, symmetric: bool, allow_diagonal: bool = False) -> None:
+    """Raise a clear error unless ``matrix`` is a finite, square, floating-point ``[n, n]`` tensor.
+
+    With ``symmetric=True`` it must also equal its transpose up to ``sqrt(eps)`` relative
+    (``eps`` of its dtype, or of the dtype it was converted from: see
+    :func:`~curvops.linalg.precision.validation_eps`).
+    With ``allow_diagonal=True`` a finite floating-point 1-D ``[n]`` tensor (the diagonal of a
+    diagonal matrix, symmetric by construction) passes too.
+    """
+    vector = allow_diagonal and isinstance(matrix, Tensor) and matrix.ndim == 1
+    if not vector and (
+        not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]
+    ):
+        shape = list(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
+        expected = "a square [n, n] tensor" + (" or a 1-D [n] diagonal" if allow_diagonal else "")
+        raise ValueError(f"{name} must be {expected}, got {shape}.")
+    if not matrix.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {matrix.dtype}.")
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError(f"{name} contains NaN or inf.")
+    if symmetric and not vector and matrix.numel():
+        tol = math.sqrt(validation_eps(matrix.dtype)) * matrix.abs().max()
+        if bool((matrix - matrix.T).abs().max() > tol):
+            raise ValueError(f"{name} is not symmetric; curvops operators are symmetric.")
+
+
+def check_same_place(tensors: Sequence[Tensor], what: str) -> tuple[torch.dtype, torch.device]:
+    """The common dtype and device of ``tensors``; a clear error if they differ."""
+    dtypes = {t.dtype for t in tensors}
+    devices = {t.device for t in tensors}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(
+            f"All {what} must share one dtype and device, got dtypes {sorted(map(str, dtypes))} "
+            f"and devices {sorted(map(str, devices))}."
+        )
+    return tensors[0].dtype, tensors[0].device

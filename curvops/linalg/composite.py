@@ -315,17 +315,6 @@ class BlockDiagonal(CurvatureOperator):
         return cls(children, config.get("labels"))
 
 
-def computation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype curvops accumulates statistics and runs decompositions in for data of ``dtype``:
-    ``dtype`` itself for float32 and float64, float32 for bfloat16 and float16.
-
-    Example:
-        >>> computation_dtype(torch.bfloat16), computation_dtype(torch.float64)
-        (torch.float32, torch.float64)
-    """
-    return torch.promote_types(dtype, torch.float32)
-
-
 class Cast(CurvatureOperator):
     """``op`` in another dtype: products take and give ``dtype`` tensors, computed in ``op.dtype``.
 

@@ -1,5 +1,5 @@
-"""Kronecker-structured operators: ``Kronecker`` (and ``Dense``, its one-factor case) and
-``KroneckerEigen`` (a Kronecker eigenbasis with free eigenvalues, as in EKFAC).
+"""Kronecker-structured operators: ``Kronecker`` (:class:`~curvops.Dense` is its one-factor
+case) and ``KroneckerEigen`` (a Kronecker eigenbasis with free eigenvalues, as in EKFAC).
 
 Convention: for factors ``F_1, ..., F_k`` of sizes ``n_1, ..., n_k`` a vector of length
 ``D = Π n_i`` is a row-major ``[n_1, ..., n_k]`` tensor, and ``(F_1 ⊗ ... ⊗ F_k) vec(X)``
@@ -10,117 +10,27 @@ elementwise and is never materialised as an ``[n_i, n_i]`` matrix (except by ``t
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import operator
 from collections.abc import Sequence
 from typing import Any
 
-import opt_einsum
 import torch
 from torch import Tensor
 
 from ..errors import SingularOperatorError
 from . import spectral
-from .base import CurvatureOperator, is_widened, validation_eps
+from .base import CurvatureOperator
+from .checks import check_choice, check_damping, check_matrix, check_nonnegative, check_same_place
+from .precision import is_widened, validation_eps
 from .state import StateSchema, TensorSpec
+from .tensor_products import kron, mode_product, outer
 
 _MATRIX = TensorSpec((2,), square=True)
 _FACTOR = TensorSpec((1, 2), square=True)
-
-
-def check_matrix(matrix: Any, name: str, symmetric: bool, allow_diagonal: bool = False) -> None:
-    """Raise a clear error unless ``matrix`` is a finite, square, floating-point ``[n, n]`` tensor.
-
-    With ``symmetric=True`` it must also equal its transpose up to ``sqrt(eps)`` relative
-    (``eps`` of its dtype, or of the dtype it was converted from: see
-    :func:`~curvops.linalg.base.validation_eps`).
-    With ``allow_diagonal=True`` a finite floating-point 1-D ``[n]`` tensor (the diagonal of a
-    diagonal matrix, symmetric by construction) passes too.
-    """
-    vector = allow_diagonal and isinstance(matrix, Tensor) and matrix.ndim == 1
-    if not vector and (
-        not isinstance(matrix, Tensor) or matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]
-    ):
-        shape = list(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
-        expected = "a square [n, n] tensor" + (" or a 1-D [n] diagonal" if allow_diagonal else "")
-        raise ValueError(f"{name} must be {expected}, got {shape}.")
-    if not matrix.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {matrix.dtype}.")
-    if not bool(torch.isfinite(matrix).all()):
-        raise ValueError(f"{name} contains NaN or inf.")
-    if symmetric and not vector and matrix.numel():
-        tol = math.sqrt(validation_eps(matrix.dtype)) * matrix.abs().max()
-        if bool((matrix - matrix.T).abs().max() > tol):
-            raise ValueError(f"{name} is not symmetric; curvops operators are symmetric.")
-
-
-def check_same_place(tensors: Sequence[Tensor], what: str) -> tuple[torch.dtype, torch.device]:
-    """The common dtype and device of ``tensors``; a clear error if they differ."""
-    dtypes = {t.dtype for t in tensors}
-    devices = {t.device for t in tensors}
-    if len(dtypes) > 1 or len(devices) > 1:
-        raise ValueError(
-            f"All {what} must share one dtype and device, got dtypes {sorted(map(str, dtypes))} "
-            f"and devices {sorted(map(str, devices))}."
-        )
-    return tensors[0].dtype, tensors[0].device
-
-
-def mode_product(matrices: Sequence[Tensor | None], x: Tensor, transpose: bool = False) -> Tensor:
-    """Apply ``matrices[i]`` (or its transpose) along axis ``i`` of ``x``.
-
-    The dense matrices go through one opt_einsum contraction (its order found once per
-    shapes and cached); a 1-D entry ``d`` is ``diag(d)`` and scales axis ``i`` elementwise, and
-    ``None`` is the identity, so neither is ever materialised as a matrix.
-
-    Args:
-        matrices: ``k`` entries: ``[m_i, n_i]`` matrices, ``[n_i]`` diagonals or ``None``.
-        x: ``[n_1, ..., n_k, ...]``; trailing axes are carried along.
-        transpose: apply ``M_i^T`` instead of ``M_i``.
-
-    Returns:
-        ``[m_1, ..., m_k, ...]`` (``[n_i]`` axes when transposed).
-
-    Example:
-        >>> g, a, v = torch.randn(2, 2), torch.randn(3, 3), torch.randn(2, 3)
-        >>> torch.allclose(mode_product([g, a], v), g @ v @ a.T, atol=1e-6)
-        True
-        >>> d = torch.tensor([1.0, 2.0, 3.0])
-        >>> torch.allclose(mode_product([g, d], v), g @ v @ torch.diag(d), atol=1e-6)
-        True
-    """
-    for axis, m in enumerate(matrices):
-        if m is not None and m.ndim == 1:
-            x = x * m.reshape(-1, *[1] * (x.ndim - axis - 1))
-    dense = [(axis, m) for axis, m in enumerate(matrices) if m is not None and m.ndim == 2]
-    if not dense:
-        return x
-    symbols = [opt_einsum.get_symbol(i) for i in range(x.ndim)]
-    outs = list(symbols)
-    terms = []
-    for axis, _ in dense:
-        outs[axis] = opt_einsum.get_symbol(x.ndim + axis)
-        terms.append(symbols[axis] + outs[axis] if transpose else outs[axis] + symbols[axis])
-    expr = f"{','.join(terms)},{''.join(symbols)}->{''.join(outs)}"
-    matrices = [m for _, m in dense]
-    return _contraction(expr, *(tuple(t.shape) for t in (*matrices, x)))(*matrices, x)
-
-
-@functools.lru_cache(maxsize=256)
-def _contraction(expr: str, *shapes: tuple[int, ...]) -> opt_einsum.contract.ContractExpression:
-    """opt_einsum's contraction order for ``expr`` on these shapes, found once and reused."""
-    return opt_einsum.contract_expression(expr, *shapes)
-
-
-def _kron(matrices: Sequence[Tensor]) -> Tensor:
-    """``M_1 ⊗ ... ⊗ M_k`` (``torch.kron`` on contiguous copies: it fails on some mixed strides)."""
-    return functools.reduce(torch.kron, [m.contiguous() for m in matrices])
-
-
-def _outer(vectors: Sequence[Tensor]) -> Tensor:
-    """``v_1 ∘ ... ∘ v_k`` of shape ``[n_1, ..., n_k]``: the Kronecker product's eigenvalues."""
-    return functools.reduce(lambda acc, v: acc.unsqueeze(-1) * v, vectors[1:], vectors[0])
+PI_BALANCES = ("mean", "trace")
 
 
 def _rounding_bound(factor: Tensor, e: Tensor, q: Tensor) -> Tensor:
@@ -142,6 +52,20 @@ def _factor_diagonal(factor: Tensor) -> Tensor:
     return factor if factor.ndim == 1 else factor.diagonal()
 
 
+def _damped_inverse(index: int, e: Tensor, q: Tensor | None, noise: Tensor, damping: float) -> Tensor:
+    """``(F + λI)^-1`` of factor ``index`` from its eigenpairs ``(e, q)`` and eigenvalue noise:
+    a matrix, or a 1-D diagonal for a diagonal factor (``q is None``)."""
+    damping = check_nonnegative(damping, f"dampings[{index}]")
+    try:
+        inverse = spectral.inverse_eigenvalues(e, damping, 1.0, noise)
+    except SingularOperatorError as error:
+        raise SingularOperatorError(f"Kronecker factor {index}: {error}") from error
+    if q is None:  # a diagonal factor: exact entries, and its inverse stays diagonal
+        return inverse
+    matrix = (q * inverse) @ q.T
+    return 0.5 * (matrix + matrix.T)
+
+
 class Kronecker(CurvatureOperator):
     """``F_1 ⊗ F_2 ⊗ ... ⊗ F_k`` for symmetric factors; KFAC's block is ``G ⊗ A``.
 
@@ -158,7 +82,9 @@ class Kronecker(CurvatureOperator):
       :class:`KroneckerEigen` (``p = -1`` is the inverse);
     - the inverse's ``factored=True`` gives the π-damped
       ``⊗_i (F_i + π_i λ^{1/k} I)^-1`` with ``π_i = (tr F_i / n_i) / (geometric mean over j)``,
-      for two factors Martens & Grosse's ``(G + λ^½/π I)^-1 ⊗ (A + π λ^½ I)^-1``.
+      for two factors Martens & Grosse's ``(G + λ^½/π I)^-1 ⊗ (A + π λ^½ I)^-1``: that is
+      :meth:`factor_inverse` (any per-factor dampings) of :meth:`pi_dampings`;
+    - :meth:`eigen` is the same matrix as a :class:`KroneckerEigen` in its eigenbasis.
 
     A factor may be a 1-D tensor ``d``, meaning ``diag(d)`` (e.g. the input factor of an
     ``nn.Embedding``, of the vocabulary's size). It is never materialised as a matrix except
@@ -216,7 +142,7 @@ class Kronecker(CurvatureOperator):
 
     def _spectrum(self) -> Tensor:
         """The ``D`` eigenvalues ``e_1 ∘ ... ∘ e_k``, ``[n_1, ..., n_k]``, in the eigenbasis' order."""
-        return _outer([e for e, _ in self.eigendecompositions()])
+        return outer([e for e, _ in self.eigendecompositions()])
 
     def _eigenvalues(self) -> Tensor:
         return self._spectrum().flatten()
@@ -241,17 +167,17 @@ class Kronecker(CurvatureOperator):
     def _spectrum_noise(self) -> Tensor:
         """``Π_i (|e_i| + t_i) - Π_i |e_i|``: how far the product's eigenvalues can have moved."""
         eigen, noise = self.eigendecompositions(), self._factor_noise()
-        widened = _outer([e.abs() + t for (e, _), t in zip(eigen, noise, strict=True)])
-        return widened - _outer([e.abs() for e, _ in eigen])
+        widened = outer([e.abs() + t for (e, _), t in zip(eigen, noise, strict=True)])
+        return widened - outer([e.abs() for e, _ in eigen])
 
     def _matmat(self, x: Tensor) -> Tensor:
         return mode_product(self.factors, x.reshape(*self.sizes, -1)).reshape(x.shape)
 
     def _to_dense(self) -> Tensor:
-        return _kron([torch.diag(f) if f.ndim == 1 else f for f in self.factors])
+        return kron([torch.diag(f) if f.ndim == 1 else f for f in self.factors])
 
     def _diagonal(self) -> Tensor:
-        return _kron([_factor_diagonal(f) for f in self.factors])
+        return kron([_factor_diagonal(f) for f in self.factors])
 
     def _trace(self) -> Tensor:
         return functools.reduce(operator.mul, [_factor_diagonal(f).sum() for f in self.factors])
@@ -271,24 +197,94 @@ class Kronecker(CurvatureOperator):
         return KroneckerEigen([q for _, q in self.eigendecompositions()], values)
 
     def _factored_inverse(self, damping: float) -> Kronecker:
-        mean_eigenvalues = torch.stack([_factor_diagonal(f).mean() for f in self.factors])
-        if bool((mean_eigenvalues <= 0).any()):
-            raise SingularOperatorError(
-                "Factored (π) damping needs every Kronecker factor to have a positive trace; "
-                "use factored=False for the exact damped inverse."
-            )
-        pis = mean_eigenvalues / mean_eigenvalues.log().mean().exp()
+        return self.factor_inverse(self.pi_dampings(damping))
+
+    def eigen(self) -> KroneckerEigen:
+        """The same matrix in its eigenbasis: ``KroneckerEigen([Q_1, ..., Q_k], e_1 ∘ ... ∘ e_k)``.
+
+        From the cached :meth:`eigendecompositions` (``None`` for a diagonal factor's identity
+        basis); the eigenvalues form a ``[n_1, ..., n_k]`` spectrum, ``s[j_1, ..., j_k] =
+        Π_i e_i[j_i]``: EKFAC's starting point, whose eigenvalues are then replaced
+        (:meth:`KroneckerEigen.with_eigenvalues`).
+
+        Example:
+            >>> op = curvops.Kronecker(torch.tensor([[2.0, 1.0], [1.0, 2.0]]), torch.tensor([1.0, 3.0]))
+            >>> eigen = op.eigen()
+            >>> eigen.spectrum.tolist(), torch.allclose(eigen.to_dense(), op.to_dense(), atol=1e-6)
+            ([[1.0, 3.0], [3.0, 9.0]], True)
+        """
+        return KroneckerEigen([q for _, q in self.eigendecompositions()], self._spectrum())
+
+    def pi_dampings(self, damping: float, balance: str = "mean") -> list[float]:
+        """Per-factor dampings ``λ_i = π_i λ^{1/k}`` that split ``λ`` over the ``k`` factors.
+
+        ``π_i = m_i / (Π_j m_j)^{1/k}`` (so ``Π_i λ_i = λ``) balances the factors by their scale
+        ``m_i``: ``balance="mean"`` takes ``m_i = tr F_i / n_i`` (Martens & Grosse 2015's
+        π-damping, used by ``inverse(factored=True)``), ``balance="trace"`` takes
+        ``m_i = tr F_i`` (Gao et al.'s TKFAC: for ``F = √δ Ψ ⊗ √δ Φ`` with ``tr Ψ = tr Φ = 1``
+        both ``λ_i = √λ``, so :meth:`factor_inverse` gives
+        ``(√δ Ψ + √λ I)^-1 ⊗ (√δ Φ + √λ I)^-1``).
+
+        Args:
+            damping: ``λ >= 0``.
+            balance: ``"mean"`` or ``"trace"``.
+
+        Raises:
+            SingularOperatorError: a factor's trace is not positive (no ``π_i``).
+
+        Example:
+            >>> op = curvops.Kronecker(4 * torch.eye(2), torch.eye(8))
+            >>> op.pi_dampings(0.25)  # m = (4, 1): π = (2, 1/2), λ^{1/2} = 1/2
+            [1.0, 0.25]
+            >>> op.pi_dampings(0.25, balance="trace")  # m = (8, 8): π = (1, 1)
+            [0.5, 0.5]
+        """
+        damping = check_damping(damping)
+        check_choice(balance, PI_BALANCES, "balance")
+        diagonals = [_factor_diagonal(f) for f in self.factors]
+        scales = torch.stack([d.mean() if balance == "mean" else d.sum() for d in diagonals])
+        for i, scale in enumerate(scales.tolist()):
+            if scale <= 0:
+                raise SingularOperatorError(
+                    f"Factored (π) damping needs every Kronecker factor to have a positive trace, "
+                    f"but factor {i} has trace {diagonals[i].sum().item():.3e}; use factored=False "
+                    "for the exact damped inverse."
+                )
+        pis = scales / scales.log().mean().exp()
         strength = damping ** (1.0 / len(self.factors))
-        inverses = []
-        pairs = zip(self.eigendecompositions(), self._factor_noise(), pis, strict=True)
-        for (e, q), noise, pi in pairs:
-            inverse = spectral.inverse_eigenvalues(e, strength * pi, 1.0, noise)
-            if q is None:  # a diagonal factor: exact entries, and its inverse stays diagonal
-                inverses.append(inverse)
-                continue
-            matrix = (q * inverse) @ q.T
-            inverses.append(0.5 * (matrix + matrix.T))
-        return Kronecker(*inverses)
+        return [(strength * pi).item() for pi in pis]
+
+    def factor_inverse(self, dampings: Sequence[float]) -> Kronecker:
+        """``⊗_i (F_i + λ_i I)^-1``: each factor damped by its own ``λ_i``, then inverted.
+
+        From the cached eigendecompositions, ``(F_i + λ_i I)^-1 = Q_i diag(1 / (e_i + λ_i))
+        Q_i^T``, an eigenvalue counting as zero within the rounding bound of the factor's
+        entries (as in :meth:`inverse`); a diagonal (1-D) factor's inverse stays diagonal. With
+        :meth:`pi_dampings` this is the factored inverse ``inverse(λ, factored=True)``.
+
+        Args:
+            dampings: ``k`` numbers ``λ_i >= 0``, one per factor.
+
+        Raises:
+            SingularOperatorError: ``F_i + λ_i I`` is singular (``λ_i = 0`` and a zero
+                eigenvalue), naming the factor.
+
+        Example:
+            >>> op = curvops.Kronecker(torch.tensor([[2.0, 1.0], [1.0, 2.0]]), torch.tensor([1.0, 3.0]))
+            >>> inverse = op.factor_inverse([1.0, 0.0])
+            >>> inverse.factors[1].tolist()  # (diag(1, 3) + 0 I)^-1, still 1-D
+            [1.0, 0.3333333432674408]
+            >>> damped = torch.kron(torch.tensor([[3.0, 1.0], [1.0, 3.0]]), torch.diag(op.factors[1]))
+            >>> torch.allclose(inverse.to_dense(), torch.linalg.inv(damped), atol=1e-6)
+            True
+        """
+        dampings = list(dampings)
+        if len(dampings) != len(self.factors):
+            raise ValueError(
+                f"factor_inverse needs one damping per factor ({len(self.factors)}), got {len(dampings)}."
+            )
+        pairs = zip(self.eigendecompositions(), self._factor_noise(), dampings, strict=True)
+        return Kronecker(*(_damped_inverse(i, e, q, t, lam) for i, ((e, q), t, lam) in enumerate(pairs)))
 
     def _state_tensors(self) -> dict[str, Tensor]:
         return {f"factor{i}": f for i, f in enumerate(self.factors)}
@@ -300,46 +296,6 @@ class Kronecker(CurvatureOperator):
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> Kronecker:
         return cls(*(tensors[f"factor{i}"] for i in range(len(tensors))))
-
-
-class Dense(Kronecker):
-    """A symmetric dense matrix ``M`` as an operator (a Kronecker product of one factor).
-
-    ``logdet``, ``inverse``, ``power`` and ``eigenvalues`` go through the cached
-    eigendecomposition of ``M`` (float64).
-
-    Args:
-        matrix: symmetric ``[D, D]`` tensor, finite.
-
-    Example:
-        >>> op = curvops.Dense(torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
-        >>> round(op.logdet().item(), 4), (op.inverse() @ torch.tensor([3.0, 3.0])).tolist()
-        (1.0986, [1.0, 1.0])
-    """
-
-    def __init__(self, matrix: Tensor) -> None:
-        if isinstance(matrix, Tensor) and matrix.ndim == 1:
-            raise ValueError("Dense takes a square [D, D] matrix; use Diagonal for a 1-D diagonal.")
-        super().__init__(matrix)
-
-    @property
-    def matrix(self) -> Tensor:
-        """The ``[D, D]`` matrix."""
-        return self.factors[0]
-
-    def _matmat(self, x: Tensor) -> Tensor:
-        return self.matrix @ x
-
-    def _state_tensors(self) -> dict[str, Tensor]:
-        return {"matrix": self.matrix}
-
-    @classmethod
-    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
-        return StateSchema(tensors={"matrix": _MATRIX})
-
-    @classmethod
-    def _from_state(cls, tensors, children, config, dtype, device) -> Dense:
-        return cls(tensors["matrix"])
 
 
 class KroneckerEigen(CurvatureOperator):
@@ -417,9 +373,7 @@ class KroneckerEigen(CurvatureOperator):
 
     def _to_dense(self) -> Tensor:
         eye = functools.partial(torch.eye, dtype=self.dtype, device=self.device)
-        basis = _kron(
-            [eye(n) if q is None else q for n, q in zip(self.sizes, self.eigenvectors, strict=True)]
-        )
+        basis = kron([eye(n) if q is None else q for n, q in zip(self.sizes, self.eigenvectors, strict=True)])
         return (basis * self.spectrum.flatten()) @ basis.T
 
     def _diagonal(self) -> Tensor:
@@ -436,7 +390,35 @@ class KroneckerEigen(CurvatureOperator):
         return self._power(-1.0, damping)
 
     def _power(self, p: float, damping: float) -> KroneckerEigen:
-        return KroneckerEigen(self.eigenvectors, spectral.power_eigenvalues(self.spectrum, p, damping, 0.0))
+        return self.with_eigenvalues(spectral.power_eigenvalues(self.spectrum, p, damping, 0.0))
+
+    def with_eigenvalues(self, eigenvalues: Tensor) -> KroneckerEigen:
+        """The operator with the same eigenvectors and new eigenvalues ``s'``:
+        ``(⊗ Q_i) diag(vec s') (⊗ Q_i)^T``, e.g. EKFAC's corrected eigenvalues in KFAC's basis.
+
+        The eigenvectors are shared, not copied, and not checked again.
+
+        Args:
+            eigenvalues: finite, of the :attr:`spectrum`'s shape ``[n_1, ..., n_k]``, dtype and
+                device.
+
+        Example:
+            >>> op = curvops.Kronecker(torch.tensor([[2.0, 1.0], [1.0, 2.0]]), torch.eye(2)).eigen()
+            >>> corrected = op.with_eigenvalues(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+            >>> corrected.eigenvectors is op.eigenvectors, corrected.trace().item()
+            (True, 10.0)
+        """
+        if not isinstance(eigenvalues, Tensor) or eigenvalues.shape != self.spectrum.shape:
+            shape = list(eigenvalues.shape) if isinstance(eigenvalues, Tensor) else type(eigenvalues).__name__
+            raise ValueError(
+                f"with_eigenvalues needs eigenvalues of the spectrum's shape {list(self.sizes)}, got {shape}."
+            )
+        check_same_place([self.spectrum, eigenvalues], "eigenvalues and the spectrum they replace")
+        if not bool(torch.isfinite(eigenvalues).all()):
+            raise ValueError("KroneckerEigen eigenvalues contain NaN or inf.")
+        op = copy.copy(self)
+        op.spectrum = eigenvalues
+        return op
 
     def _eigenvalues(self) -> Tensor:
         return self.spectrum.flatten()

@@ -14,7 +14,7 @@ from torch import Tensor
 from ..errors import ConvergenceWarning, NotPositiveDefiniteError, SingularOperatorError
 from .base import CurvatureOperator
 from .checks import check_damping, check_positive, check_positive_int
-from .composite import computation_dtype
+from .precision import computation_dtype
 from .state import NONNEGATIVE_REAL, POSITIVE_INT, POSITIVE_REAL, StateSchema
 
 

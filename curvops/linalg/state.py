@@ -1,5 +1,10 @@
 """Rebuilding operators from their state dicts, and checking a state dict against an operator.
 
+The registry of operator types lives here: every subclass of
+:class:`~curvops.CurvatureOperator` registers itself under its state dict type name
+(:func:`register_operator`), and :func:`operator_type` looks it up, for rebuilding and for
+the base class's generic methods (see :mod:`curvops.linalg.base`).
+
 Every operator declares what its state holds (:meth:`CurvatureOperator._state_schema`): the
 tensors by name with their numbers of axes and kind of entries, the number of sub-operators
 and the settings with their types. One validation, :func:`check_state`, holds each state
@@ -14,15 +19,35 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..errors import StateDictError
-from .base import _REGISTRY, CurvatureOperator, converted_from
+from .precision import converted_from
+
+if TYPE_CHECKING:
+    from .base import CurvatureOperator
 
 _KEYS = ("type", "shape", "dtype", "tensors", "children", "config")
+_REGISTRY: dict[str, type[CurvatureOperator]] = {}
+
+
+def register_operator(cls: type[CurvatureOperator]) -> None:
+    """Make ``cls`` known by its state dict type name ``cls._state_type`` (every subclass of
+    :class:`~curvops.CurvatureOperator` is registered as it is defined)."""
+    _REGISTRY[cls._state_type] = cls
+
+
+def operator_type(name: str) -> type[CurvatureOperator]:
+    """The operator class registered as ``name`` (curvops' own by class name: ``"Dense"``).
+
+    Example:
+        >>> operator_type("Dense") is curvops.Dense
+        True
+    """
+    return _REGISTRY[name]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..linalg.composite import computation_dtype
+from ..linalg import computation_dtype
 from .approximations import Basis
 from .layers.rule import KroneckerLayer
 from .losses import LossAdapter

@@ -1,0 +1,189 @@
+"""Influence scores ``∇ℓ_t^T (F + Λ)^-1 ∇ℓ_n`` of training examples on queries, and on themselves.
+
+The query gradients are preconditioned ``query_batch_size`` columns at a time and the
+training gradients streamed past each block; :func:`top_influences` sorts the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..linalg import CurvatureOperator
+from .problem import _Problem
+
+
+class TopInfluences(NamedTuple):
+    """The most helpful and most harmful training examples per query (see :func:`top_influences`).
+
+    Each field has the shape of ``scores`` with its last axis cut to ``k``.
+
+    Attributes:
+        helpful: training indices of the ``k`` largest scores, largest first.
+        helpful_scores: those scores.
+        harmful: training indices of the ``k`` smallest scores, most negative first
+            (harmful only where the score is negative).
+        harmful_scores: those scores.
+    """
+
+    helpful: Tensor
+    helpful_scores: Tensor
+    harmful: Tensor
+    harmful_scores: Tensor
+
+
+def influence_scores(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    train_data: Iterable,
+    query_data: Iterable,
+    curvature: str | CurvatureOperator = "ekfac",
+    damping: float | str = "heuristic",
+    fisher_type: str = "type-2",
+    bias: str = "joint",
+    params: Sequence[nn.Parameter] | None = None,
+    train_batch_size: int = 32,
+    query_batch_size: int = 128,
+    progressbar: bool = False,
+    curvature_options: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """Influence of every training example on every query: ``∇ℓ_t^T (F + Λ)^-1 ∇ℓ_n``.
+
+    See :mod:`curvops.influence` for ``ℓ_n``, ``F``, ``Λ`` and the sign: a positive score means
+    that a gradient step on training example ``n`` lowers the loss of query ``t`` (by
+    ``η · score`` for a step ``-η (F + Λ)^-1 ∇ℓ_n``, to first order), i.e. ``n`` is helpful to
+    ``t``; removing ``n`` from the training set raises ``ℓ_t`` by about ``score / Z``.
+
+    The query gradients ``[D, K]`` are preconditioned by ``(F + Λ)^-1`` ``query_batch_size``
+    columns at a time; the training gradients are streamed past each block
+    ``train_batch_size`` at a time. The result does not depend on either size, nor on how
+    the data is batched.
+
+    Args:
+        model: the network (in eval mode).
+        loss_fn: the training loss (see :func:`influence_curvature`).
+        train_data: a re-iterable of ``(X, y)`` batches (a list or a non-shuffling
+            ``DataLoader``), or one pair of tensors ``(X, y)``; ``N`` data in all.
+        query_data: the same for the ``M`` queries (e.g. test points with their labels).
+        curvature: a name of :func:`influence_curvature` (built over ``train_data`` with
+            ``fisher_type``, ``bias`` and ``params``), or a prebuilt
+            :class:`~curvops.CurvatureOperator` on the same parameters — the curvature of the
+            mean loss over ``train_data``.
+        damping: ``λ >= 0``, or ``"heuristic"`` (``0.1 ·`` the mean eigenvalue of each block).
+        fisher_type: ``"type-2"``, ``"mc"`` or ``"empirical"``.
+        bias: ``"joint"`` or ``"separate"``.
+        params: the parameters ``θ`` (default: the model's trainable ones, in order).
+        train_batch_size: training gradients computed and held at once.
+        query_batch_size: query gradients preconditioned and held at once (each block costs
+            one pass of training gradients).
+        progressbar: tqdm bars on the passes over the data.
+        curvature_options: further keyword arguments of the curvature's builder, e.g.
+            ``{"unsupported": "dense"}`` for a model with LayerNorm and a Kronecker curvature
+            (see :func:`influence_curvature`); none with a prebuilt operator.
+
+    Returns:
+        ``[M, N]`` scores, query ``t`` by training example ``n``, in data order.
+
+    Example:
+        >>> from curvops.influence import influence_scores
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> model = model.double()
+        >>> train = (torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,)))
+        >>> query = (torch.randn(2, 3, dtype=torch.float64), torch.tensor([0, 1]))
+        >>> scores = influence_scores(model, torch.nn.CrossEntropyLoss(), train, query, curvature="kfac")
+        >>> scores.shape
+        torch.Size([2, 10])
+        >>> same = influence_scores(
+        ...     model, torch.nn.CrossEntropyLoss(), train, query, "kfac",
+        ...     train_batch_size=3, query_batch_size=1,
+        ... )
+        >>> torch.allclose(scores, same)
+        True
+    """
+    problem = _Problem(
+        model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
+        train_batch_size, query_batch_size, progressbar, curvature_options,
+    )  # fmt: skip
+    query = problem.examples(query_data, "query_data")
+    problem.build()
+    rows = [problem.scores(problem.inverse @ q) for q in query.columns(problem.query_batch_size)]
+    return torch.cat(rows, dim=0)
+
+
+def self_influence(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    train_data: Iterable,
+    curvature: str | CurvatureOperator = "ekfac",
+    damping: float | str = "heuristic",
+    fisher_type: str = "type-2",
+    bias: str = "joint",
+    params: Sequence[nn.Parameter] | None = None,
+    train_batch_size: int = 32,
+    progressbar: bool = False,
+    curvature_options: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """Self-influence ``∇ℓ_n^T (F + Λ)^-1 ∇ℓ_n`` of every training example (``>= 0``).
+
+    The diagonal of ``influence_scores(train_data, train_data)`` at the cost of one pass of
+    training gradients: each ``[D, b]`` block is preconditioned and dotted with itself. Large
+    values flag examples the model has to bend most to fit (often mislabelled or atypical):
+    sort with :func:`top_influences`. Arguments as for :func:`influence_scores`.
+
+    Returns:
+        ``[N]`` scores in data order.
+
+    Example:
+        >>> from curvops.influence import influence_scores, self_influence
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> model = model.double()
+        >>> train = (torch.randn(6, 3, dtype=torch.float64), torch.randint(0, 2, (6,)))
+        >>> loss = torch.nn.CrossEntropyLoss()
+        >>> own = self_influence(model, loss, train, curvature="ekfac", damping=1e-3)
+        >>> torch.allclose(own, influence_scores(model, loss, train, train, "ekfac", 1e-3).diagonal())
+        True
+    """
+    problem = _Problem(
+        model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
+        train_batch_size, 1, progressbar, curvature_options,
+    )  # fmt: skip
+    problem.build()
+    parts = [(g * (problem.inverse @ g)).sum(dim=0) for g in problem.train.columns(problem.train_batch_size)]
+    return torch.cat(parts)
+
+
+def top_influences(scores: Tensor, k: int) -> TopInfluences:
+    """The ``k`` most helpful (largest) and most harmful (smallest) scores along the last axis.
+
+    Works on ``[M, N]`` :func:`influence_scores` (per query) and on ``[N]``
+    :func:`self_influence` scores. Ties come in no particular order.
+
+    Args:
+        scores: ``[..., N]`` finite floating-point scores.
+        k: ``1 <= k <= N``.
+
+    Returns:
+        :class:`TopInfluences` of ``[..., k]`` tensors: ``helpful`` and ``helpful_scores``
+        (descending), ``harmful`` and ``harmful_scores`` (ascending: most negative first).
+
+    Example:
+        >>> from curvops.influence import top_influences
+        >>> top = top_influences(torch.tensor([[0.5, -2.0, 3.0, 0.1]]), k=2)
+        >>> top.helpful.tolist(), top.helpful_scores.tolist(), top.harmful.tolist()
+        ([[2, 0]], [[3.0, 0.5]], [[1, 3]])
+    """
+    if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.ndim == 0:
+        raise ValueError("top_influences takes a floating-point tensor of scores with at least one axis.")
+    if not bool(torch.isfinite(scores).all()):
+        raise ValueError("The scores contain NaN or inf.")
+    count = scores.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= count:
+        raise ValueError(
+            f"k must be an integer in [1, {count}] (the number of training examples), got {k!r}."
+        )
+    helpful = torch.topk(scores, k, dim=-1, largest=True, sorted=True)
+    harmful = torch.topk(scores, k, dim=-1, largest=False, sorted=True)
+    return TopInfluences(helpful.indices, helpful.values, harmful.indices, harmful.values)

@@ -1,0 +1,52 @@
+"""``Dense``: a symmetric dense matrix as an operator, the one-factor case of ``Kronecker``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from .kronecker import Kronecker
+from .state import StateSchema, TensorSpec
+
+_MATRIX = TensorSpec((2,), square=True)
+
+
+class Dense(Kronecker):
+    """A symmetric dense matrix ``M`` as an operator (a Kronecker product of one factor).
+
+    ``logdet``, ``inverse``, ``power`` and ``eigenvalues`` go through the cached
+    eigendecomposition of ``M`` (float64).
+
+    Args:
+        matrix: symmetric ``[D, D]`` tensor, finite.
+
+    Example:
+        >>> op = curvops.Dense(torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
+        >>> round(op.logdet().item(), 4), (op.inverse() @ torch.tensor([3.0, 3.0])).tolist()
+        (1.0986, [1.0, 1.0])
+    """
+
+    def __init__(self, matrix: Tensor) -> None:
+        if isinstance(matrix, Tensor) and matrix.ndim == 1:
+            raise ValueError("Dense takes a square [D, D] matrix; use Diagonal for a 1-D diagonal.")
+        super().__init__(matrix)
+
+    @property
+    def matrix(self) -> Tensor:
+        """The ``[D, D]`` matrix."""
+        return self.factors[0]
+
+    def _matmat(self, x: Tensor) -> Tensor:
+        return self.matrix @ x
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        return {"matrix": self.matrix}
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(tensors={"matrix": _MATRIX})
+
+    @classmethod
+    def _from_state(cls, tensors, children, config, dtype, device) -> Dense:
+        return cls(tensors["matrix"])
