@@ -93,9 +93,7 @@ class KroneckerApproximation:
         layer = statistics.layer
         output, input, bias = self.factors(statistics)
         weight = Kronecker(*layer.kronecker_order(output, input))
-        decompositions = weight.eigendecompositions()
-        e_out, q_out = decompositions[1 if layer.rule.transposed else 0]
-        q_in = None if layer.rule.transposed else decompositions[1][1]
+        (e_out, q_out), (_, q_in) = layer.kronecker_order(*weight.eigendecompositions())
         e_bias, q_bias = Kronecker(bias).eigendecompositions()[0] if self.trace_restricted else (e_out, q_out)
         scales = [
             weight.eigen().spectrum if layer.weight is not None else None,
@@ -110,8 +108,7 @@ class KroneckerApproximation:
         q_out, q_in, q_bias = basis
         blocks: list[CurvatureOperator] = []
         if corrections.weight is not None:
-            bases = [None, q_out] if layer.rule.transposed else [q_out, q_in]
-            blocks.append(KroneckerEigen(bases, corrections.weight))
+            blocks.append(KroneckerEigen(layer.kronecker_order(q_out, q_in), corrections.weight))
         if corrections.bias is not None:
             blocks.append(KroneckerEigen([q_bias], corrections.bias))
         return blocks

@@ -29,8 +29,13 @@ class Layout:
         """The flat indices of ``p``'s entries."""
         return self.offsets[id(p)] + torch.arange(p.numel(), device=device)
 
-    def joint(self, weight: nn.Parameter, bias: nn.Parameter, device: torch.device) -> Tensor:
-        """``vec([W b])`` order: each output row's weights, then its bias."""
+    def joint(self, layer: KroneckerLayer, device: torch.device) -> Tensor:
+        """``vec([W b])`` order: each output row's weights, then its bias (for a transposed weight
+        ``[n_in, n_out]``: the bias as one more input row)."""
+        weight, bias = layer.weight, layer.bias
+        if layer.rule.transposed:
+            rows = self.indices(weight, device).reshape(-1, weight.shape[-1])
+            return torch.cat([rows, self.indices(bias, device).unsqueeze(0)], dim=0).flatten()
         rows = self.indices(weight, device).reshape(weight.shape[0], -1)
         return torch.cat([rows, self.indices(bias, device).unsqueeze(1)], dim=1).flatten()
 
@@ -40,7 +45,7 @@ class Layout:
         """The entries of a layer's blocks (weight, or weight+bias if joint; then a separate bias)."""
         name = layer.name or type(layer.module).__name__
         if layer.joint:
-            return [(name, blocks[0], self.joint(layer.weight, layer.bias, device))]
+            return [(name, blocks[0], self.joint(layer, device))]
         params = [(kind, p) for kind, p in (("weight", layer.weight), ("bias", layer.bias)) if p is not None]
         return [
             (f"{name}.{kind}", block, self.indices(p, device))

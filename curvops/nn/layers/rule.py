@@ -27,12 +27,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from ..statistics import LayerStatistics
+
+T = TypeVar("T")
 
 CORRECTION_CHUNK = 2**26
 """Numbers per intermediate of a gradient-norm sum or an eigenvalue correction: data are
@@ -75,8 +77,10 @@ class KroneckerLayer:
         n_in = self.sizes[1]
         return (n_in,) if self.rule.diagonal_input else (n_in, n_in)
 
-    def kronecker_order(self, output: Tensor, input: Tensor) -> tuple[Tensor, Tensor]:
-        """The factors in the order of the weight's flattening: ``(G, A)``, or ``(A, G)`` if transposed."""
+    def kronecker_order(self, output: T, input: T) -> tuple[T, T]:
+        """Output- and input-side things (factors, eigenbases, sizes) in the order of the weight's
+        flattening: ``(G, A)``, or ``(A, G)`` if transposed; applied to that order, it gives
+        ``(output, input)`` back."""
         return (input, output) if self.rule.transposed else (output, input)
 
 
@@ -131,8 +135,9 @@ class LayerRule(ABC):
     def correction(
         self, layer: KroneckerLayer, inputs: Tensor, rotated: Tensor, q_in: Tensor | None, correction: str
     ) -> Tensor:
-        """One batch's ``Σ_{n,c} (Q_out^T ∇_W ℓ_nc Q_in)²`` (``[n_out, n_in]``, transposed for a
-        transposed rule) from the output gradients already rotated by ``Q_out``."""
+        """One batch's ``Σ_{n,c} (Q_out^T ∇_W ℓ_nc Q_in)²`` in the weight's layout (``[n_out, n_in]``,
+        ``[n_in, n_out]`` for a transposed rule) from the output gradients already rotated by ``Q_out``
+        (``q_in`` is ``None`` for a diagonal input factor)."""
 
 
 def second_moment(rows: Tensor) -> Tensor:
@@ -272,4 +277,4 @@ class DenseInputRule(LayerRule):
                 output_gram = torch.einsum("knso,knto->nsto", g, g)
                 part = torch.einsum("nsto,nsti->oi", output_gram, torch.einsum("nsi,nti->nsti", a, a))
             total = part if total is None else total + part
-        return total
+        return total.T if self.transposed else total
