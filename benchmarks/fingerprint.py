@@ -21,7 +21,7 @@ from common import run, seconds, workload
 from torch import nn
 
 import curvops
-from curvops.nn.model import PassRecord
+from curvops.nn.passes import PassRecord
 
 
 def record_pass(data: list) -> None:

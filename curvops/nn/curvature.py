@@ -31,8 +31,10 @@ from torch.func import grad, jvp, vjp, vmap
 from ..linalg import Cast, Dense, computation_dtype
 from ..linalg.base import CurvatureOperator
 from ..linalg.checks import check_positive_int, check_seed
+from .forward_checks import fixed_forward
+from .jacobian_products import add_trees, pull_back, push_forward
 from .losses import LossAdapter
-from .model import ModelData, add_trees, fixed_forward, pull_back, push_forward
+from .model import ModelData
 
 Tree = dict[str, Tensor]
 

@@ -10,7 +10,9 @@ from torch.func import vjp
 
 from ..errors import NonDeterministicDataError
 from ..linalg.linear_map import LinearMap
-from .model import ModelData, add_trees, fixed_forward, pull_back, push_forward
+from .forward_checks import fixed_forward
+from .jacobian_products import add_trees, pull_back, push_forward
+from .model import ModelData
 
 
 class Jacobian(LinearMap):

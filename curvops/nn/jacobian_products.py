@@ -1,0 +1,69 @@
+"""Products with a model's Jacobian ``J = ∂f/∂θ`` through ``torch.func``: ``J v`` and ``J^T u``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+
+def pull_back(pullback: Callable, cotangents: Tensor | dict[str, Tensor]) -> dict[str, Tensor]:
+    """``J^T u`` for every column ``u`` of ``cotangents`` (``[K, ...]``, or a tree of them),
+    as ``{name: [K, *shape]}``.
+
+    One backward pass per column through the same recorded forward pass: on CPU this is
+    faster than ``vmap`` over the pullback (measured up to 4x for convolutions).
+
+    Example:
+        >>> weight = torch.randn(2, 3)
+        >>> _, pullback = torch.func.vjp(lambda p: p["w"] @ torch.ones(3), {"w": weight})
+        >>> pull_back(pullback, torch.eye(2))["w"].shape
+        torch.Size([2, 2, 3])
+    """
+    if isinstance(cotangents, dict):
+        count = next(iter(cotangents.values())).shape[0]
+        columns = [pullback({name: t[k] for name, t in cotangents.items()})[0] for k in range(count)]
+    else:
+        columns = [pullback(u)[0] for u in cotangents]
+    return {name: torch.stack([column[name] for column in columns]) for name in columns[0]}
+
+
+def push_forward(
+    forward: Callable, params: dict[str, Tensor], tree: dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """The output and ``J v`` for every column ``v`` of ``tree`` (``{name: [K, *shape]}``):
+    ``(f(θ), [K, *output.shape])``.
+
+    Forward mode (``vmap`` of ``jvp``) where every operation of the model has a forward-mode
+    derivative; otherwise (e.g. ``nn.MultiheadAttention``'s fused kernel in eval mode) reverse
+    over reverse: ``J^T u`` is linear in ``u``, so ``J v = ∂/∂u ⟨J^T u, v⟩``, one backward pass
+    per column through a recorded pullback.
+
+    Example:
+        >>> weight, x = torch.randn(2, 3), torch.randn(3)
+        >>> output, tangents = push_forward(lambda p: p["w"] @ x, {"w": weight}, {"w": torch.ones(4, 2, 3)})
+        >>> torch.allclose(tangents, (torch.ones(2, 3) @ x).expand(4, 2))
+        True
+    """
+    try:
+        return vmap(lambda v: jvp(forward, (params,), (v,)), out_dims=(None, 0))(tree)
+    except NotImplementedError as error:
+        if "forward AD" not in str(error):
+            raise
+    output = forward(params)
+    _, transpose = vjp(lambda u: vjp(forward, params)[1](u)[0], torch.zeros_like(output))
+    count = next(iter(tree.values())).shape[0]
+    columns = [transpose({name: t[k] for name, t in tree.items()})[0] for k in range(count)]
+    return output, torch.stack(columns)
+
+
+def add_trees(total: dict[str, Tensor] | None, part: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``total + part`` for ``{name: tensor}`` trees; ``part`` when there is no total yet.
+
+    Example:
+        >>> add_trees(add_trees(None, {"w": torch.ones(2)}), {"w": torch.ones(2)})
+        {'w': tensor([2., 2.])}
+    """
+    return part if total is None else {name: total[name] + part[name] for name in total}
