@@ -51,10 +51,12 @@ from .linalg import (
 )
 from .linalg.checks import check_choice, check_generator, check_positive, check_positive_int
 from .nn.curvature import GGN, computation_copy, dense_operator
+from .nn.forward_checks import check_batch_statistics, fixed_forward
 from .nn.kfac import kronecker_approximation
 from .nn.losses import LossAdapter, loss_hessian_factor
-from .nn.model import ModelData, check_batch_statistics, check_built_from, fixed_forward
+from .nn.model import ModelData
 from .nn.options import check_curvature
+from .nn.staleness import check_built_from
 
 CURVATURES = ("kfac", "ekfac", "tkfac", "tekfac", "diagonal", "full")
 PRIOR_METHODS = ("marglik", "grid")

@@ -126,7 +126,7 @@ def test_rules_are_found_by_class_and_registration_is_checked():
 
     assert isinstance(layer_rule(MyLinear(2, 2)), LinearRule)
     assert layer_rule(nn.LayerNorm(2)) is None
-    with pytest.raises(TypeError, match="subclass of nn.Module"):
+    with pytest.raises(TypeError, match=r"subclass of nn\.Module"):
         register_layer_rule(int, LinearRule())
     with pytest.raises(TypeError, match="LayerRule"):
         register_layer_rule(Affine, "linear")
@@ -162,8 +162,9 @@ def test_statistics_add_normalise_and_average_as_values():
     assert LayerStatistics(layer).average(total, 0.5) is total
     with pytest.raises(ValueError, match="different layers"):
         total + LayerStatistics(_layer(nn.Linear(3, 2)))
-    with pytest.raises(ValueError, match="δ = 0.0"):
-        LayerStatistics(layer, input_factor=torch.eye(3), trace=torch.tensor(0.0), input_count=1.0).normalised(1)
+    degenerate = LayerStatistics(layer, input_factor=torch.eye(3), trace=torch.tensor(0.0), input_count=1.0)
+    with pytest.raises(ValueError, match=r"δ = 0\.0"):
+        degenerate.normalised(1.0)
     halves = Corrections(torch.ones(2), None) + Corrections(torch.ones(2), None)
     torch.testing.assert_close((halves / 4).weight, torch.full((2,), 0.5))
 
@@ -221,9 +222,8 @@ def test_factored_kfac_is_pi_damped():
     def weight(s):
         g, a = s.output_factor, s.input_factor
         pi = math.sqrt((g.trace() / len(g)) / (a.trace() / len(a)))
-        return torch.kron(
-            torch.linalg.inv(g + pi * root * torch.eye(len(g))), torch.linalg.inv(a + root / pi * torch.eye(len(a)))
-        )
+        output = torch.linalg.inv(g + pi * root * torch.eye(len(g)))
+        return torch.kron(output, torch.linalg.inv(a + root / pi * torch.eye(len(a))))
 
     def bias(s):
         return torch.linalg.inv(s.output_factor + damping * torch.eye(len(s.output_factor)))

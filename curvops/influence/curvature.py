@@ -20,8 +20,8 @@ from ..nn.approximations import KRONECKER_APPROXIMATIONS
 from ..nn.curvature import computation_copy, dense_operator
 from ..nn.kfac import BUILDERS, kronecker_approximation
 from ..nn.layers import find_layers
-from ..nn.model import check_built_from, mark_built_from
 from ..nn.options import unsupported_error
+from ..nn.staleness import check_built_from, mark_built_from
 from .examples import _Examples, _Losses
 
 CURVATURES = (*KRONECKER_APPROXIMATIONS, "diagonal", "ggn", "identity")

@@ -20,7 +20,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ..errors import NonDeterministicDataError
 from ..nn import LossAdapter, ModelData
-from ..nn.model import as_batches, check_batch_statistics, fixed_forward
+from ..nn.batches import as_batches
+from ..nn.forward_checks import check_batch_statistics, fixed_forward
 
 _INPUT_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError)
 """What a model or loss raises on inputs it cannot take (torch.func's decompositions assert)."""

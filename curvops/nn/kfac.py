@@ -16,8 +16,9 @@ from .assembly import Entry, Layout, assemble
 from .curvature import computation_copy, dense_operator
 from .kronecker_pass import KroneckerPass
 from .layers import find_layers
-from .model import ModelData, mark_built_from
+from .model import ModelData
 from .options import UNSUPPORTED_OPTIONS, KroneckerOptions, unsupported_error
+from .staleness import mark_built_from
 
 
 def KFAC(

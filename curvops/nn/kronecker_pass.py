@@ -17,9 +17,11 @@ from torch import Tensor, nn
 
 from ..linalg import computation_dtype
 from .approximations import Basis
+from .batches import is_empty
+from .forward_checks import fixed_forward
 from .layers.rule import KroneckerLayer
 from .losses import LossAdapter
-from .model import ModelData, fixed_forward, is_empty
+from .model import ModelData
 from .options import KroneckerOptions
 from .statistics import Corrections, LayerStatistics
 

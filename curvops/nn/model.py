@@ -20,23 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from ..linalg.checks import check_bool
-from .batches import as_batches, check_reiterable, checked_batch, is_empty
-from .forward_checks import check_batch_statistics, fixed_forward
-from .parameters import as_parameter_list, chosen_parameters, parameter_slots
+from .batches import as_batches, check_reiterable, checked_batch
+from .forward_checks import check_batch_statistics
+from .parameters import chosen_parameters, parameter_slots
 from .passes import PassChecks, PassRecord, named_leaves
-from .staleness import ParameterSnapshot, check_built_from, mark_built_from
-
-__all__ = [
-    "CheckedData",
-    "ModelData",
-    "as_batches",
-    "as_parameter_list",
-    "check_batch_statistics",
-    "check_built_from",
-    "fixed_forward",
-    "is_empty",
-    "mark_built_from",
-]
+from .staleness import ParameterSnapshot
 
 
 class ModelData:

@@ -25,8 +25,8 @@ from ..nn.approximations import Basis
 from ..nn.assembly import Layout, assemble
 from ..nn.kronecker_pass import batch_corrections, batch_statistics
 from ..nn.layers import find_layers
-from ..nn.model import as_parameter_list
 from ..nn.options import KroneckerOptions
+from ..nn.parameters import as_parameter_list
 from ..nn.statistics import Corrections, LayerStatistics
 from .capture import BatchCapture, CapturedBatch
 from .kfac_state import check_momentum, check_running_state, load_curvature_state
