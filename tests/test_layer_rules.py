@@ -205,7 +205,7 @@ def _block_inverse(opt, weight_inverse, bias_inverse):
     return torch.block_diag(*blocks)
 
 
-@pytest.mark.parametrize("curvature", ["kfac", "ekfac", "tkfac"])
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac", "tkfac", "tekfac"])
 def test_unfactored_damping_is_exact_for_every_curvature(curvature):
     damping = 0.3
     opt = _one_step(curvature, False, damping)
@@ -257,7 +257,30 @@ def test_factored_tkfac_is_gao_et_al():
     assert (exact - expected).norm() > 1e-2 * expected.norm()
 
 
-def test_factored_ekfac_is_refused():
+@pytest.mark.parametrize("curvature", ["ekfac", "tekfac"])
+def test_factored_corrected_curvatures_are_refused(curvature):
     model = nn.Sequential(nn.Linear(3, 2))
-    with pytest.raises(ValueError, match="EKFAC has no factored damping"):
-        curvops.optim.KFACOptimizer(model, nn.MSELoss(), curvature="ekfac", factored=True)
+    with pytest.raises(ValueError, match=f"{curvature.upper()} has no factored damping"):
+        curvops.optim.KFACOptimizer(model, nn.MSELoss(), curvature=curvature, factored=True)
+
+
+@pytest.mark.parametrize("curvature", ["ekfac", "tekfac"])
+def test_corrected_optimizer_curvature_is_the_builders_after_one_step(curvature):
+    """With ``ema_decay=0`` the running state is the step's: EKFAC's / TEKFAC's operator of the batch."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = curvops.optim.KFACOptimizer(
+        model, loss_fn, curvature=curvature, fisher_type="type-2", ema_decay=0.0, T_inv=1, damping=0.2
+    )
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    truth = curvops.nn.kfac.kronecker_approximation(curvature, model, loss_fn, [(x, y)], fisher_type="type-2")
+    loss_fn(model(x), y).backward()
+    opt.step()
+    torch.testing.assert_close(opt.curvature_operator().to_dense(), truth.to_dense(), rtol=1e-9, atol=1e-11)
+    dense = truth.to_dense()
+    expected = torch.linalg.inv(dense + 0.2 * torch.eye(len(dense)))
+    torch.testing.assert_close(opt.preconditioner.to_dense(), expected, rtol=1e-9, atol=1e-11)
+    restored = curvops.optim.KFACOptimizer(model, loss_fn, curvature=curvature, fisher_type="type-2")
+    restored.load_state_dict(opt.state_dict())
+    torch.testing.assert_close(restored.curvature_operator().to_dense(), opt.curvature_operator().to_dense())

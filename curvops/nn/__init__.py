@@ -3,6 +3,7 @@
 from .curvature import GGN, EmpiricalFisher, FisherMC, Hessian, ModelCurvature
 from .jacobian import Jacobian
 from .kfac import EKFAC, KFAC, TKFAC
+from .layers import LayerRule, register_layer_rule
 from .losses import LossAdapter
 from .model import ModelData
 
@@ -15,7 +16,9 @@ __all__ = [
     "FisherMC",
     "Hessian",
     "Jacobian",
+    "LayerRule",
     "LossAdapter",
     "ModelCurvature",
     "ModelData",
+    "register_layer_rule",
 ]

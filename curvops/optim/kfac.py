@@ -32,7 +32,7 @@ from .capture import BatchCapture, CapturedBatch
 from .kfac_state import check_momentum, check_running_state, load_curvature_state
 from .schedule import Schedule, all_finite, check_fraction, check_schedule, evaluate
 
-CURVATURES = ("kfac", "ekfac", "tkfac")
+CURVATURES = ("kfac", "ekfac", "tkfac", "tekfac")
 
 
 class KFACOptimizer(torch.optim.Optimizer):
@@ -99,7 +99,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         params: the parameters to train (default: the model's trainable ones), one group: a
             list, or a dict of them (its values, in order); frozen ones (``requires_grad=False``)
             stay as they are and are not preconditioned.
-        curvature: ``"kfac"``, ``"ekfac"`` or ``"tkfac"``.
+        curvature: ``"kfac"``, ``"ekfac"``, ``"tkfac"`` or ``"tekfac"`` (EKFAC's corrected
+            eigenvalues in TKFAC's eigenbasis, as ``TKFAC(eigenvalue_correction=True)``).
         lr: ``η``, a number or a schedule ``step -> η`` (a number in ``param_groups`` also
             follows ``torch.optim.lr_scheduler``).
         momentum: ``μ`` in ``[0, 1)``.
@@ -316,7 +317,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         changing anything, when it belongs to other layers, shapes or curvature (naming the key)."""
         state = dict(state_dict)
         layers = [s.layer for s in self.layers]
-        extra = check_running_state(state.pop("curvature", None), self.curvature, layers)
+        extra = check_running_state(state.pop("curvature", None), self.approximation, layers)
         check_momentum(state, self.param_groups[0]["params"])
         loaded = load_curvature_state(extra, layers, self._layout.size, self._device, self._dtype)
         state["state"] = copy.deepcopy(state.get("state", {}))  # momentum buffers of its own: no aliasing

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..errors import StateDictError
 from ..linalg import CurvatureOperator, from_state_dict
-from ..nn.approximations import Basis
+from ..nn.approximations import Basis, KroneckerApproximation
 from ..nn.layers import KroneckerLayer
 from ..nn.statistics import LayerStatistics
 
@@ -18,14 +18,14 @@ STATE = "The KFACOptimizer state dict's"
 CURVATURE_STATE = ("curvature", "steps", "statistics", "bases", "scales", "preconditioner")
 
 
-def running_shapes(layer: KroneckerLayer, curvature: str) -> dict[str, Any]:
+def running_shapes(layer: KroneckerLayer, approximation: KroneckerApproximation) -> dict[str, Any]:
     """The shapes of a layer's running state: ``"statistics"`` by name (those of
     :class:`~curvops.nn.statistics.LayerStatistics`), and EKFAC's ``"bases"`` ``(Q_out, Q_in,
     Q_bias)`` and ``"scales"`` ``(s_weight, s_bias)`` (``None`` where the layer has no such entry)."""
     n_out, n_in = layer.sizes
     input_shape, output_shape = layer.input_shape, (n_out, n_out)
     statistics = {"input_factor": input_shape, "output_factor": output_shape}
-    if curvature == "tkfac":
+    if approximation.trace_restricted:
         statistics.update(trace=(), trace_input_factor=input_shape, trace_output_factor=output_shape)
         if layer.separate_bias:
             statistics["bias_trace"] = ()
@@ -56,8 +56,10 @@ def _check_tensor(key: str, value: Any, shape: tuple[int, ...] | None) -> None:
         )
 
 
-def check_running_state(extra: Any, curvature: str, layers: list[KroneckerLayer]) -> dict[str, Any]:
-    """Raise unless ``extra`` is a ``"curvature"`` entry for this curvature and these layers, with
+def check_running_state(
+    extra: Any, approximation: KroneckerApproximation, layers: list[KroneckerLayer]
+) -> dict[str, Any]:
+    """Raise unless ``extra`` is a ``"curvature"`` entry for this approximation and these layers, with
     every statistic, basis and eigenvalue tensor of the shape the layers give it."""
     if not isinstance(extra, dict):
         raise StateDictError("Not a KFACOptimizer state dict: it has no 'curvature' entry.")
@@ -67,10 +69,10 @@ def check_running_state(extra: Any, curvature: str, layers: list[KroneckerLayer]
     for kind in ("statistics", "bases", "scales"):
         if not isinstance(extra[kind], dict):
             raise StateDictError(f"{STATE} ['curvature'][{kind!r}] must be a dict, got {extra[kind]!r}.")
-    if extra["curvature"] != curvature:
+    if extra["curvature"] != approximation.name:
         raise StateDictError(
             f"The state dict holds {str(extra.get('curvature')).upper()} statistics; this optimizer "
-            f"uses {curvature.upper()}."
+            f"uses {approximation.label}."
         )
     names = [layer.name for layer in layers]
     if set(extra["statistics"]) != set(names):
@@ -88,18 +90,20 @@ def check_running_state(extra: Any, curvature: str, layers: list[KroneckerLayer]
                 f"has {names}."
             )
     for layer in layers:
-        _check_layer_state(layer, extra, curvature)
+        _check_layer_state(layer, extra, approximation)
     return extra
 
 
-def _check_layer_state(layer: KroneckerLayer, extra: dict[str, Any], curvature: str) -> None:
-    expected = running_shapes(layer, curvature)
+def _check_layer_state(
+    layer: KroneckerLayer, extra: dict[str, Any], approximation: KroneckerApproximation
+) -> None:
+    expected = running_shapes(layer, approximation)
     statistics, key = extra["statistics"][layer.name], f"['statistics'][{layer.name!r}]"
     if not isinstance(statistics, dict):
         raise StateDictError(f"{STATE} ['curvature']{key} must be a dict of tensors, got {statistics!r}.")
     if set(statistics) not in (set(), set(expected["statistics"])):
         raise StateDictError(
-            f"{STATE} ['curvature']{key} holds {sorted(statistics)}; {curvature.upper()} needs "
+            f"{STATE} ['curvature']{key} holds {sorted(statistics)}; {approximation.label} needs "
             f"{sorted(expected['statistics'])}."
         )
     for name, value in statistics.items():
