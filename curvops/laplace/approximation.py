@@ -263,8 +263,7 @@ class Laplace:
             self._prior_precision if prior_precision is None else self._check_prior_precision(prior_precision)
         )
         with torch.no_grad():
-            taus = self._posterior.taus(prior_precision)
-            return self._posterior.log_marginal_likelihood(taus, prior_precision, self._temperature)
+            return self._posterior.log_marginal_likelihood(prior_precision, self._temperature)
 
     def optimize_prior_precision(
         self,

@@ -122,15 +122,12 @@ class Posterior:
             index = order[start : start + block.shape[0]]
             self.blocks.append(_Block(_scale(block, scale), index, groups[index]))
             start += block.shape[0]
-        self.curvature = self._assemble([block.op for block in self.blocks])
+        self.curvature = self._layout.assemble([block.op for block in self.blocks])
         self._group_sizes = torch.tensor(sizes, dtype=curvature.dtype, device=device)
         self._group_squares = torch.stack([t.square().sum() for t in theta.values()])
         self.loss = loss
 
-    def _assemble(self, ops: list[CurvatureOperator]) -> CurvatureOperator:
-        return self._layout.assemble(ops)
-
-    def taus(self, prior_precision: Tensor) -> Tensor:
+    def _taus(self, prior_precision: Tensor) -> Tensor:
         """``τ`` per parameter tensor, ``[G]``."""
         count = len(self.names)
         return prior_precision.expand(count) if prior_precision.ndim == 0 else prior_precision
@@ -153,7 +150,7 @@ class Posterior:
         self, prior_precision: Tensor, temperature: float
     ) -> list[tuple[CurvatureOperator, float | None]]:
         """Per block ``(K_b/T, τ_b)``, or ``(Dense(K_b/T + diag τ), None)`` for a mixed block."""
-        taus = self.taus(prior_precision)
+        taus = self._taus(prior_precision)
         result = []
         for block in self.blocks:
             if self._mixed(block, prior_precision):
@@ -169,7 +166,7 @@ class Posterior:
             op if tau is None else Sum([op], shift=tau)
             for op, tau in self._damped_blocks(prior_precision, temperature)
         ]
-        return self._assemble(ops)
+        return self._layout.assemble(ops)
 
     def covariance(self, prior_precision: Tensor, temperature: float) -> CurvatureOperator:
         """``P^-1`` block by block, exact through each block's structure."""
@@ -177,7 +174,7 @@ class Posterior:
             op.inverse() if tau is None else op.inverse(damping=tau)
             for op, tau in self._damped_blocks(prior_precision, temperature)
         ]
-        return self._assemble(ops)
+        return self._layout.assemble(ops)
 
     def power(self, exponent: float, prior_precision: Tensor, temperature: float) -> CurvatureOperator:
         """``P^p`` block by block, exact through each block's eigenvalues."""
@@ -185,29 +182,33 @@ class Posterior:
             op.power(exponent, damping=0.0 if tau is None else tau)
             for op, tau in self._damped_blocks(prior_precision, temperature)
         ]
-        return self._assemble(ops)
+        return self._layout.assemble(ops)
 
-    def logdet(self, taus: Tensor, prior_precision: Tensor, temperature: float) -> Tensor:
-        """``logdet P``, differentiable in ``taus`` (``[G]``; ``prior_precision`` gives the shape).
+    def logdet(self, prior_precision: Tensor, temperature: float) -> Tensor:
+        """``logdet P``, differentiable in ``prior_precision`` (0-dim or ``[G]``).
 
-        A block with one ``τ_b``: ``logdet diag(λ_b/T + τ_b)`` over its eigenvalues ``λ_b``
-        (cached); a mixed block: ``logdet(K_b/T + diag τ)`` by a Cholesky factorisation.
+        A block with one ``τ_b``: the logdet of ``Diagonal(λ_b/T + τ_b)`` over the block's
+        eigenvalues ``λ_b`` (computed once, so ``O(D_b)`` per ``τ``); a mixed block:
+        ``logdet(K_b/T + diag τ)`` by a Cholesky factorisation (``O(D_b³)`` per ``τ``).
         """
+        taus = self._taus(prior_precision)
         total = taus.new_zeros(())
         for block in self.blocks:
             if self._mixed(block, prior_precision):
-                total = total + _cholesky_logdet(block.dense() / temperature + torch.diag(taus[block.groups]))
+                matrix = block.dense() / temperature + torch.diag(taus[block.groups])
+                total = total + _cholesky_logdet(matrix)
             else:
                 total = total + Diagonal(block.eigenvalues() / temperature + taus[block.group]).logdet()
         return total
 
-    def log_marginal_likelihood(self, taus: Tensor, prior_precision: Tensor, temperature: float) -> Tensor:
-        """``-L_sum/T - ½ (logdet P - Σ_l D_l log τ_l) - ½ Σ_l τ_l ‖θ*_l‖²``, differentiable in ``taus``."""
-        logdet = self.logdet(taus, prior_precision, temperature)
+    def log_marginal_likelihood(self, prior_precision: Tensor, temperature: float) -> Tensor:
+        """``-L_sum/T - ½ (logdet P - Σ_l D_l log τ_l) - ½ Σ_l τ_l ‖θ*_l‖²``, differentiable in
+        ``prior_precision`` (0-dim or ``[G]``)."""
+        taus = self._taus(prior_precision)
+        logdet = self.logdet(prior_precision, temperature)
         log_prior = (self._group_sizes * taus.log()).sum()
-        return (
-            -self.loss / temperature - 0.5 * (logdet - log_prior) - 0.5 * (taus * self._group_squares).sum()
-        )
+        penalty = (taus * self._group_squares).sum()
+        return -self.loss / temperature - 0.5 * (logdet - log_prior) - 0.5 * penalty
 
 
 def _cholesky_logdet(matrix: Tensor) -> Tensor:

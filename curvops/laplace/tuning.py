@@ -41,7 +41,7 @@ def grid_search(posterior: Posterior, start: Tensor, temperature: float, grid: T
     with torch.no_grad():
         values = torch.stack(
             [
-                posterior.log_marginal_likelihood(posterior.taus(tau), tau, temperature)
+                posterior.log_marginal_likelihood(tau, temperature)
                 for tau in (torch.full_like(start, value) for value in grid.tolist())
             ]
         )
@@ -59,7 +59,7 @@ def maximize_marglik(
     with torch.enable_grad():
         for _ in range(steps):
             optimizer.zero_grad()
-            loss = -posterior.log_marginal_likelihood(posterior.taus(log_tau.exp()), start, temperature)
+            loss = -posterior.log_marginal_likelihood(log_tau.exp(), temperature)
             loss.backward()
             optimizer.step()
             schedule.step()
