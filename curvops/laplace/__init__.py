@@ -24,12 +24,12 @@ the whole ``"full"`` GGN, with one ``τ`` per parameter tensor) is handled dense
 This follows the conventions of ``laplace-torch`` (Daxberger et al., 2021) for the
 marginal likelihood and the predictives.
 
-The package: :mod:`~curvops.laplace.curvature` (the data pass at ``θ*`` and the curvature),
-:mod:`~curvops.laplace.posterior` (the blocks of ``K``, the prior, ``P``, ``P^-1``, ``P^p`` and
-the evidence), :mod:`~curvops.laplace.tuning` (choosing ``τ``),
-:mod:`~curvops.laplace.network` and :mod:`~curvops.laplace.predictive` (the network at ``θ*``,
-per-datum Jacobians, the predictives) and :mod:`~curvops.laplace.approximation`
-(:class:`Laplace`, which puts them together).
+The package, one job per module: ``curvature`` (the pass over the data at ``θ*`` and the
+curvature operator), ``posterior`` (the blocks of ``K``, the prior, ``P``, ``P^-1``, ``P^p`` and
+the evidence), ``tuning`` (choosing ``τ``), ``network`` (the model at the copy of ``θ*``:
+checked inputs, per-datum Jacobians from :func:`curvops.nn.jacobian.datum_jacobians`),
+``predictive`` (the GLM and Monte-Carlo predictives) and ``approximation`` (:class:`Laplace`,
+which puts them together). The diagonal GGN is built in :mod:`curvops.nn.diagonal`.
 """
 
 from .approximation import Laplace

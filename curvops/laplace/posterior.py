@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import NotPositiveDefiniteError
-from ..linalg import CurvatureOperator, Dense, Diagonal, Sum, block_layout
+from ..linalg import BlockLayout, CurvatureOperator, Dense, Diagonal, Sum, block_layout
 from ..linalg.checks import check_positive
 
 _MAX_DENSE_BLOCK = 10_000  # the largest block that mixes prior precisions and is made dense
@@ -80,16 +80,32 @@ class _Block:
             self._eigenvalues = values.clamp(min=0)
         return self._eigenvalues
 
-    def dense(self) -> Tensor:
-        """``K_b`` as a symmetric dense matrix (computed once), for blocks that mix priors."""
+    def damped_dense(self, taus: Tensor, temperature: float) -> Tensor:
+        """``K_b/T + diag(τ)`` dense, ``τ`` per coordinate from ``taus`` (``[G]``), for a block
+        that mixes prior precisions; ``K_b`` symmetrised and made dense once."""
         if self._dense is None:
             matrix = self.op.to_dense()
             self._dense = 0.5 * (matrix + matrix.T)
-        return self._dense
+        return self._dense / temperature + torch.diag(taus[self.groups])
 
 
 def _scale(op: CurvatureOperator, factor: float) -> CurvatureOperator:
     return op if factor == 1.0 else op * factor
+
+
+def _blocks(layout: BlockLayout, scale: float, sizes: list[int], device: torch.device) -> list[_Block]:
+    """``scale ·`` the layout's blocks, each with its flat indices and parameter groups."""
+    size = sum(sizes)
+    order = torch.arange(size, device=device) if layout.permutation is None else layout.permutation
+    groups = torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
+    )
+    blocks, start = [], 0
+    for op in layout.blocks:
+        index = order[start : start + op.shape[0]]
+        blocks.append(_Block(_scale(op, scale), index, groups[index]))
+        start += op.shape[0]
+    return blocks
 
 
 class Posterior:
@@ -112,16 +128,7 @@ class Posterior:
         sizes = [t.numel() for t in theta.values()]
         device = curvature.device
         self._layout = block_layout(curvature)
-        order = self._layout.permutation
-        order = torch.arange(curvature.shape[0], device=device) if order is None else order
-        groups = torch.repeat_interleave(
-            torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
-        )
-        self.blocks, start = [], 0
-        for block in self._layout.blocks:
-            index = order[start : start + block.shape[0]]
-            self.blocks.append(_Block(_scale(block, scale), index, groups[index]))
-            start += block.shape[0]
+        self.blocks = _blocks(self._layout, scale, sizes, device)
         self.curvature = self._layout.assemble([block.op for block in self.blocks])
         self._group_sizes = torch.tensor(sizes, dtype=curvature.dtype, device=device)
         self._group_squares = torch.stack([t.square().sum() for t in theta.values()])
@@ -154,8 +161,7 @@ class Posterior:
         result = []
         for block in self.blocks:
             if self._mixed(block, prior_precision):
-                matrix = block.dense() / temperature + torch.diag(taus[block.groups])
-                result.append((Dense(matrix), None))
+                result.append((Dense(block.damped_dense(taus, temperature)), None))
             else:
                 result.append((_scale(block.op, 1.0 / temperature), float(taus[block.group])))
         return result
@@ -195,8 +201,7 @@ class Posterior:
         total = taus.new_zeros(())
         for block in self.blocks:
             if self._mixed(block, prior_precision):
-                matrix = block.dense() / temperature + torch.diag(taus[block.groups])
-                total = total + _cholesky_logdet(matrix)
+                total = total + _cholesky_logdet(block.damped_dense(taus, temperature))
             else:
                 total = total + Diagonal(block.eigenvalues() / temperature + taus[block.group]).logdet()
         return total
