@@ -201,7 +201,7 @@ def test_joint_bias_blocks_mixing_two_precisions(classification):
 def test_large_mixed_blocks_are_refused(classification, monkeypatch):
     model, x, y = classification
     lap = Laplace(model, nn.CrossEntropyLoss(), batches(x, y), curvature_options={"bias": "joint"})
-    monkeypatch.setattr(curvops.laplace, "_MAX_DENSE_BLOCK", 10)
+    monkeypatch.setattr(curvops.laplace.posterior, "_MAX_DENSE_BLOCK", 10)
     lap.log_marginal_likelihood(2.0)  # one τ: every block stays structured
     with pytest.raises(ValueError, match=r"spans the parameters \['0.weight', '0.bias'\]"):
         lap.log_marginal_likelihood(PER_PARAM)

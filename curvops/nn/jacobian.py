@@ -1,18 +1,77 @@
-"""The Jacobian of a model's outputs over a data set with respect to its parameters."""
+"""The Jacobian of a model's outputs with respect to its parameters: over a data set as a
+linear map (:class:`Jacobian`, products by forward and reverse mode), and datum by datum as
+tensors (:func:`datum_jacobians`, for the GLM predictive and the diagonal GGN)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import vjp
+from torch.func import jacrev, vjp, vmap
 
 from ..errors import NonDeterministicDataError
+from ..linalg.checks import check_positive_int
 from ..linalg.linear_map import LinearMap
 from .forward_checks import fixed_forward
 from .jacobian_products import add_trees, pull_back, push_forward
 from .model import ModelData
+
+ELEMENTS_PER_CHUNK = 2**22
+"""The entries of a chunk of per-datum Jacobians ``[B, C, D]`` by default (32 MiB in float64)."""
+
+
+def datum_jacobians(model: ModelData, params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """``J_n = ∂f(x_n)/∂θ`` at ``params`` for every datum ``x_n`` of ``x``: ``[B, C, D]``.
+
+    ``C`` is one datum's output size (flattened row-major), ``D`` the chosen parameters' size
+    in their order. One ``vmap`` over the data of reverse mode (``jacrev``) on a single
+    datum: ``C`` backward passes' work per datum, and memory ``O(B C D)``
+    (:func:`datum_chunks` bounds ``B``). The model's forward passes must not draw random
+    numbers (:func:`~curvops.nn.model.fixed_forward`).
+
+    Args:
+        model: the model and its chosen parameters (their names and order).
+        params: ``{name: tensor}`` of the chosen parameters (:meth:`ModelData.param_dict`, or a
+            copy of their values) to differentiate at.
+        x: inputs ``[B, ...]``.
+
+    Example:
+        >>> model = ModelData(torch.nn.Linear(3, 2), [(torch.randn(4, 3), None)])
+        >>> x = torch.randn(5, 3)
+        >>> jac = datum_jacobians(model, model.param_dict(), x)
+        >>> jac.shape
+        torch.Size([5, 2, 8])
+        >>> torch.allclose(jac[1], torch.cat([torch.kron(torch.eye(2), x[1]), torch.eye(2)], dim=1))
+        True
+    """
+
+    def single(values: dict[str, Tensor], datum: Tensor) -> Tensor:
+        return model.forward(values, datum.unsqueeze(0)).reshape(-1)
+
+    with fixed_forward():
+        jac = vmap(jacrev(single), in_dims=(None, 0))(params, x)
+    return torch.cat([jac[name].flatten(2) for name in model.names], dim=2)
+
+
+def datum_chunks(
+    x: Tensor, datum_entries: int, batch_size: int | None = None
+) -> Iterator[tuple[int, Tensor]]:
+    """``(start, x[start:start + B])`` over the rows of ``x``, ``B = batch_size``.
+
+    By default ``B`` keeps a chunk's per-datum Jacobians (``datum_entries = C·D`` entries per
+    datum) near :data:`ELEMENTS_PER_CHUNK` entries.
+
+    Example:
+        >>> [(start, len(chunk)) for start, chunk in datum_chunks(torch.zeros(5, 3), 8, batch_size=2)]
+        [(0, 2), (2, 2), (4, 1)]
+    """
+    if batch_size is None:
+        batch_size = max(1, ELEMENTS_PER_CHUNK // max(1, datum_entries))
+    else:
+        check_positive_int(batch_size, "batch_size")
+    for start in range(0, x.shape[0], batch_size):
+        yield start, x[start : start + batch_size]
 
 
 class Jacobian(LinearMap):
@@ -21,8 +80,9 @@ class Jacobian(LinearMap):
     Row order: batch by batch, each output ``f(X_b)`` flattened row-major, so ``J @ v`` is
     ``torch.cat([jvp(f(X_b)).flatten() for b])``; ``M`` is the total number of output entries.
     ``J @ V`` runs one ``vmap``-ed ``jvp`` per batch for all columns of ``V``; ``J.T @ U`` one
-    ``vjp`` per batch, pulled back column by column. Used for GLM predictives in Laplace
-    approximations (``J P^-1 J^T``). Parameters are snapshotted by reference as for the
+    ``vjp`` per batch, pulled back column by column. The per-datum blocks ``J_n`` that GLM
+    predictives (``J_n P^-1 J_n^T``) and the diagonal GGN need come from
+    :func:`datum_jacobians` instead. Parameters are snapshotted by reference as for the
     curvature operators: after they change, products raise
     :class:`~curvops.errors.StaleParametersError`.
 
