@@ -23,7 +23,14 @@ from curvops.nn.layers import (
 from curvops.nn.options import KroneckerOptions
 from curvops.nn.statistics import Corrections, LayerStatistics
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Every tensor of these tests in float64 (the default dtype restored after each)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(default)
 
 
 class Affine(nn.Module):

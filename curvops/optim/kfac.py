@@ -36,8 +36,8 @@ CURVATURES = ("kfac", "ekfac", "tkfac", "tekfac")
 
 
 class KFACOptimizer(torch.optim.Optimizer):
-    """Natural-gradient descent preconditioned by KFAC, EKFAC or TKFAC (Martens & Grosse 2015;
-    George et al. 2018; Gao et al. 2021).
+    """Natural-gradient descent preconditioned by KFAC, EKFAC, TKFAC or TEKFAC (Martens & Grosse
+    2015; George et al. 2018; Gao et al. 2021).
 
     Use it in an ordinary training loop, computing the loss with the same ``loss_fn``
     module: ``loss = loss_fn(model(x), y); loss.backward(); opt.step()``. Hooks catch each
@@ -55,7 +55,8 @@ class KFACOptimizer(torch.optim.Optimizer):
       the averages with the step's damping ``λ``: KFAC ``(G ⊗ A + λI)^-1`` (exact, or
       π-damped with ``factored=True``); EKFAC recomputes its eigenbasis ``Q_G ⊗ Q_A`` and
       restarts ``s`` from KFAC's eigenvalues ``γ α^T`` (its inverse ``(s + λ)^-1`` is rebuilt
-      at every statistics step); TKFAC ``(δ Ψ ⊗ Φ + λI)^-1``, or with ``factored=True`` Gao et
+      at every statistics step; TEKFAC likewise in TKFAC's eigenbasis); TKFAC
+      ``(δ Ψ ⊗ Φ + λI)^-1``, or with ``factored=True`` Gao et
       al.'s damped factors ``(√δ Ψ + √λ I)^-1 ⊗ (√δ Φ + √λ I)^-1``. A separate bias block is
       ``(G + λI)^-1``. Every damped inverse is the approximation's own
       (:meth:`~curvops.nn.approximations.KroneckerApproximation.damped_inverse`).
