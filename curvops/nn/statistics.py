@@ -126,11 +126,23 @@ class LayerStatistics:
         mixed = {name: torch.lerp(value, getattr(self, name), decay) for name, value in new.tensors().items()}
         return LayerStatistics(self.layer, input_count=new.input_count, **mixed)
 
-    def usable(self) -> bool:
-        """Whether every statistic is finite and TKFAC's ``δ`` (if any) positive."""
-        values = list(self.tensors().values())
-        finite = all(bool(torch.isfinite(v).all()) for v in values)
-        return finite and (self.trace is None or bool(self.trace > 0))
+    def checks(self) -> list[Tensor]:
+        """0-dim boolean tensors, all true when the statistics are usable: every statistic finite,
+        TKFAC's ``δ`` (if any) positive (see :func:`all_usable`)."""
+        checks = [torch.isfinite(value).all() for value in self.tensors().values()]
+        return checks if self.trace is None else [*checks, self.trace > 0]
+
+
+def all_usable(statistics: list[LayerStatistics]) -> bool:
+    """Whether every layer's statistics pass their :meth:`LayerStatistics.checks` (one device
+    synchronisation for all of them).
+
+    Example:
+        >>> all_usable([LayerStatistics(None, input_factor=torch.tensor([1.0, float("nan")]))])
+        False
+    """
+    checks = [check for s in statistics for check in s.checks()]
+    return not checks or bool(torch.stack(checks).all())
 
 
 @dataclass(frozen=True, eq=False)

@@ -27,7 +27,7 @@ from ..nn.kronecker_pass import batch_corrections, batch_statistics
 from ..nn.layers import find_layers
 from ..nn.options import KroneckerOptions
 from ..nn.parameters import as_parameter_list
-from ..nn.statistics import Corrections, LayerStatistics
+from ..nn.statistics import Corrections, LayerStatistics, all_usable
 from .capture import BatchCapture, CapturedBatch
 from .kfac_state import check_momentum, check_running_state, load_curvature_state
 from .schedule import Schedule, all_finite, check_fraction, check_schedule, evaluate
@@ -378,10 +378,10 @@ class KFACOptimizer(torch.optim.Optimizer):
                 step[i] = step[i] + batch_statistics(
                     step[i].layer, inputs, gradients, options, self._dtype, batch.weight
                 )
-        usable = all(s.usable() for s in step)
+        usable = all_usable(step)
         if usable:  # the weights w_k = c_k / Z_k hold the normalisation
             step = [fisher.finished(s.normalised(fisher.scale(1.0, options.mc_samples))) for s in step]
-            usable = all(s.usable() for s in step)
+            usable = all_usable(step)
         if not usable:
             warnings.warn(
                 f"KFACOptimizer step {self.steps}: non-finite curvature statistics (or TKFAC's δ = 0); "
