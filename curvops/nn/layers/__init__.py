@@ -2,8 +2,9 @@
 
 A registry maps module types to :class:`~curvops.nn.layers.rule.LayerRule` objects; a
 module's rule is that of the nearest class in its method resolution order, so a subclass of
-``nn.Linear`` is a linear layer. Built in: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and
-``nn.Embedding``. :func:`register_layer_rule` adds a rule for a module of your own.
+``nn.Linear`` is a linear layer. Built in: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``,
+``nn.Conv3d`` (every padding mode) and ``nn.Embedding``. :func:`register_layer_rule` adds a
+rule for a module of your own.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ _RULES: dict[type[nn.Module], LayerRule] = {
     nn.Linear: LinearRule(),
     nn.Conv1d: ConvRule(),
     nn.Conv2d: ConvRule(),
+    nn.Conv3d: ConvRule(),
     nn.Embedding: EmbeddingRule(),
 }
 

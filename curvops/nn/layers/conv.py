@@ -1,29 +1,72 @@
-"""``nn.Conv1d`` and ``nn.Conv2d`` with ``groups=1``: unfolded patches are the inputs."""
+"""``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` with ``groups=1`` and every padding mode:
+the unfolded patches are the inputs."""
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .rule import DenseInputRule
 
 
-def _padding(module: nn.Module) -> tuple[int, ...]:
+def _paddings(module: nn.Module) -> list[tuple[int, int]]:
+    """``(before, after)`` per spatial axis, as the module's forward pads: ``padding="same"``
+    puts an odd total's extra element after (right, bottom, back)."""
     if isinstance(module.padding, str):
-        return tuple(
-            0 if module.padding == "valid" else d * (k - 1) // 2
+        totals = [
+            0 if module.padding == "valid" else d * (k - 1)
             for d, k in zip(module.dilation, module.kernel_size, strict=True)
-        )
-    return tuple(module.padding)
+        ]
+        return [(total // 2, total - total // 2) for total in totals]
+    return [(p, p) for p in module.padding]
+
+
+def _pad(module: nn.Module, inputs: Tensor, paddings: list[tuple[int, int]]) -> Tensor:
+    """The input padded as the module's forward pads it (``padding_mode``; ``F.pad`` takes the
+    last axis first)."""
+    if not any(before or after for before, after in paddings):
+        return inputs
+    widths = [width for pair in reversed(paddings) for width in pair]
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(inputs, widths, mode=mode)
+
+
+def im2col(
+    inputs: Tensor, kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...]
+) -> Tensor:
+    """The patches of an (already padded) batch ``[N, C, L_1, ..., L_d]`` for any ``d``:
+    ``[N, S, C · k_1 ··· k_d]``, positions row-major, entries in the order of a weight
+    ``[C_out, C, k_1, ..., k_d]`` flattened, so ``y_ns = W.flatten(1) @ a_ns``.
+
+    Example:
+        >>> x = torch.randn(2, 3, 6, 7)
+        >>> patches = im2col(x, (3, 2), (2, 1), (1, 2))
+        >>> torch.allclose(patches, F.unfold(x, (3, 2), dilation=(1, 2), stride=(2, 1)).transpose(1, 2))
+        True
+    """
+    data, channels, dims = inputs.shape[0], inputs.shape[1], len(kernel_size)
+    windows = inputs
+    for axis, (k, s, d) in enumerate(zip(kernel_size, stride, dilation, strict=True)):
+        windows = windows.unfold(2 + axis, d * (k - 1) + 1, s)[..., ::d]  # a strided view
+    positions_first = windows.permute(0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
+    return positions_first.reshape(data, -1, channels * math.prod(kernel_size))
 
 
 class ConvRule(DenseInputRule):
-    """A convolution as a layer shared over its output locations: ``a_ns`` is the unfolded
-    patch (``n_in = C_in · kernel size``) at location ``s``, the weight ``[C_out, n_in]``.
+    """A convolution (1-, 2- or 3-D; zeros, reflect, replicate or circular padding; ``padding``
+    as ints, ``"valid"`` or ``"same"``) as a layer shared over its output locations: ``a_ns``
+    is the patch (``n_in = C_in · kernel size``) of the padded input at location ``s``, the
+    weight ``[C_out, n_in]``.
 
     Example:
         >>> conv = torch.nn.Conv2d(2, 3, kernel_size=2)
         >>> ConvRule().features(conv, torch.randn(4, 2, 5, 5)).shape  # 16 locations, 2·2·2 inputs
         torch.Size([4, 16, 8])
+        >>> conv = torch.nn.Conv3d(2, 3, kernel_size=2, padding="same", padding_mode="circular")
+        >>> ConvRule().features(conv, torch.randn(4, 2, 3, 3, 3)).shape  # 27 locations, 2·2·2·2 inputs
+        torch.Size([4, 27, 16])
     """
 
     def check(self, name: str, module: nn.Module, kfac_approx: str) -> None:
@@ -31,29 +74,23 @@ class ConvRule(DenseInputRule):
             raise ValueError(
                 f"KFAC supports convolutions with groups=1; {name!r} has groups={module.groups}."
             )
-        if module.padding_mode != "zeros":
-            raise ValueError(
-                f"KFAC supports zero padding; {name!r} has padding_mode={module.padding_mode!r}."
-            )
-        if (
-            isinstance(module.padding, str)
-            and module.padding == "same"
-            and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size, strict=True))
-        ):
-            raise ValueError(f"KFAC cannot unfold {name!r}: padding='same' with asymmetric padding.")
 
     def features(self, module: nn.Module, inputs: Tensor) -> Tensor:
-        two_d = isinstance(module, nn.Conv2d)
-        images = inputs if two_d else inputs.unsqueeze(2)  # Conv1d as a 2-D convolution of height 1
-        lead = () if two_d else (1,)
-        patches = nn.functional.unfold(
-            images,
-            lead + tuple(module.kernel_size),
-            dilation=lead + tuple(module.dilation),
-            padding=(() if two_d else (0,)) + _padding(module),
-            stride=lead + tuple(module.stride),
+        paddings = _paddings(module)
+        kernel_size, stride, dilation = (
+            tuple(module.kernel_size),
+            tuple(module.stride),
+            tuple(module.dilation),
         )
+        if len(kernel_size) != 2:
+            return im2col(_pad(module, inputs, paddings), kernel_size, stride, dilation)
+        # images: F.unfold is faster, and pads symmetric zeros itself
+        symmetric_zeros = module.padding_mode == "zeros" and all(b == a for b, a in paddings)
+        images = inputs if symmetric_zeros else _pad(module, inputs, paddings)
+        padding = tuple(before for before, _ in paddings) if symmetric_zeros else 0
+        patches = F.unfold(images, kernel_size, dilation=dilation, padding=padding, stride=stride)
         return patches.transpose(1, 2)
 
     def output_gradients(self, module: nn.Module, gradients: Tensor) -> Tensor:
+        """``[K, N, C_out, *spatial]`` (any number of spatial axes) as ``[K, N, S, C_out]``."""
         return super().output_gradients(module, gradients.flatten(3).transpose(2, 3))
