@@ -37,8 +37,9 @@ def KFAC(
 ) -> CurvatureOperator:
     """KFAC of the Fisher / GGN of ``loss_fn`` over ``data``, as a structured operator.
 
-    Per supported layer (``nn.Linear`` with any leading axes, ``nn.Conv1d``, ``nn.Conv2d``
-    with ``groups=1``, ``nn.Embedding``) the block of its weight is ``G ⊗ A`` (see
+    Per supported layer (``nn.Linear`` with any leading axes, ``nn.Conv1d``, ``nn.Conv2d``,
+    ``nn.Conv3d`` with ``groups=1`` and any ``padding_mode``, ``nn.Embedding``) the block of
+    its weight is ``G ⊗ A`` (see
     :mod:`curvops.nn.layers.rule` for ``A``, ``G`` and ``kfac_approx``, :mod:`curvops.nn.fisher`
     for ``fisher_type``); an embedding's block is ``A ⊗ G`` with a diagonal ``A`` (its weight is
     ``[num_embeddings, dim]``). The operator is block-diagonal over layers, in the order and
