@@ -1,5 +1,6 @@
 """Statistics from a model: curvature operators defined by a network, a loss and data."""
 
+from .coverage_report import Coverage, CoverageRow, coverage
 from .curvature import GGN, EmpiricalFisher, FisherMC, Hessian, ModelCurvature
 from .jacobian import Jacobian
 from .kfac import EKFAC, KFAC, TKFAC
@@ -12,6 +13,8 @@ __all__ = [
     "GGN",
     "KFAC",
     "TKFAC",
+    "Coverage",
+    "CoverageRow",
     "EmpiricalFisher",
     "FisherMC",
     "Hessian",
@@ -20,5 +23,6 @@ __all__ = [
     "LossAdapter",
     "ModelCurvature",
     "ModelData",
+    "coverage",
     "register_layer_rule",
 ]

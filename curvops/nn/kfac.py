@@ -17,7 +17,7 @@ from .curvature import computation_copy, dense_operator
 from .kronecker_pass import KroneckerPass
 from .layers import find_layers
 from .model import ModelData
-from .options import UNSUPPORTED_OPTIONS, KroneckerOptions, unsupported_error
+from .options import UNSUPPORTED_FIX, UNSUPPORTED_OPTIONS, KroneckerOptions, unsupported_error
 from .staleness import mark_built_from
 
 
@@ -224,12 +224,7 @@ def _build(
     model_data = ModelData(model, data, params, progressbar, check_deterministic)
     layers, others = find_layers(model, model_data.params, options.bias, options.kfac_approx)
     if others and unsupported == "error":
-        raise unsupported_error(
-            options.approximation.label,
-            others,
-            "Leave them out of params, or pass unsupported='dense' or 'diagonal' for an exact block "
-            "of their own.",
-        )
+        raise unsupported_error(options.approximation.label, others, UNSUPPORTED_FIX)
     layout, device = Layout(model_data.params), model_data.device
     entries: list[Entry] = []
     if layers:

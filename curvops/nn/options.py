@@ -21,6 +21,10 @@ KFAC_APPROXIMATIONS = ("expand", "reduce")
 BIAS_OPTIONS = ("separate", "joint")
 CORRECTIONS = ("auto", "per-example", "gramian")
 UNSUPPORTED_OPTIONS = ("error", "dense", "diagonal")
+UNSUPPORTED_FIX = (
+    "Leave them out of params, or pass unsupported='dense' or 'diagonal' for an exact block of their own."
+)
+"""The way out the builders' "no Kronecker rule" error (:func:`unsupported_error`) offers."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,250 @@
+"""Which block each parameter gets from KFAC, EKFAC, TKFAC or TEKFAC, before any pass over data.
+
+:func:`coverage` asks the same questions the builders ask (:func:`~curvops.nn.layers.find_layers`:
+the layer rule of each parameter's module, the rule's ``check``, weight tying; the batch-norm
+check of :class:`~curvops.nn.ModelData`) without running the model, and answers per parameter
+instead of raising at the first refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..linalg.checks import check_choice
+from .forward_checks import check_batch_statistics
+from .layers import KroneckerLayer, find_layers
+from .options import UNSUPPORTED_FIX, UNSUPPORTED_OPTIONS, KroneckerOptions, unsupported_error
+from .parameters import chosen_parameters
+
+COLUMNS = ("parameter", "shape", "numel", "module", "type", "block", "rule", "bias", "label")
+
+
+@dataclass(frozen=True)
+class CoverageRow:
+    """What one parameter gets.
+
+    Attributes:
+        name: the parameter's name in ``model.named_parameters()``.
+        shape, numel: its shape and number of entries.
+        module, module_type: the module that holds it (for a parameter inside an
+            ``nn.MultiheadAttention``, the attention module) and its class name.
+        block: ``"kronecker"`` (a block from its layer's Kronecker factors: ``G ⊗ A`` for a
+            weight, ``G`` for a separate bias), ``"kronecker-eigen"`` (EKFAC's and TEKFAC's
+            corrected eigenvalues in that basis), ``"dense"`` or ``"diagonal"`` (an exact block of
+            its module, with ``unsupported=``), or ``"refused"``.
+        rule: the layer rule's class name (``"LinearRule"``) for Kronecker blocks, else ``None``.
+        bias: ``"joint"`` or ``"separate"`` for the weight and bias of a layer whose bias is
+            chosen, else ``None``.
+        label: the label of its block in the operator (``op.block(label)``), ``None`` if refused.
+        reason: why it is refused: the builder's error for it (``None`` unless refused).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    module: str
+    module_type: str
+    block: str
+    rule: str | None = None
+    bias: str | None = None
+    label: str | None = None
+    reason: str | None = None
+
+    def cells(self) -> tuple[str, ...]:
+        """The row's entries in the table of :meth:`Coverage.table`."""
+        values = (self.name, list(self.shape), self.numel, self.module, self.module_type, self.block)
+        return tuple(map(str, values)) + tuple(v or "-" for v in (self.rule, self.bias, self.label))
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """The block of every chosen parameter (:func:`coverage`), one row each in ``params`` order.
+
+    Rows are found by parameter name (``report["fc.weight"]``) or iterated over. Rows that are not
+    refused say what the builder gives them once the refused ones are left out of ``params``.
+
+    Attributes:
+        approximation: ``"KFAC"``, ``"EKFAC"``, ``"TKFAC"`` or ``"TEKFAC"``.
+        rows: one :class:`CoverageRow` per parameter.
+        model_refusal: why the builder refuses the model whatever the parameters (batch
+            normalisation with batch statistics), or ``None``.
+    """
+
+    approximation: str
+    rows: tuple[CoverageRow, ...]
+    model_refusal: str | None = None
+
+    def __iter__(self) -> Iterator[CoverageRow]:
+        return iter(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, name: str) -> CoverageRow:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(f"No parameter {name!r} in the coverage; its parameters are {[r.name for r in self]}.")
+
+    @property
+    def refused(self) -> tuple[CoverageRow, ...]:
+        """The refused rows: leave their parameters out of ``params`` (or follow their ``reason``)."""
+        return tuple(row for row in self.rows if row.block == "refused")
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """The number of parameter entries per block kind, in the order the kinds first appear."""
+        totals: dict[str, int] = {}
+        for row in self.rows:
+            totals[row.block] = totals.get(row.block, 0) + row.numel
+        return totals
+
+    def table(self) -> str:
+        """An aligned table of the rows, the totals per block kind, and the reasons for refusals."""
+        cells = [COLUMNS, *(row.cells() for row in self.rows)]
+        widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells]
+        lines.append(", ".join(f"{kind} {count}" for kind, count in self.totals.items()))
+        lines += [f"refused {row.name}: {row.reason}" for row in self.refused]
+        if self.model_refusal is not None:
+            lines.append(f"{self.approximation} refuses the model: {self.model_refusal}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def coverage(
+    model: nn.Module,
+    params: Sequence[nn.Parameter] | Mapping[str, nn.Parameter] | None = None,
+    approximation: str = "kfac",
+    kfac_approx: str = "expand",
+    bias: str = "separate",
+    unsupported: str = "error",
+) -> Coverage:
+    """Which block every parameter gets from :func:`~curvops.KFAC` (or ``approximation``:
+    ``"ekfac"``, ``"tkfac"``, ``"tekfac"``) with these options, without data and without
+    running the model.
+
+    Each parameter of a layer with a rule (``nn.Linear``, convolutions, ``nn.Embedding``, rules
+    of your own) gets a Kronecker block; the parameters of other modules get an exact
+    ``"dense"`` or ``"diagonal"`` block with ``unsupported=``, or are refused. Refused too: a
+    layer its rule does not handle (a grouped convolution, an embedding with ``max_norm``), a
+    weight tied between modules, and every parameter of an ``nn.MultiheadAttention``; each
+    refused row gives the builder's error for it. It raises only for invalid options and
+    parameters (as the builders do). What only a pass can show is not checked here: a layer
+    whose module runs twice, or never, in the forward pass.
+
+    Args:
+        model: the network.
+        params: parameters of ``model`` as for the builders (default: the trainable ones).
+        approximation: ``"kfac"``, ``"ekfac"``, ``"tkfac"`` or ``"tekfac"``.
+        kfac_approx, bias, unsupported: the builders' options (:func:`~curvops.KFAC`).
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+        >>> print(curvops.nn.coverage(model, bias="joint", unsupported="diagonal"))
+        parameter  shape   numel  module  type       block      rule        bias   label
+        0.weight   [4, 3]  12     0       Linear     kronecker  LinearRule  joint  0
+        0.bias     [4]     4      0       Linear     kronecker  LinearRule  joint  0
+        1.weight   [4]     4      1       LayerNorm  diagonal   -           -      1
+        1.bias     [4]     4      1       LayerNorm  diagonal   -           -      1
+        2.weight   [2, 4]  8      2       Linear     kronecker  LinearRule  joint  2
+        2.bias     [2]     2      2       Linear     kronecker  LinearRule  joint  2
+        kronecker 26, diagonal 8
+        >>> report = curvops.nn.coverage(model)
+        >>> report.totals, [row.name for row in report.refused]
+        ({'kronecker': 26, 'refused': 8}, ['1.weight', '1.bias'])
+        >>> report["1.weight"].reason  # doctest: +ELLIPSIS
+        "KFAC has no Kronecker rule for the parameters of '1' (LayerNorm). Leave them out of params, ..."
+    """
+    options = KroneckerOptions.checked(approximation, "type-2", kfac_approx, bias)  # blocks: any Fisher type
+    check_choice(unsupported, UNSUPPORTED_OPTIONS, "unsupported")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+    chosen, names = chosen_parameters(model, params)
+    refusals = _layer_refusals(model, chosen, options)
+    usable = [p for p in chosen if id(p) not in refusals]
+    layers, others = find_layers(model, usable, options.bias, options.kfac_approx) if usable else ([], [])
+    places = dict(refusals)
+    for layer in layers:
+        places.update(_kronecker_places(layer, options))
+    for module_name, module, module_params in others:
+        place = _other_place(module_name, module, options, unsupported)
+        places.update({id(p): place for p in module_params})
+    holders = _first_holders(model)
+    rows = tuple(
+        CoverageRow(name, tuple(p.shape), p.numel(), **{**holders[id(p)], **places[id(p)]})
+        for p, name in zip(chosen, names, strict=True)
+    )
+    return Coverage(options.approximation.label, rows, _model_refusal(model))
+
+
+def _layer_refusals(
+    model: nn.Module, params: list[nn.Parameter], options: KroneckerOptions
+) -> dict[int, dict]:
+    """The parameters :func:`find_layers` refuses (a rule's check, weight tying), with its error:
+    asked once for all, and per parameter where that fails."""
+    try:
+        find_layers(model, params, options.bias, options.kfac_approx)
+        return {}
+    except ValueError:
+        pass
+    refusals = {}
+    for p in params:
+        try:
+            find_layers(model, [p], options.bias, options.kfac_approx)
+        except ValueError as error:
+            refusals[id(p)] = {"block": "refused", "reason": str(error)}
+    return refusals
+
+
+def _kronecker_places(layer: KroneckerLayer, options: KroneckerOptions) -> dict[int, dict]:
+    """The Kronecker block of a layer's weight and bias, labelled as :meth:`Layout.place` does."""
+    name = layer.name or type(layer.module).__name__
+    block = "kronecker-eigen" if options.approximation.corrected else "kronecker"
+    bias = None if layer.bias is None else ("joint" if layer.joint else "separate")
+    places = {}
+    for kind, p in (("weight", layer.weight), ("bias", layer.bias)):
+        if p is not None:
+            label = name if layer.joint else f"{name}.{kind}"
+            places[id(p)] = {
+                **_holder(layer.name, layer.module),
+                "block": block,
+                "rule": type(layer.rule).__name__,
+                "bias": bias,
+                "label": label,
+            }
+    return places
+
+
+def _other_place(name: str, module: nn.Module, options: KroneckerOptions, unsupported: str) -> dict:
+    """A module without a Kronecker rule: its exact block, or the builder's error."""
+    if unsupported == "error":
+        reason = unsupported_error(options.approximation.label, [(name, module, None)], UNSUPPORTED_FIX)
+        return {**_holder(name, module), "block": "refused", "reason": str(reason)}
+    return {**_holder(name, module), "block": unsupported, "label": name or type(module).__name__}
+
+
+def _holder(name: str, module: nn.Module) -> dict[str, str]:
+    return {"module": name, "module_type": type(module).__name__}
+
+
+def _first_holders(model: nn.Module) -> dict[int, dict[str, str]]:
+    """Every parameter's first module (as ``model.named_parameters()`` names it), for refused ones."""
+    holders: dict[int, dict[str, str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            holders.setdefault(id(p), _holder(name, module))
+    return holders
+
+
+def _model_refusal(model: nn.Module) -> str | None:
+    try:
+        check_batch_statistics(model)
+    except ValueError as error:
+        return str(error)
+    return None
