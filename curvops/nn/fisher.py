@@ -117,10 +117,30 @@ def _hessian_factor(loss, output, targets, count, mc_samples, seed, index) -> Te
     return loss_hessian_factor(loss, output, targets)
 
 
-TYPE_2 = FisherType("type-2", True, True, True, False, GGN, _hessian_factor)
-MONTE_CARLO = FisherType("mc", True, True, True, True, FisherMC, _sampled)
-EMPIRICAL = FisherType("empirical", True, True, False, False, EmpiricalFisher, _empirical)
-FORWARD_ONLY = FisherType("forward-only", False, False, False, False, GGN)
+TYPE_2 = FisherType(
+    "type-2",
+    backward=True,
+    likelihood=True,
+    sampling=True,
+    sampled=False,
+    exact=GGN,
+    _columns=_hessian_factor,
+)
+MONTE_CARLO = FisherType(
+    "mc", backward=True, likelihood=True, sampling=True, sampled=True, exact=FisherMC, _columns=_sampled
+)
+EMPIRICAL = FisherType(
+    "empirical",
+    backward=True,
+    likelihood=True,
+    sampling=False,
+    sampled=False,
+    exact=EmpiricalFisher,
+    _columns=_empirical,
+)
+FORWARD_ONLY = FisherType(
+    "forward-only", backward=False, likelihood=False, sampling=False, sampled=False, exact=GGN
+)
 
 FISHER_TYPES = {f.name: f for f in (TYPE_2, MONTE_CARLO, EMPIRICAL, FORWARD_ONLY)}
 """Every Fisher type by name."""
