@@ -76,7 +76,8 @@ def batch_statistics(
 ) -> LayerStatistics:
     """One batch's sums of a layer (:meth:`~curvops.nn.layers.rule.LayerRule.statistics`), each of
     its terms times ``weight`` (``A`` becomes the weighted mean of its inputs' ``a a^T``), in ``dtype``,
-    over the positions of loss terms (``valid``: the batch's :meth:`~curvops.nn.losses.LossAdapter.valid_terms`)."""
+    over the positions of loss terms (``valid``, the batch's mask of them:
+    :meth:`~curvops.nn.losses.LossAdapter.valid_terms`)."""
     gradients = None if gradients is None else gradients.to(dtype)
     if gradients is not None and weight != 1.0:
         gradients = gradients * math.sqrt(weight)  # every gradient statistic is quadratic in g

@@ -78,8 +78,9 @@ def generic_hessian_factor(summed_loss: Callable[[Tensor], Tensor], output: Tens
 
     Example:
         >>> output = torch.randn(3, 2, dtype=torch.float64)
-        >>> s = generic_hessian_factor(lambda f: torch.nn.functional.huber_loss(f, 0 * f, reduction="sum"), output, "")
-        >>> s.shape
+        >>> huber = torch.nn.HuberLoss(reduction="sum")
+        >>> s = generic_hessian_factor(lambda f: huber(f, torch.zeros_like(f)), output, "batch 0")
+        >>> s.shape  # D = 2 columns per datum
         torch.Size([2, 3, 2])
     """
     per_datum = math.prod(output.shape[1:])
