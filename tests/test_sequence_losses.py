@@ -419,6 +419,7 @@ def test_a_generic_loss_for_type2_on_one_datum_is_the_exact_ggn(name):
     truth = dense_ggn(model, loss_fn, x, y)
     assert truth.abs().max() > 1e-3
     torch.testing.assert_close(dense(kfac), truth, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dense(curvops.GGN(model, loss_fn, [(x, y)])), truth)
 
 
 @pytest.mark.parametrize("name", ["huber", "poisson nll"])
@@ -428,6 +429,7 @@ def test_a_generic_loss_normalises_as_it_averages_over_uneven_batches(name):
     x, y = torch.ones(9, 1, dtype=DOUBLE), randn(9, 2, seed=32).abs()
     batches = list(zip(x.split(4), y.split(4), strict=True))
     truth = dense_ggn(model, loss_fn, x, y)  # the mean over all the data as one batch
+    torch.testing.assert_close(dense(curvops.GGN(model, loss_fn, batches)), truth)
     torch.testing.assert_close(dense(curvops.KFAC(model, loss_fn, batches, fisher_type="type-2")), truth)
 
 
@@ -452,6 +454,14 @@ COUNTED = {
 }
 
 
+@pytest.mark.parametrize(
+    "loss_fn", [nn.HuberLoss(delta=0.3), nn.SmoothL1Loss(beta=0.4), nn.SmoothL1Loss(beta=0.0)]
+)
+def test_written_out_residual_losses_have_torchs_values(loss_fn):
+    output, target = randn(5, 3), randn(5, 3, seed=1)
+    torch.testing.assert_close(LossAdapter(loss_fn)(output, target), loss_fn(output, target))
+
+
 @pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")  # KLDivLoss's own warning
 @pytest.mark.parametrize("name", list(COUNTED))
 def test_the_count_is_what_the_mean_divides_the_sum_by(name):
@@ -460,6 +470,28 @@ def test_the_count_is_what_the_mean_divides_the_sum_by(name):
     summed.reduction = "sum"
     ratio = summed(output, target) / loss_fn(output, target)
     assert LossAdapter(loss_fn).count(target) == pytest.approx(float(ratio), rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "make_loss",
+    [
+        lambda: nn.CrossEntropyLoss(weight=CLASS_WEIGHT, label_smoothing=0.2, ignore_index=IGNORE),
+        lambda: nn.HuberLoss(delta=0.5),
+    ],
+    ids=["weighted smoothed cross-entropy", "huber"],
+)
+def test_the_optimizer_takes_weighted_smoothed_and_generic_losses_for_type2(make_loss):
+    model, loss_fn = TokenWise(), make_loss()
+    x, y = padded_sequences([5, 3, 4], seed=36)
+    if isinstance(loss_fn, nn.HuberLoss):
+        y = randn(3, 3, 5, seed=37)
+    opt = KFACOptimizer(model, loss_fn, fisher_type="type-2", T_inv=1)
+    expected = dense(
+        curvops.KFAC(model, loss_fn, [(x, y)], params=opt.curvature_params, fisher_type="type-2")
+    )
+    loss_fn(model(x), y).backward()
+    opt.step()
+    torch.testing.assert_close(dense(opt.curvature_operator()), expected)
 
 
 # ----------------------------------------------------------------------------------- errors

@@ -75,7 +75,8 @@ class LossAdapter:
     Args:
         loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss`` (reduction
             ``"mean"`` or ``"sum"``) or any ``torch.func``-differentiable ``loss(output, target)``.
-        likelihood: require one of the three likelihood losses (for the Fisher types).
+        likelihood: require one of the three likelihood losses (for the Fisher types "mc" and
+            "empirical").
         what: the operator's name, for error messages.
 
     Example:
@@ -105,11 +106,11 @@ class LossAdapter:
         self.reduction = reduction
 
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
-        if isinstance(self.loss_fn, nn.MSELoss):
-            # the same value as nn.MSELoss, written out: its fused kernel has no
+        if isinstance(self.loss_fn, (nn.MSELoss, nn.HuberLoss, nn.SmoothL1Loss)):
+            # the same value as the torch loss, written out: its fused kernel has no
             # forward-over-reverse derivative under torch.func
-            squares = (output - target).square()
-            return squares.mean() if self.reduction == "mean" else squares.sum()
+            terms = _residual_terms(self.loss_fn, output - target)
+            return terms.mean() if self.reduction == "mean" else terms.sum()
         return self.loss_fn(output, target)
 
     def check_target(self, output: Tensor, target: Any, index: int) -> None:
@@ -268,6 +269,19 @@ class LossAdapter:
         if target.is_floating_point():
             return nn.functional.one_hot(classes, output.shape[1]).movedim(-1, 2).to(output.dtype)
         return torch.where(target == loss.ignore_index, target, classes)
+
+
+def _residual_terms(loss_fn: nn.Module, residual: Tensor) -> Tensor:
+    """The unreduced terms of ``MSELoss``, ``HuberLoss`` (``delta``) and ``SmoothL1Loss`` (``beta``)."""
+    if isinstance(loss_fn, nn.MSELoss):
+        return residual.square()
+    size = residual.abs()
+    width = loss_fn.delta if isinstance(loss_fn, nn.HuberLoss) else loss_fn.beta
+    if width == 0:
+        return size
+    if isinstance(loss_fn, nn.HuberLoss):
+        return torch.where(size < width, 0.5 * residual.square(), width * (size - 0.5 * width))
+    return torch.where(size < width, 0.5 * residual.square() / width, size - 0.5 * width)
 
 
 def loss_hessian_factor(
