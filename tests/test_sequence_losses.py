@@ -446,6 +446,11 @@ COUNTED = {
         torch.log_softmax(randn(4, 3, 2), 1),
         torch.tensor([[0, 1], [IGNORE, 2], [1, 1], [2, IGNORE]]),
     ),
+    "CrossEntropyLoss probabilities": (
+        nn.CrossEntropyLoss(weight=CLASS_WEIGHT, label_smoothing=0.2),
+        randn(4, 3, 2),
+        torch.softmax(randn(4, 3, 2, seed=2), 1),
+    ),
     "CrossEntropyLoss smoothed": (
         nn.CrossEntropyLoss(weight=CLASS_WEIGHT, label_smoothing=0.2, ignore_index=IGNORE),
         randn(4, 3),

@@ -83,7 +83,7 @@ def batch_statistics(
         gradients = gradients * math.sqrt(weight)  # every gradient statistic is quadratic in g
     trace_restricted = options.approximation.trace_restricted
     return layer.rule.statistics(
-        layer, inputs, gradients, weight, options.kfac_approx, trace_restricted, dtype, valid
+        layer, inputs, gradients, weight, options.kfac_approx, trace_restricted, dtype, valid=valid
     )
 
 
@@ -102,7 +102,7 @@ def batch_corrections(
     gradients = gradients.to(q_out.dtype)
     weight = bias = None
     if layer.weight is not None:
-        weight = layer.rule.correction(layer, inputs, gradients @ q_out, q_in, correction, valid)
+        weight = layer.rule.correction(layer, inputs, gradients @ q_out, q_in, correction, valid=valid)
     if layer.separate_bias:
         kept = masked(gradients, kept_positions(valid, *gradients.shape[1:3]))
         bias = (kept.sum(dim=2) @ q_bias).square().sum(dim=(0, 1))

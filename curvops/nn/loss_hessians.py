@@ -44,8 +44,9 @@ def datum_hessians(summed_loss: Callable[[Tensor], Tensor], output: Tensor) -> T
 def psd_factor(hessians: Tensor, where: str) -> Tensor:
     """``S_n = U_n diag(√λ_n)`` with ``S_n S_n^T = H_n`` for symmetric ``[N, D, D]`` Hessians.
 
-    Eigenvalues down to ``-√ε · max|λ_n|`` (rounding) count as zero; a more negative one
-    raises ``ValueError`` naming the datum of ``where`` (the batch).
+    Eigenvalues down to ``-√ε · max_n max|λ_n|`` (rounding, relative to the batch's largest)
+    count as zero; a more negative one raises ``ValueError`` naming the datum of ``where``
+    (the batch).
 
     Example:
         >>> h = torch.tensor([[[2.0, 1.0], [1.0, 2.0]]], dtype=torch.float64)
@@ -53,11 +54,12 @@ def psd_factor(hessians: Tensor, where: str) -> Tensor:
         >>> torch.allclose(s @ s.transpose(1, 2), h)
         True
     """
+    if not len(hessians):  # no data
+        return hessians
     symmetric = (hessians + hessians.transpose(1, 2)) / 2
     eigenvalues, vectors = torch.linalg.eigh(symmetric)
     tolerance = math.sqrt(torch.finfo(eigenvalues.dtype).eps)
-    scale = eigenvalues.abs().amax(dim=1)
-    negative = eigenvalues[:, 0] < -tolerance * scale
+    negative = eigenvalues[:, 0] < -tolerance * eigenvalues.abs().amax()
     if bool(negative.any()):
         datum = int(negative.nonzero()[0, 0])
         raise ValueError(

@@ -298,7 +298,10 @@ def loss_hessian_factor(
       once, with ``c = (1-ε) w_y + (ε/C) Σ_k w_k`` for a class index ``y`` (``0`` at
       ``ignore_index``) and ``c = Σ_k w_k q̃_k``, ``q̃ = (1-ε) q + ε/C``, for probabilities ``q``
       (``ε`` the ``label_smoothing``, ``w`` the class ``weight``, 1 when unset): the Hessian of
-      torch's ``-Σ_k w_k q̃_k log p_k`` is ``c (diag p - p p^T)``, whatever the targets.
+      torch's ``-Σ_k w_k q̃_k log p_k`` is ``c (diag p - p p^T)``, whatever the targets. A
+      column holds its class at every position, so a layer that sees one output position
+      each (token-wise) gets exactly its positions' Hessians; one that mixes positions also
+      gets their cross products (as curvlinops does; exact would take ``C·S`` columns).
 
     Any other loss: each datum's Hessian of ``s · loss`` (``s`` its :meth:`LossAdapter.batch_scale`
     for ``count`` loss terms, by default counted from ``targets``), factorised
