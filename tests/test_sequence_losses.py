@@ -529,6 +529,16 @@ def test_a_loss_not_convex_in_the_outputs_is_refused_for_type2():
     assert torch.isfinite(dense(curvops.GGN(model, gaussian_nll, [(x, y)]))).all()  # the exact one exists
 
 
+def test_a_loss_that_couples_the_data_is_refused_for_type2():
+    model, x, y = linear_model(n_out=2), randn(4, 3, seed=38), randn(4, 2, seed=39)
+
+    def coupled(output, target):  # the squared error of the batch's summed outputs
+        return (output - target).sum(dim=0).square().sum()
+
+    with pytest.raises(ValueError, match=r"Batch 0: the loss couples the data .*curvops\.GGN"):
+        curvops.KFAC(model, coupled, [(x, y)], fisher_type="type-2")
+
+
 def test_a_generic_loss_with_too_large_rows_is_refused_naming_the_size():
     model = nn.Sequential(nn.Linear(2, 1100)).double()
     x, y = randn(2, 2), randn(2, 1100)

@@ -7,8 +7,8 @@ Hessian-vector products (reverse over reverse, batched with ``torch.func.vmap``)
 vectors ``e_j`` in every row. Type-2 needs ``H_n = S_n S_n^T``:
 ``S_n = U_n diag(√λ_n)`` from ``H_n = U_n diag(λ_n) U_n^T``. A loss that is not convex in
 the outputs (a negative ``λ`` beyond rounding) has an indefinite GGN, which no such factor
-gives: it is refused. A loss that couples data (a contrastive loss) is not a sum of
-per-datum terms, and its cross-datum curvature is not seen.
+gives: it is refused. So is a loss that couples the data (a contrastive loss), whose
+Hessian is not block-diagonal: one more product with a random vector checks it.
 """
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ MAX_DATUM_OUTPUTS = 1024
 take ``N · D²`` numbers per batch, and ``D`` columns are backpropagated."""
 
 
-def datum_hessians(summed_loss: Callable[[Tensor], Tensor], output: Tensor) -> Tensor:
+def datum_hessians(
+    summed_loss: Callable[[Tensor], Tensor], output: Tensor, where: str = "This batch"
+) -> Tensor:
     """``H_n = ∇²_{f_n} Σ_m ℓ_m`` for every datum (row ``n`` of ``output``), ``[N, D, D]``.
+
+    One more Hessian-vector product with a random vector checks that the Hessian is
+    block-diagonal over data; a loss that couples them raises ``ValueError`` beginning with
+    ``where``.
 
     Example:
         >>> output = torch.randn(3, 2, dtype=torch.float64)
@@ -38,7 +44,19 @@ def datum_hessians(summed_loss: Callable[[Tensor], Tensor], output: Tensor) -> T
     directions = eye.reshape(per_datum, 1, *output.shape[1:]).expand(per_datum, *output.shape)
     _, product = torch.func.vjp(torch.func.grad(summed_loss), output)
     (columns,) = torch.func.vmap(product)(directions)  # [D, N, ...]: column j of every H_n
-    return columns.reshape(per_datum, data, per_datum).transpose(0, 1)
+    hessians = columns.reshape(per_datum, data, per_datum).transpose(0, 1)
+    generator = torch.Generator(device=output.device).manual_seed(0)
+    probe = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
+    (full,) = product(probe)
+    blockwise = torch.einsum("nij,nj->ni", hessians, probe.reshape(data, per_datum))
+    tolerance = math.sqrt(torch.finfo(output.dtype).eps)
+    if not bool((full.reshape(data, -1) - blockwise).norm() <= tolerance * (full.norm() + blockwise.norm())):
+        raise ValueError(
+            f"{where}: the loss couples the data of the batch (its Hessian in the model outputs is not "
+            "block-diagonal over the output's rows, as for a contrastive loss); fisher_type='type-2' "
+            "needs a sum or mean of per-datum terms. Use curvops.GGN or curvops.Hessian for this loss."
+        )
+    return hessians
 
 
 def psd_factor(hessians: Tensor, where: str) -> Tensor:
@@ -94,5 +112,5 @@ def generic_hessian_factor(summed_loss: Callable[[Tensor], Tensor], output: Tens
             "nn.BCEWithLogitsLoss (closed forms), fisher_type='empirical' or 'mc' with one of them, or "
             "curvops.GGN (matrix-free)."
         )
-    factor = psd_factor(datum_hessians(summed_loss, output), where)  # [N, D, K]
+    factor = psd_factor(datum_hessians(summed_loss, output, where), where)  # [N, D, K]
     return factor.permute(2, 0, 1).reshape(factor.shape[2], *output.shape)

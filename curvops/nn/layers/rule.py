@@ -174,6 +174,8 @@ def kept_positions(valid: Tensor | None, data: int, positions: int) -> Tensor | 
         [[True, False, False], [False, False, False]]
         >>> kept_positions(valid, 2, 5).tolist()  # another layer: datum 1 has no loss term
         [[True, True, True, True, True], [False, False, False, False, False]]
+        >>> kept_positions(torch.tensor([True, False]), 4, 2).tolist()  # rows 2n, 2n+1 of target n
+        [[True, True], [True, True], [False, False], [False, False]]
     """
     if valid is None:
         return None
