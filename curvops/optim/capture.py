@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.fisher import FisherType
-from ..nn.kronecker_pass import check_single_call, output_gradients
+from ..nn.kronecker_pass import joined_calls, output_gradients
 from ..nn.layers import KroneckerLayer
 from ..nn.losses import LossAdapter
 
@@ -42,12 +42,13 @@ MICRO_BATCH_STRIDE = 2**20
 
 @dataclass
 class CapturedBatch:
-    """One micro-batch's layer inputs, output gradients ``[K, N, S, n_out]`` (``None`` for
-    ``"forward-only"``) and the weight ``w = c / Z`` of each of its loss terms: ``c`` is the
-    gradient that reached its loss value (``1`` for ``loss.backward()``, ``1/K`` for
-    ``(loss / K).backward()``), ``Z`` the loss's normaliser (its loss terms for a mean, 1 for a sum)."""
+    """One micro-batch's layer inputs (every call's, joined by the layer's rule), output gradients
+    ``[K, N, S, n_out]`` (``None`` for ``"forward-only"``) and the weight ``w = c / Z`` of each of
+    its loss terms: ``c`` is the gradient that reached its loss value (``1`` for
+    ``loss.backward()``, ``1/K`` for ``(loss / K).backward()``), ``Z`` the loss's normaliser (its
+    loss terms for a mean, 1 for a sum)."""
 
-    inputs: list[Tensor]
+    inputs: list[Any]
     gradients: list[Tensor | None]
     weight: float
 
@@ -148,10 +149,9 @@ class BatchCapture:
             self._pending = pending  # a loss of something else: the pending forward pass waits for its own
             return
         self.loss.check_target(output, targets, index=self.draw()[1])  # batch = training step
-        for layer in self.layers:
-            check_single_call(layer, len(pending.get(id(layer.module), [])))
-        inputs = [pending[id(layer.module)][0][0] for layer in self.layers]
-        layer_outputs = [pending[id(layer.module)][0][1] for layer in self.layers]
+        calls = [joined_calls(layer, pending.get(id(layer.module), [])) for layer in self.layers]
+        inputs = [layer_input for layer_input, _ in calls]
+        layer_outputs = [outputs for _, outputs in calls]
         loss_value = value.detach()  # the hook holds no reference to value itself: no cycle
 
         def on_loss_gradient(gradient: Tensor) -> None:
@@ -181,8 +181,8 @@ class BatchCapture:
         gradient: Tensor,
         output: Tensor,
         targets: Tensor,
-        inputs: list[Tensor],
-        layer_outputs: list[Tensor],
+        inputs: list[Any],
+        layer_outputs: list[list[Tensor]],
     ) -> None:
         """The backward pass reached a loss value with gradient ``c``: add its micro-batch."""
         c = float(gradient)

@@ -73,12 +73,14 @@ def layer_rule(module: nn.Module) -> LayerRule | None:
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
-    """For every parameter, the ``(module name, module, attribute)`` places that hold it."""
-    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    """For every parameter, the ``(module name, module, attribute)`` places that hold it: one
+    per module attribute (a module reached under several names, a shared module, is one place,
+    under its first name); several places are a tied parameter."""
+    owners: dict[int, dict[tuple[int, str], tuple[str, nn.Module, str]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for attribute, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append((name, module, attribute))
-    return owners
+            owners.setdefault(id(p), {}).setdefault((id(module), attribute), (name, module, attribute))
+    return {key: list(places.values()) for key, places in owners.items()}
 
 
 def find_layers(
