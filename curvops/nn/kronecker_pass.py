@@ -203,7 +203,7 @@ class KroneckerPass:
         handles = [layer.module.register_forward_hook(hook) for layer in self.layers]
         try:
             with torch.enable_grad(), fixed_forward():
-                output = self.model.model(inputs)
+                output = self.model.call(inputs)
         finally:
             for handle in handles:
                 handle.remove()
