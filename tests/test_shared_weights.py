@@ -13,6 +13,7 @@ from torch.func import hessian, jacrev
 
 import curvops
 from curvops.nn.kfac import kronecker_approximation
+from curvops.nn.tied import nearest_kronecker
 from curvops.optim import KFACOptimizer
 
 SIZE = 3
@@ -186,3 +187,112 @@ def test_optimizer_with_a_shared_module_equals_the_builder_trains_and_resumes(cu
     train(resumed, resumed_opt, loss_fn, data[4:])
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+# ----------------------------------------------------------- a weight tied between two layers
+VOCAB, WIDTH = 5, 3
+
+
+class TiedLM(nn.Module):
+    """Token embedding ``E [V, d]`` → tanh(Linear) → head ``Linear(d, V)`` whose weight is ``E``."""
+
+    def __init__(self, tie: bool = True, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(VOCAB, WIDTH)
+        self.mix = nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB)
+        self.head.weight = self.emb.weight if tie else nn.Parameter(self.emb.weight.detach().clone())
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mix(self.emb(tokens)))).flatten(0, 1)
+
+
+def token_batches(count: int = 1, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randint(0, VOCAB, (4, 3), generator=g), torch.randint(0, VOCAB, (12,), generator=g))
+        for _ in range(count)
+    ]
+
+
+def rearranged(matrix, rows: int, cols: int):
+    """Van Loan–Pitsianis: ``R[(i, j), (k, l)] = M[i·c + k, j·c + l]``, so ``R(B ⊗ C) = vec B vec C^T``."""
+    return matrix.reshape(rows, cols, rows, cols).permute(0, 2, 1, 3).reshape(rows * rows, cols * cols)
+
+
+def dense_nearest_kronecker(matrix, rows: int, cols: int):
+    u, s, vh = torch.linalg.svd(rearranged(matrix, rows, cols))
+    return s[0] * torch.kron(u[:, 0].reshape(rows, rows), vh[0].reshape(cols, cols))
+
+
+def psd(size: int, seed: int):
+    b = torch.randn(size, size, generator=torch.Generator().manual_seed(seed), dtype=DOUBLE)
+    return b @ b.T
+
+
+def test_nearest_kronecker_is_the_top_singular_pair_closer_than_any_other_kronecker_and_psd():
+    g = torch.Generator().manual_seed(3)
+    diagonal = torch.rand(VOCAB, generator=g, dtype=DOUBLE)
+    terms = [(diagonal, psd(WIDTH, 1)), (psd(VOCAB, 2), psd(WIDTH, 3))]
+    total = torch.kron(torch.diag(diagonal), terms[0][1]) + torch.kron(*terms[1])
+    b, c = nearest_kronecker(terms)
+    nearest = torch.kron(b, c)
+    torch.testing.assert_close(nearest, dense_nearest_kronecker(total, VOCAB, WIDTH))
+    assert torch.linalg.eigvalsh(b).min() > -1e-12 and torch.linalg.eigvalsh(c).min() > -1e-12
+    error = torch.linalg.matrix_norm(total - nearest)
+    for x, y in terms:
+        assert error < torch.linalg.matrix_norm(total - torch.kron(torch.diag(x) if x.ndim == 1 else x, y))
+    for seed in range(20):
+        other_b = b + 0.1 * psd(VOCAB, 10 + seed) / VOCAB
+        other_c = c * (1 + 0.1 * torch.randn((), generator=g, dtype=DOUBLE))
+        assert error < torch.linalg.matrix_norm(total - torch.kron(other_b, other_c))
+        random = torch.kron(psd(VOCAB, 40 + seed), psd(WIDTH, 80 + seed))
+        scale = (random * total).sum() / random.square().sum()  # the best multiple of a random Kronecker
+        assert error < torch.linalg.matrix_norm(total - scale * random)
+
+
+def test_a_tied_embedding_and_head_get_the_nearest_kronecker_to_the_sum_of_their_blocks():
+    data, loss_fn = token_batches(), nn.CrossEntropyLoss()
+    tied = curvops.KFAC(TiedLM().double(), loss_fn, data, fisher_type="type-2")
+    assert tied.labels == ("emb.weight", "mix.weight", "mix.bias", "head.bias")
+    untied = curvops.KFAC(TiedLM(tie=False).double(), loss_fn, data, fisher_type="type-2")
+    total = untied.block("emb.weight").to_dense() + untied.block("head.weight").to_dense()
+    block = tied.block("emb.weight")
+    torch.testing.assert_close(block.to_dense(), dense_nearest_kronecker(total, VOCAB, WIDTH))
+    torch.testing.assert_close(tied.block("head.bias").to_dense(), untied.block("head.bias").to_dense())
+    dense = tied.to_dense()
+    eye = torch.eye(dense.shape[0], dtype=DOUBLE)
+    torch.testing.assert_close(tied.inverse(damping=0.1).to_dense(), torch.linalg.inv(dense + 0.1 * eye))
+    torch.testing.assert_close(tied.logdet(damping=0.1), torch.linalg.slogdet(dense + 0.1 * eye)[1])
+
+
+def test_ekfac_and_tkfac_refuse_a_tied_weight_naming_it_and_the_way_out():
+    model, data = TiedLM().double(), token_batches()
+    for builder in (curvops.EKFAC, curvops.TKFAC):
+        with pytest.raises(ValueError, match=r"tied as 'emb.weight' and 'head.weight'.*Use KFAC, untie"):
+            builder(model, nn.CrossEntropyLoss(), data, fisher_type="type-2")
+    with pytest.raises(ValueError, match=r"tied as 'emb.weight' and 'head.weight'.*EKFAC"):
+        KFACOptimizer(model, nn.CrossEntropyLoss(), curvature="ekfac")
+    params = [p for name, p in model.named_parameters() if name != "emb.weight"]
+    assert curvops.EKFAC(model, nn.CrossEntropyLoss(), data, params=params).labels == (
+        "mix.weight",
+        "mix.bias",
+        "head.bias",
+    )
+
+
+def test_optimizer_with_a_tied_weight_equals_the_builder_and_trains():
+    loss_fn = nn.CrossEntropyLoss()
+    data = token_batches(4)
+    model = TiedLM().double()
+    builder = curvops.KFAC(copy.deepcopy(model), loss_fn, data[:1], fisher_type="type-2")
+    options = {"fisher_type": "type-2", "lr": 0.1, "damping": 0.1, "T_inv": 1}
+    opt = KFACOptimizer(model, loss_fn, ema_decay=0.0, **options)
+    train(model, opt, loss_fn, data[:1])
+    torch.testing.assert_close(opt.curvature_operator().to_dense(), builder.to_dense(), rtol=1e-9, atol=1e-12)
+    model = TiedLM().double()
+    opt = KFACOptimizer(model, loss_fn, **options)
+    losses = train(model, opt, loss_fn, data * 5)
+    assert sum(losses[-4:]) < 0.9 * sum(losses[:4])
+    assert model.head.weight is model.emb.weight
