@@ -152,6 +152,9 @@ def test_laplace_marginal_likelihood_on_mappings_equals_it_on_tuples(curvature):
     loss_fn = nn.CrossEntropyLoss()
     mapped = Laplace(model, loss_fn, mapping_batches(batches, output="logits"), curvature=curvature)
     tuples = Laplace(OnTensors(model), loss_fn, as_tuples(batches), curvature=curvature)
+    test = loader(batches=1, seed=4)
+    x, _ = next(iter(mapping_batches(test, output="logits")))
+    torch.testing.assert_close(mapped.predictive(x), tuples.predictive(as_tuples(test)[0][0]))
     for tau in (0.3, 2.0):
         torch.testing.assert_close(
             mapped.log_marginal_likelihood(prior_precision=tau),

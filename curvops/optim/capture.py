@@ -1,8 +1,10 @@
 """Kronecker statistics of the batches of an ordinary training loop, caught with hooks.
 
 The optimizer cannot run passes over a data set of its own: it sees the user's forward
-pass and ``loss.backward()``. Forward hooks on the layers keep their inputs and outputs; a
-forward hook on the loss module keeps the model output and the targets, and puts a hook on
+pass (called in any way, ``model(x)`` or ``model(**inputs)``) and ``loss.backward()``. Forward
+hooks on the layers keep their inputs and outputs (every call of a layer called several
+times); a forward hook on the loss module keeps its first two arguments, the model output
+tensor and the targets, and puts a hook on
 the loss value's gradient. When the user's backward pass reaches the loss value (the graph
 below it is still intact), that hook backpropagates the output-space columns of the Fisher
 type (sampled labels for ``"mc"``, the loss-Hessian factor for ``"type-2"``, the true labels

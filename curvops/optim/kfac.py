@@ -44,7 +44,11 @@ class KFACOptimizer(torch.optim.Optimizer):
     module: ``loss = loss_fn(model(x), y); loss.backward(); opt.step()``. Hooks catch each
     layer's inputs and, during ``backward``, backpropagate the Fisher type's output-space
     columns to the layer outputs (labels sampled from the model for ``"mc"``); ``.grad``
-    stays the gradient of the true-label loss.
+    stays the gradient of the true-label loss. The model may take keyword arguments and return
+    a mapping (``loss_fn(model(**inputs)["logits"], labels)``): the hooks see every call of
+    each layer and the loss module's first two arguments, the output tensor and the targets.
+    A layer called several times is shared over its calls, a weight tied between layers gets
+    KFAC's nearest Kronecker block (``curvature="kfac"`` only), as in :func:`~curvops.KFAC`.
 
     Per step ``t`` (counting from 0):
 
