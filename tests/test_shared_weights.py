@@ -296,3 +296,57 @@ def test_optimizer_with_a_tied_weight_equals_the_builder_and_trains():
     losses = train(model, opt, loss_fn, data * 5)
     assert sum(losses[-4:]) < 0.9 * sum(losses[:4])
     assert model.head.weight is model.emb.weight
+
+
+class TwoSequences(nn.Module):
+    """One embedding on two token sequences; their vectors added, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, 2)
+
+    def forward(self, tokens):
+        pooled = self.emb(tokens[:, 0]).mean(1) + self.emb(tokens[:, 1, :2]).mean(1)  # 3 and 2 positions
+        return self.head(torch.tanh(pooled))
+
+
+class ConvTwice(nn.Module):
+    """One convolution applied twice (same shape in and out)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, images):
+        return self.conv(torch.tanh(self.conv(images))).flatten(1)
+
+
+@pytest.mark.parametrize(
+    ("model", "x", "name"),
+    [
+        (TwoSequences, lambda g: torch.randint(0, VOCAB, (3, 2, 3), generator=g), "emb.weight"),
+        (ConvTwice, lambda g: torch.randn(3, 2, 3, 3, generator=g, dtype=DOUBLE), "conv.weight"),
+    ],
+)
+def test_embeddings_and_convolutions_called_twice_keep_ekfac_and_tkfac_exact_properties(model, x, name):
+    model = model().double()
+    g = torch.Generator().manual_seed(0)
+    inputs = x(g)
+    output = model(inputs)
+    data = [(inputs, torch.randn(output.shape, generator=g, dtype=DOUBLE))]
+    exact = curvops.GGN(model, nn.MSELoss(), data).to_dense()
+    size = dict(model.named_parameters())[name].numel()
+    block = exact[:size, :size]  # the shared weight is the first parameter
+    kfac = curvops.KFAC(model, nn.MSELoss(), data, fisher_type="type-2").block(name)
+    bases = [
+        torch.diag(torch.ones(len(f), dtype=DOUBLE)) if f.ndim == 1 else torch.linalg.eigh(f)[1]
+        for f in kfac.factors
+    ]
+    basis = torch.kron(*[b.contiguous() for b in bases])
+    corrected = basis @ torch.diag(torch.diagonal(basis.T @ block @ basis)) @ basis.T
+    ekfac = curvops.EKFAC(model, nn.MSELoss(), data, fisher_type="type-2").block(name)
+    torch.testing.assert_close(ekfac.to_dense(), corrected)
+    tkfac = curvops.TKFAC(model, nn.MSELoss(), data, fisher_type="type-2").block(name)
+    torch.testing.assert_close(tkfac.trace(), block.trace())
