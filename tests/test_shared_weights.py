@@ -282,7 +282,7 @@ def test_ekfac_and_tkfac_refuse_a_tied_weight_naming_it_and_the_way_out():
     )
 
 
-def test_optimizer_with_a_tied_weight_equals_the_builder_and_trains():
+def test_optimizer_with_a_tied_weight_equals_the_builder_trains_and_resumes():
     loss_fn = nn.CrossEntropyLoss()
     data = token_batches(4)
     model = TiedLM().double()
@@ -296,6 +296,18 @@ def test_optimizer_with_a_tied_weight_equals_the_builder_and_trains():
     losses = train(model, opt, loss_fn, data * 5)
     assert sum(losses[-4:]) < 0.9 * sum(losses[:4])
     assert model.head.weight is model.emb.weight
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    train(model, opt, loss_fn, data)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = TiedLM(seed=3).double()
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = KFACOptimizer(resumed, loss_fn, **options)
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    train(resumed, resumed_opt, loss_fn, data)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 class TwoSequences(nn.Module):
