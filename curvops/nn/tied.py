@@ -28,12 +28,10 @@ PSD_TOLERANCE = 1e-10
 
 def _inner(x: Tensor, y: Tensor) -> Tensor:
     """``⟨X, Y⟩_F`` of two factors, each a matrix or a 1-D diagonal."""
-    if x.ndim == 1 and y.ndim == 1:
+    if x.ndim == y.ndim:
         return (x * y).sum()
-    if x.ndim == 1 or y.ndim == 1:
-        diagonal, matrix = (x, y) if x.ndim == 1 else (y, x)
-        return (diagonal * torch.diagonal(matrix)).sum()
-    return (x * y).sum()
+    diagonal, matrix = (x, y) if x.ndim == 1 else (y, x)
+    return (diagonal * torch.diagonal(matrix)).sum()
 
 
 def _combination(factors: list[Tensor], weights: Tensor) -> Tensor:
@@ -44,9 +42,9 @@ def _combination(factors: list[Tensor], weights: Tensor) -> Tensor:
 def _root_and_pseudo_inverse(gram: Tensor) -> tuple[Tensor, Tensor]:
     """``Γ^{1/2}`` and ``Γ^{-1/2}`` (pseudo-inverse: directions of a zero eigenvalue dropped)."""
     eigenvalues, vectors = torch.linalg.eigh(gram)
-    kept = eigenvalues > eigenvalues.max() * 1e-14
     root = eigenvalues.clamp(min=0).sqrt()
-    inverse = torch.where(kept, 1 / torch.where(kept, root, torch.ones_like(root)), torch.zeros_like(root))
+    kept = eigenvalues > eigenvalues.max() * 1e-14
+    inverse = torch.where(kept, root.clamp(min=torch.finfo(root.dtype).tiny).reciprocal(), 0.0)
     return vectors @ torch.diag(root) @ vectors.T, vectors @ torch.diag(inverse) @ vectors.T
 
 
