@@ -18,6 +18,7 @@ from .forward_checks import check_batch_statistics
 from .layers import KroneckerLayer, find_layers
 from .options import UNSUPPORTED_FIX, UNSUPPORTED_OPTIONS, KroneckerOptions, unsupported_error
 from .parameters import chosen_parameters
+from .tied import check_ties
 
 COLUMNS = ("parameter", "shape", "numel", "module", "type", "block", "rule", "bias", "label")
 
@@ -131,12 +132,15 @@ def coverage(
 
     Each parameter of a layer with a rule (``nn.Linear``, convolutions, ``nn.Embedding``, rules
     of your own) gets a Kronecker block; the parameters of other modules get an exact
-    ``"dense"`` or ``"diagonal"`` block with ``unsupported=``, or are refused. Refused too: a
-    layer its rule does not handle (a grouped convolution, an embedding with ``max_norm``), a
-    weight tied between modules, and every parameter of an ``nn.MultiheadAttention``; each
-    refused row gives the builder's error for it. It raises only for invalid options and
-    parameters (as the builders do). What only a pass can show is not checked here: a layer
-    whose module runs twice, or never, in the forward pass.
+    ``"dense"`` or ``"diagonal"`` block with ``unsupported=``, or are refused. A weight tied
+    between layers (an embedding and the output head) is in its first layer's row: KFAC's
+    nearest Kronecker block (:mod:`curvops.nn.tied`). Refused too: a layer its rule does not
+    handle (a grouped convolution, an embedding with ``max_norm``), a tied weight for EKFAC,
+    TKFAC and TEKFAC, a weight tied to a module without a rule, and every parameter of an
+    ``nn.MultiheadAttention``; each refused row gives the builder's error for it. It raises
+    only for invalid options and parameters (as the builders do). What only a pass can show
+    is not checked here: a layer whose module never runs in the forward pass, or runs several
+    times on different batch sizes.
 
     Args:
         model: the network.
@@ -170,8 +174,9 @@ def coverage(
     usable = [p for p in chosen if id(p) not in refusals]
     layers, others = find_layers(model, usable, options.bias, options.kfac_approx) if usable else ([], [])
     places = dict(refusals)
-    for layer in layers:
-        places.update(_kronecker_places(layer, options))
+    for layer in layers:  # a tied weight's place is its first layer's, where its block lies
+        for key, place in _kronecker_places(layer, options).items():
+            places.setdefault(key, place)
     for module_name, module, module_params in others:
         place = _other_place(module_name, module, options, unsupported)
         places.update({id(p): place for p in module_params})
@@ -186,17 +191,18 @@ def coverage(
 def _layer_refusals(
     model: nn.Module, params: list[nn.Parameter], options: KroneckerOptions
 ) -> dict[int, dict]:
-    """The parameters :func:`find_layers` refuses (a rule's check, weight tying), with its error:
-    asked once for all, and per parameter where that fails."""
+    """The parameters :func:`find_layers` refuses (a rule's check, weight tying) or the
+    approximation refuses (a tied weight but for KFAC), with the error: asked once for all, and
+    per parameter where that fails."""
     try:
-        find_layers(model, params, options.bias, options.kfac_approx)
+        check_ties(find_layers(model, params, options.bias, options.kfac_approx)[0], options.approximation)
         return {}
     except ValueError:
         pass
     refusals = {}
     for p in params:
         try:
-            find_layers(model, [p], options.bias, options.kfac_approx)
+            check_ties(find_layers(model, [p], options.bias, options.kfac_approx)[0], options.approximation)
         except ValueError as error:
             refusals[id(p)] = {"block": "refused", "reason": str(error)}
     return refusals

@@ -28,6 +28,7 @@ from ..nn.layers import find_layers
 from ..nn.options import KroneckerOptions
 from ..nn.parameters import as_parameter_list
 from ..nn.statistics import Corrections, LayerStatistics, all_usable
+from ..nn.tied import check_ties, merged_ties
 from .capture import BatchCapture, CapturedBatch
 from .kfac_state import check_momentum, check_running_state, load_curvature_state
 from .schedule import Schedule, all_finite, check_fraction, check_schedule, evaluate
@@ -43,7 +44,11 @@ class KFACOptimizer(torch.optim.Optimizer):
     module: ``loss = loss_fn(model(x), y); loss.backward(); opt.step()``. Hooks catch each
     layer's inputs and, during ``backward``, backpropagate the Fisher type's output-space
     columns to the layer outputs (labels sampled from the model for ``"mc"``); ``.grad``
-    stays the gradient of the true-label loss.
+    stays the gradient of the true-label loss. The model may take keyword arguments and return
+    a mapping (``loss_fn(model(**inputs)["logits"], labels)``): the hooks see every call of
+    each layer and the loss module's first two arguments, the output tensor and the targets.
+    A layer called several times is shared over its calls, a weight tied between layers gets
+    KFAC's nearest Kronecker block (``curvature="kfac"`` only), as in :func:`~curvops.KFAC`.
 
     Per step ``t`` (counting from 0):
 
@@ -207,6 +212,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.ema_decay, self.T_stats, self.T_inv, self.kl_clip = float(ema_decay), T_stats, T_inv, kl_clip
         trainable = [p for p in params if p.requires_grad]  # a frozen one is not trained, as in torch.optim
         layers, _ = find_layers(model, trainable, bias, kfac_approx)
+        check_ties(layers, self.approximation)
         if not layers:
             raise ValueError(
                 "None of the parameters belongs to a layer with a Kronecker rule (nn.Linear, nn.Conv1d, "
@@ -342,7 +348,9 @@ class KFACOptimizer(torch.optim.Optimizer):
                 )
                 for s in self.layers
             ]
-        return [approximation.kronecker_blocks(s) for s in self.layers]
+        return merged_ties(
+            [s.layer for s in self.layers], [approximation.kronecker_blocks(s) for s in self.layers]
+        )
 
     def _assemble(self, blocks: list[list[CurvatureOperator]]) -> CurvatureOperator:
         entries = [
@@ -364,7 +372,12 @@ class KFACOptimizer(torch.optim.Optimizer):
             rebuild = True
         if rebuild:
             damped = [
-                [self.approximation.damped_inverse(block, damping, self.factored) for block in layer_blocks]
+                [
+                    None
+                    if block is None
+                    else self.approximation.damped_inverse(block, damping, self.factored)
+                    for block in layer_blocks
+                ]
                 for layer_blocks in self._blocks()
             ]
             self.preconditioner = self._assemble(damped)

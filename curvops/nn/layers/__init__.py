@@ -73,19 +73,23 @@ def layer_rule(module: nn.Module) -> LayerRule | None:
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
-    """For every parameter, the ``(module name, module, attribute)`` places that hold it."""
-    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    """For every parameter, the ``(module name, module, attribute)`` places that hold it: one
+    per module attribute (a module reached under several names, a shared module, is one place,
+    under its first name); several places are a tied parameter."""
+    owners: dict[int, dict[tuple[int, str], tuple[str, nn.Module, str]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for attribute, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append((name, module, attribute))
-    return owners
+            owners.setdefault(id(p), {}).setdefault((id(module), attribute), (name, module, attribute))
+    return {key: list(places.values()) for key, places in owners.items()}
 
 
 def find_layers(
     model: nn.Module, params: list[nn.Parameter], bias: str, kfac_approx: str
 ) -> tuple[list[KroneckerLayer], list[tuple[str, nn.Module, list[nn.Parameter]]]]:
     """The layers with a rule holding chosen parameters, and the other modules that do (a
-    module of :data:`OPAQUE_MODULES` stands for all the parameters inside it)."""
+    module of :data:`OPAQUE_MODULES` stands for all the parameters inside it). A weight tied
+    between layers with rules is every one of those layers' weight (each with a separate bias:
+    :mod:`curvops.nn.tied` makes its block); other ties raise ``ValueError``."""
     owners = _owners(model)
     opaque = {
         id(inner): (name, module)
@@ -99,11 +103,12 @@ def find_layers(
     for p in params:
         places = owners[id(p)]
         if len(places) > 1:
-            names = " and ".join(repr(f"{name}.{attribute}".lstrip(".")) for name, _, attribute in places)
-            raise ValueError(
-                f"One parameter is used as {names} (weight tying); KFAC needs one layer per parameter. "
-                "Leave it out of params."
-            )
+            for name, module, _ in _tied_places(places, opaque):
+                if id(module) not in layers:
+                    layers[id(module)] = _layer(
+                        name, module, layer_rule(module), chosen, "separate", kfac_approx
+                    )
+            continue
         name, module, attribute = places[0]
         rule = None if id(module) in opaque else layer_rule(module)
         if id(module) in opaque:
@@ -111,8 +116,24 @@ def find_layers(
         if rule is None or attribute not in ("weight", "bias"):
             others.setdefault(id(module), (name, module, []))[2].append(p)
         elif id(module) not in layers:
-            layers[id(module)] = _layer(name, module, rule, chosen, bias, kfac_approx)
+            tied = len(owners.get(id(getattr(module, "weight", None)), ())) > 1
+            layers[id(module)] = _layer(name, module, rule, chosen, "separate" if tied else bias, kfac_approx)
     return list(layers.values()), list(others.values())
+
+
+def _tied_places(places: list[tuple[str, nn.Module, str]], opaque: dict) -> list[tuple[str, nn.Module, str]]:
+    """The places of a tied parameter, if it is the weight of layers with rules (a block of
+    :mod:`curvops.nn.tied`); else ``ValueError`` naming the places."""
+    if all(
+        attribute == "weight" and id(module) not in opaque and layer_rule(module)
+        for _, module, attribute in places
+    ):
+        return places
+    names = " and ".join(repr(f"{name}.{attribute}".lstrip(".")) for name, _, attribute in places)
+    raise ValueError(
+        f"One parameter is used as {names} (weight tying); KFAC ties only the weights of layers with a "
+        "Kronecker rule (an embedding and an output head). Untie it, or leave it out of params."
+    )
 
 
 def _layer(
