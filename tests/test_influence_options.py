@@ -136,9 +136,7 @@ def test_unsupported_module_error_recommends_what_works(curvature):
         lambda **kw: influence_curvature(model, loss, train, curvature, **kw),
     ]
     for call in calls:
-        with pytest.raises(
-            ValueError, match=r"'1' \(PReLU\).*curvature_options=\{'unsupported': 'dense'\}"
-        ):
+        with pytest.raises(ValueError, match=r"'1' \(PReLU\).*curvature_options=\{'unsupported': 'dense'\}"):
             call()
         result = call(curvature_options={"unsupported": "dense"})  # the recommendation works
         dense = result.to_dense() if isinstance(result, curvops.CurvatureOperator) else result

@@ -147,6 +147,38 @@ def _ggn_by_torch_func(model, x, y, params):
     return total / len(x)
 
 
+class TokenTagger(nn.Module):
+    """Per-token outputs ``[N, C, S]``: a loss term per token."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.ln, self.b = nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.ln(self.a(x)))).transpose(1, 2)
+
+
+@pytest.mark.parametrize(
+    ("fisher_type", "loss_fn"),
+    [("mc", CE), ("empirical", CE), ("type-2", nn.MSELoss()), ("type-2", nn.BCEWithLogitsLoss())],
+)
+def test_per_token_losses_give_the_exact_block(fisher_type, loss_fn):
+    """Several loss terms per datum: exact for "mc" and "empirical" (per-datum gradients of the
+    datum's loss) and for type-2 with one column per output element (MSE, BCE)."""
+    torch.manual_seed(0)
+    model = _randomised(TokenTagger().double())
+    x = torch.randn(5, 4, 3, generator=generator(0), dtype=DOUBLE)
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        y = torch.randint(0, 3, (5, 4), generator=generator(1))
+    else:
+        y = torch.rand(5, 3, 4, generator=generator(1), dtype=DOUBLE)
+    options = {"mc_samples": 2, "seed": 3} if fisher_type == "mc" else {}
+    norm = list(model.ln.parameters())
+    exact = EXACT[fisher_type](model, loss_fn, [(x, y)], params=norm, **options).to_dense()
+    op = curvops.KFAC(model, loss_fn, [(x, y)], fisher_type=fisher_type, bias="joint", **options)
+    torch.testing.assert_close(op.block("ln").to_dense(), exact, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("kind", ["layernorm-tokens", "groupnorm", "batchnorm2d", "rmsnorm"])
 def test_the_type_2_block_is_the_ggn_from_torch_func(kind):
     model, data = _setup(kind)
@@ -313,7 +345,7 @@ def test_the_optimizer_block_is_the_exact_block_and_its_damped_inverse():
     torch.testing.assert_close(opt.preconditioner.block("0").to_dense(), damped, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac", "tkfac", "tekfac"])
 def test_the_optimizer_state_dict_round_trips(curvature):
     model = _gpt_like()
     twin = copy.deepcopy(model)
@@ -328,6 +360,24 @@ def test_the_optimizer_state_dict_round_trips(curvature):
     _steps(twin, restored, batches[3:])
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_the_optimizer_on_a_bf16_model_keeps_float32_statistics():
+    model = _gpt_like().bfloat16()
+    opt = KFACOptimizer(model, CE, lr=0.05, damping=0.1, fisher_type="type-2", bias="joint")
+    x, y = _training_batches(1)[0]
+    _steps(model, opt, [(x.bfloat16(), y)] * 3)
+    running = next(s for s in opt.layers if s.layer.name == "0").exact_block
+    assert running.dtype == torch.float32 and running.shape == (8, 8)
+    assert opt.preconditioner.block("0").dtype == torch.bfloat16
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_reduce_gives_the_same_exact_block():
+    model, data = _setup("layernorm-tokens")
+    expand = _kfac("kfac", model, data, "type-2", bias="joint").block("1").to_dense()
+    reduce = _kfac("kfac", model, data, "type-2", bias="joint", kfac_approx="reduce").block("1").to_dense()
+    torch.testing.assert_close(reduce, expand, rtol=0, atol=0)
 
 
 def test_a_wrong_exact_block_in_a_state_dict_is_refused():

@@ -45,7 +45,8 @@ def KFAC(
     ``[num_embeddings, dim]``). The normalization layers (``nn.LayerNorm``, ``nn.RMSNorm``,
     ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` in eval mode) get the exact block of their affine
     parameters for ``fisher_type`` (its diagonal for more than 2048 of them), from the same pass
-    (:mod:`curvops.nn.layers.norm`; EKFAC and TKFAC give the same block). The operator is
+    (:mod:`curvops.nn.layers.norm`, which says where ``"type-2"`` is the GGN's block: not for a
+    cross-entropy over positions; EKFAC and TKFAC give the same block). The operator is
     block-diagonal over layers, in the order and layout of ``params`` — the same matrix
     convention as :class:`~curvops.GGN` (the loss over the whole data set as its reduction
     defines it, independent of batching) — so

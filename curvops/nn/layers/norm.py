@@ -10,10 +10,18 @@ output-space column ``c``
     ``∇_γ ℓ_nc = Σ_s x̂_ns ⊙ g_nsc``,  ``∇_β ℓ_nc = Σ_s g_nsc``,
 
 and the block is ``(1/Z) Σ_{n,c} v_nc v_nc^T`` with ``v = [vec ∇_γ; ∇_β]`` (the chosen ones):
-the GGN's block for ``"type-2"``, the empirical Fisher's for ``"empirical"``, ``FisherMC``'s
-(same draws) for ``"mc"``. ``bias="joint"`` gives one block over ``[vec γ; β]``, with the cross
-terms; ``"separate"`` one block per parameter. ``kfac_approx`` plays no part (the block is exact),
-and EKFAC, TKFAC and TEKFAC take the same block: there is nothing to correct.
+the empirical Fisher's for ``"empirical"``, ``FisherMC``'s (same draws) for ``"mc"``, and the
+GGN's for ``"type-2"`` wherever its columns factor each datum's loss Hessian: ``MSELoss`` and
+``BCEWithLogitsLoss`` (a column per output element), ``CrossEntropyLoss`` with one output
+position per datum. With ``CrossEntropyLoss`` over positions (outputs ``[N, C, d_1, ...]``,
+a language model's tokens) the ``C`` type-2 columns are shared by all positions, as for the
+Kronecker factors, so ``v_nc`` mixes positions and the block is ``J^T Λ̃ J`` with
+``Λ̃ = Σ_c s_c s_c^T`` (products between positions included), not the GGN's; choose ``"mc"``
+or ``"empirical"`` there for the exact block of their operators.
+
+``bias="joint"`` gives one block over ``[vec γ; β]``, with the cross terms; ``"separate"`` one
+block per parameter. ``kfac_approx`` plays no part (the block is exact), and EKFAC, TKFAC and
+TEKFAC take the same block: there is nothing to correct.
 
 A layer whose chosen parameters number more than ``dense_limit`` (:data:`DENSE_LIMIT` unless
 the rule is registered with another) gets the diagonal of that block instead. With
