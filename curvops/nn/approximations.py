@@ -134,7 +134,7 @@ class KroneckerApproximation:
 
 def exact_blocks(statistics: LayerStatistics) -> list[CurvatureOperator]:
     """The exact block ``B`` over ``[vec weight; bias]`` as the layer's blocks: ``B`` itself for a
-    joint bias, else one diagonal sub-block per chosen parameter; ``Dense`` (symmetrised), or
+    joint bias, else its sub-blocks ``B[p, p]`` of each chosen parameter ``p``; ``Dense`` (symmetrised), or
     ``Diagonal`` for a 1-D ``B``.
 
     Example:

@@ -101,9 +101,8 @@ class LayerStatistics:
     def normalised(self, scale: float) -> LayerStatistics:
         """The factors from the sums: ``A = Σ w a a^T / count``, ``G = Σ g g^T / scale`` (``scale``
         is ``Z``, times the samples per datum for ``"mc"``), ``δ``, a bias's trace and an exact
-        block ``/ scale``,
-        ``Φ`` and ``Ψ`` divided by their traces. Raises ``ValueError`` (naming the layer) for
-        TKFAC's ``δ <= 0`` or ``nan``."""
+        block ``/ scale``, ``Φ`` and ``Ψ`` divided by their traces. Raises ``ValueError`` (naming
+        the layer) for TKFAC's ``δ <= 0`` or ``nan``."""
         if self.trace is not None and not bool(self.trace > 0):
             raise ValueError(
                 f"Layer {self.layer.name!r} has δ = {float(self.trace)} (its block's trace): TKFAC "

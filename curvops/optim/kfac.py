@@ -126,7 +126,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         kfac_approx, bias, correction, seed: as for :func:`~curvops.KFAC` / :func:`~curvops.EKFAC`.
 
     Attributes:
-        curvature_params: the preconditioned parameters (those of Kronecker layers), in order.
+        curvature_params: the preconditioned parameters (those of layers with a rule), in order.
         layers: per Kronecker layer, its running statistics, an immutable
             :class:`~curvops.nn.statistics.LayerStatistics` (replaced at every statistics step;
             :attr:`~curvops.nn.statistics.LayerStatistics.empty` before the first).
