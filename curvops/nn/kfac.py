@@ -43,8 +43,12 @@ def KFAC(
     its weight is ``G ⊗ A`` (see
     :mod:`curvops.nn.layers.rule` for ``A``, ``G`` and ``kfac_approx``, :mod:`curvops.nn.fisher`
     for ``fisher_type``); an embedding's block is ``A ⊗ G`` with a diagonal ``A`` (its weight is
-    ``[num_embeddings, dim]``). A module called several times in the forward pass shares its
-    weight over its calls as over positions (:mod:`curvops.nn.layers.rule`); a weight tied
+    ``[num_embeddings, dim]``). The normalization layers (``nn.LayerNorm``, ``nn.RMSNorm``,
+    ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` in eval mode) get the exact block of their affine
+    parameters for ``fisher_type`` (its diagonal for more than 2048 of them), from the same pass
+    (:mod:`curvops.nn.layers.norm`, which says where ``"type-2"`` is the GGN's block: not for a
+    cross-entropy over positions; EKFAC and TKFAC give the same block). A module called several
+    times in the forward pass shares its weight over its calls as over positions (:mod:`curvops.nn.layers.rule`); a weight tied
     between layers (an embedding and the output head) gets the nearest Kronecker product to
     the sum of its uses' blocks (:mod:`curvops.nn.tied`; KFAC only). The operator is
     block-diagonal over layers, in the order and layout of ``params`` — the same matrix
@@ -83,16 +87,17 @@ def KFAC(
         params: the parameters, trainable or frozen, a list or a dict of them (default: the
             model's trainable ones, in order).
         fisher_type: ``"type-2"`` (KFAC of the GGN), ``"mc"``, ``"empirical"`` or
-            ``"forward-only"`` (``G = I``).
+            ``"forward-only"`` (``G = I``; a normalization layer's block is ``I``).
         mc_samples: labels drawn per datum for ``"mc"``.
         kfac_approx: ``"expand"`` or ``"reduce"`` for layers shared over positions.
         seed: seed of the ``"mc"`` label draws.
         progressbar: a tqdm bar on the pass over the data.
         bias: ``"separate"`` (a ``G`` block of its own) or ``"joint"`` (one block ``G ⊗ A`` with
             a constant 1 appended to the inputs) for layers whose weight and bias are both in
-            ``params``.
-        unsupported: what to do with parameters of other modules (LayerNorm, BatchNorm,
-            ``nn.MultiheadAttention`` with its ``out_proj``, ...): ``"error"``, or an exact
+            ``params``; for a normalization layer one exact block per parameter, or one over
+            ``[γ; β]`` with their cross terms.
+        unsupported: what to do with parameters of modules without a rule
+            (``nn.MultiheadAttention`` with its ``out_proj``, ``nn.PReLU``, ...): ``"error"``, or an exact
             ``"dense"`` or ``"diagonal"`` block per module from the
             exact operator of the same ``fisher_type`` (GGN for ``"type-2"`` and
             ``"forward-only"``).
@@ -256,17 +261,18 @@ def _build(
 def _kronecker_blocks(
     options: KroneckerOptions, model_data: ModelData, loss, layers: list
 ) -> list[list[CurvatureOperator]]:
-    """Each layer's blocks: one statistics pass, and for EKFAC/TEKFAC a correcting one."""
+    """Each layer's blocks: one statistics pass, and for EKFAC/TEKFAC a correcting one (for the
+    layers it corrects: not those with exact blocks)."""
     approximation = options.approximation
     passes = KroneckerPass(model_data, loss, layers, options)
     statistics = passes.statistics()
-    if not approximation.corrected:
+    bases = [approximation.eigenbasis(s)[0] if approximation.corrects(s.layer) else None for s in statistics]
+    if all(basis is None for basis in bases):
         return [approximation.kronecker_blocks(s) for s in statistics]
-    bases = [approximation.eigenbasis(s)[0] for s in statistics]
     corrections = passes.corrections(bases)
     return [
-        approximation.corrected_blocks(layer, basis, c)
-        for layer, basis, c in zip(layers, bases, corrections, strict=True)
+        approximation.corrected_blocks(s.layer, basis, c) if basis else approximation.kronecker_blocks(s)
+        for s, basis, c in zip(statistics, bases, corrections, strict=True)
     ]
 
 

@@ -116,10 +116,13 @@ class LayerRule(ABC):
     Attributes:
         transposed: the weight is stored ``[n_in, n_out]`` (its block is ``A ⊗ G``).
         diagonal_input: ``A`` is diagonal, stored as a 1-D ``[n_in]`` tensor.
+        exact: the statistics are the exact block of the layer's parameters (``exact_block``,
+            :class:`~curvops.nn.layers.norm.NormRule`), not Kronecker factors.
     """
 
     transposed: ClassVar[bool] = False
     diagonal_input: ClassVar[bool] = False
+    exact: ClassVar[bool] = False
 
     def check(self, name: str, module: nn.Module, kfac_approx: str) -> None:  # noqa: B027 (optional)
         """Raise ``ValueError`` (naming the module) for configurations the rule does not handle."""
