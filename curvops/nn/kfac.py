@@ -48,9 +48,10 @@ def KFAC(
     parameters for ``fisher_type`` (its diagonal for more than 2048 of them), from the same pass
     (:mod:`curvops.nn.layers.norm`, which says where ``"type-2"`` is the GGN's block: not for a
     cross-entropy over positions; EKFAC and TKFAC give the same block). A module called several
-    times in the forward pass shares its weight over its calls as over positions (:mod:`curvops.nn.layers.rule`); a weight tied
-    between layers (an embedding and the output head) gets the nearest Kronecker product to
-    the sum of its uses' blocks (:mod:`curvops.nn.tied`; KFAC only). The operator is
+    times in the forward pass shares its weight over its calls as over positions
+    (:mod:`curvops.nn.layers.rule`); a weight tied between layers (an embedding and the output
+    head) gets the nearest Kronecker product to the sum of its uses' blocks
+    (:mod:`curvops.nn.tied`; KFAC only). The operator is
     block-diagonal over layers, in the order and layout of ``params`` — the same matrix
     convention as :class:`~curvops.GGN` (the loss over the whole data set as its reduction
     defines it, independent of batching) — so
