@@ -14,15 +14,22 @@ Damping (:meth:`KroneckerApproximation.damped_inverse`): exact ``(B + λI)^-1`` 
 ``π² = (tr G / n_out) / (tr A / n_in)`` (Martens & Grosse 2015), and TKFAC's
 ``(√δ Ψ + √λ I)^-1 ⊗ (√δ Φ + √λ I)^-1`` (Gao et al. 2021: the same with unnormalised traces).
 EKFAC's eigenvalues are explicit, so it has no factored form.
+
+A grouped layer (``g > 1`` groups, statistics with a leading group axis) gets each of its
+blocks as a :class:`~curvops.BlockDiagonal` of the ``g`` groups' blocks (group ``j``'s entries
+are a range of the weight's flat order): each group's factors, eigenbasis, corrections, traces
+and damping are its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
-from ..linalg import CurvatureOperator, Dense, Kronecker, KroneckerEigen
+from ..linalg import BlockDiagonal, CurvatureOperator, Dense, Kronecker, KroneckerEigen
 from .fisher import FisherType
 from .layers.rule import KroneckerLayer
 from .statistics import Corrections, LayerStatistics
@@ -30,6 +37,20 @@ from .statistics import Corrections, LayerStatistics
 Basis = tuple[Tensor, Tensor | None, Tensor]
 """A layer's eigenbasis ``(Q_out, Q_in, Q_bias)`` (``Q_in`` is ``None`` for a diagonal input
 factor: the identity)."""
+
+
+def _by_group(per_group: Sequence[Sequence[CurvatureOperator]]) -> list[CurvatureOperator]:
+    """Each group's blocks (weight, bias) as one block per kind, block-diagonal over the groups."""
+    return [BlockDiagonal(list(blocks)) for blocks in zip(*per_group, strict=True)]
+
+
+def _stacked(values: Sequence[Tensor | None]) -> Tensor | None:
+    """The groups' tensors along a leading group axis (``None`` stays ``None``)."""
+    return None if values[0] is None else torch.stack(list(values))
+
+
+def _row(value: Tensor | None, group: int) -> Tensor | None:
+    return None if value is None else value[group]
 
 
 @dataclass(frozen=True)
@@ -77,7 +98,13 @@ class KroneckerApproximation:
         return s.trace * s.trace_output_factor, s.trace_input_factor, bias
 
     def kronecker_blocks(self, statistics: LayerStatistics) -> list[CurvatureOperator]:
-        """The uncorrected blocks of a layer: its weight's (with a joint bias), then a separate bias's."""
+        """The uncorrected blocks of a layer: its weight's (with a joint bias), then a separate bias's
+        (for a grouped layer each a ``BlockDiagonal`` over the groups)."""
+        if statistics.layer.groups > 1:
+            return _by_group([self._kronecker_blocks(s) for s in statistics.per_group()])
+        return self._kronecker_blocks(statistics)
+
+    def _kronecker_blocks(self, statistics: LayerStatistics) -> list[CurvatureOperator]:
         layer = statistics.layer
         output, input, bias = self.factors(statistics)
         blocks: list[CurvatureOperator] = []
@@ -89,7 +116,15 @@ class KroneckerApproximation:
 
     def eigenbasis(self, statistics: LayerStatistics) -> tuple[Basis, list[Tensor | None]]:
         """The eigenbasis of the uncorrected blocks and their own eigenvalues there, ``[s_weight,
-        s_bias]`` (``None`` for a block the layer does not have): where EKFAC starts."""
+        s_bias]`` (``None`` for a block the layer does not have): where EKFAC starts. A grouped
+        layer's bases and eigenvalues have a leading group axis."""
+        if statistics.layer.groups > 1:
+            bases, scales = zip(*(self._eigenbasis(s) for s in statistics.per_group()), strict=True)
+            basis = tuple(_stacked(qs) for qs in zip(*bases, strict=True))
+            return basis, [_stacked(values) for values in zip(*scales, strict=True)]
+        return self._eigenbasis(statistics)
+
+    def _eigenbasis(self, statistics: LayerStatistics) -> tuple[Basis, list[Tensor | None]]:
         layer = statistics.layer
         output, input, bias = self.factors(statistics)
         weight = Kronecker(*layer.kronecker_order(output, input))
@@ -104,7 +139,24 @@ class KroneckerApproximation:
     def corrected_blocks(
         self, layer: KroneckerLayer, basis: Basis, corrections: Corrections
     ) -> list[CurvatureOperator]:
-        """EKFAC's blocks: ``KroneckerEigen`` in ``basis`` with the corrected eigenvalues."""
+        """EKFAC's blocks: ``KroneckerEigen`` in ``basis`` with the corrected eigenvalues (per group,
+        block-diagonal, for a grouped layer)."""
+        if layer.groups > 1:
+            return _by_group(
+                [
+                    self._corrected_blocks(
+                        layer,
+                        tuple(_row(q, j) for q in basis),
+                        Corrections(_row(corrections.weight, j), _row(corrections.bias, j)),
+                    )
+                    for j in range(layer.groups)
+                ]
+            )
+        return self._corrected_blocks(layer, basis, corrections)
+
+    def _corrected_blocks(
+        self, layer: KroneckerLayer, basis: Basis, corrections: Corrections
+    ) -> list[CurvatureOperator]:
         q_out, q_in, q_bias = basis
         blocks: list[CurvatureOperator] = []
         if corrections.weight is not None:
@@ -114,7 +166,10 @@ class KroneckerApproximation:
         return blocks
 
     def damped_inverse(self, block: CurvatureOperator, damping: float, factored: bool) -> CurvatureOperator:
-        """``(B + λI)^-1`` of one of the approximation's blocks, or its factored form."""
+        """``(B + λI)^-1`` of one of the approximation's blocks, or its factored form (a grouped
+        layer's ``BlockDiagonal``: per group)."""
+        if isinstance(block, BlockDiagonal):
+            return BlockDiagonal([self.damped_inverse(b, damping, factored) for b in block.blocks], block.labels)
         if factored and isinstance(block, Kronecker) and len(block.factors) > 1:
             balance = "trace" if self.trace_restricted else "mean"
             return block.factor_inverse(block.pi_dampings(damping, balance=balance))

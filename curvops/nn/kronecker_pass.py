@@ -19,7 +19,7 @@ from ..linalg import computation_dtype
 from .approximations import Basis
 from .batches import is_empty
 from .forward_checks import fixed_forward
-from .layers.rule import KroneckerLayer
+from .layers.rule import KroneckerLayer, rotate
 from .losses import LossAdapter
 from .model import ModelData
 from .options import KroneckerOptions
@@ -93,9 +93,9 @@ def batch_corrections(
     gradients = gradients.to(q_out.dtype)
     weight = bias = None
     if layer.weight is not None:
-        weight = layer.rule.correction(layer, inputs, gradients @ q_out, q_in, correction)
+        weight = layer.rule.correction(layer, inputs, rotate(gradients, q_out), q_in, correction)
     if layer.separate_bias:
-        bias = (gradients.sum(dim=2) @ q_bias).square().sum(dim=(0, 1))
+        bias = rotate(gradients.sum(dim=2), q_bias).square().sum(dim=(0, 1))
     return Corrections(weight, bias)
 
 

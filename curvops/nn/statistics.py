@@ -6,6 +6,10 @@ A pass over the data (or the optimizer's training step) produces, per layer, the
 factors ``A``, ``G`` (``δ``, ``Φ``, ``Ψ``), and normalised values average
 (:meth:`LayerStatistics.average`: the optimizer's running averages). EKFAC's eigenvalue
 sums are :class:`Corrections`, alike.
+
+A grouped layer's statistics (``layer.groups = g > 1``) carry a leading group axis (``A``:
+``[g, n_in, n_in]``, ``δ``: ``[g]``): every operation here acts per group, and
+:meth:`LayerStatistics.per_group` splits them into one value per group.
 """
 
 from __future__ import annotations
@@ -36,10 +40,19 @@ def _sum(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 def _trace_normalised(factor: Tensor | None) -> Tensor | None:
-    """``F / tr F`` (a 1-D factor is a diagonal)."""
+    """``F / tr F`` (a 1-D factor is a diagonal; a 3-D one ``[g, n, n]`` is normalised per group)."""
     if factor is None:
         return None
+    if factor.ndim == 3:
+        return factor / factor.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
     return factor / (factor.sum() if factor.ndim == 1 else factor.trace())
+
+
+def _nonpositive_trace(trace: Tensor) -> str:
+    """The first ``δ <= 0`` (or ``nan``) of a layer's ``δ`` (one per group for ``[g]``), for errors."""
+    flat = trace.reshape(-1)
+    group = int((~(flat > 0)).nonzero()[0, 0])
+    return f"{float(flat[group])}" + ("" if trace.ndim == 0 else f" in group {group}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,9 +111,9 @@ class LayerStatistics:
         is ``Z``, times the samples per datum for ``"mc"``), ``δ`` and a bias's trace ``/ scale``,
         ``Φ`` and ``Ψ`` divided by their traces. Raises ``ValueError`` (naming the layer) for
         TKFAC's ``δ <= 0`` or ``nan``."""
-        if self.trace is not None and not bool(self.trace > 0):
+        if self.trace is not None and not bool((self.trace > 0).all()):
             raise ValueError(
-                f"Layer {self.layer.name!r} has δ = {float(self.trace)} (its block's trace): TKFAC "
+                f"Layer {self.layer.name!r} has δ = {_nonpositive_trace(self.trace)} (its block's trace): TKFAC "
                 "needs δ > 0 (no curvature at δ = 0; nan: the statistics overflow)."
             )
 
@@ -130,7 +143,22 @@ class LayerStatistics:
         """0-dim boolean tensors, all true when the statistics are usable: every statistic finite,
         TKFAC's ``δ`` (if any) positive (see :func:`all_usable`)."""
         checks = [torch.isfinite(value).all() for value in self.tensors().values()]
-        return checks if self.trace is None else [*checks, self.trace > 0]
+        return checks if self.trace is None else [*checks, (self.trace > 0).all()]
+
+    def per_group(self) -> list[LayerStatistics]:
+        """A grouped layer's statistics as one value per group (views of its tensors' rows).
+
+        Example:
+            >>> grouped = LayerStatistics(None, input_factor=torch.stack([torch.eye(2), 2 * torch.eye(2)]))
+            >>> [s.input_factor[0, 0].item() for s in grouped.per_group()]
+            [1.0, 2.0]
+        """
+        tensors = self.tensors()
+        groups = len(next(iter(tensors.values())))
+        return [
+            LayerStatistics(self.layer, input_count=self.input_count, **{n: t[j] for n, t in tensors.items()})
+            for j in range(groups)
+        ]
 
 
 def all_usable(statistics: list[LayerStatistics]) -> bool:
