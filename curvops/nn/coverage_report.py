@@ -35,6 +35,8 @@ class CoverageRow:
             weight, ``G`` for a separate bias), ``"kronecker-eigen"`` (EKFAC's and TEKFAC's
             corrected eigenvalues in that basis), ``"dense"`` or ``"diagonal"`` (an exact block of
             its module, with ``unsupported=``), or ``"refused"``.
+        groups: a Kronecker block's number of groups ``g``: a grouped convolution's block is a
+            ``BlockDiagonal`` of ``g`` such blocks, one per group (shown as ``"kronecker ×g"``).
         rule: the layer rule's class name (``"LinearRule"``) for Kronecker blocks, else ``None``.
         bias: ``"joint"`` or ``"separate"`` for the weight and bias of a layer whose bias is
             chosen, else ``None``.
@@ -52,10 +54,12 @@ class CoverageRow:
     bias: str | None = None
     label: str | None = None
     reason: str | None = None
+    groups: int = 1
 
     def cells(self) -> tuple[str, ...]:
         """The row's entries in the table of :meth:`Coverage.table`."""
-        values = (self.name, list(self.shape), self.numel, self.module, self.module_type, self.block)
+        block = self.block if self.groups == 1 else f"{self.block} ×{self.groups}"
+        values = (self.name, list(self.shape), self.numel, self.module, self.module_type, block)
         return tuple(map(str, values)) + tuple(v or "-" for v in (self.rule, self.bias, self.label))
 
 
@@ -130,9 +134,9 @@ def coverage(
     running the model.
 
     Each parameter of a layer with a rule (``nn.Linear``, convolutions, ``nn.Embedding``, rules
-    of your own) gets a Kronecker block; the parameters of other modules get an exact
-    ``"dense"`` or ``"diagonal"`` block with ``unsupported=``, or are refused. Refused too: a
-    layer its rule does not handle (a grouped convolution, an embedding with ``max_norm``), a
+    of your own) gets a Kronecker block (a grouped convolution one per group); the parameters of
+    other modules get an exact ``"dense"`` or ``"diagonal"`` block with ``unsupported=``, or are
+    refused. Refused too: a layer its rule does not handle (an embedding with ``max_norm``), a
     weight tied between modules, and every parameter of an ``nn.MultiheadAttention``; each
     refused row gives the builder's error for it. It raises only for invalid options and
     parameters (as the builders do). What only a pass can show is not checked here: a layer
@@ -217,6 +221,7 @@ def _kronecker_places(layer: KroneckerLayer, options: KroneckerOptions) -> dict[
                 "rule": type(layer.rule).__name__,
                 "bias": bias,
                 "label": label,
+                "groups": layer.groups,
             }
     return places
 
