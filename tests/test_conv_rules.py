@@ -176,4 +176,3 @@ def test_optimizer_steps_on_conv3d_and_matches_the_builder(curvature):
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     actual = opt.curvature_operator().to_dense()
     torch.testing.assert_close(actual, expected.to_dense(), rtol=1e-9, atol=1e-12)
-

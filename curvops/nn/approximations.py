@@ -169,7 +169,8 @@ class KroneckerApproximation:
         """``(B + λI)^-1`` of one of the approximation's blocks, or its factored form (a grouped
         layer's ``BlockDiagonal``: per group)."""
         if isinstance(block, BlockDiagonal):
-            return BlockDiagonal([self.damped_inverse(b, damping, factored) for b in block.blocks], block.labels)
+            groups = [self.damped_inverse(b, damping, factored) for b in block.blocks]
+            return BlockDiagonal(groups, block.labels)
         if factored and isinstance(block, Kronecker) and len(block.factors) > 1:
             balance = "trace" if self.trace_restricted else "mean"
             return block.factor_inverse(block.pi_dampings(damping, balance=balance))

@@ -112,8 +112,9 @@ class LayerStatistics:
         ``Φ`` and ``Ψ`` divided by their traces. Raises ``ValueError`` (naming the layer) for
         TKFAC's ``δ <= 0`` or ``nan``."""
         if self.trace is not None and not bool((self.trace > 0).all()):
+            delta = _nonpositive_trace(self.trace)
             raise ValueError(
-                f"Layer {self.layer.name!r} has δ = {_nonpositive_trace(self.trace)} (its block's trace): TKFAC "
+                f"Layer {self.layer.name!r} has δ = {delta} (its block's trace): TKFAC "
                 "needs δ > 0 (no curvature at δ = 0; nan: the statistics overflow)."
             )
 

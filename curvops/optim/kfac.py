@@ -94,7 +94,8 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     Args:
         model: the network; hooks go on its Kronecker layers (``nn.Linear``, ``nn.Conv1d``,
-            ``nn.Conv2d``, ``nn.Conv3d``, ``nn.Embedding``, as for :func:`~curvops.KFAC`).
+            ``nn.Conv2d``, ``nn.Conv3d`` with any ``groups``: one block per group, ``nn.Embedding``,
+            as for :func:`~curvops.KFAC`).
         loss_fn: the ``nn.Module`` loss the training loop calls: ``nn.CrossEntropyLoss``,
             ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (any module for ``"forward-only"``).
         params: the parameters to train (default: the model's trainable ones), one group: a
@@ -210,7 +211,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         if not layers:
             raise ValueError(
                 "None of the parameters belongs to a layer with a Kronecker rule (nn.Linear, nn.Conv1d, "
-                "nn.Conv2d, nn.Conv3d, nn.Embedding, or one registered with "
+                "nn.Conv2d, nn.Conv3d (grouped or not), nn.Embedding, or one registered with "
                 "curvops.nn.layers.register_layer_rule); "
                 "use a first-order optimizer."
             )

@@ -3,7 +3,7 @@
 A registry maps module types to :class:`~curvops.nn.layers.rule.LayerRule` objects; a
 module's rule is that of the nearest class in its method resolution order, so a subclass of
 ``nn.Linear`` is a linear layer. Built in: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``,
-``nn.Conv3d`` (every padding mode) and ``nn.Embedding``. :func:`register_layer_rule` adds a
+``nn.Conv3d`` (every padding mode, any ``groups``) and ``nn.Embedding``. :func:`register_layer_rule` adds a
 rule for a module of your own.
 """
 

@@ -31,11 +31,10 @@ n_in]``, ``Œ¥``: ``[g]``): its block is block-diagonal over the groups, ``G_j ‚ä
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar, TypeVar
-
-import math
 
 import torch
 from torch import Tensor, nn
