@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 import curvops
-from curvops.linalg import BlockDiagonal, Dense, Diagonal, Kronecker, KroneckerEigen, Permuted
+from curvops.linalg import (
+    Dense,
+    Diagonal,
+    GroupedKronecker,
+    GroupedKroneckerEigen,
+    Kronecker,
+    KroneckerEigen,
+    Permuted,
+)
 from curvops.linalg.blocks import block_layout
 from curvops.nn.kfac import kronecker_approximation
 
@@ -63,8 +71,8 @@ def build(model, approximation, params=None, batches=None, **options):
 
 def expected_type(row: curvops.nn.CoverageRow) -> type:
     """The operator class the builder gives the row's block."""
-    if row.groups > 1:
-        return BlockDiagonal  # one block per group
+    if row.groups > 1:  # one block per group
+        return GroupedKroneckerEigen if row.block == "kronecker-eigen" else GroupedKronecker
     if row.block == "kronecker-eigen":
         return KroneckerEigen
     if row.block == "kronecker":

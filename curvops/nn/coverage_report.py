@@ -36,7 +36,8 @@ class CoverageRow:
             corrected eigenvalues in that basis), ``"dense"`` or ``"diagonal"`` (an exact block of
             its module, with ``unsupported=``), or ``"refused"``.
         groups: a Kronecker block's number of groups ``g``: a grouped convolution's block is a
-            ``BlockDiagonal`` of ``g`` such blocks, one per group (shown as ``"kronecker ×g"``).
+            :class:`~curvops.linalg.GroupedKronecker` (``GroupedKroneckerEigen``), one such block
+            per group (shown as ``"kronecker ×g"``).
         rule: the layer rule's class name (``"LinearRule"``) for Kronecker blocks, else ``None``.
         bias: ``"joint"`` or ``"separate"`` for the weight and bias of a layer whose bias is
             chosen, else ``None``.

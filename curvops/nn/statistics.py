@@ -8,8 +8,7 @@ factors ``A``, ``G`` (``δ``, ``Φ``, ``Ψ``), and normalised values average
 sums are :class:`Corrections`, alike.
 
 A grouped layer's statistics (``layer.groups = g > 1``) carry a leading group axis (``A``:
-``[g, n_in, n_in]``, ``δ``: ``[g]``): every operation here acts per group, and
-:meth:`LayerStatistics.per_group` splits them into one value per group.
+``[g, n_in, n_in]``, ``δ``: ``[g]``): every operation here acts per group.
 """
 
 from __future__ import annotations
@@ -145,21 +144,6 @@ class LayerStatistics:
         TKFAC's ``δ`` (if any) positive (see :func:`all_usable`)."""
         checks = [torch.isfinite(value).all() for value in self.tensors().values()]
         return checks if self.trace is None else [*checks, (self.trace > 0).all()]
-
-    def per_group(self) -> list[LayerStatistics]:
-        """A grouped layer's statistics as one value per group (views of its tensors' rows).
-
-        Example:
-            >>> grouped = LayerStatistics(None, input_factor=torch.stack([torch.eye(2), 2 * torch.eye(2)]))
-            >>> [s.input_factor[0, 0].item() for s in grouped.per_group()]
-            [1.0, 2.0]
-        """
-        tensors = self.tensors()
-        groups = len(next(iter(tensors.values())))
-        return [
-            LayerStatistics(self.layer, input_count=self.input_count, **{n: t[j] for n, t in tensors.items()})
-            for j in range(groups)
-        ]
 
 
 def all_usable(statistics: list[LayerStatistics]) -> bool:
