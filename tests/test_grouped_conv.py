@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from helpers import DOUBLE, generator
+from helpers import DOUBLE, generator, kron
 from model_truth import Truth
 from test_kfac import _block_diagonal, _groups
 from torch import nn
@@ -269,3 +269,87 @@ def test_rule_shapes_and_coverage():
     report = curvops.nn.coverage(nn.Sequential(depthwise))
     assert [(row.block, row.groups) for row in report] == [("kronecker", 3)] * 2
     assert "kronecker ×3" in report.table()
+
+
+def _grouped_factors(groups=3, sizes=(2, 3), seed=0):
+    """Random PSD factors ``[g, n_i, n_i]`` (one of them singular in group 0)."""
+    factors = []
+    for i, n in enumerate(sizes):
+        b = torch.randn(groups, n, n, generator=generator(seed + i), dtype=DOUBLE)
+        factors.append(b @ b.mT + 0.1 * torch.eye(n, dtype=DOUBLE))
+    return factors
+
+
+def _dense_groups(factors):
+    """The block-diagonal of every group's Kronecker product, by explicit indexing."""
+    return torch.block_diag(*(kron(*(f[j] for f in factors)) for j in range(len(factors[0]))))
+
+
+def test_grouped_kronecker_is_the_block_diagonal_of_the_groups_kronecker_products():
+    factors = _grouped_factors()
+    op, dense = GroupedKronecker(*factors), _dense_groups(factors)
+    eye = torch.eye(len(dense), dtype=DOUBLE)
+    v = torch.randn(len(dense), 2, generator=generator(9), dtype=DOUBLE)
+    torch.testing.assert_close(op.to_dense(), dense)
+    torch.testing.assert_close(op @ v, dense @ v)
+    torch.testing.assert_close(op.diagonal(), dense.diagonal())
+    torch.testing.assert_close(op.trace(), dense.trace())
+    torch.testing.assert_close(op.logdet(0.1), torch.linalg.slogdet(dense + 0.1 * eye)[1])
+    torch.testing.assert_close(op.inverse(0.1).to_dense(), torch.linalg.inv(dense + 0.1 * eye))
+    root = op.power(0.5).to_dense()
+    torch.testing.assert_close(root @ root, dense)
+    torch.testing.assert_close(op.eigenvalues(), torch.linalg.eigvalsh(dense))
+    torch.testing.assert_close(op.eigen().to_dense(), dense)
+    loaded = curvops.from_state_dict(op.state_dict())
+    assert type(loaded) is GroupedKronecker and torch.equal(loaded.to_dense(), op.to_dense())
+
+
+def test_grouped_factored_inverse_damps_every_group_by_its_own_pi():
+    g, a = _grouped_factors()
+    op, damping = GroupedKronecker(g, a), 0.2
+    blocks = []
+    for j in range(3):  # Martens & Grosse: π² = (tr G / n_G) / (tr A / n_A), per group
+        pi = ((g[j].trace() / 2) / (a[j].trace() / 3)).sqrt()
+        damped_g = g[j] + pi * damping**0.5 * torch.eye(2, dtype=DOUBLE)
+        damped_a = a[j] + damping**0.5 / pi * torch.eye(3, dtype=DOUBLE)
+        blocks.append(kron(torch.linalg.inv(damped_g), torch.linalg.inv(damped_a)))
+    torch.testing.assert_close(op.inverse(damping, factored=True).to_dense(), torch.block_diag(*blocks))
+    traces = op.pi_dampings(damping, balance="trace")  # TKFAC's: each factor's trace
+    scale = (g.diagonal(dim1=1, dim2=2).sum(1) / a.diagonal(dim1=1, dim2=2).sum(1)).sqrt()
+    torch.testing.assert_close(traces, damping**0.5 * torch.stack([scale, 1 / scale], dim=1))
+
+
+def test_grouped_kronecker_eigen_is_the_block_diagonal_of_its_groups():
+    factors = _grouped_factors(groups=2)
+    q = [torch.linalg.eigh(f)[1] for f in factors]
+    s = torch.rand(2, 2, 3, generator=generator(3), dtype=DOUBLE) + 0.1
+    op = GroupedKroneckerEigen(q, s)
+    blocks = []
+    for j in range(2):
+        basis = kron(q[0][j], q[1][j])
+        blocks.append(basis @ torch.diag(s[j].flatten()) @ basis.T)
+    dense, eye = torch.block_diag(*blocks), torch.eye(12, dtype=DOUBLE)
+    v = torch.randn(12, generator=generator(4), dtype=DOUBLE)
+    torch.testing.assert_close(op.to_dense(), dense)
+    torch.testing.assert_close(op @ v, dense @ v)
+    torch.testing.assert_close(op.diagonal(), dense.diagonal())
+    torch.testing.assert_close(op.logdet(0.5), torch.linalg.slogdet(dense + 0.5 * eye)[1])
+    torch.testing.assert_close(op.inverse(0.5).to_dense(), torch.linalg.inv(dense + 0.5 * eye))
+    loaded = curvops.from_state_dict(op.state_dict())
+    assert type(loaded) is GroupedKroneckerEigen and torch.equal(loaded.to_dense(), op.to_dense())
+
+
+def test_grouped_operators_refuse_bad_factors():
+    g, a = _grouped_factors()
+    with pytest.raises(ValueError, match=r"factor 0 must be a \[g, n, n\] tensor .* got \[2, 2\]"):
+        GroupedKronecker(g[0], a)
+    with pytest.raises(ValueError, match=r"one number of groups, got \[2, 3\]"):
+        GroupedKronecker(g[:2], a)
+    with pytest.raises(ValueError, match="factor 1 is not symmetric"):
+        GroupedKronecker(g, a + torch.triu(torch.ones(3, 3, dtype=DOUBLE), 1))
+    with pytest.raises(ValueError, match="eigenvectors 0 is not orthonormal"):
+        GroupedKroneckerEigen([g], torch.ones(3, 2, dtype=DOUBLE))
+    with pytest.raises(ValueError, match=r"eigenvalues must have shape \[3, 2\]"):
+        GroupedKroneckerEigen([torch.eye(2, dtype=DOUBLE).expand(3, 2, 2)], torch.ones(3, 3, dtype=DOUBLE))
+    with pytest.raises(ValueError, match=r"\[groups, factors\] = \[3, 2\] dampings"):
+        GroupedKronecker(g, a).factor_inverse(torch.ones(3))
