@@ -38,6 +38,9 @@ class CoverageRow:
             normalization layer's exact block from the statistics pass, or its diagonal above
             the rule's ``dense_limit``), ``"dense"`` or ``"diagonal"`` (an exact block of its
             module from the exact operator, with ``unsupported=``), or ``"refused"``.
+        groups: a Kronecker block's number of groups ``g``: a grouped convolution's block is a
+            :class:`~curvops.linalg.GroupedKronecker` (``GroupedKroneckerEigen``), one such block
+            per group (shown as ``"kronecker ×g"``).
         rule: the layer rule's class name (``"LinearRule"``) for blocks from a rule, else ``None``.
         bias: ``"joint"`` or ``"separate"`` for the weight and bias of a layer whose bias is
             chosen, else ``None``.
@@ -55,10 +58,12 @@ class CoverageRow:
     bias: str | None = None
     label: str | None = None
     reason: str | None = None
+    groups: int = 1
 
     def cells(self) -> tuple[str, ...]:
         """The row's entries in the table of :meth:`Coverage.table`."""
-        values = (self.name, list(self.shape), self.numel, self.module, self.module_type, self.block)
+        block = self.block if self.groups == 1 else f"{self.block} ×{self.groups}"
+        values = (self.name, list(self.shape), self.numel, self.module, self.module_type, block)
         return tuple(map(str, values)) + tuple(v or "-" for v in (self.rule, self.bias, self.label))
 
 
@@ -133,13 +138,13 @@ def coverage(
     running the model.
 
     Each parameter of a layer with a rule (``nn.Linear``, convolutions, ``nn.Embedding``, rules
-    of your own) gets a Kronecker block, those of a normalization layer (``nn.LayerNorm``,
+    of your own) gets a Kronecker block (a grouped convolution one per group), those of a normalization layer (``nn.LayerNorm``,
     ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*``) its exact block (``"exact"``, or
     ``"exact-diagonal"`` for a large one); the parameters of other modules get an exact
     ``"dense"`` or ``"diagonal"`` block with ``unsupported=``, or are refused. A weight tied
     between layers (an embedding and the output head) is in its first layer's row: KFAC's
     nearest Kronecker block (:mod:`curvops.nn.tied`). Refused too: a layer its rule does not
-    handle (a grouped convolution, an embedding with ``max_norm``), a tied weight for EKFAC,
+    handle (an embedding with ``max_norm``), a tied weight for EKFAC,
     TKFAC and TEKFAC, a weight tied to a module without a rule, and every parameter of an
     ``nn.MultiheadAttention``; each refused row gives the builder's error for it. It raises
     only for invalid options and parameters (as the builders do). What only a pass can show
@@ -231,6 +236,7 @@ def _kronecker_places(layer: KroneckerLayer, options: KroneckerOptions) -> dict[
                 "rule": type(layer.rule).__name__,
                 "bias": bias,
                 "label": label,
+                "groups": layer.groups,
             }
     return places
 

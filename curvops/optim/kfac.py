@@ -101,7 +101,7 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     Args:
         model: the network; hooks go on its layers with a rule (``nn.Linear``, ``nn.Conv1d``,
-            ``nn.Conv2d``, ``nn.Conv3d``, ``nn.Embedding``, and the normalization layers
+            ``nn.Conv2d``, ``nn.Conv3d`` with any ``groups`` (one block per group), ``nn.Embedding``, and the normalization layers
             ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*``, as for
             :func:`~curvops.KFAC`; a batch norm in train mode normalises with the batch's
             statistics, as it does).
@@ -221,7 +221,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         if not layers:
             raise ValueError(
                 "None of the parameters belongs to a layer with a Kronecker rule (nn.Linear, nn.Conv1d, "
-                "nn.Conv2d, nn.Conv3d, nn.Embedding, a normalization layer, or one registered with "
+                "nn.Conv2d, nn.Conv3d (grouped or not), nn.Embedding, a normalization layer, or one registered with "
                 "curvops.nn.layers.register_layer_rule); "
                 "use a first-order optimizer."
             )
