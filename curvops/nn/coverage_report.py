@@ -138,8 +138,9 @@ def coverage(
     running the model.
 
     Each parameter of a layer with a rule (``nn.Linear``, convolutions, ``nn.Embedding``, rules
-    of your own) gets a Kronecker block (a grouped convolution one per group), those of a normalization layer (``nn.LayerNorm``,
-    ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*``) its exact block (``"exact"``, or
+    of your own) gets a Kronecker block (a grouped convolution one per group), those of a
+    normalization layer (``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*``)
+    its exact block (``"exact"``, or
     ``"exact-diagonal"`` for a large one); the parameters of other modules get an exact
     ``"dense"`` or ``"diagonal"`` block with ``unsupported=``, or are refused. A weight tied
     between layers (an embedding and the output head) is in its first layer's row: KFAC's

@@ -101,10 +101,10 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     Args:
         model: the network; hooks go on its layers with a rule (``nn.Linear``, ``nn.Conv1d``,
-            ``nn.Conv2d``, ``nn.Conv3d`` with any ``groups`` (one block per group), ``nn.Embedding``, and the normalization layers
-            ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*``, as for
-            :func:`~curvops.KFAC`; a batch norm in train mode normalises with the batch's
-            statistics, as it does).
+            ``nn.Conv2d``, ``nn.Conv3d`` with any ``groups`` (one block per group),
+            ``nn.Embedding``, and the normalization layers ``nn.LayerNorm``, ``nn.RMSNorm``,
+            ``nn.GroupNorm``, ``nn.BatchNorm*``, as for :func:`~curvops.KFAC`; a batch norm in
+            train mode normalises with the batch's statistics, as it does).
         loss_fn: the ``nn.Module`` loss the training loop calls: ``nn.CrossEntropyLoss``,
             ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (any module for ``"forward-only"``).
         params: the parameters to train (default: the model's trainable ones), one group: a
@@ -221,8 +221,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         if not layers:
             raise ValueError(
                 "None of the parameters belongs to a layer with a Kronecker rule (nn.Linear, nn.Conv1d, "
-                "nn.Conv2d, nn.Conv3d (grouped or not), nn.Embedding, a normalization layer, or one registered with "
-                "curvops.nn.layers.register_layer_rule); "
+                "nn.Conv2d, nn.Conv3d (grouped or not), nn.Embedding, a normalization layer, or one "
+                "registered with curvops.nn.layers.register_layer_rule); "
                 "use a first-order optimizer."
             )
         covered = {id(p) for layer in layers for p in (layer.weight, layer.bias) if p is not None}

@@ -336,7 +336,8 @@ def gradient_norms(gradients: Tensor, features: Tensor) -> Tensor:
 
 
 def _position_means(features: Tensor, kept: Tensor | None) -> Tensor:
-    """``â_n``, ``[N, 1, n_in]`` (``[N, 1, g, n_in]`` grouped): each datum's mean input over its kept positions (zero for none)."""
+    """``â_n``, ``[N, 1, n_in]`` (``[N, 1, g, n_in]`` grouped): each datum's mean input over its
+    kept positions (zero for none)."""
     if kept is None:
         return features.mean(dim=1, keepdim=True)
     per_datum = kept.sum(dim=1).clamp(min=1).to(features.dtype)
