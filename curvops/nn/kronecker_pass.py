@@ -1,7 +1,7 @@
 """Kronecker statistics from passes over a data set, with module hooks.
 
-Every pass runs the model with forward hooks on the layers (what each keeps:
-:meth:`~curvops.nn.layers.rule.LayerRule.captured_input` and the layer output), backpropagates
+Every pass runs the model with forward hooks on the layers' modules (what each keeps of a call:
+:meth:`~curvops.nn.layers.rule.LayerRule.capture`, each part's input and output), backpropagates
 the Fisher type's output-space columns to the layer outputs in one batched backward pass, and
 hands each layer's inputs and output gradients to its rule. The per-batch functions here are
 shared with :class:`~curvops.optim.KFACOptimizer`, which sees the batches of a training loop.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -170,16 +171,20 @@ class KroneckerPass:
 
     def _batch(self, index: int, inputs, targets: Tensor, count: float) -> list[tuple]:
         """``(layer, its input, its output gradients [K, N, S, n_out] or None)`` for one batch."""
-        captured: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer.module): [] for layer in self.layers}
-        rules = {id(layer.module): layer.rule for layer in self.layers}
+        captured: dict[tuple, list[tuple[Tensor, Tensor]]] = {layer.key: [] for layer in self.layers}
+        modules = {id(layer.module): layer for layer in self.layers}  # one hook per module
 
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            if not output.requires_grad:  # all parameters up to here frozen: a leaf to differentiate at
-                output = output.detach().requires_grad_(True)
-            captured[id(module)].append((rules[id(module)].captured_input(args).detach(), output))
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            layer = modules[id(module)]
+            output, parts = layer.rule.capture(layer.module_name, module, args, kwargs, output)
+            for part, (layer_input, layer_output) in parts.items():
+                if (id(module), part) in captured:
+                    captured[id(module), part].append((layer_input.detach(), layer_output))
             return output
 
-        handles = [layer.module.register_forward_hook(hook) for layer in self.layers]
+        handles = [
+            layer.module.register_forward_hook(hook, with_kwargs=True) for layer in modules.values()
+        ]
         try:
             with torch.enable_grad(), fixed_forward():
                 output = self.model.model(inputs)
@@ -188,8 +193,8 @@ class KroneckerPass:
                 handle.remove()
         self.model.check_output(index, output.detach())
         for layer in self.layers:
-            check_single_call(layer, len(captured[id(layer.module)]))
-        layer_inputs = [captured[id(layer.module)][0][0] for layer in self.layers]
+            check_single_call(layer, len(captured[layer.key]))
+        layer_inputs = [captured[layer.key][0][0] for layer in self.layers]
         self.loss.check_target(output, targets, index)
         fisher = self.options.fisher
         if not fisher.backward or not count:
@@ -197,6 +202,6 @@ class KroneckerPass:
         columns = fisher.columns(
             self.loss, output.detach(), targets, count, self.options.mc_samples, self.options.seed, index
         )
-        layer_outputs = [captured[id(layer.module)][0][1] for layer in self.layers]
+        layer_outputs = [captured[layer.key][0][1] for layer in self.layers]
         gradients = output_gradients(self.layers, output, layer_outputs, columns)
         return list(zip(self.layers, layer_inputs, gradients, strict=True))
