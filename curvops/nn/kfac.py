@@ -38,7 +38,9 @@ def KFAC(
     """KFAC of the Fisher / GGN of ``loss_fn`` over ``data``, as a structured operator.
 
     Per supported layer (``nn.Linear`` with any leading axes, ``nn.Conv1d``, ``nn.Conv2d``,
-    ``nn.Conv3d`` with ``groups=1`` and any ``padding_mode``, ``nn.Embedding``) the block of
+    ``nn.Conv3d`` with ``groups=1`` and any ``padding_mode``, ``nn.Embedding``, and
+    ``nn.MultiheadAttention``'s input projection and ``out_proj``, each a linear layer shared over
+    the tokens, see :mod:`curvops.nn.layers.attention`) the block of
     its weight is ``G ⊗ A`` (see
     :mod:`curvops.nn.layers.rule` for ``A``, ``G`` and ``kfac_approx``, :mod:`curvops.nn.fisher`
     for ``fisher_type``); an embedding's block is ``A ⊗ G`` with a diagonal ``A`` (its weight is
@@ -76,7 +78,7 @@ def KFAC(
             a constant 1 appended to the inputs) for layers whose weight and bias are both in
             ``params``.
         unsupported: what to do with parameters of other modules (LayerNorm, BatchNorm,
-            ``nn.MultiheadAttention`` with its ``out_proj``, ...): ``"error"``, or an exact
+            an attention's ``bias_k``/``bias_v``, ...): ``"error"``, or an exact
             ``"dense"`` or ``"diagonal"`` block per module from the
             exact operator of the same ``fisher_type`` (GGN for ``"type-2"`` and
             ``"forward-only"``).

@@ -62,7 +62,7 @@ class KFACOptimizer(torch.optim.Optimizer):
       (:meth:`~curvops.nn.approximations.KroneckerApproximation.damped_inverse`).
     - the step: ``d = ∇ + w θ`` (``w = weight_decay``), ``p = P d`` with the
       preconditioner ``P`` on the Kronecker layers' parameters and ``p = d`` on every other
-      parameter (LayerNorm, BatchNorm, ``nn.MultiheadAttention`` with its ``out_proj``, ...:
+      parameter (LayerNorm, BatchNorm, an attention's ``bias_k``/``bias_v``, ...:
       a plain first-order update); with ``kl_clip = κ``
       the step is scaled by ``ν = min(1, sqrt(κ / (η² Σ p·d)))`` (Ba et al. 2017); then
       ``m ← μ m − η ν p``, ``θ ← θ + m`` (Gao et al.'s momentum form; with a constant ``η``,
@@ -94,7 +94,8 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     Args:
         model: the network; hooks go on its Kronecker layers (``nn.Linear``, ``nn.Conv1d``,
-            ``nn.Conv2d``, ``nn.Conv3d``, ``nn.Embedding``, as for :func:`~curvops.KFAC`).
+            ``nn.Conv2d``, ``nn.Conv3d``, ``nn.Embedding``, ``nn.MultiheadAttention``, as for
+            :func:`~curvops.KFAC`).
         loss_fn: the ``nn.Module`` loss the training loop calls: ``nn.CrossEntropyLoss``,
             ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (any module for ``"forward-only"``).
         params: the parameters to train (default: the model's trainable ones), one group: a
@@ -210,7 +211,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         if not layers:
             raise ValueError(
                 "None of the parameters belongs to a layer with a Kronecker rule (nn.Linear, nn.Conv1d, "
-                "nn.Conv2d, nn.Conv3d, nn.Embedding, or one registered with "
+                "nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention, or one registered with "
                 "curvops.nn.layers.register_layer_rule); "
                 "use a first-order optimizer."
             )
