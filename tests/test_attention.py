@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from model_truth import Truth
 from torch import nn
 
 import curvops
 from curvops.nn.layers import AttentionRule, register_layer_rule
 from curvops.optim import KFACOptimizer
-from model_truth import Truth
 
 DOUBLE = torch.float64
 E, H, N, L = 4, 2, 3, 5
@@ -52,7 +52,8 @@ class LinearAttention(nn.Module):
         self.out.bias.data.copy_(mha.out_proj.bias.detach())
 
     def params(self) -> list[nn.Parameter]:
-        """In the layout of the attention's ``in_proj_weight`` (or q/k/v weights), ``in_proj_bias``, ``out_proj``."""
+        """In the layout of the attention's ``in_proj_weight`` (or q/k/v weights), ``in_proj_bias``,
+        ``out_proj``."""
         if self.joint:
             return [self.in_proj.weight, self.in_proj.bias, self.out.weight, self.out.bias]
         parts = [self.q, self.k, self.v]
@@ -79,7 +80,9 @@ class Model(nn.Module):
     """Inputs ``[N, L, E + kdim + vdim]`` split into query, key and value (all the query for
     self-attention), the attention, and a token-wise head to 3 outputs."""
 
-    def __init__(self, attention: nn.Module, self_attention: bool, batch_first: bool, masks: dict, kdim=E) -> None:
+    def __init__(
+        self, attention: nn.Module, self_attention: bool, batch_first: bool, masks: dict, kdim=E
+    ) -> None:
         super().__init__()
         self.attention, self.self_attention, self.batch_first = attention, self_attention, batch_first
         self.masks, self.kdim = masks, kdim
@@ -177,7 +180,9 @@ def test_attention_equals_the_same_attention_written_with_linear(case, kfac_appr
     reduce_ok = ["kfac", "tkfac"] if case["self_attention"] else ["kfac"]
     for name in APPROXIMATIONS if kfac_approx == "expand" else reduce_ok:
         options = {"fisher_type": "type-2", "kfac_approx": kfac_approx, "bias": bias}
-        op = curvops.nn.kfac.kronecker_approximation(name, model, nn.MSELoss(), [(x, y)], params=ours, **options)
+        op = curvops.nn.kfac.kronecker_approximation(
+            name, model, nn.MSELoss(), [(x, y)], params=ours, **options
+        )
         twin = curvops.nn.kfac.kronecker_approximation(
             name, linear_model, nn.MSELoss(), [(x, y)], params=theirs, **options
         )
@@ -209,9 +214,16 @@ def test_some_attention_parameters_only():
     ours = [mha.k_proj_weight, mha.in_proj_bias, mha.out_proj.bias]
     theirs = [twin.k.weight, twin.q.bias, twin.k.bias, twin.v.bias, twin.out.bias]
     op = curvops.KFAC(model, nn.MSELoss(), [(x, y)], params=ours, fisher_type="type-2", bias="joint")
-    expected = curvops.KFAC(linear_model, nn.MSELoss(), [(x, y)], params=theirs, fisher_type="type-2", bias="joint")
+    expected = curvops.KFAC(
+        linear_model, nn.MSELoss(), [(x, y)], params=theirs, fisher_type="type-2", bias="joint"
+    )
     torch.testing.assert_close(op.to_dense(), expected.to_dense(), rtol=1e-10, atol=1e-12)
-    labels = ("attention.in_proj.k", "attention.in_proj.q.bias", "attention.in_proj.v.bias", "attention.out_proj.bias")
+    labels = (
+        "attention.in_proj.k",
+        "attention.in_proj.q.bias",
+        "attention.in_proj.v.bias",
+        "attention.out_proj.bias",
+    )
     assert op.op.labels == labels  # the key's rows [W_k b_k]: a joint block on entries that are no range
 
 
@@ -221,7 +233,9 @@ def test_one_datum_one_token_is_the_exact_ggn_block(name):
     model, _ = _pair(masks="none")
     x, y = _data(n=1, length=1)
     loss_fn = nn.MSELoss()
-    op = curvops.nn.kfac.kronecker_approximation(name, model, loss_fn, [(x, y)], fisher_type="type-2", bias="joint")
+    op = curvops.nn.kfac.kronecker_approximation(
+        name, model, loss_fn, [(x, y)], fisher_type="type-2", bias="joint"
+    )
     truth = Truth(model, loss_fn, x, y).ggn()
     sizes = [3 * E * E + 3 * E, E * E + E, 3 * E + 3]
     blocks = torch.block_diag(*[torch.ones(n, n) for n in sizes]).bool()
@@ -244,7 +258,9 @@ def _call_kwargs():
     ]
 
 
-@pytest.mark.parametrize("options", [{}, {"add_bias_kv": True}, {"add_zero_attn": True}, {"kdim": 3, "vdim": 5}])
+@pytest.mark.parametrize(
+    "options", [{}, {"add_bias_kv": True}, {"add_zero_attn": True}, {"kdim": 3, "vdim": 5}]
+)
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_the_recomputed_call_gives_the_module_output(options, batch_first):
     torch.manual_seed(0)
@@ -272,7 +288,9 @@ def test_bias_k_and_bias_v_are_others_with_a_reason():
     mha = nn.MultiheadAttention(E, H, batch_first=True, add_bias_kv=True, add_zero_attn=True).to(DOUBLE)
     model = Model(mha, True, True, {})
     x, y = _data()
-    with pytest.raises(ValueError, match=r"'attention' \(MultiheadAttention\).*bias_k and bias_v.*unsupported="):
+    with pytest.raises(
+        ValueError, match=r"'attention' \(MultiheadAttention\).*bias_k and bias_v.*unsupported="
+    ):
         curvops.KFAC(model, nn.MSELoss(), [(x, y)], fisher_type="type-2")
     op = curvops.KFAC(model, nn.MSELoss(), [(x, y)], fisher_type="type-2", unsupported="dense")
     assert "attention" in op.labels and "attention.in_proj.weight" in op.labels
@@ -281,11 +299,15 @@ def test_bias_k_and_bias_v_are_others_with_a_reason():
     offsets = torch.cumsum(torch.tensor([0] + [p.numel() for p in model.parameters()]), 0)
     where = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in (2, 3)])
     assert names[2:4] == ["attention.bias_k", "attention.bias_v"]
-    torch.testing.assert_close(op.block("attention").to_dense(), truth[where][:, where], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        op.block("attention").to_dense(), truth[where][:, where], rtol=1e-9, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("curvature", APPROXIMATIONS)
-@pytest.mark.parametrize("case", [{}, {"self_attention": False, "kdim": 3, "vdim": 5, "masks": "key padding"}])
+@pytest.mark.parametrize(
+    "case", [{}, {"self_attention": False, "kdim": 3, "vdim": 5, "masks": "key padding"}]
+)
 def test_the_optimizer_steps_as_for_the_linear_twin(curvature, case):
     dims = {k: v for k, v in case.items() if k in ("kdim", "vdim")}
     model, linear_model = _pair(**case)
@@ -304,7 +326,9 @@ def test_the_optimizer_steps_as_for_the_linear_twin(curvature, case):
             torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
     restored = KFACOptimizer(model, nn.MSELoss(), **options)
     restored.load_state_dict(copy.deepcopy(opt.state_dict()))
-    assert set(restored.state_dict()["curvature"]["statistics"]) == set(opt.state_dict()["curvature"]["statistics"])
+    assert set(restored.state_dict()["curvature"]["statistics"]) == set(
+        opt.state_dict()["curvature"]["statistics"]
+    )
     torch.testing.assert_close(restored.preconditioner.to_dense(), opt.preconditioner.to_dense())
 
 
@@ -358,15 +382,20 @@ def test_unbatched_inputs_are_refused_naming_the_module():
             return self.attn(x, x, x)[0]
 
     x = torch.randn(L, E, dtype=DOUBLE)
-    with pytest.raises(ValueError, match=r"'attn' \(MultiheadAttention\) is called with unbatched 2-D inputs"):
+    with pytest.raises(
+        ValueError, match=r"'attn' \(MultiheadAttention\) is called with unbatched 2-D inputs"
+    ):
         curvops.KFAC(Unbatched(), nn.MSELoss(), [(x, torch.randn(L, E, dtype=DOUBLE))], fisher_type="type-2")
 
 
 def test_cross_attention_with_a_joint_block_is_refused_with_the_fix():
     model, _ = _pair(self_attention=False)
     x, y = _data()
-    with pytest.raises(ValueError, match=r"'attention' \(MultiheadAttention\) is called with different query.*"
-                       r'AttentionRule\(in_projection="separate"\)'):
+    with pytest.raises(
+        ValueError,
+        match=r"'attention' \(MultiheadAttention\) is called with different query.*"
+        r'AttentionRule\(in_projection="separate"\)',
+    ):
         curvops.KFAC(model, nn.MSELoss(), [(x, y)], fisher_type="type-2")
 
 
@@ -379,7 +408,9 @@ def test_a_subclass_with_its_own_forward_is_refused():
     torch.manual_seed(0)
     model = Model(Scaled(E, H, batch_first=True).to(DOUBLE), True, True, {})
     x, y = _data()
-    with pytest.raises(ValueError, match=r"'attention' \(Scaled\) is an nn.MultiheadAttention with a forward of its own"):
+    with pytest.raises(
+        ValueError, match=r"'attention' \(Scaled\) is an nn.MultiheadAttention with a forward of its own"
+    ):
         curvops.KFAC(model, nn.MSELoss(), [(x, y)], fisher_type="type-2")
 
 

@@ -50,7 +50,10 @@ class Layout:
             return [(name, blocks[0], self.joint(layer, device))]
         params = [
             (kind, p, rows)
-            for kind, p, rows in (("weight", layer.weight, layer.weight_rows), ("bias", layer.bias, layer.bias_rows))
+            for kind, p, rows in (
+                ("weight", layer.weight, layer.weight_rows),
+                ("bias", layer.bias, layer.bias_rows),
+            )
             if p is not None
         ]
         return [

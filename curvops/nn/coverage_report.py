@@ -136,10 +136,11 @@ def coverage(
     parameters of other modules (and an attention's ``bias_k``/``bias_v``) get an exact
     ``"dense"`` or ``"diagonal"`` block with ``unsupported=``, or are refused. Refused too: a
     layer its rule does not handle (a grouped convolution, an embedding with ``max_norm``) and a
-    weight tied between modules; each refused row gives the builder's error for it. It raises only for invalid options and
-    parameters (as the builders do). What only a pass can show is not checked here: a layer
-    whose module runs twice, or never, in the forward pass, and how an attention module is
-    called (cross-attention of one with a joint q/k/v block is refused in the pass).
+    weight tied between modules; each refused row gives the builder's error for it. It raises
+    only for invalid options and parameters (as the builders do). What only a pass can show is
+    not checked here: a layer whose module runs twice, or never, in the forward pass, and how an
+    attention module is called (cross-attention of one with a joint q/k/v block is refused in
+    the pass).
 
     Args:
         model: the network.

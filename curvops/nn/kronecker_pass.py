@@ -182,9 +182,7 @@ class KroneckerPass:
                     captured[id(module), part].append((layer_input.detach(), layer_output))
             return output
 
-        handles = [
-            layer.module.register_forward_hook(hook, with_kwargs=True) for layer in modules.values()
-        ]
+        handles = [layer.module.register_forward_hook(hook, with_kwargs=True) for layer in modules.values()]
         try:
             with torch.enable_grad(), fixed_forward():
                 output = self.model.model(inputs)

@@ -167,7 +167,9 @@ class BatchCapture:
 
         value.register_hook(on_loss_gradient)
 
-    def _from_pending_forward(self, output: Tensor, pending: dict[tuple, list[tuple[Tensor, Tensor]]]) -> bool:
+    def _from_pending_forward(
+        self, output: Tensor, pending: dict[tuple, list[tuple[Tensor, Tensor]]]
+    ) -> bool:
         """Whether the loss input ``output`` comes from the pending forward pass (``False``: from
         another model); raises if it comes from an earlier forward pass of this model."""
         nodes = {out.grad_fn for calls in pending.values() for _, out in calls} - {None}

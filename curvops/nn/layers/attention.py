@@ -71,7 +71,8 @@ class AttentionRule(DenseInputRule):
 
     Example:
         >>> attn = torch.nn.MultiheadAttention(4, 2)
-        >>> [layer.name for layer in AttentionRule().layers("attn", attn, {id(p) for p in attn.parameters()}, "separate")]
+        >>> every = {id(p) for p in attn.parameters()}
+        >>> [layer.name for layer in AttentionRule().layers("attn", attn, every, "separate")]
         ['attn.in_proj', 'attn.out_proj']
         >>> rule = AttentionRule(in_projection="separate")
         >>> [layer.sizes for layer in rule.layers("attn", attn, {id(attn.in_proj_weight)}, "separate")]
@@ -124,7 +125,9 @@ class AttentionRule(DenseInputRule):
             for part, weight, weight_rows, bias_rows, shape in parts
         ]
         out = module.out_proj
-        layers.append(_part(self, name, module, chosen, bias, "out_proj", out.weight, out.bias, (embed, embed)))
+        layers.append(
+            _part(self, name, module, chosen, bias, "out_proj", out.weight, out.bias, (embed, embed))
+        )
         return [layer for layer in layers if layer is not None]
 
     def features(self, module: nn.Module, inputs: Tensor) -> Tensor:
