@@ -59,7 +59,9 @@ class LinearAttention(nn.Module):
         parts = [self.q, self.k, self.v]
         return [p.weight for p in parts] + [p.bias for p in parts] + [self.out.weight, self.out.bias]
 
-    def forward(self, query, key, value, attn_mask=None, key_padding_mask=None, is_causal=False):
+    def forward(
+        self, query, key, value, attn_mask=None, key_padding_mask=None, is_causal=False, need_weights=True
+    ):
         if self.joint:
             q, k, v = self.in_proj(query).chunk(3, dim=-1)
         else:
@@ -112,6 +114,8 @@ def _masks(kind: str) -> dict:
     g = torch.Generator().manual_seed(3)
     if kind == "none":
         return {}
+    if kind == "no weights":
+        return {"need_weights": False}
     if kind == "bool 2-D":
         mask = torch.rand(L, L, generator=g) < 0.3
         mask.fill_diagonal_(False)
@@ -159,6 +163,7 @@ CASES = [
     {"self_attention": True, "masks": "float 3-D", "batch_first": False},
     {"self_attention": True, "masks": "key padding"},
     {"self_attention": True, "masks": "causal"},
+    {"self_attention": True, "masks": "no weights", "batch_first": False},
     {"self_attention": False, "kdim": 3, "vdim": 5},
     {"self_attention": False, "kdim": 3, "vdim": 5, "batch_first": False, "masks": "key padding"},
 ]

@@ -32,7 +32,7 @@ def check_single_call(layer: KroneckerLayer, calls: int) -> None:
     if calls == 0:
         raise ValueError(
             f"Module {layer.name!r} did not run in the forward pass, though its parameters are in params: "
-            "its weight is used without calling the module (as nn.MultiheadAttention does with out_proj), "
+            "its weight is used without calling the module (by another module), "
             "or the module is unused. KFAC needs one call per layer; leave its parameters out of params."
         )
     if calls != 1:
