@@ -196,7 +196,7 @@ def test_attention_equals_the_same_attention_written_with_linear(case, kfac_appr
 
 @pytest.mark.parametrize("masks", ["none", "causal"])
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_cross_attention_with_equal_dimensions_has_separate_qkv_blocks(separate_rule, masks, batch_first):
+def test_cross_attention_with_equal_dimensions_has_separate_qkv_blocks(masks, batch_first):
     model, linear_model = _pair(self_attention=False, batch_first=batch_first, masks=masks)
     x, y = _data()
     ours, theirs = _params(model, linear_model)
@@ -393,15 +393,38 @@ def test_unbatched_inputs_are_refused_naming_the_module():
         curvops.KFAC(Unbatched(), nn.MSELoss(), [(x, torch.randn(L, E, dtype=DOUBLE))], fisher_type="type-2")
 
 
-def test_cross_attention_with_a_joint_block_is_refused_with_the_fix():
-    model, _ = _pair(self_attention=False)
+def test_self_attention_with_separate_blocks_by_the_rule(separate_rule):
+    model, linear_model = _pair()
+    linear_model.attention = LinearAttention(model.attention, joint=False)
     x, y = _data()
-    with pytest.raises(
-        ValueError,
-        match=r"'attention' \(MultiheadAttention\) is called with different query.*"
-        r'AttentionRule\(in_projection="separate"\)',
-    ):
-        curvops.KFAC(model, nn.MSELoss(), [(x, y)], fisher_type="type-2")
+    ours, theirs = _params(model, linear_model)
+    for name in APPROXIMATIONS:
+        op = curvops.nn.kfac.kronecker_approximation(name, model, nn.MSELoss(), [(x, y)], params=ours)
+        twin = curvops.nn.kfac.kronecker_approximation(
+            name, linear_model, nn.MSELoss(), [(x, y)], params=theirs
+        )
+        torch.testing.assert_close(op.to_dense(), twin.to_dense(), rtol=1e-10, atol=1e-12)
+
+
+def test_the_optimizer_refuses_a_module_called_otherwise_than_at_first():
+    class Switching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.attn = nn.MultiheadAttention(E, H, batch_first=True).to(DOUBLE)
+            self.cross = False
+
+        def forward(self, x):
+            return self.attn(x, 2 * x if self.cross else x, 2 * x if self.cross else x)[0]
+
+    model, loss_fn = Switching(), nn.MSELoss()
+    opt = KFACOptimizer(model, loss_fn, fisher_type="type-2")
+    x = torch.randn(N, L, E, dtype=DOUBLE)
+    loss_fn(model(x), x).backward()
+    opt.step()
+    model.cross = True
+    with pytest.raises(ValueError, match=r"'attn' is called differently from its first call"):
+        model(x)
 
 
 def test_a_subclass_with_its_own_forward_is_refused():

@@ -14,7 +14,7 @@ from ..linalg import CurvatureOperator, Diagonal
 from ..linalg.checks import check_bool, check_choice
 from .assembly import Entry, Layout, assemble
 from .curvature import computation_copy, dense_operator
-from .kronecker_pass import KroneckerPass
+from .kronecker_pass import KroneckerPass, first_call_parts
 from .layers import find_layers
 from .model import ModelData
 from .options import UNSUPPORTED_FIX, UNSUPPORTED_OPTIONS, KroneckerOptions, unsupported_error
@@ -225,6 +225,10 @@ def _build(
     loss = options.loss(loss_fn)
     model_data = ModelData(model, data, params, progressbar, check_deterministic)
     layers, others = find_layers(model, model_data.params, options.bias, options.kfac_approx)
+    refused = bool(others) and unsupported == "error"
+    calls = {} if refused else first_call_parts(model_data, layers)
+    if calls:  # modules whose parts depend on how they are called (self- or cross-attention)
+        layers, others = find_layers(model, model_data.params, options.bias, options.kfac_approx, calls)
     if others and unsupported == "error":
         raise unsupported_error(options.approximation.label, others, UNSUPPORTED_FIX)
     layout, device = Layout(model_data.params), model_data.device

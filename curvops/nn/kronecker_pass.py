@@ -42,6 +42,30 @@ def check_single_call(layer: KroneckerLayer, calls: int) -> None:
         )
 
 
+def first_call_parts(model: ModelData, layers: list[KroneckerLayer]) -> dict[int, frozenset]:
+    """The parts each module of ``layers`` whose parts depend on the call gives in the model's
+    forward pass of the first batch (:meth:`~curvops.nn.layers.rule.LayerRule.call_parts`), by
+    ``id(module)``: one forward pass without grad, and none at all without such modules."""
+    modules = {id(layer.module): layer for layer in layers if layer.rule.parts_depend_on_call}
+    calls: dict[int, frozenset] = {}
+    if not modules:
+        return calls
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        layer = modules[id(module)]
+        calls.setdefault(id(module), layer.rule.call_parts(layer.module_name, module, args, kwargs))
+
+    handles = [layer.module.register_forward_pre_hook(hook, with_kwargs=True) for layer in modules.values()]
+    try:
+        _, inputs, _ = next(iter(model.batches("the calls of attention modules")))
+        with torch.no_grad(), fixed_forward():
+            model.model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
 def output_gradients(
     layers: list[KroneckerLayer], output: Tensor, layer_outputs: list[Tensor], columns: Tensor
 ) -> list[Tensor]:

@@ -84,6 +84,8 @@ class BatchCapture:
         mc_samples: labels drawn per datum for ``"mc"``.
         active: called with no arguments; whether the current forward pass is to be captured.
         draw: called with no arguments; the ``(seed, step)`` of the ``"mc"`` label draws.
+        relayer: called with ``(module, parts)`` when a module whose parts depend on the call
+            gives other parts than its layers': the layers to capture from then on.
 
     Attributes:
         batches: the micro-batches backpropagated since the last :meth:`clear`.
@@ -100,21 +102,27 @@ class BatchCapture:
         mc_samples: int,
         active: Callable[[], bool],
         draw: Callable[[], tuple[int, int]],
+        relayer: Callable[[nn.Module, frozenset], list[KroneckerLayer]] | None = None,
     ) -> None:
-        self.loss, self.layers, self.fisher, self.mc_samples = loss, layers, fisher, mc_samples
-        self.active, self.draw = active, draw
+        self.loss, self.fisher, self.mc_samples = loss, fisher, mc_samples
+        self.active, self.draw, self.relayer = active, draw, relayer
         self.batches: list[CapturedBatch] = []
-        self.nonfinite_loss = False
+        self.nonfinite_loss, self._losses = False, 0  # _losses: loss values hooked since clear
         self._busy = False  # inside our own backward pass, which calls the loss
         self._weights = {id(p) for layer in layers for p in layer.module.parameters()}
         self._pending: dict[tuple, list[tuple[Tensor, Tensor]]] | None = None  # None: no forward pass
         self._handles = [model.register_forward_pre_hook(CaptureHook(self._start))]
-        self._modules = {id(layer.module): layer for layer in layers}  # one hook per module
+        self.use(layers)
         self._handles += [
             layer.module.register_forward_hook(CaptureHook(self._on_layer), with_kwargs=True)
             for layer in self._modules.values()
         ]
         self._handles.append(loss_fn.register_forward_hook(CaptureHook(self._on_loss)))
+
+    def use(self, layers: list[KroneckerLayer]) -> None:
+        """Capture ``layers`` from now on (of the same modules: the hooks stay)."""
+        self.layers = layers
+        self._modules = {id(layer.module): layer for layer in layers}  # one hook per module
 
     def remove(self) -> None:
         """Remove every hook."""
@@ -125,7 +133,7 @@ class BatchCapture:
     def clear(self, pending: bool = False) -> None:
         """Forget the captured micro-batches and the non-finite flag; with ``pending``, also the
         layer tensors (and their graphs) of a forward pass whose loss was not computed."""
-        self.batches, self.nonfinite_loss = [], False
+        self.batches, self.nonfinite_loss, self._losses = [], False, 0
         if pending:
             self._pending = None
 
@@ -142,6 +150,12 @@ class BatchCapture:
         self._pending = {} if self._pending is None else self._pending
         layer = self._modules[id(module)]
         output, parts = layer.rule.capture(layer.module_name, module, args, kwargs, output)
+        if self.relayer is not None and any(
+            other.module is module and other.part not in parts for other in self.layers
+        ):
+            if self.batches or self._losses:  # statistics of its other parts are on their way
+                raise changed_call_error(layer.module_name, parts)
+            self.use(self.relayer(module, frozenset(parts)))
         for part, (kept, layer_output) in parts.items():
             self._pending.setdefault((id(module), part), []).append((kept.detach(), layer_output))
         return output
@@ -166,6 +180,7 @@ class BatchCapture:
                 self._add(loss_value, gradient, output, targets, inputs, layer_outputs)
 
         value.register_hook(on_loss_gradient)
+        self._losses += 1
 
     def _from_pending_forward(
         self, output: Tensor, pending: dict[tuple, list[tuple[Tensor, Tensor]]]
@@ -221,6 +236,16 @@ class BatchCapture:
         finally:
             self._busy = False
         self.batches.append(CapturedBatch(inputs, [g.detach() for g in gradients], batch_weight))
+
+
+def changed_call_error(name: str, parts: Any) -> ValueError:
+    """The error for a module called otherwise than when its statistics were made."""
+    return ValueError(
+        f"KFACOptimizer: {name!r} is called differently from its first call (now with the parts "
+        f"{sorted(parts)}: self- against cross-attention), and its statistics are of the first call. "
+        "Call it the same way in every step, or register curvops.nn.layers.AttentionRule("
+        "in_projection='separate')."
+    )
 
 
 def graph_origin(output: Tensor, forward_nodes: set[Any], weights: set[int]) -> str:

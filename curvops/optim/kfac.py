@@ -11,6 +11,7 @@ algebra is written here.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -24,11 +25,11 @@ from ..linalg.checks import check_bool, check_nonnegative, check_positive, check
 from ..nn.approximations import Basis
 from ..nn.assembly import Layout, assemble
 from ..nn.kronecker_pass import batch_corrections, batch_statistics
-from ..nn.layers import find_layers
+from ..nn.layers import KroneckerLayer, calls_from_names, find_layers
 from ..nn.options import KroneckerOptions
 from ..nn.parameters import as_parameter_list
 from ..nn.statistics import Corrections, LayerStatistics, all_usable
-from .capture import BatchCapture, CapturedBatch
+from .capture import BatchCapture, CapturedBatch, changed_call_error
 from .kfac_state import check_momentum, check_running_state, load_curvature_state
 from .schedule import Schedule, all_finite, check_fraction, check_schedule, evaluate
 
@@ -207,7 +208,9 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.curvature, self.fisher_type, self.factored = curvature, fisher_type, factored
         self.ema_decay, self.T_stats, self.T_inv, self.kl_clip = float(ema_decay), T_stats, T_inv, kl_clip
         trainable = [p for p in params if p.requires_grad]  # a frozen one is not trained, as in torch.optim
-        layers, _ = find_layers(model, trainable, bias, kfac_approx)
+        self._find_layers = functools.partial(find_layers, model, trainable, bias, kfac_approx)
+        self._calls: dict[int, frozenset] = {}  # the parts of modules whose parts depend on the call
+        layers, _ = self._find_layers()
         if not layers:
             raise ValueError(
                 "None of the parameters belongs to a layer with a Kronecker rule (nn.Linear, nn.Conv1d, "
@@ -230,6 +233,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             mc_samples,
             active=lambda: self.steps % self.T_stats == 0,
             draw=lambda: (seed, self.steps),
+            relayer=self._relayer,
         )
         self.steps = 0
         self.bases: dict[str, Basis] = {}
@@ -320,15 +324,32 @@ class KFACOptimizer(torch.optim.Optimizer):
         changing anything, when it belongs to other layers, shapes or curvature (naming the key)."""
         state = dict(state_dict)
         layers = [s.layer for s in self.layers]
+        stored, calls = state.get("curvature"), self._calls
+        if isinstance(stored, dict) and isinstance(stored.get("statistics"), dict):  # the stored calls' parts
+            calls = {**calls, **calls_from_names(layers, stored["statistics"])}
+            layers, _ = self._find_layers(calls)
         extra = check_running_state(state.pop("curvature", None), self.approximation, layers)
         check_momentum(state, self.param_groups[0]["params"])
         loaded = load_curvature_state(extra, layers, self._layout.size, self._device, self._dtype)
         state["state"] = copy.deepcopy(state.get("state", {}))  # momentum buffers of its own: no aliasing
         super().load_state_dict(state)
         self.layers, self.bases, self.scales, self.preconditioner = loaded
-        self.steps = int(extra["steps"])
+        self.steps, self._calls = int(extra["steps"]), calls
+        self._capture.use(layers)
 
     # ------------------------------------------------------------------ internals
+    def _relayer(self, module: nn.Module, parts: frozenset) -> list[KroneckerLayer]:
+        """The layers once ``module`` is called with ``parts`` (an attention module's first call);
+        raises if statistics were made with its other parts."""
+        if self.steps:
+            raise changed_call_error(
+                next(s.layer.module_name for s in self.layers if s.layer.module is module), parts
+            )
+        self._calls[id(module)] = parts
+        layers, _ = self._find_layers(self._calls)
+        self.layers = [LayerStatistics(layer) for layer in layers]
+        return layers
+
     def _require_statistics(self) -> None:
         if self.layers[0].empty:
             raise RuntimeError("No curvature statistics yet: take a training step first.")

@@ -10,6 +10,8 @@ rule for a module of your own.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from torch import nn
 
 from .attention import AttentionRule
@@ -94,11 +96,16 @@ def _owned_places(model: nn.Module) -> dict[int, tuple[str, nn.Module, str]]:
 
 
 def find_layers(
-    model: nn.Module, params: list[nn.Parameter], bias: str, kfac_approx: str
+    model: nn.Module,
+    params: list[nn.Parameter],
+    bias: str,
+    kfac_approx: str,
+    calls: Mapping[int, frozenset] | None = None,
 ) -> tuple[list[KroneckerLayer], list[tuple[str, nn.Module, list[nn.Parameter]]]]:
     """The layers with a rule holding chosen parameters (several for a module with parts, see
-    :meth:`~curvops.nn.layers.rule.LayerRule.layers`), and the other modules that do (a module
-    of :data:`OPAQUE_MODULES` stands for all the parameters inside it)."""
+    :meth:`~curvops.nn.layers.rule.LayerRule.layers`; ``calls``: the parts each module's call
+    gives, by ``id(module)``, where they depend on the call), and the other modules that do (a
+    module of :data:`OPAQUE_MODULES` stands for all the parameters inside it)."""
     owners, owned = _owners(model), _owned_places(model)
     opaque = {
         id(inner): (name, module)
@@ -125,8 +132,27 @@ def find_layers(
             others.setdefault(id(module), (name, module, []))[2].append(p)
         elif id(module) not in layers:
             rule.check(name, module, kfac_approx)
-            layers[id(module)] = rule.layers(name, module, chosen, bias)
+            layers[id(module)] = rule.layers(name, module, chosen, bias, (calls or {}).get(id(module)))
     return [layer for module_layers in layers.values() for layer in module_layers], list(others.values())
+
+
+def calls_from_names(layers: list[KroneckerLayer], names: Iterable[str]) -> dict[int, frozenset]:
+    """The parts of each module whose parts depend on the call, read from layer names (those of a
+    stored state: ``"attn.in_proj.q"`` is the part ``"in_proj.q"`` of ``"attn"``).
+
+    Example:
+        >>> attn = torch.nn.MultiheadAttention(4, 2)
+        >>> layers, _ = find_layers(attn, list(attn.parameters()), "separate", "expand")
+        >>> calls_from_names(layers, ["in_proj.q", "out_proj"]) == {id(attn): {"in_proj.q", "out_proj"}}
+        True
+    """
+    calls = {}
+    for layer in layers:
+        if layer.rule.parts_depend_on_call:
+            prefix = f"{layer.module_name}." if layer.module_name else ""
+            parts = frozenset(name[len(prefix) :] for name in names if name.startswith(prefix))
+            calls[id(layer.module)] = parts or None
+    return {key: parts for key, parts in calls.items() if parts is not None}
 
 
 __all__ = [
@@ -138,6 +164,7 @@ __all__ = [
     "KroneckerLayer",
     "LayerRule",
     "LinearRule",
+    "calls_from_names",
     "find_layers",
     "layer_rule",
     "register_layer_rule",

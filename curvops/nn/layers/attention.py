@@ -16,23 +16,27 @@ Each projection is a linear layer shared over the tokens (``kfac_approx`` expand
 =================  ============================================  =====================================
 part (label)       when                                          weight and bias
 =================  ============================================  =====================================
-``in_proj``        ``kdim = vdim = embed_dim`` (self-attention:  ``in_proj_weight`` ``[3E, E]``,
-                   query, key and value one tensor)              ``in_proj_bias``
-``in_proj.q``,     ``kdim`` or ``vdim`` differ, or               rows ``[0, E)``, ``[E, 2E)``,
-``in_proj.k``,     ``AttentionRule(in_projection="separate")``   ``[2E, 3E)`` of ``in_proj_weight``
-``in_proj.v``      (cross-attention)                             (or ``q/k/v_proj_weight``) and of
+``in_proj``        self-attention (query, key and value one      ``in_proj_weight`` ``[3E, E]``,
+                   tensor) with ``kdim = vdim = embed_dim``      ``in_proj_bias``
+``in_proj.q``,     otherwise: cross-attention, ``kdim`` or       rows ``[0, E)``, ``[E, 2E)``,
+``in_proj.k``,     ``vdim`` differ, or                           ``[2E, 3E)`` of ``in_proj_weight``
+``in_proj.v``      ``AttentionRule(in_projection="separate")``   (or ``q/k/v_proj_weight``) and of
                                                                  ``in_proj_bias``
 ``out_proj``       always                                        ``out_proj.weight``, ``out_proj.bias``
 =================  ============================================  =====================================
+
+Which parts a module has depends on how it is called (:meth:`AttentionRule.call_parts`): the
+builders run the model once, without grad, on the first batch to see it; the optimizer makes
+the module's layers at its first captured call; :func:`~curvops.nn.coverage` (no data) takes a
+module with ``kdim = vdim = embed_dim`` as self-attention.
 
 A part of the module ``"attn"`` is the layer ``"attn.in_proj"`` (``"attn.in_proj.q"``,
 ``"attn.out_proj"``); its blocks are labelled ``"attn.in_proj.weight"`` and ``"attn.in_proj.bias"``
 (``"attn.in_proj"`` for a joint bias), as a linear layer of that name would be. ``bias_k`` and
 ``bias_v`` (``add_bias_kv=True``) have no Kronecker block: they are "others" (``unsupported=``).
 Refused, naming the module: attention dropout in train mode (a random forward), unbatched
-(2-D) inputs (no data axis), a subclass with a forward of its own, and, with the default
-``in_projection="auto"``, a module with ``kdim = vdim = embed_dim`` called with different query
-and key/value tensors (cross-attention: register ``AttentionRule(in_projection="separate")``).
+(2-D) inputs (no data axis), a subclass with a forward of its own, and, in the optimizer, a
+module called as self-attention in one step and cross-attention in another.
 """
 
 from __future__ import annotations
@@ -65,9 +69,8 @@ class AttentionRule(DenseInputRule):
     ``out_proj`` as Kronecker layers (see the module docstring).
 
     Args:
-        in_projection: ``"auto"`` (one joint block for a module with ``kdim = vdim = embed_dim``,
-            which must then be called as self-attention; q, k and v blocks otherwise) or
-            ``"separate"`` (q, k and v blocks always: cross-attention with equal dimensions).
+        in_projection: ``"auto"`` (one joint block for self-attention with ``kdim = vdim =
+            embed_dim``; q, k and v blocks otherwise) or ``"separate"`` (q, k and v blocks always).
 
     Example:
         >>> attn = torch.nn.MultiheadAttention(4, 2)
@@ -80,6 +83,7 @@ class AttentionRule(DenseInputRule):
     """
 
     owns_submodules: ClassVar[bool] = True
+    parts_depend_on_call: ClassVar[bool] = True
 
     def __init__(self, in_projection: str = "auto") -> None:
         check_choice(in_projection, IN_PROJECTIONS, "in_projection")
@@ -102,13 +106,32 @@ class AttentionRule(DenseInputRule):
             "with no Kronecker block"
         )
 
-    def joint(self, module: nn.Module) -> bool:
-        """Whether the input projection is one joint q/k/v block."""
-        return self.in_projection == "auto" and module._qkv_same_embed_dim
+    def joint(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor) -> bool:
+        """Whether a call's input projection is one joint q/k/v block: ``in_projection="auto"``,
+        ``kdim = vdim = embed_dim`` and query, key and value one tensor."""
+        same = query is key and key is value
+        return self.in_projection == "auto" and module._qkv_same_embed_dim and same
 
-    def layers(self, name: str, module: nn.Module, chosen: set[int], bias: str) -> list[KroneckerLayer]:
+    def call_parts(self, name: str, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> frozenset:
+        arguments = _arguments(module, args, kwargs)
+        query, key, value = arguments["query"], arguments["key"], arguments["value"]
+        _check_call(name, module, query)
+        joint = self.joint(module, query, key, value)
+        return frozenset(
+            ("in_proj", "out_proj") if joint else ("in_proj.q", "in_proj.k", "in_proj.v", "out_proj")
+        )
+
+    def layers(
+        self, name: str, module: nn.Module, chosen: set[int], bias: str, parts: frozenset | None = None
+    ) -> list[KroneckerLayer]:
+        """The parts' layers; before any call (``parts`` is ``None``) a module with ``kdim = vdim =
+        embed_dim`` is taken as self-attention."""
         embed = module.embed_dim
-        if self.joint(module):
+        if (
+            self.in_projection == "auto"
+            and module._qkv_same_embed_dim
+            and (parts is None or "in_proj" in parts)
+        ):
             parts = [("in_proj", module.in_proj_weight, None, None, (3 * embed, embed))]
         else:
             parts = []
@@ -143,50 +166,50 @@ class AttentionRule(DenseInputRule):
     ) -> tuple[Any, dict[str | None, tuple[Tensor, Tensor]]]:
         """The call recomputed with its projections exposed: ``(attn_output, attn_weights)`` as the
         module gives them, and each part's ``(input, output)``, sequence first."""
-        call = _FORWARD.bind(module, *args, **kwargs)
-        call.apply_defaults()
-        arguments = call.arguments
+        arguments = _arguments(module, args, kwargs)
         query, key, value = arguments["query"], arguments["key"], arguments["value"]
         _check_call(name, module, query)
+        joint = self.joint(module, query, key, value)
         if module.batch_first:  # as the module does, keeping which inputs are one tensor
             same = query is key, key is value
             query, key, value = (x.transpose(1, 0) for x in (query, key, value))
             key = query if same[0] else key
             value = key if same[1] else value
-        if self.joint(module) and not (query is key and key is value):
-            raise ValueError(
-                f"{name!r} (MultiheadAttention) is called with different query and key/value tensors "
-                "(cross-attention), but its input projection has one joint q/k/v block (kdim = vdim = "
-                "embed_dim: self-attention). Register separate q, k and v blocks: curvops.nn."
-                "register_layer_rule(torch.nn.MultiheadAttention, curvops.nn.layers.AttentionRule("
-                'in_projection="separate")).'
-            )
         parts: dict[str | None, tuple[Tensor, Tensor]] = {}
-        q, k, v = self._in_projection(module, query, key, value, parts)
+        q, k, v = _in_projection(module, query, key, value, joint, parts)
         heads, weights = _attention(module, q, k, v, arguments)
         out = differentiable(F.linear(heads, module.out_proj.weight, module.out_proj.bias))
         parts["out_proj"] = (heads, out)
         return ((out.transpose(1, 0) if module.batch_first else out), weights), parts
 
-    def _in_projection(
-        self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, parts: dict
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """``q, k, v`` from the input projection, each part's ``(input, output)`` put in ``parts``."""
-        if self.joint(module):
-            projected = differentiable(F.linear(query, module.in_proj_weight, module.in_proj_bias))
-            parts["in_proj"] = (query, projected)
-            return projected.chunk(3, dim=-1)
-        if module._qkv_same_embed_dim:
-            weights = module.in_proj_weight.chunk(3)
-        else:
-            weights = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
-        biases = (None,) * 3 if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
-        projected = []
-        for part, x, w, b in zip("qkv", (query, key, value), weights, biases, strict=True):
-            y = differentiable(F.linear(x, w, b))
-            parts[f"in_proj.{part}"] = (x, y)
-            projected.append(y)
-        return tuple(projected)
+
+def _in_projection(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, joint: bool, parts: dict
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``q, k, v`` from the input projection (one joint block, or q, k and v), each part's
+    ``(input, output)`` put in ``parts``."""
+    if joint:
+        projected = differentiable(F.linear(query, module.in_proj_weight, module.in_proj_bias))
+        parts["in_proj"] = (query, projected)
+        return projected.chunk(3, dim=-1)
+    if module._qkv_same_embed_dim:
+        weights = module.in_proj_weight.chunk(3)
+    else:
+        weights = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+    biases = (None,) * 3 if module.in_proj_bias is None else module.in_proj_bias.chunk(3)
+    projected = []
+    for part, x, w, b in zip("qkv", (query, key, value), weights, biases, strict=True):
+        y = differentiable(F.linear(x, w, b))
+        parts[f"in_proj.{part}"] = (x, y)
+        projected.append(y)
+    return tuple(projected)
+
+
+def _arguments(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by name, with the defaults of ``nn.MultiheadAttention.forward``."""
+    call = _FORWARD.bind(module, *args, **kwargs)
+    call.apply_defaults()
+    return call.arguments
 
 
 def _part(
