@@ -406,17 +406,28 @@ def test_self_attention_with_separate_blocks_by_the_rule(separate_rule):
         torch.testing.assert_close(op.to_dense(), twin.to_dense(), rtol=1e-10, atol=1e-12)
 
 
+class Switching(nn.Module):
+    """Self-attention, or cross-attention to ``2x`` when ``cross`` (or for batches of one datum)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(E, H, batch_first=True).to(DOUBLE)
+        self.cross = False
+
+    def forward(self, x):
+        memory = 2 * x if self.cross or len(x) == 1 else x
+        return self.attn(x, memory, memory)[0]
+
+
+def test_the_builders_refuse_a_module_called_otherwise_than_in_the_first_batch():
+    x = torch.randn(N, L, E, dtype=DOUBLE)
+    batches = [(x, x), (x[:1], x[:1])]
+    with pytest.raises(ValueError, match=r"'attn' is called differently from its first call.*in_proj\.q"):
+        curvops.KFAC(Switching(), nn.MSELoss(), batches, fisher_type="type-2")
+
+
 def test_the_optimizer_refuses_a_module_called_otherwise_than_at_first():
-    class Switching(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.attn = nn.MultiheadAttention(E, H, batch_first=True).to(DOUBLE)
-            self.cross = False
-
-        def forward(self, x):
-            return self.attn(x, 2 * x if self.cross else x, 2 * x if self.cross else x)[0]
-
     model, loss_fn = Switching(), nn.MSELoss()
     opt = KFACOptimizer(model, loss_fn, fisher_type="type-2")
     x = torch.randn(N, L, E, dtype=DOUBLE)

@@ -14,8 +14,8 @@ from ..linalg import CurvatureOperator, Diagonal
 from ..linalg.checks import check_bool, check_choice
 from .assembly import Entry, Layout, assemble
 from .curvature import computation_copy, dense_operator
-from .kronecker_pass import KroneckerPass, first_call_parts
-from .layers import find_layers
+from .kronecker_pass import KroneckerPass
+from .layers import KroneckerLayer, find_layers
 from .model import ModelData
 from .options import UNSUPPORTED_FIX, UNSUPPORTED_OPTIONS, KroneckerOptions, unsupported_error
 from .staleness import mark_built_from
@@ -225,16 +225,12 @@ def _build(
     loss = options.loss(loss_fn)
     model_data = ModelData(model, data, params, progressbar, check_deterministic)
     layers, others = find_layers(model, model_data.params, options.bias, options.kfac_approx)
-    refused = bool(others) and unsupported == "error"
-    calls = {} if refused else first_call_parts(model_data, layers)
-    if calls:  # modules whose parts depend on how they are called (self- or cross-attention)
-        layers, others = find_layers(model, model_data.params, options.bias, options.kfac_approx, calls)
     if others and unsupported == "error":
         raise unsupported_error(options.approximation.label, others, UNSUPPORTED_FIX)
     layout, device = Layout(model_data.params), model_data.device
     entries: list[Entry] = []
     if layers:
-        for layer, blocks in zip(layers, _kronecker_blocks(options, model_data, loss, layers), strict=True):
+        for layer, blocks in _kronecker_blocks(options, model_data, loss, layers):
             entries += layout.place(layer, blocks, device)
     if others:
         entries += _exact_blocks(options, model_data, loss_fn, others, unsupported, layout)
@@ -243,18 +239,19 @@ def _build(
 
 def _kronecker_blocks(
     options: KroneckerOptions, model_data: ModelData, loss, layers: list
-) -> list[list[CurvatureOperator]]:
-    """Each layer's blocks: one statistics pass, and for EKFAC/TEKFAC a correcting one."""
+) -> list[tuple[KroneckerLayer, list[CurvatureOperator]]]:
+    """Each layer and its blocks: one statistics pass (the layers of an attention module follow
+    its first call), and for EKFAC/TEKFAC a correcting one."""
     approximation = options.approximation
     passes = KroneckerPass(model_data, loss, layers, options)
     statistics = passes.statistics()
     if not approximation.corrected:
-        return [approximation.kronecker_blocks(s) for s in statistics]
+        return [(s.layer, approximation.kronecker_blocks(s)) for s in statistics]
     bases = [approximation.eigenbasis(s)[0] for s in statistics]
     corrections = passes.corrections(bases)
     return [
-        approximation.corrected_blocks(layer, basis, c)
-        for layer, basis, c in zip(layers, bases, corrections, strict=True)
+        (s.layer, approximation.corrected_blocks(s.layer, basis, c))
+        for s, basis, c in zip(statistics, bases, corrections, strict=True)
     ]
 
 

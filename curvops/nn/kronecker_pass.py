@@ -20,6 +20,7 @@ from ..linalg import computation_dtype
 from .approximations import Basis
 from .batches import is_empty
 from .forward_checks import fixed_forward
+from .layers import find_layers
 from .layers.rule import KroneckerLayer
 from .losses import LossAdapter
 from .model import ModelData
@@ -42,28 +43,13 @@ def check_single_call(layer: KroneckerLayer, calls: int) -> None:
         )
 
 
-def first_call_parts(model: ModelData, layers: list[KroneckerLayer]) -> dict[int, frozenset]:
-    """The parts each module of ``layers`` whose parts depend on the call gives in the model's
-    forward pass of the first batch (:meth:`~curvops.nn.layers.rule.LayerRule.call_parts`), by
-    ``id(module)``: one forward pass without grad, and none at all without such modules."""
-    modules = {id(layer.module): layer for layer in layers if layer.rule.parts_depend_on_call}
-    calls: dict[int, frozenset] = {}
-    if not modules:
-        return calls
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        layer = modules[id(module)]
-        calls.setdefault(id(module), layer.rule.call_parts(layer.module_name, module, args, kwargs))
-
-    handles = [layer.module.register_forward_pre_hook(hook, with_kwargs=True) for layer in modules.values()]
-    try:
-        _, inputs, _ = next(iter(model.batches("the calls of attention modules")))
-        with torch.no_grad(), fixed_forward():
-            model.model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
+def changed_call_error(name: str, parts: Any) -> ValueError:
+    """The error for a module called otherwise than at its first call, whose parts follow the call."""
+    return ValueError(
+        f"{name!r} is called differently from its first call (now with the parts {sorted(parts)}: "
+        "self- against cross-attention), and its blocks follow the first call. Call it the same way "
+        "in every forward pass, or register curvops.nn.layers.AttentionRule(in_projection='separate')."
+    )
 
 
 def output_gradients(
@@ -139,17 +125,22 @@ class KroneckerPass:
     ) -> None:
         self.model, self.loss, self.layers, self.options = model, loss, layers, options
         self.dtype = computation_dtype(model.dtype)
+        self._calls: dict[int, frozenset] = {}  # the parts of modules whose parts follow the call
+        self._first_batch = True
 
     def statistics(self) -> list[LayerStatistics]:
-        """One pass: every layer's normalised statistics (TKFAC's terms if the approximation needs them)."""
-        totals = [LayerStatistics(layer) for layer in self.layers]
+        """One pass: every layer's normalised statistics (TKFAC's terms if the approximation needs
+        them). The layers of a module whose parts depend on the call (``nn.MultiheadAttention``:
+        self- or cross-attention) follow its call in the first batch: :attr:`layers` after the pass."""
+        totals: dict[int, LayerStatistics] = {}
 
         def consume(i: int, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None) -> None:
-            totals[i] = totals[i] + batch_statistics(layer, inputs, gradients, self.options, self.dtype)
+            start = totals.get(i, LayerStatistics(layer))
+            totals[i] = start + batch_statistics(layer, inputs, gradients, self.options, self.dtype)
 
         scale = self._pass("KFAC statistics", consume)
         fisher = self.options.fisher
-        return [fisher.finished(total.normalised(scale)) for total in totals]
+        return [fisher.finished(totals[i].normalised(scale)) for i in range(len(self.layers))]
 
     def corrections(self, bases: list[Basis]) -> list[Corrections]:
         """EKFAC's eigenvalues ``s = E[(Q_out^T ∇_W ℓ_n Q_in)²]`` in each layer's eigenbasis.
@@ -193,17 +184,30 @@ class KroneckerPass:
             raise ValueError("The data has no loss terms (every target is ignored).")
         return self.options.fisher.scale(self.loss.batch_scale(total), self.options.mc_samples)
 
+    def _follow_call(self, name: str, module: nn.Module, parts: frozenset) -> None:
+        """Remake the layers if ``module``'s call gives other parts than its layers' (only in the
+        first batch: the layers follow the first call)."""
+        if all(layer.part in parts for layer in self.layers if layer.module is module):
+            return
+        if not self._first_batch:
+            raise changed_call_error(name, parts)
+        self._calls[id(module)] = parts
+        model, options = self.model, self.options
+        self.layers, _ = find_layers(
+            model.model, model.params, options.bias, options.kfac_approx, self._calls
+        )
+
     def _batch(self, index: int, inputs, targets: Tensor, count: float) -> list[tuple]:
         """``(layer, its input, its output gradients [K, N, S, n_out] or None)`` for one batch."""
-        captured: dict[tuple, list[tuple[Tensor, Tensor]]] = {layer.key: [] for layer in self.layers}
+        captured: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
         modules = {id(layer.module): layer for layer in self.layers}  # one hook per module
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             layer = modules[id(module)]
             output, parts = layer.rule.capture(layer.module_name, module, args, kwargs, output)
+            self._follow_call(layer.module_name, module, frozenset(parts))
             for part, (layer_input, layer_output) in parts.items():
-                if (id(module), part) in captured:
-                    captured[id(module), part].append((layer_input.detach(), layer_output))
+                captured.setdefault((id(module), part), []).append((layer_input.detach(), layer_output))
             return output
 
         handles = [layer.module.register_forward_hook(hook, with_kwargs=True) for layer in modules.values()]
@@ -214,8 +218,9 @@ class KroneckerPass:
             for handle in handles:
                 handle.remove()
         self.model.check_output(index, output.detach())
+        self._first_batch = False
         for layer in self.layers:
-            check_single_call(layer, len(captured[layer.key]))
+            check_single_call(layer, len(captured.get(layer.key, [])))
         layer_inputs = [captured[layer.key][0][0] for layer in self.layers]
         self.loss.check_target(output, targets, index)
         fisher = self.options.fisher

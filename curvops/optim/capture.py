@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.fisher import FisherType
-from ..nn.kronecker_pass import check_single_call, output_gradients
+from ..nn.kronecker_pass import changed_call_error, check_single_call, output_gradients
 from ..nn.layers import KroneckerLayer
 from ..nn.losses import LossAdapter
 
@@ -236,16 +236,6 @@ class BatchCapture:
         finally:
             self._busy = False
         self.batches.append(CapturedBatch(inputs, [g.detach() for g in gradients], batch_weight))
-
-
-def changed_call_error(name: str, parts: Any) -> ValueError:
-    """The error for a module called otherwise than when its statistics were made."""
-    return ValueError(
-        f"KFACOptimizer: {name!r} is called differently from its first call (now with the parts "
-        f"{sorted(parts)}: self- against cross-attention), and its statistics are of the first call. "
-        "Call it the same way in every step, or register curvops.nn.layers.AttentionRule("
-        "in_projection='separate')."
-    )
 
 
 def graph_origin(output: Tensor, forward_nodes: set[Any], weights: set[int]) -> str:

@@ -24,12 +24,12 @@ from ..linalg import CurvatureOperator, computation_dtype
 from ..linalg.checks import check_bool, check_nonnegative, check_positive, check_positive_int
 from ..nn.approximations import Basis
 from ..nn.assembly import Layout, assemble
-from ..nn.kronecker_pass import batch_corrections, batch_statistics
+from ..nn.kronecker_pass import batch_corrections, batch_statistics, changed_call_error
 from ..nn.layers import KroneckerLayer, calls_from_names, find_layers
 from ..nn.options import KroneckerOptions
 from ..nn.parameters import as_parameter_list
 from ..nn.statistics import Corrections, LayerStatistics, all_usable
-from .capture import BatchCapture, CapturedBatch, changed_call_error
+from .capture import BatchCapture, CapturedBatch
 from .kfac_state import check_momentum, check_running_state, load_curvature_state
 from .schedule import Schedule, all_finite, check_fraction, check_schedule, evaluate
 

@@ -25,10 +25,10 @@ part (label)       when                                          weight and bias
 ``out_proj``       always                                        ``out_proj.weight``, ``out_proj.bias``
 =================  ============================================  =====================================
 
-Which parts a module has depends on how it is called (:meth:`AttentionRule.call_parts`): the
-builders run the model once, without grad, on the first batch to see it; the optimizer makes
-the module's layers at its first captured call; :func:`~curvops.nn.coverage` (no data) takes a
-module with ``kdim = vdim = embed_dim`` as self-attention.
+Which parts a module has depends on how it is called: the builders make its layers at its call
+in the first batch, the optimizer at its first captured call (and from a state dict's layer
+names); :func:`~curvops.nn.coverage` (no data) takes a module with ``kdim = vdim = embed_dim``
+as self-attention.
 
 A part of the module ``"attn"`` is the layer ``"attn.in_proj"`` (``"attn.in_proj.q"``,
 ``"attn.out_proj"``); its blocks are labelled ``"attn.in_proj.weight"`` and ``"attn.in_proj.bias"``
@@ -111,15 +111,6 @@ class AttentionRule(DenseInputRule):
         ``kdim = vdim = embed_dim`` and query, key and value one tensor."""
         same = query is key and key is value
         return self.in_projection == "auto" and module._qkv_same_embed_dim and same
-
-    def call_parts(self, name: str, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> frozenset:
-        arguments = _arguments(module, args, kwargs)
-        query, key, value = arguments["query"], arguments["key"], arguments["value"]
-        _check_call(name, module, query)
-        joint = self.joint(module, query, key, value)
-        return frozenset(
-            ("in_proj", "out_proj") if joint else ("in_proj.q", "in_proj.k", "in_proj.v", "out_proj")
-        )
 
     def layers(
         self, name: str, module: nn.Module, chosen: set[int], bias: str, parts: frozenset | None = None

@@ -122,8 +122,8 @@ class LayerRule(ABC):
         diagonal_input: ``A`` is diagonal, stored as a 1-D ``[n_in]`` tensor.
         owns_submodules: the parameters of the module's submodules are the rule's (named by their
             path, ``"out_proj.weight"``), and the submodules get no rule of their own.
-        parts_depend_on_call: which parts the module has depends on how it is called
-            (:meth:`call_parts`); the builders and the optimizer make its layers for its first call.
+        parts_depend_on_call: which parts the module has depends on how it is called (the parts
+            :meth:`capture` gives); the passes and the optimizer make its layers for its first call.
     """
 
     transposed: ClassVar[bool] = False
@@ -156,20 +156,13 @@ class LayerRule(ABC):
         self, name: str, module: nn.Module, chosen: set[int], bias: str, parts: frozenset | None = None
     ) -> list[KroneckerLayer]:
         """The module's Kronecker layers holding chosen parameters (ids in ``chosen``): one, of its
-        weight and bias (joint if ``bias == "joint"`` and both are chosen). ``parts``: those of
-        the module's call (:meth:`call_parts`), ``None`` if not known."""
+        weight and bias (joint if ``bias == "joint"`` and both are chosen). ``parts``: those a
+        call of the module gave (:meth:`capture`), ``None`` before any call."""
         weight = module.weight if id(module.weight) in chosen else None
         module_bias = getattr(module, "bias", None)
         bias_param = module_bias if module_bias is not None and id(module_bias) in chosen else None
         joint = bias == "joint" and weight is not None and bias_param is not None
         return [KroneckerLayer(name, module, self, weight, bias_param, joint)]
-
-    def call_parts(
-        self, name: str, module: nn.Module, args: tuple, kwargs: dict[str, Any]
-    ) -> frozenset | None:
-        """The parts one call of the module gives (``None``: always the same ones); raises
-        ``ValueError`` naming the module for a call the rule does not handle."""
-        return None
 
     def capture(
         self, name: str, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any
