@@ -47,7 +47,8 @@ def changed_call_error(name: str, parts: Any) -> ValueError:
     """The error for a module called otherwise than at its first call, whose parts follow the call.
 
     Example:
-        >>> str(changed_call_error("attn", {"in_proj", "out_proj"})).startswith("'attn' is called differently")
+        >>> error = changed_call_error("attn", {"in_proj", "out_proj"})
+        >>> str(error).startswith("'attn' is called differently")
         True
     """
     return ValueError(
