@@ -44,7 +44,9 @@ class CoverageRow:
         rule: the layer rule's class name (``"LinearRule"``) for blocks from a rule, else ``None``.
         bias: ``"joint"`` or ``"separate"`` for the weight and bias of a layer whose bias is
             chosen, else ``None``.
-        label: the label of its block in the operator (``op.block(label)``), ``None`` if refused.
+        label: the label of its block in the operator (``op.block(label)``), ``None`` if refused;
+            the labels of several blocks joined by ``", "`` (an attention's q, k and v rows of
+            ``in_proj_weight`` with ``AttentionRule(in_projection="separate")``).
         reason: why it is refused: the builder's error for it (``None`` unless refused).
     """
 
@@ -137,20 +139,21 @@ def coverage(
     ``"ekfac"``, ``"tkfac"``, ``"tekfac"``) with these options, without data and without
     running the model.
 
-    Each parameter of a layer with a rule (``nn.Linear``, convolutions, ``nn.Embedding``, rules
-    of your own) gets a Kronecker block (a grouped convolution one per group), those of a
-    normalization layer (``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*``)
-    its exact block (``"exact"``, or
-    ``"exact-diagonal"`` for a large one); the parameters of other modules get an exact
-    ``"dense"`` or ``"diagonal"`` block with ``unsupported=``, or are refused. A weight tied
-    between layers (an embedding and the output head) is in its first layer's row: KFAC's
-    nearest Kronecker block (:mod:`curvops.nn.tied`). Refused too: a layer its rule does not
-    handle (an embedding with ``max_norm``), a tied weight for EKFAC,
-    TKFAC and TEKFAC, a weight tied to a module without a rule, and every parameter of an
-    ``nn.MultiheadAttention``; each refused row gives the builder's error for it. It raises
-    only for invalid options and parameters (as the builders do). What only a pass can show
-    is not checked here: a layer whose module never runs in the forward pass, or runs several
-    times on different batch sizes.
+    Each parameter of a layer with a rule (``nn.Linear``, convolutions, ``nn.Embedding``,
+    ``nn.MultiheadAttention``'s projections, rules of your own) gets a Kronecker block (a grouped
+    convolution one per group), those of a normalization layer (``nn.LayerNorm``,
+    ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*``) its exact block (``"exact"``, or
+    ``"exact-diagonal"`` for a large one); the parameters of other modules (and an attention's
+    ``bias_k``/``bias_v``) get an exact ``"dense"`` or ``"diagonal"`` block with
+    ``unsupported=``, or are refused. A weight tied between layers (an embedding and the output
+    head) is in its first layer's row: KFAC's nearest Kronecker block (:mod:`curvops.nn.tied`).
+    Refused too: a layer its rule does not handle (an embedding with ``max_norm``), a tied
+    weight for EKFAC, TKFAC and TEKFAC, and a weight tied to a module without a rule; each
+    refused row gives the builder's error for it. It raises only for invalid options and
+    parameters (as the builders do). What only a pass can show is not checked here: a layer
+    whose module never runs in the forward pass, or runs several times on different batch
+    sizes, and how an attention module is called (cross-attention of one with a joint q/k/v
+    block is refused in the pass).
 
     Args:
         model: the network.
@@ -186,9 +189,14 @@ def coverage(
     usable = [p for p in chosen if id(p) not in refusals]
     layers, others = find_layers(model, usable, options.bias, options.kfac_approx) if usable else ([], [])
     places = dict(refusals)
+    placed_by: dict[int, int] = {}  # parameter → the module whose layers place it
     for layer in layers:  # a tied weight's place is its first layer's, where its block lies
-        for key, place in _kronecker_places(layer, options).items():
-            places.setdefault(key, place)
+        new = {
+            key: place
+            for key, place in _kronecker_places(layer, options).items()
+            if placed_by.setdefault(key, id(layer.module)) == id(layer.module)
+        }
+        _add_places(places, new)
     for module_name, module, module_params in others:
         place = _other_place(module_name, module, options, unsupported)
         places.update({id(p): place for p in module_params})
@@ -232,7 +240,7 @@ def _kronecker_places(layer: KroneckerLayer, options: KroneckerOptions) -> dict[
         if p is not None:
             label = name if layer.joint else f"{name}.{kind}"
             places[id(p)] = {
-                **_holder(layer.name, layer.module),
+                **_holder(layer.module_name, layer.module),
                 "block": block,
                 "rule": type(layer.rule).__name__,
                 "bias": bias,
@@ -240,6 +248,15 @@ def _kronecker_places(layer: KroneckerLayer, options: KroneckerOptions) -> dict[
                 "groups": layer.groups,
             }
     return places
+
+
+def _add_places(places: dict[int, dict], new: dict[int, dict]) -> None:
+    """Put ``new`` places in; a parameter with blocks of several parts (an attention's q, k and v rows
+    of ``in_proj_weight``) gets their labels joined by ``", "``."""
+    for key, place in new.items():
+        if key in places:
+            place = {**place, "label": f"{places[key]['label']}, {place['label']}"}
+        places[key] = place
 
 
 def _other_place(name: str, module: nn.Module, options: KroneckerOptions, unsupported: str) -> dict:

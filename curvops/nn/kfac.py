@@ -15,7 +15,7 @@ from ..linalg.checks import check_bool, check_choice
 from .assembly import Entry, Layout, assemble
 from .curvature import computation_copy, dense_operator
 from .kronecker_pass import KroneckerPass
-from .layers import find_layers
+from .layers import KroneckerLayer, find_layers
 from .model import ModelData
 from .options import UNSUPPORTED_FIX, UNSUPPORTED_OPTIONS, KroneckerOptions, unsupported_error
 from .staleness import mark_built_from
@@ -39,7 +39,9 @@ def KFAC(
     """KFAC of the Fisher / GGN of ``loss_fn`` over ``data``, as a structured operator.
 
     Per supported layer (``nn.Linear`` with any leading axes, ``nn.Conv1d``, ``nn.Conv2d``,
-    ``nn.Conv3d`` with any ``padding_mode`` and any ``groups``, ``nn.Embedding``) the block of
+    ``nn.Conv3d`` with any ``padding_mode`` and any ``groups``, ``nn.Embedding``, and
+    ``nn.MultiheadAttention``'s input projection and ``out_proj``, each a linear layer shared over
+    the tokens, see :mod:`curvops.nn.layers.attention`) the block of
     its weight is ``G ⊗ A`` (a grouped convolution's, depthwise included, is a
     :class:`~curvops.linalg.GroupedKronecker`: one ``G_j ⊗ A_j`` per group ``j``, from that
     group's input channels and output gradients; likewise its bias's ``G_j``; see
@@ -100,7 +102,7 @@ def KFAC(
             ``params``; for a normalization layer one exact block per parameter, or one over
             ``[γ; β]`` with their cross terms.
         unsupported: what to do with parameters of modules without a rule
-            (``nn.MultiheadAttention`` with its ``out_proj``, ``nn.PReLU``, ...): ``"error"``, or an exact
+            (an attention's ``bias_k``/``bias_v``, ``nn.PReLU``, ...): ``"error"``, or an exact
             ``"dense"`` or ``"diagonal"`` block per module from the
             exact operator of the same ``fisher_type`` (GGN for ``"type-2"`` and
             ``"forward-only"``).
@@ -253,7 +255,9 @@ def _build(
     layout, device = Layout(model_data.params), model_data.device
     entries: list[Entry] = []
     if layers:
-        blocks = merged_ties(layers, _kronecker_blocks(options, model_data, loss, layers))
+        pairs = _kronecker_blocks(options, model_data, loss, layers)  # attention follows its first call
+        layers = [layer for layer, _ in pairs]
+        blocks = merged_ties(layers, [layer_blocks for _, layer_blocks in pairs])
         for layer, layer_blocks in zip(layers, blocks, strict=True):
             entries += layout.place(layer, layer_blocks, device)
     if others:
@@ -263,18 +267,24 @@ def _build(
 
 def _kronecker_blocks(
     options: KroneckerOptions, model_data: ModelData, loss, layers: list
-) -> list[list[CurvatureOperator]]:
-    """Each layer's blocks: one statistics pass, and for EKFAC/TEKFAC a correcting one (for the
-    layers it corrects: not those with exact blocks)."""
+) -> list[tuple[KroneckerLayer, list[CurvatureOperator]]]:
+    """Each layer and its blocks: one statistics pass (the layers of an attention module follow
+    its first call), and for EKFAC/TEKFAC a correcting one (for the layers it corrects: not those
+    with exact blocks)."""
     approximation = options.approximation
     passes = KroneckerPass(model_data, loss, layers, options)
     statistics = passes.statistics()
     bases = [approximation.eigenbasis(s)[0] if approximation.corrects(s.layer) else None for s in statistics]
     if all(basis is None for basis in bases):
-        return [approximation.kronecker_blocks(s) for s in statistics]
+        return [(s.layer, approximation.kronecker_blocks(s)) for s in statistics]
     corrections = passes.corrections(bases)
     return [
-        approximation.corrected_blocks(s.layer, basis, c) if basis else approximation.kronecker_blocks(s)
+        (
+            s.layer,
+            approximation.kronecker_blocks(s)
+            if basis is None
+            else approximation.corrected_blocks(s.layer, basis, c),
+        )
         for s, basis, c in zip(statistics, bases, corrections, strict=True)
     ]
 

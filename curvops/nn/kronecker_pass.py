@@ -1,7 +1,7 @@
 """Kronecker statistics from passes over a data set, with module hooks.
 
-Every pass runs the model with forward hooks on the layers (what each keeps:
-:meth:`~curvops.nn.layers.rule.LayerRule.captured_input` and the layer output), backpropagates
+Every pass runs the model with forward hooks on the layers' modules (what each keeps of a call:
+:meth:`~curvops.nn.layers.rule.LayerRule.capture`, each part's input and output), backpropagates
 the Fisher type's output-space columns to the layer outputs in one batched backward pass, and
 hands each layer's inputs and output gradients to its rule. The per-batch functions here are
 shared with :class:`~curvops.optim.KFACOptimizer`, which sees the batches of a training loop.
@@ -20,6 +20,7 @@ from ..linalg import computation_dtype
 from .approximations import Basis
 from .batches import is_empty
 from .forward_checks import fixed_forward
+from .layers import find_layers
 from .layers.rule import KroneckerLayer, kept_positions, masked, rotate
 from .losses import LossAdapter
 from .model import ModelData
@@ -40,7 +41,7 @@ def joined_calls(layer: KroneckerLayer, calls: list[tuple[Tensor, Tensor]]) -> t
     if not calls:
         raise ValueError(
             f"Module {layer.name!r} did not run in the forward pass, though its parameters are in params: "
-            "its weight is used without calling the module (as nn.MultiheadAttention does with out_proj), "
+            "its weight is used without calling the module (by another module), "
             "or the module is unused. KFAC needs the module called; leave its parameters out of params."
         )
     sizes = [output.shape[0] if output.ndim else 0 for _, output in calls]
@@ -52,6 +53,21 @@ def joined_calls(layer: KroneckerLayer, calls: list[tuple[Tensor, Tensor]]) -> t
         )
     joined = layer.rule.joined_input(layer.name, layer.module, [x for x, _ in calls])
     return joined, [output for _, output in calls]
+
+
+def changed_call_error(name: str, parts: Any) -> ValueError:
+    """The error for a module called otherwise than at its first call, whose parts follow the call.
+
+    Example:
+        >>> error = changed_call_error("attn", {"in_proj", "out_proj"})
+        >>> str(error).startswith("'attn' is called differently")
+        True
+    """
+    return ValueError(
+        f"{name!r} is called differently from its first call (now with the parts {sorted(parts)}: "
+        "self- against cross-attention), and its blocks follow the first call. Call it the same way "
+        "in every forward pass, or register curvops.nn.layers.AttentionRule(in_projection='separate')."
+    )
 
 
 def output_gradients(
@@ -146,18 +162,23 @@ class KroneckerPass:
     ) -> None:
         self.model, self.loss, self.layers, self.options = model, loss, layers, options
         self.dtype = computation_dtype(model.dtype)
+        self._calls: dict[int, frozenset] = {}  # the parts of modules whose parts follow the call
+        self._first_batch = True
 
     def statistics(self) -> list[LayerStatistics]:
-        """One pass: every layer's normalised statistics (TKFAC's terms if the approximation needs them)."""
-        totals = [LayerStatistics(layer) for layer in self.layers]
+        """One pass: every layer's normalised statistics (TKFAC's terms if the approximation needs
+        them). The layers of a module whose parts depend on the call (``nn.MultiheadAttention``:
+        self- or cross-attention) follow its call in the first batch: :attr:`layers` after the pass."""
+        totals: dict[int, LayerStatistics] = {}
 
         def consume(i: int, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None, valid) -> None:
+            start = totals.get(i, LayerStatistics(layer))
             statistics = batch_statistics(layer, inputs, gradients, self.options, self.dtype, valid=valid)
-            totals[i] = totals[i] + statistics
+            totals[i] = start + statistics
 
         scale = self._pass("KFAC statistics", consume)
         fisher = self.options.fisher
-        return [fisher.finished(total.normalised(scale)) for total in totals]
+        return [fisher.finished(totals[i].normalised(scale)) for i in range(len(self.layers))]
 
     def corrections(self, bases: list[Basis | None]) -> list[Corrections]:
         """EKFAC's eigenvalues ``s = E[(Q_out^T ∇_W ℓ_n Q_in)²]`` in each layer's eigenbasis
@@ -204,18 +225,33 @@ class KroneckerPass:
             raise ValueError("The data has no loss terms (every target is ignored).")
         return self.options.fisher.scale(self.loss.batch_scale(total), self.options.mc_samples)
 
+    def _follow_call(self, name: str, module: nn.Module, parts: frozenset) -> None:
+        """Remake the layers if ``module``'s call gives other parts than its layers' (only in the
+        first batch: the layers follow the first call)."""
+        if all(layer.part in parts for layer in self.layers if layer.module is module):
+            return
+        if not self._first_batch:
+            raise changed_call_error(name, parts)
+        self._calls[id(module)] = parts
+        model, options = self.model, self.options
+        self.layers, _ = find_layers(
+            model.model, model.params, options.bias, options.kfac_approx, self._calls
+        )
+
     def _batch(self, index: int, inputs, targets: Tensor, count: float) -> list[tuple]:
         """``(layer, its input, its output gradients [K, N, S, n_out] or None)`` for one batch."""
-        captured: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer.module): [] for layer in self.layers}
-        rules = {id(layer.module): layer.rule for layer in self.layers}
+        captured: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+        modules = {id(layer.module): layer for layer in self.layers}  # one hook per module
 
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            if not output.requires_grad:  # all parameters up to here frozen: a leaf to differentiate at
-                output = output.detach().requires_grad_(True)
-            captured[id(module)].append((rules[id(module)].captured_input(args).detach(), output))
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            layer = modules[id(module)]
+            output, parts = layer.rule.capture(layer.module_name, module, args, kwargs, output)
+            self._follow_call(layer.module_name, module, frozenset(parts))
+            for part, (layer_input, layer_output) in parts.items():
+                captured.setdefault((id(module), part), []).append((layer_input.detach(), layer_output))
             return output
 
-        handles = [layer.module.register_forward_hook(hook) for layer in self.layers]
+        handles = [layer.module.register_forward_hook(hook, with_kwargs=True) for layer in modules.values()]
         try:
             with torch.enable_grad(), fixed_forward():
                 output = self.model.call(inputs)
@@ -223,7 +259,8 @@ class KroneckerPass:
             for handle in handles:
                 handle.remove()
         self.model.check_output(index, output.detach())
-        calls = [joined_calls(layer, captured[id(layer.module)]) for layer in self.layers]
+        self._first_batch = False
+        calls = [joined_calls(layer, captured.get(layer.key, [])) for layer in self.layers]
         layer_inputs = [layer_input for layer_input, _ in calls]
         self.loss.check_target(output, targets, index)
         fisher = self.options.fisher
