@@ -21,7 +21,8 @@ from .approximations import Basis
 from .batches import is_empty
 from .forward_checks import fixed_forward
 from .layers import find_layers
-from .layers.rule import KroneckerLayer, kept_positions, masked, rotate
+from .layers.padding import kept_positions, masked
+from .layers.rule import KroneckerLayer, rotate
 from .losses import LossAdapter
 from .model import ModelData
 from .options import KroneckerOptions

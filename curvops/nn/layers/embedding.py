@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from ..statistics import LayerStatistics
-from .rule import KroneckerLayer, LayerRule, kept_positions, masked, second_moment
+from .padding import kept_positions, masked
+from .rule import KroneckerLayer, LayerRule, second_moment
 
 
 class EmbeddingRule(LayerRule):
@@ -67,7 +68,7 @@ class EmbeddingRule(LayerRule):
 
     @staticmethod
     def _kept(inputs: Tensor, valid: Tensor | None) -> Tensor | None:
-        """:func:`~curvops.nn.layers.rule.kept_positions` of the indices ``[N, S]`` (any trailing axes)."""
+        """:func:`~curvops.nn.layers.padding.kept_positions` of the indices ``[N, S]`` (any trailing axes)."""
         data = inputs.shape[0] if inputs.ndim else 1
         return kept_positions(valid, data, inputs.numel() // max(data, 1))
 

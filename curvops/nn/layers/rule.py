@@ -23,19 +23,8 @@ them; EKFAC's corrections and TKFAC's ``δ`` use each datum's true gradient
 output-space vectors of the Fisher type (:mod:`curvops.nn.fisher`). TKFAC's trace terms and
 EKFAC's eigenvalue corrections come from the same captured tensors.
 
-Targets equal to ``ignore_index`` are no loss terms, and a layer's positions that belong to
-none are left out of every sum (``A``, its count, ``reduce``'s means over positions,
-TKFAC's terms, EKFAC's corrections; their output gradients too), by :func:`kept_positions`
-from the batch's mask of valid targets (:meth:`~curvops.nn.losses.LossAdapter.valid_terms`,
-``T`` targets in all):
-
-- a layer whose positions ``[N, S]`` line up with the targets (``N S = T``: a token-wise
-  layer on ``[N, S, d]`` inputs with targets ``[N, S]``, or with a model that ends in
-  ``output.flatten(0, -2)`` and targets ``[N·S]``) drops its positions of ignored targets;
-- any other layer (a convolution before pooling, a layer after a sequence reduction) drops
-  a datum (row ``n``) whose targets are all ignored, and keeps the rest: row ``n`` holds the
-  targets ``n T/N .. (n+1) T/N - 1`` when ``N`` divides ``T``, or the target ``⌊n T/N⌋``
-  when ``T`` divides ``N``; a layer whose rows match the targets in neither way keeps all.
+Targets equal to ``ignore_index`` are no loss terms: a layer's positions that belong to none
+are left out of every sum (:mod:`curvops.nn.layers.padding` says which).
 
 A rule (:class:`LayerRule`) says what the layer's forward hook captures, how its parameters
 lie in the flat vector (``W`` row-major ``[n_out, n_in]``, or ``[n_in, n_out]`` for a
@@ -67,6 +56,7 @@ import torch
 from torch import Tensor, nn
 
 from ..statistics import LayerStatistics
+from .padding import kept_positions, masked
 
 T = TypeVar("T")
 
@@ -248,8 +238,8 @@ class LayerRule(ABC):
         """One batch's sums: ``Σ w a a^T`` and its count, ``Σ g g^T`` (gradients already carry
         ``√w``) and, with ``trace_restricted``, TKFAC's ``Σ ‖∇_W ℓ‖²``, ``Σ tr(gg^T) aa^T``,
         ``Σ tr(aa^T) gg^T`` and a separate bias's ``Σ ‖∇_b ℓ‖²``, all in ``dtype``, over the
-        positions :func:`kept_positions` keeps for the mask ``valid`` of the batch's loss terms
-        (``None``: all)."""
+        positions :func:`~curvops.nn.layers.padding.kept_positions` keeps for the mask ``valid``
+        of the batch's loss terms (``None``: all)."""
 
     @abstractmethod
     def correction(
@@ -265,41 +255,6 @@ class LayerRule(ABC):
         ``[n_in, n_out]`` for a transposed rule, ``[g, n_out, n_in]`` per group) from the output
         gradients already rotated by ``Q_out`` (``q_in`` is ``None`` for a diagonal input factor),
         over the kept positions as in :meth:`statistics`."""
-
-
-def kept_positions(valid: Tensor | None, data: int, positions: int) -> Tensor | None:
-    """Which of a layer's ``[data, positions]`` positions hold loss terms, from the mask ``valid``
-    of the batch's targets (see the module docstring); ``None`` keeps all.
-
-    Example:
-        >>> valid = torch.tensor([[True, False, False], [False, False, False]])  # targets [N, S]
-        >>> kept_positions(valid, 2, 3).tolist()  # a token-wise layer: its positions line up
-        [[True, False, False], [False, False, False]]
-        >>> kept_positions(valid, 2, 5).tolist()  # another layer: datum 1 has no loss term
-        [[True, True, True, True, True], [False, False, False, False, False]]
-        >>> kept_positions(torch.tensor([True, False]), 4, 2).tolist()  # rows 2n, 2n+1 of target n
-        [[True, True], [True, True], [False, False], [False, False]]
-    """
-    if valid is None:
-        return None
-    flat = valid.reshape(-1)
-    if data * positions == flat.numel():
-        return flat.reshape(data, positions)
-    if data and flat.numel() % data == 0:
-        rows = flat.reshape(data, -1).any(dim=1)
-    elif flat.numel() and data % flat.numel() == 0:
-        rows = flat.repeat_interleave(data // flat.numel())
-    else:
-        return None
-    return rows.unsqueeze(1).expand(data, positions)
-
-
-def masked(values: Tensor | None, kept: Tensor | None, trailing: int = 1) -> Tensor | None:
-    """``values`` (``[..., N, S, d]``, or ``[..., N, S, g, d]`` with ``trailing=2`` axes after the
-    positions) with the vectors at positions not ``kept`` (``[N, S]``) zero."""
-    if values is None or kept is None:
-        return values
-    return values * kept.reshape(*kept.shape, *[1] * trailing).to(values.dtype)
 
 
 def differentiable(output: Tensor) -> Tensor:
