@@ -43,3 +43,15 @@ def dense_logdet(matrix: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
 
 def dense_inverse(matrix: torch.Tensor, damping: float = 0.0) -> torch.Tensor:
     return torch.linalg.inv(matrix + damping * torch.eye(matrix.shape[0], dtype=matrix.dtype))
+
+
+def train_steps(model, optimizer, loss_fn, batches) -> list[float]:
+    """One optimizer step per ``(x, y)`` batch of an ordinary training loop; the losses."""
+    losses = []
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import DOUBLE, generator
+from helpers import DOUBLE, generator, train_steps
 from torch import nn
 
 import curvops
@@ -308,17 +308,6 @@ def _gpt_like():
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(12, 3)).double()
 
 
-def _steps(model, opt, batches):
-    losses = []
-    for x, y in batches:
-        opt.zero_grad()
-        loss = CE(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 def _training_batches(steps=30):
     x = torch.randn(32, 3, 4, generator=generator(5), dtype=DOUBLE)
     y = torch.randint(0, 3, (32,), generator=generator(6))
@@ -330,7 +319,7 @@ def test_the_optimizer_trains_a_layer_norm_model_with_every_curvature(curvature)
     model = _gpt_like()
     opt = KFACOptimizer(model, CE, curvature=curvature, lr=0.05, damping=0.1, fisher_type="type-2", T_inv=2)
     assert {id(p) for p in model[0].parameters()} <= {id(p) for p in opt.curvature_params}
-    losses = _steps(model, opt, _training_batches())
+    losses = train_steps(model, opt, CE, _training_batches())
     assert losses[-1] < 0.7 * losses[0]
 
 
@@ -339,7 +328,7 @@ def test_the_optimizer_block_is_the_exact_block_and_its_damped_inverse():
     x, y = _training_batches(1)[0]
     exact = curvops.GGN(model, CE, (x, y), params=list(model[0].parameters())).to_dense()
     opt = KFACOptimizer(model, CE, lr=0.0, momentum=0.0, damping=0.1, fisher_type="type-2", bias="joint")
-    _steps(model, opt, [(x, y)])
+    train_steps(model, opt, CE, [(x, y)])
     torch.testing.assert_close(opt.curvature_operator().block("0").to_dense(), exact, rtol=0, atol=1e-10)
     damped = torch.linalg.inv(exact + 0.1 * torch.eye(8, dtype=DOUBLE))
     torch.testing.assert_close(opt.preconditioner.block("0").to_dense(), damped, rtol=1e-8, atol=1e-10)
@@ -352,12 +341,12 @@ def test_the_optimizer_state_dict_round_trips(curvature):
     options = {"curvature": curvature, "lr": 0.05, "damping": 0.1, "T_inv": 2}
     opt = KFACOptimizer(model, CE, **options)
     batches = _training_batches(5)
-    _steps(model, opt, batches[:3])
+    train_steps(model, opt, CE, batches[:3])
     twin.load_state_dict(model.state_dict())
     restored = KFACOptimizer(twin, CE, **options)
     restored.load_state_dict(opt.state_dict())
-    _steps(model, opt, batches[3:])
-    _steps(twin, restored, batches[3:])
+    train_steps(model, opt, CE, batches[3:])
+    train_steps(twin, restored, CE, batches[3:])
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -366,7 +355,7 @@ def test_the_optimizer_on_a_bf16_model_keeps_float32_statistics():
     model = _gpt_like().bfloat16()
     opt = KFACOptimizer(model, CE, lr=0.05, damping=0.1, fisher_type="type-2", bias="joint")
     x, y = _training_batches(1)[0]
-    _steps(model, opt, [(x.bfloat16(), y)] * 3)
+    train_steps(model, opt, CE, [(x.bfloat16(), y)] * 3)
     running = next(s for s in opt.layers if s.layer.name == "0").exact_block
     assert running.dtype == torch.float32 and running.shape == (8, 8)
     assert opt.preconditioner.block("0").dtype == torch.bfloat16
@@ -383,7 +372,7 @@ def test_reduce_gives_the_same_exact_block():
 def test_a_wrong_exact_block_in_a_state_dict_is_refused():
     model = _gpt_like()
     opt = KFACOptimizer(model, CE, lr=0.05)
-    _steps(model, opt, _training_batches(1))
+    train_steps(model, opt, CE, _training_batches(1))
     state = opt.state_dict()
     state["curvature"]["statistics"]["0"]["exact_block"] = torch.zeros(3, 3, dtype=DOUBLE)
     with pytest.raises(StateDictError, match=r"\['statistics'\]\['0'\]\['exact_block'\].*\[8, 8\]"):
@@ -399,10 +388,10 @@ def test_the_optimizer_trains_through_batch_norm_in_train_mode():
     x = torch.randn(16, 2, 3, 3, generator=generator(2), dtype=DOUBLE)
     y = torch.randint(0, 3, (16,), generator=generator(3))
     opt = KFACOptimizer(model, CE, lr=0.05, damping=0.1, fisher_type="empirical", bias="joint")
-    losses = _steps(model, opt, [(x, y)] * 20)
+    losses = train_steps(model, opt, CE, [(x, y)] * 20)
     assert losses[-1] < 0.7 * losses[0]
     opt = KFACOptimizer(model, CE, lr=0.0, momentum=0.0, fisher_type="empirical", bias="joint")
-    _steps(model, opt, [(x, y)])
+    train_steps(model, opt, CE, [(x, y)])
     block = opt.curvature_operator().block("1").to_dense()
     # x̂ does not depend on γ, β: each datum's gradient of the batch-coupled forward is Σ_s x̂_ns ⊙ g_ns
     losses = nn.functional.cross_entropy(model(x), y, reduction="none")

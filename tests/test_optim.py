@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import DOUBLE
+from helpers import DOUBLE, train_steps
 from torch import nn
 
 import curvops
@@ -37,17 +37,6 @@ def batches(count: int, seed: int = 0, size: int = 16, shape=(4,)) -> list:
     ]
 
 
-def train(model, opt, loss_fn, data) -> list[float]:
-    losses = []
-    for x, y in data:
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 def test_identity_curvature_is_sgd_with_momentum():
     # A single linear layer on inputs with E[x x^T] = I, and G = I (forward-only): F = I exactly.
     size = 5
@@ -61,8 +50,8 @@ def test_identity_curvature_is_sgd_with_momentum():
                         fisher_type="forward-only", T_inv=1)  # fmt: skip
     sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
     for _ in range(6):
-        train(model, opt, loss_fn, [(x, y)])
-        train(reference, sgd, loss_fn, [(x, y)])
+        train_steps(model, opt, loss_fn, [(x, y)])
+        train_steps(reference, sgd, loss_fn, [(x, y)])
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
 
@@ -76,7 +65,7 @@ def test_one_newton_step_solves_linear_least_squares(curvature):
     loss_fn = nn.MSELoss()
     opt = KFACOptimizer(model, loss_fn, curvature=curvature, lr=1.0, momentum=0.0, damping=1e-20,
                         fisher_type="type-2", bias="joint")  # fmt: skip
-    train(model, opt, loss_fn, [(x, y)])
+    train_steps(model, opt, loss_fn, [(x, y)])
     design = torch.cat([x, torch.ones(40, 1, dtype=DOUBLE)], dim=1)
     solution = torch.linalg.lstsq(design, y).solution
     torch.testing.assert_close(model.weight.detach(), solution[:4].T, rtol=1e-7, atol=1e-8)
@@ -99,7 +88,7 @@ def test_first_batch_curvature_equals_the_builder(curvature, make, shape, bias):
     loss_fn = nn.CrossEntropyLoss()
     expected = BUILDERS[curvature](copy.deepcopy(model), loss_fn, data, fisher_type="type-2", bias=bias)
     opt = KFACOptimizer(model, loss_fn, curvature=curvature, fisher_type="type-2", bias=bias, ema_decay=0.0)
-    train(model, opt, loss_fn, data)
+    train_steps(model, opt, loss_fn, data)
     torch.testing.assert_close(
         opt.curvature_operator().to_dense(), expected.to_dense(), rtol=1e-9, atol=1e-12
     )
@@ -125,7 +114,7 @@ def test_running_averages_and_periods():
                 tuple(decay * old + (1 - decay) * new for old, new in zip(e, f, strict=True))
                 for e, f in zip(expected, fresh, strict=True)
             ]  # fmt: skip
-        train(model, opt, loss_fn, [batch])
+        train_steps(model, opt, loss_fn, [batch])
         preconditioners.append(opt.preconditioner)
         for layer, (g, a) in zip(opt.layers, expected, strict=True):
             torch.testing.assert_close(layer.output_factor, g, rtol=1e-10, atol=1e-12)
@@ -140,7 +129,7 @@ def test_ekfac_scales_follow_every_statistics_step():
     opt = KFACOptimizer(model, loss_fn, curvature="ekfac", fisher_type="type-2", T_stats=1, T_inv=3)
     preconditioners, bases = [], []
     for batch in batches(4):
-        train(model, opt, loss_fn, [batch])
+        train_steps(model, opt, loss_fn, [batch])
         preconditioners.append(opt.preconditioner)
         bases.append(opt.bases["0"][0])
     assert len({id(p) for p in preconditioners}) == 4  # s is averaged at every statistics step
@@ -154,17 +143,17 @@ def test_state_dict_round_trip_resumes_bit_for_bit(curvature):
     options = {"curvature": curvature, "T_inv": 2, "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
     model = mlp()
     opt = KFACOptimizer(model, loss_fn, **options)
-    train(model, opt, loss_fn, data[:3])
+    train_steps(model, opt, loss_fn, data[:3])
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    train(model, opt, loss_fn, data[3:])
+    train_steps(model, opt, loss_fn, data[3:])
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
     resumed = mlp(seed=5)
     resumed.load_state_dict(checkpoint["model"])
     resumed_opt = KFACOptimizer(resumed, loss_fn, **options)
     resumed_opt.load_state_dict(checkpoint["opt"])
-    train(resumed, resumed_opt, loss_fn, data[3:])
+    train_steps(resumed, resumed_opt, loss_fn, data[3:])
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
 
@@ -173,7 +162,7 @@ def test_state_dict_mismatch_raises():
     loss_fn = nn.CrossEntropyLoss()
     model = mlp()
     opt = KFACOptimizer(model, loss_fn)
-    train(model, opt, loss_fn, batches(1))
+    train_steps(model, opt, loss_fn, batches(1))
     with pytest.raises(StateDictError, match="EKFAC"):
         KFACOptimizer(mlp(), loss_fn, curvature="ekfac").load_state_dict(opt.state_dict())
     other = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 3)).to(DOUBLE)
@@ -221,7 +210,7 @@ def test_kl_clipping_scales_the_step():
         model = mlp()
         before = [p.detach().clone() for p in model.parameters()]
         opt = KFACOptimizer(model, loss_fn, lr=0.5, momentum=0.0, kl_clip=clip, fisher_type="type-2")
-        train(model, opt, loss_fn, [batch])
+        train_steps(model, opt, loss_fn, [batch])
         grads = [p.grad for p in model.parameters()]
         updates[clip] = [p.detach() - b for p, b in zip(model.parameters(), before, strict=True)]
     # unclipped update = -lr p, so lr^2 Σ p·d = -lr Σ update·d
@@ -244,7 +233,7 @@ def test_schedules_are_callables_of_the_step():
     opt = KFACOptimizer(model, loss_fn, lr=lambda step: 0.1 * 0.5**step, damping=damping, T_inv=2)
     lrs = []
     for batch in batches(4):
-        train(model, opt, loss_fn, [batch])
+        train_steps(model, opt, loss_fn, [batch])
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs == [0.1, 0.05, 0.025, 0.0125]
     assert opt.param_groups[0]["damping"] == pytest.approx(0.1 / 4)
@@ -265,13 +254,13 @@ def test_nonfinite_loss_or_gradient_skips_the_step():
     model = mlp()
     loss_fn = nn.CrossEntropyLoss()
     opt = KFACOptimizer(model, loss_fn, T_inv=1)
-    train(model, opt, loss_fn, batches(2))
+    train_steps(model, opt, loss_fn, batches(2))
     params = [p.detach().clone() for p in model.parameters()]
     factors = [(la.input_factor.clone(), la.output_factor.clone()) for la in opt.layers]
     x, y = batches(1, seed=3)[0]
     x[0, 0] = float("nan")
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        train(model, opt, loss_fn, [(x, y)])
+        train_steps(model, opt, loss_fn, [(x, y)])
     x[0, 0] = 0.0
     opt.zero_grad()
     loss_fn(model(x), y).backward()
@@ -342,7 +331,7 @@ def test_training_reduces_the_loss(curvature, device):
     x = torch.randn(64, 4, device=device)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
     opt = KFACOptimizer(model, loss_fn, curvature=curvature, lr=0.1, damping=0.03, T_inv=5)
-    losses = train(model, opt, loss_fn, [(x, y)] * 40)
+    losses = train_steps(model, opt, loss_fn, [(x, y)] * 40)
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -354,7 +343,7 @@ def test_damping_below_float32_rounding_of_large_factors_still_inverts(curvature
     loss_fn = nn.CrossEntropyLoss()
     opt = KFACOptimizer(model, loss_fn, curvature=curvature, damping=1e-4, lr=1e-3)
     x, y = 1e3 * torch.randn(64, 32), torch.randint(0, 3, (64,))
-    train(model, opt, loss_fn, [(x, y)] * 2)
+    train_steps(model, opt, loss_fn, [(x, y)] * 2)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
@@ -367,6 +356,6 @@ def test_embedding_curvature_equals_the_builder(curvature):
     loss_fn = nn.CrossEntropyLoss()
     expected = BUILDERS[curvature](copy.deepcopy(model), loss_fn, data, fisher_type="type-2")
     opt = KFACOptimizer(model, loss_fn, curvature=curvature, fisher_type="type-2", ema_decay=0.0)
-    train(model, opt, loss_fn, data)
+    train_steps(model, opt, loss_fn, data)
     actual = opt.curvature_operator().to_dense()
     torch.testing.assert_close(actual, expected.to_dense(), rtol=1e-9, atol=1e-12)

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from helpers import DOUBLE
+from helpers import DOUBLE, train_steps
 from torch import nn
 from torch.func import hessian, jacrev
 
@@ -148,17 +148,6 @@ def batches(count: int, seed: int = 0) -> list:
     ]
 
 
-def train(model, opt, loss_fn, data) -> list[float]:
-    losses = []
-    for x, y in data:
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
 @pytest.mark.parametrize("curvature", ["kfac", "ekfac", "tkfac", "tekfac"])
 def test_optimizer_with_a_shared_module_equals_the_builder_trains_and_resumes(curvature):
     loss_fn = nn.CrossEntropyLoss()
@@ -168,23 +157,23 @@ def test_optimizer_with_a_shared_module_equals_the_builder_trains_and_resumes(cu
     )
     options = {"curvature": curvature, "fisher_type": "type-2", "lr": 0.1, "damping": 0.1, "T_inv": 2}
     opt = KFACOptimizer(model, loss_fn, ema_decay=0.0, **options)
-    train(model, opt, loss_fn, data[:1])
+    train_steps(model, opt, loss_fn, data[:1])
     torch.testing.assert_close(opt.curvature_operator().to_dense(), builder.to_dense(), rtol=1e-9, atol=1e-12)
 
     model = shared_mlp()
     opt = KFACOptimizer(model, loss_fn, **options)
-    losses = train(model, opt, loss_fn, data[:4] * 5)
+    losses = train_steps(model, opt, loss_fn, data[:4] * 5)
     assert sum(losses[-4:]) < 0.9 * sum(losses[:4])
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    train(model, opt, loss_fn, data[4:])
+    train_steps(model, opt, loss_fn, data[4:])
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
     resumed = shared_mlp(seed=5)
     resumed.load_state_dict(checkpoint["model"])
     resumed_opt = KFACOptimizer(resumed, loss_fn, **options)
     resumed_opt.load_state_dict(checkpoint["opt"])
-    train(resumed, resumed_opt, loss_fn, data[4:])
+    train_steps(resumed, resumed_opt, loss_fn, data[4:])
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
 
@@ -289,23 +278,23 @@ def test_optimizer_with_a_tied_weight_equals_the_builder_trains_and_resumes():
     builder = curvops.KFAC(copy.deepcopy(model), loss_fn, data[:1], fisher_type="type-2")
     options = {"fisher_type": "type-2", "lr": 0.1, "damping": 0.1, "T_inv": 1}
     opt = KFACOptimizer(model, loss_fn, ema_decay=0.0, **options)
-    train(model, opt, loss_fn, data[:1])
+    train_steps(model, opt, loss_fn, data[:1])
     torch.testing.assert_close(opt.curvature_operator().to_dense(), builder.to_dense(), rtol=1e-9, atol=1e-12)
     model = TiedLM().double()
     opt = KFACOptimizer(model, loss_fn, **options)
-    losses = train(model, opt, loss_fn, data * 5)
+    losses = train_steps(model, opt, loss_fn, data * 5)
     assert sum(losses[-4:]) < 0.9 * sum(losses[:4])
     assert model.head.weight is model.emb.weight
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    train(model, opt, loss_fn, data)
+    train_steps(model, opt, loss_fn, data)
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
     resumed = TiedLM(seed=3).double()
     resumed.load_state_dict(checkpoint["model"])
     resumed_opt = KFACOptimizer(resumed, loss_fn, **options)
     resumed_opt.load_state_dict(checkpoint["opt"])
-    train(resumed, resumed_opt, loss_fn, data)
+    train_steps(resumed, resumed_opt, loss_fn, data)
     for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q)
 
