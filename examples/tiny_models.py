@@ -177,5 +177,13 @@ class Corpus:
         starts = torch.randint(0, len(self.ids) - tokens - 1, (count, size), generator=generator)
         return [self.batch(row, tokens) for row in starts]
 
+    def split(self, fraction: float) -> tuple[Corpus, Corpus]:
+        """The first ``fraction`` of the characters and the rest, with the same character set."""
+        cut = int(fraction * len(self.ids))
+        return (
+            Corpus(self.text[:cut], self.characters, self.ids[:cut]),
+            Corpus(self.text[cut:], self.characters, self.ids[cut:]),
+        )
+
     def decode(self, ids: Tensor) -> str:
         return "".join(self.characters[i] for i in ids.tolist())
