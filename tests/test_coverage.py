@@ -109,6 +109,10 @@ def test_every_parameter_of_a_mixed_model_gets_the_block_kfac_gives_it():
     assert [row.name for row in report] == trainable  # the frozen layer is not chosen by default
     assert {row.name: row.block for row in report if row.block != "refused"} == {
         "emb.weight": "kronecker",
+        "attn.in_proj_weight": "kronecker",
+        "attn.in_proj_bias": "kronecker",
+        "attn.out_proj.weight": "kronecker",
+        "attn.out_proj.bias": "kronecker",
         "conv.weight": "kronecker",
         "conv.bias": "kronecker",
         "fc.weight": "kronecker",
@@ -126,14 +130,13 @@ def test_every_parameter_of_a_mixed_model_gets_the_block_kfac_gives_it():
         "fc.bias",
     )
     attention = report["attn.out_proj.weight"]
-    where = (attention.module, attention.module_type, attention.block)
-    assert where == ("attn", "MultiheadAttention", "refused")
-    assert "nn.MultiheadAttention is not supported yet by KFAC" in attention.reason
-    assert {row.module for row in report.refused} == {"attn", "ln", "bn"}
+    where = (attention.module, attention.module_type, attention.block, attention.rule, attention.label)
+    assert where == ("attn", "MultiheadAttention", "kronecker", "AttentionRule", "attn.out_proj.weight")
+    assert {row.module for row in report.refused} == {"ln", "bn"}
     numel = {name: sum(p.numel() for p in module.parameters()) for name, module in model.named_children()}
     assert report.totals == {
-        "kronecker": sum(numel[name] for name in ("emb", "conv", "fc", "head")),
-        "refused": sum(numel[name] for name in ("attn", "ln", "bn")),
+        "kronecker": sum(numel[name] for name in ("emb", "attn", "conv", "fc", "head")),
+        "refused": sum(numel[name] for name in ("ln", "bn")),
     }
     assert report.model_refusal is None
 

@@ -8,6 +8,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 import curvops
+from curvops.nn.layers import OPAQUE_MODULES
 
 
 class Attention(nn.Module):
@@ -64,7 +65,10 @@ def test_jacobian_of_eval_mode_attention_matches_dense_truth(setup):
     torch.testing.assert_close(jac @ vectors, _dense_jacobian(model, x) @ vectors, rtol=1e-10, atol=1e-12)
 
 
-def test_kfac_gives_attention_an_exact_dense_block(setup):
+def test_kfac_gives_attention_an_exact_dense_block(setup, monkeypatch):
+    """An attention taken as a module without a rule (its projections have Kronecker blocks since
+    issue 13): the exact dense block through the reverse-mode fallback."""
+    monkeypatch.setitem(OPAQUE_MODULES, nn.MultiheadAttention, "treated as opaque by this test")
     model, x, y = setup
     loss_fn = nn.CrossEntropyLoss()
     kfac = curvops.KFAC(model, loss_fn, [(x, y)], fisher_type="type-2", unsupported="dense")

@@ -25,9 +25,10 @@ class Layout:
             start += p.numel()
         self.size = start
 
-    def indices(self, p: nn.Parameter, device: torch.device) -> Tensor:
-        """The flat indices of ``p``'s entries."""
-        return self.offsets[id(p)] + torch.arange(p.numel(), device=device)
+    def indices(self, p: nn.Parameter, device: torch.device, rows: tuple[int, int] | None = None) -> Tensor:
+        """The flat indices of ``p``'s entries (of its rows ``[start, stop)`` only, with ``rows``)."""
+        where = self.offsets[id(p)] + torch.arange(p.numel(), device=device)
+        return where if rows is None else where.reshape(p.shape[0], -1)[rows[0] : rows[1]].flatten()
 
     def joint(self, layer: KroneckerLayer, device: torch.device) -> Tensor:
         """``vec([W b])`` order: each output row's weights, then its bias (for a transposed weight
@@ -36,20 +37,28 @@ class Layout:
         if layer.rule.transposed:
             rows = self.indices(weight, device).reshape(-1, weight.shape[-1])
             return torch.cat([rows, self.indices(bias, device).unsqueeze(0)], dim=0).flatten()
-        rows = self.indices(weight, device).reshape(weight.shape[0], -1)
-        return torch.cat([rows, self.indices(bias, device).unsqueeze(1)], dim=1).flatten()
+        rows = self.indices(weight, device, layer.weight_rows).reshape(layer.sizes[0], -1)
+        return torch.cat([rows, self.indices(bias, device, layer.bias_rows).unsqueeze(1)], dim=1).flatten()
 
     def place(
         self, layer: KroneckerLayer, blocks: list[CurvatureOperator], device: torch.device
     ) -> list[Entry]:
-        """The entries of a layer's blocks (weight, or weight+bias if joint; then a separate bias)."""
+        """The entries of a layer's blocks (weight, or weight+bias if joint; then a separate bias),
+        on the rows of the parameters the layer covers (``weight_rows``, ``bias_rows``)."""
         name = layer.name or type(layer.module).__name__
         if layer.joint:
             return [(name, blocks[0], self.joint(layer, device))]
-        params = [(kind, p) for kind, p in (("weight", layer.weight), ("bias", layer.bias)) if p is not None]
+        params = [
+            (kind, p, rows)
+            for kind, p, rows in (
+                ("weight", layer.weight, layer.weight_rows),
+                ("bias", layer.bias, layer.bias_rows),
+            )
+            if p is not None
+        ]
         return [
-            (f"{name}.{kind}", block, self.indices(p, device))
-            for (kind, p), block in zip(params, blocks, strict=True)
+            (f"{name}.{kind}", block, self.indices(p, device, rows))
+            for (kind, p, rows), block in zip(params, blocks, strict=True)
         ]
 
 

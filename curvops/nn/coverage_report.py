@@ -38,7 +38,9 @@ class CoverageRow:
         rule: the layer rule's class name (``"LinearRule"``) for Kronecker blocks, else ``None``.
         bias: ``"joint"`` or ``"separate"`` for the weight and bias of a layer whose bias is
             chosen, else ``None``.
-        label: the label of its block in the operator (``op.block(label)``), ``None`` if refused.
+        label: the label of its block in the operator (``op.block(label)``), ``None`` if refused;
+            the labels of several blocks joined by ``", "`` (an attention's q, k and v rows of
+            ``in_proj_weight`` with ``AttentionRule(in_projection="separate")``).
         reason: why it is refused: the builder's error for it (``None`` unless refused).
     """
 
@@ -129,14 +131,16 @@ def coverage(
     ``"ekfac"``, ``"tkfac"``, ``"tekfac"``) with these options, without data and without
     running the model.
 
-    Each parameter of a layer with a rule (``nn.Linear``, convolutions, ``nn.Embedding``, rules
-    of your own) gets a Kronecker block; the parameters of other modules get an exact
+    Each parameter of a layer with a rule (``nn.Linear``, convolutions, ``nn.Embedding``,
+    ``nn.MultiheadAttention``'s projections, rules of your own) gets a Kronecker block; the
+    parameters of other modules (and an attention's ``bias_k``/``bias_v``) get an exact
     ``"dense"`` or ``"diagonal"`` block with ``unsupported=``, or are refused. Refused too: a
-    layer its rule does not handle (a grouped convolution, an embedding with ``max_norm``), a
-    weight tied between modules, and every parameter of an ``nn.MultiheadAttention``; each
-    refused row gives the builder's error for it. It raises only for invalid options and
-    parameters (as the builders do). What only a pass can show is not checked here: a layer
-    whose module runs twice, or never, in the forward pass.
+    layer its rule does not handle (a grouped convolution, an embedding with ``max_norm``) and a
+    weight tied between modules; each refused row gives the builder's error for it. It raises
+    only for invalid options and parameters (as the builders do). What only a pass can show is
+    not checked here: a layer whose module runs twice, or never, in the forward pass, and how an
+    attention module is called (cross-attention of one with a joint q/k/v block is refused in
+    the pass).
 
     Args:
         model: the network.
@@ -171,7 +175,7 @@ def coverage(
     layers, others = find_layers(model, usable, options.bias, options.kfac_approx) if usable else ([], [])
     places = dict(refusals)
     for layer in layers:
-        places.update(_kronecker_places(layer, options))
+        _add_places(places, _kronecker_places(layer, options))
     for module_name, module, module_params in others:
         place = _other_place(module_name, module, options, unsupported)
         places.update({id(p): place for p in module_params})
@@ -212,13 +216,22 @@ def _kronecker_places(layer: KroneckerLayer, options: KroneckerOptions) -> dict[
         if p is not None:
             label = name if layer.joint else f"{name}.{kind}"
             places[id(p)] = {
-                **_holder(layer.name, layer.module),
+                **_holder(layer.module_name, layer.module),
                 "block": block,
                 "rule": type(layer.rule).__name__,
                 "bias": bias,
                 "label": label,
             }
     return places
+
+
+def _add_places(places: dict[int, dict], new: dict[int, dict]) -> None:
+    """Put ``new`` places in; a parameter with blocks of several parts (an attention's q, k and v rows
+    of ``in_proj_weight``) gets their labels joined by ``", "``."""
+    for key, place in new.items():
+        if key in places:
+            place = {**place, "label": f"{places[key]['label']}, {place['label']}"}
+        places[key] = place
 
 
 def _other_place(name: str, module: nn.Module, options: KroneckerOptions, unsupported: str) -> dict:

@@ -15,7 +15,7 @@ from ..linalg.checks import check_bool, check_choice
 from .assembly import Entry, Layout, assemble
 from .curvature import computation_copy, dense_operator
 from .kronecker_pass import KroneckerPass
-from .layers import find_layers
+from .layers import KroneckerLayer, find_layers
 from .model import ModelData
 from .options import UNSUPPORTED_FIX, UNSUPPORTED_OPTIONS, KroneckerOptions, unsupported_error
 from .staleness import mark_built_from
@@ -38,7 +38,9 @@ def KFAC(
     """KFAC of the Fisher / GGN of ``loss_fn`` over ``data``, as a structured operator.
 
     Per supported layer (``nn.Linear`` with any leading axes, ``nn.Conv1d``, ``nn.Conv2d``,
-    ``nn.Conv3d`` with ``groups=1`` and any ``padding_mode``, ``nn.Embedding``) the block of
+    ``nn.Conv3d`` with ``groups=1`` and any ``padding_mode``, ``nn.Embedding``, and
+    ``nn.MultiheadAttention``'s input projection and ``out_proj``, each a linear layer shared over
+    the tokens, see :mod:`curvops.nn.layers.attention`) the block of
     its weight is ``G ⊗ A`` (see
     :mod:`curvops.nn.layers.rule` for ``A``, ``G`` and ``kfac_approx``, :mod:`curvops.nn.fisher`
     for ``fisher_type``); an embedding's block is ``A ⊗ G`` with a diagonal ``A`` (its weight is
@@ -76,7 +78,7 @@ def KFAC(
             a constant 1 appended to the inputs) for layers whose weight and bias are both in
             ``params``.
         unsupported: what to do with parameters of other modules (LayerNorm, BatchNorm,
-            ``nn.MultiheadAttention`` with its ``out_proj``, ...): ``"error"``, or an exact
+            an attention's ``bias_k``/``bias_v``, ...): ``"error"``, or an exact
             ``"dense"`` or ``"diagonal"`` block per module from the
             exact operator of the same ``fisher_type`` (GGN for ``"type-2"`` and
             ``"forward-only"``).
@@ -228,7 +230,7 @@ def _build(
     layout, device = Layout(model_data.params), model_data.device
     entries: list[Entry] = []
     if layers:
-        for layer, blocks in zip(layers, _kronecker_blocks(options, model_data, loss, layers), strict=True):
+        for layer, blocks in _kronecker_blocks(options, model_data, loss, layers):
             entries += layout.place(layer, blocks, device)
     if others:
         entries += _exact_blocks(options, model_data, loss_fn, others, unsupported, layout)
@@ -237,18 +239,19 @@ def _build(
 
 def _kronecker_blocks(
     options: KroneckerOptions, model_data: ModelData, loss, layers: list
-) -> list[list[CurvatureOperator]]:
-    """Each layer's blocks: one statistics pass, and for EKFAC/TEKFAC a correcting one."""
+) -> list[tuple[KroneckerLayer, list[CurvatureOperator]]]:
+    """Each layer and its blocks: one statistics pass (the layers of an attention module follow
+    its first call), and for EKFAC/TEKFAC a correcting one."""
     approximation = options.approximation
     passes = KroneckerPass(model_data, loss, layers, options)
     statistics = passes.statistics()
     if not approximation.corrected:
-        return [approximation.kronecker_blocks(s) for s in statistics]
+        return [(s.layer, approximation.kronecker_blocks(s)) for s in statistics]
     bases = [approximation.eigenbasis(s)[0] for s in statistics]
     corrections = passes.corrections(bases)
     return [
-        approximation.corrected_blocks(layer, basis, c)
-        for layer, basis, c in zip(layers, bases, corrections, strict=True)
+        (s.layer, approximation.corrected_blocks(s.layer, basis, c))
+        for s, basis, c in zip(statistics, bases, corrections, strict=True)
     ]
 
 

@@ -1,7 +1,7 @@
 """Kronecker statistics from passes over a data set, with module hooks.
 
-Every pass runs the model with forward hooks on the layers (what each keeps:
-:meth:`~curvops.nn.layers.rule.LayerRule.captured_input` and the layer output), backpropagates
+Every pass runs the model with forward hooks on the layers' modules (what each keeps of a call:
+:meth:`~curvops.nn.layers.rule.LayerRule.capture`, each part's input and output), backpropagates
 the Fisher type's output-space columns to the layer outputs in one batched backward pass, and
 hands each layer's inputs and output gradients to its rule. The per-batch functions here are
 shared with :class:`~curvops.optim.KFACOptimizer`, which sees the batches of a training loop.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,7 @@ from ..linalg import computation_dtype
 from .approximations import Basis
 from .batches import is_empty
 from .forward_checks import fixed_forward
+from .layers import find_layers
 from .layers.rule import KroneckerLayer
 from .losses import LossAdapter
 from .model import ModelData
@@ -31,7 +33,7 @@ def check_single_call(layer: KroneckerLayer, calls: int) -> None:
     if calls == 0:
         raise ValueError(
             f"Module {layer.name!r} did not run in the forward pass, though its parameters are in params: "
-            "its weight is used without calling the module (as nn.MultiheadAttention does with out_proj), "
+            "its weight is used without calling the module (by another module), "
             "or the module is unused. KFAC needs one call per layer; leave its parameters out of params."
         )
     if calls != 1:
@@ -39,6 +41,15 @@ def check_single_call(layer: KroneckerLayer, calls: int) -> None:
             f"Module {layer.name!r} ran {calls} times in one forward pass (weight tying or "
             "reuse); KFAC needs one call per layer. Leave its parameters out of params."
         )
+
+
+def changed_call_error(name: str, parts: Any) -> ValueError:
+    """The error for a module called otherwise than at its first call, whose parts follow the call."""
+    return ValueError(
+        f"{name!r} is called differently from its first call (now with the parts {sorted(parts)}: "
+        "self- against cross-attention), and its blocks follow the first call. Call it the same way "
+        "in every forward pass, or register curvops.nn.layers.AttentionRule(in_projection='separate')."
+    )
 
 
 def output_gradients(
@@ -114,17 +125,22 @@ class KroneckerPass:
     ) -> None:
         self.model, self.loss, self.layers, self.options = model, loss, layers, options
         self.dtype = computation_dtype(model.dtype)
+        self._calls: dict[int, frozenset] = {}  # the parts of modules whose parts follow the call
+        self._first_batch = True
 
     def statistics(self) -> list[LayerStatistics]:
-        """One pass: every layer's normalised statistics (TKFAC's terms if the approximation needs them)."""
-        totals = [LayerStatistics(layer) for layer in self.layers]
+        """One pass: every layer's normalised statistics (TKFAC's terms if the approximation needs
+        them). The layers of a module whose parts depend on the call (``nn.MultiheadAttention``:
+        self- or cross-attention) follow its call in the first batch: :attr:`layers` after the pass."""
+        totals: dict[int, LayerStatistics] = {}
 
         def consume(i: int, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None) -> None:
-            totals[i] = totals[i] + batch_statistics(layer, inputs, gradients, self.options, self.dtype)
+            start = totals.get(i, LayerStatistics(layer))
+            totals[i] = start + batch_statistics(layer, inputs, gradients, self.options, self.dtype)
 
         scale = self._pass("KFAC statistics", consume)
         fisher = self.options.fisher
-        return [fisher.finished(total.normalised(scale)) for total in totals]
+        return [fisher.finished(totals[i].normalised(scale)) for i in range(len(self.layers))]
 
     def corrections(self, bases: list[Basis]) -> list[Corrections]:
         """EKFAC's eigenvalues ``s = E[(Q_out^T ∇_W ℓ_n Q_in)²]`` in each layer's eigenbasis.
@@ -168,18 +184,33 @@ class KroneckerPass:
             raise ValueError("The data has no loss terms (every target is ignored).")
         return self.options.fisher.scale(self.loss.batch_scale(total), self.options.mc_samples)
 
+    def _follow_call(self, name: str, module: nn.Module, parts: frozenset) -> None:
+        """Remake the layers if ``module``'s call gives other parts than its layers' (only in the
+        first batch: the layers follow the first call)."""
+        if all(layer.part in parts for layer in self.layers if layer.module is module):
+            return
+        if not self._first_batch:
+            raise changed_call_error(name, parts)
+        self._calls[id(module)] = parts
+        model, options = self.model, self.options
+        self.layers, _ = find_layers(
+            model.model, model.params, options.bias, options.kfac_approx, self._calls
+        )
+
     def _batch(self, index: int, inputs, targets: Tensor, count: float) -> list[tuple]:
         """``(layer, its input, its output gradients [K, N, S, n_out] or None)`` for one batch."""
-        captured: dict[int, list[tuple[Tensor, Tensor]]] = {id(layer.module): [] for layer in self.layers}
-        rules = {id(layer.module): layer.rule for layer in self.layers}
+        captured: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+        modules = {id(layer.module): layer for layer in self.layers}  # one hook per module
 
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            if not output.requires_grad:  # all parameters up to here frozen: a leaf to differentiate at
-                output = output.detach().requires_grad_(True)
-            captured[id(module)].append((rules[id(module)].captured_input(args).detach(), output))
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            layer = modules[id(module)]
+            output, parts = layer.rule.capture(layer.module_name, module, args, kwargs, output)
+            self._follow_call(layer.module_name, module, frozenset(parts))
+            for part, (layer_input, layer_output) in parts.items():
+                captured.setdefault((id(module), part), []).append((layer_input.detach(), layer_output))
             return output
 
-        handles = [layer.module.register_forward_hook(hook) for layer in self.layers]
+        handles = [layer.module.register_forward_hook(hook, with_kwargs=True) for layer in modules.values()]
         try:
             with torch.enable_grad(), fixed_forward():
                 output = self.model.model(inputs)
@@ -187,9 +218,10 @@ class KroneckerPass:
             for handle in handles:
                 handle.remove()
         self.model.check_output(index, output.detach())
+        self._first_batch = False
         for layer in self.layers:
-            check_single_call(layer, len(captured[id(layer.module)]))
-        layer_inputs = [captured[id(layer.module)][0][0] for layer in self.layers]
+            check_single_call(layer, len(captured.get(layer.key, [])))
+        layer_inputs = [captured[layer.key][0][0] for layer in self.layers]
         self.loss.check_target(output, targets, index)
         fisher = self.options.fisher
         if not fisher.backward or not count:
@@ -197,6 +229,6 @@ class KroneckerPass:
         columns = fisher.columns(
             self.loss, output.detach(), targets, count, self.options.mc_samples, self.options.seed, index
         )
-        layer_outputs = [captured[id(layer.module)][0][1] for layer in self.layers]
+        layer_outputs = [captured[layer.key][0][1] for layer in self.layers]
         gradients = output_gradients(self.layers, output, layer_outputs, columns)
         return list(zip(self.layers, layer_inputs, gradients, strict=True))

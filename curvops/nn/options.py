@@ -14,7 +14,7 @@ from ..linalg.base import CurvatureOperator
 from ..linalg.checks import check_choice, check_positive_int, check_seed
 from .approximations import KRONECKER_APPROXIMATIONS, KroneckerApproximation, approximation
 from .fisher import FisherType, fisher_type
-from .layers import OPAQUE_MODULES
+from .layers import OPAQUE_MODULES, layer_rule
 from .losses import LossAdapter
 
 KFAC_APPROXIMATIONS = ("expand", "reduce")
@@ -89,6 +89,10 @@ def unsupported_error(subject: str, others: Sequence[tuple[str, nn.Module, Any]]
         for kind, reason in OPAQUE_MODULES.items()
         if any(isinstance(module, kind) for _, module, _ in others)
     )
+    for name, module, _ in others:
+        rule = layer_rule(module)
+        reason = None if rule is None else rule.unsupported_reason(module)
+        reasons += "" if reason is None else f" In {name!r}, {reason}."
     return ValueError(f"{subject} has no Kronecker rule for the parameters of {listing}.{reasons} {fix}")
 
 

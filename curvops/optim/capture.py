@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.fisher import FisherType
-from ..nn.kronecker_pass import check_single_call, output_gradients
+from ..nn.kronecker_pass import changed_call_error, check_single_call, output_gradients
 from ..nn.layers import KroneckerLayer
 from ..nn.losses import LossAdapter
 
@@ -65,8 +65,8 @@ class CaptureHook:
     def __init__(self, method: Callable[..., None]) -> None:
         self.method = method
 
-    def __call__(self, *args: Any) -> None:
-        self.method(*args)
+    def __call__(self, *args: Any) -> Any:
+        return self.method(*args)
 
     def __reduce__(self) -> tuple[type[InertHook], tuple[()]]:
         return InertHook, ()
@@ -84,6 +84,8 @@ class BatchCapture:
         mc_samples: labels drawn per datum for ``"mc"``.
         active: called with no arguments; whether the current forward pass is to be captured.
         draw: called with no arguments; the ``(seed, step)`` of the ``"mc"`` label draws.
+        relayer: called with ``(module, parts)`` when a module whose parts depend on the call
+            gives other parts than its layers': the layers to capture from then on.
 
     Attributes:
         batches: the micro-batches backpropagated since the last :meth:`clear`.
@@ -100,18 +102,27 @@ class BatchCapture:
         mc_samples: int,
         active: Callable[[], bool],
         draw: Callable[[], tuple[int, int]],
+        relayer: Callable[[nn.Module, frozenset], list[KroneckerLayer]] | None = None,
     ) -> None:
-        self.loss, self.layers, self.fisher, self.mc_samples = loss, layers, fisher, mc_samples
-        self.active, self.draw = active, draw
+        self.loss, self.fisher, self.mc_samples = loss, fisher, mc_samples
+        self.active, self.draw, self.relayer = active, draw, relayer
         self.batches: list[CapturedBatch] = []
-        self.nonfinite_loss = False
+        self.nonfinite_loss, self._losses = False, 0  # _losses: loss values hooked since clear
         self._busy = False  # inside our own backward pass, which calls the loss
-        self._weights = {id(p) for layer in layers for p in layer.module.parameters(recurse=False)}
-        self._pending: dict[int, list[tuple[Tensor, Tensor]]] | None = None  # None: no forward pass
+        self._weights = {id(p) for layer in layers for p in layer.module.parameters()}
+        self._pending: dict[tuple, list[tuple[Tensor, Tensor]]] | None = None  # None: no forward pass
         self._handles = [model.register_forward_pre_hook(CaptureHook(self._start))]
-        self._rules = {id(layer.module): layer.rule for layer in layers}
-        self._handles += [layer.module.register_forward_hook(CaptureHook(self._on_layer)) for layer in layers]
+        self.use(layers)
+        self._handles += [
+            layer.module.register_forward_hook(CaptureHook(self._on_layer), with_kwargs=True)
+            for layer in self._modules.values()
+        ]
         self._handles.append(loss_fn.register_forward_hook(CaptureHook(self._on_loss)))
+
+    def use(self, layers: list[KroneckerLayer]) -> None:
+        """Capture ``layers`` from now on (of the same modules: the hooks stay)."""
+        self.layers = layers
+        self._modules = {id(layer.module): layer for layer in layers}  # one hook per module
 
     def remove(self) -> None:
         """Remove every hook."""
@@ -122,7 +133,7 @@ class BatchCapture:
     def clear(self, pending: bool = False) -> None:
         """Forget the captured micro-batches and the non-finite flag; with ``pending``, also the
         layer tensors (and their graphs) of a forward pass whose loss was not computed."""
-        self.batches, self.nonfinite_loss = [], False
+        self.batches, self.nonfinite_loss, self._losses = [], False, 0
         if pending:
             self._pending = None
 
@@ -133,11 +144,21 @@ class BatchCapture:
         if self._capturing():  # a forward pass without grad (evaluation) keeps the pending one
             self._pending = {}
 
-    def _on_layer(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if self._capturing():
-            self._pending = {} if self._pending is None else self._pending
-            kept = self._rules[id(module)].captured_input(args).detach()
-            self._pending.setdefault(id(module), []).append((kept, output))
+    def _on_layer(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self._capturing():
+            return None  # the module's own output
+        self._pending = {} if self._pending is None else self._pending
+        layer = self._modules[id(module)]
+        output, parts = layer.rule.capture(layer.module_name, module, args, kwargs, output)
+        if self.relayer is not None and any(
+            other.module is module and other.part not in parts for other in self.layers
+        ):
+            if self.batches or self._losses:  # statistics of its other parts are on their way
+                raise changed_call_error(layer.module_name, parts)
+            self.use(self.relayer(module, frozenset(parts)))
+        for part, (kept, layer_output) in parts.items():
+            self._pending.setdefault((id(module), part), []).append((kept.detach(), layer_output))
+        return output
 
     def _on_loss(self, module: nn.Module, args: tuple, value: Tensor) -> None:
         pending, self._pending = self._pending, None
@@ -149,9 +170,9 @@ class BatchCapture:
             return
         self.loss.check_target(output, targets, index=self.draw()[1])  # batch = training step
         for layer in self.layers:
-            check_single_call(layer, len(pending.get(id(layer.module), [])))
-        inputs = [pending[id(layer.module)][0][0] for layer in self.layers]
-        layer_outputs = [pending[id(layer.module)][0][1] for layer in self.layers]
+            check_single_call(layer, len(pending.get(layer.key, [])))
+        inputs = [pending[layer.key][0][0] for layer in self.layers]
+        layer_outputs = [pending[layer.key][0][1] for layer in self.layers]
         loss_value = value.detach()  # the hook holds no reference to value itself: no cycle
 
         def on_loss_gradient(gradient: Tensor) -> None:
@@ -159,8 +180,11 @@ class BatchCapture:
                 self._add(loss_value, gradient, output, targets, inputs, layer_outputs)
 
         value.register_hook(on_loss_gradient)
+        self._losses += 1
 
-    def _from_pending_forward(self, output: Tensor, pending: dict[int, list[tuple[Tensor, Tensor]]]) -> bool:
+    def _from_pending_forward(
+        self, output: Tensor, pending: dict[tuple, list[tuple[Tensor, Tensor]]]
+    ) -> bool:
         """Whether the loss input ``output`` comes from the pending forward pass (``False``: from
         another model); raises if it comes from an earlier forward pass of this model."""
         nodes = {out.grad_fn for calls in pending.values() for _, out in calls} - {None}

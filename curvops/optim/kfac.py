@@ -11,6 +11,7 @@ algebra is written here.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -23,8 +24,8 @@ from ..linalg import CurvatureOperator, computation_dtype
 from ..linalg.checks import check_bool, check_nonnegative, check_positive, check_positive_int
 from ..nn.approximations import Basis
 from ..nn.assembly import Layout, assemble
-from ..nn.kronecker_pass import batch_corrections, batch_statistics
-from ..nn.layers import find_layers
+from ..nn.kronecker_pass import batch_corrections, batch_statistics, changed_call_error
+from ..nn.layers import KroneckerLayer, calls_from_names, find_layers
 from ..nn.options import KroneckerOptions
 from ..nn.parameters import as_parameter_list
 from ..nn.statistics import Corrections, LayerStatistics, all_usable
@@ -62,7 +63,7 @@ class KFACOptimizer(torch.optim.Optimizer):
       (:meth:`~curvops.nn.approximations.KroneckerApproximation.damped_inverse`).
     - the step: ``d = ∇ + w θ`` (``w = weight_decay``), ``p = P d`` with the
       preconditioner ``P`` on the Kronecker layers' parameters and ``p = d`` on every other
-      parameter (LayerNorm, BatchNorm, ``nn.MultiheadAttention`` with its ``out_proj``, ...:
+      parameter (LayerNorm, BatchNorm, an attention's ``bias_k``/``bias_v``, ...:
       a plain first-order update); with ``kl_clip = κ``
       the step is scaled by ``ν = min(1, sqrt(κ / (η² Σ p·d)))`` (Ba et al. 2017); then
       ``m ← μ m − η ν p``, ``θ ← θ + m`` (Gao et al.'s momentum form; with a constant ``η``,
@@ -94,7 +95,8 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     Args:
         model: the network; hooks go on its Kronecker layers (``nn.Linear``, ``nn.Conv1d``,
-            ``nn.Conv2d``, ``nn.Conv3d``, ``nn.Embedding``, as for :func:`~curvops.KFAC`).
+            ``nn.Conv2d``, ``nn.Conv3d``, ``nn.Embedding``, ``nn.MultiheadAttention``, as for
+            :func:`~curvops.KFAC`).
         loss_fn: the ``nn.Module`` loss the training loop calls: ``nn.CrossEntropyLoss``,
             ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (any module for ``"forward-only"``).
         params: the parameters to train (default: the model's trainable ones), one group: a
@@ -206,11 +208,13 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.curvature, self.fisher_type, self.factored = curvature, fisher_type, factored
         self.ema_decay, self.T_stats, self.T_inv, self.kl_clip = float(ema_decay), T_stats, T_inv, kl_clip
         trainable = [p for p in params if p.requires_grad]  # a frozen one is not trained, as in torch.optim
-        layers, _ = find_layers(model, trainable, bias, kfac_approx)
+        self._find_layers = functools.partial(find_layers, model, trainable, bias, kfac_approx)
+        self._calls: dict[int, frozenset] = {}  # the parts of modules whose parts depend on the call
+        layers, _ = self._find_layers()
         if not layers:
             raise ValueError(
                 "None of the parameters belongs to a layer with a Kronecker rule (nn.Linear, nn.Conv1d, "
-                "nn.Conv2d, nn.Conv3d, nn.Embedding, or one registered with "
+                "nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention, or one registered with "
                 "curvops.nn.layers.register_layer_rule); "
                 "use a first-order optimizer."
             )
@@ -229,6 +233,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             mc_samples,
             active=lambda: self.steps % self.T_stats == 0,
             draw=lambda: (seed, self.steps),
+            relayer=self._relayer,
         )
         self.steps = 0
         self.bases: dict[str, Basis] = {}
@@ -319,15 +324,32 @@ class KFACOptimizer(torch.optim.Optimizer):
         changing anything, when it belongs to other layers, shapes or curvature (naming the key)."""
         state = dict(state_dict)
         layers = [s.layer for s in self.layers]
+        stored, calls = state.get("curvature"), self._calls
+        if isinstance(stored, dict) and isinstance(stored.get("statistics"), dict):  # the stored calls' parts
+            calls = {**calls, **calls_from_names(layers, stored["statistics"])}
+            layers, _ = self._find_layers(calls)
         extra = check_running_state(state.pop("curvature", None), self.approximation, layers)
         check_momentum(state, self.param_groups[0]["params"])
         loaded = load_curvature_state(extra, layers, self._layout.size, self._device, self._dtype)
         state["state"] = copy.deepcopy(state.get("state", {}))  # momentum buffers of its own: no aliasing
         super().load_state_dict(state)
         self.layers, self.bases, self.scales, self.preconditioner = loaded
-        self.steps = int(extra["steps"])
+        self.steps, self._calls = int(extra["steps"]), calls
+        self._capture.use(layers)
 
     # ------------------------------------------------------------------ internals
+    def _relayer(self, module: nn.Module, parts: frozenset) -> list[KroneckerLayer]:
+        """The layers once ``module`` is called with ``parts`` (an attention module's first call);
+        raises if statistics were made with its other parts."""
+        if self.steps:
+            raise changed_call_error(
+                next(s.layer.module_name for s in self.layers if s.layer.module is module), parts
+            )
+        self._calls[id(module)] = parts
+        layers, _ = self._find_layers(self._calls)
+        self.layers = [LayerStatistics(layer) for layer in layers]
+        return layers
+
     def _require_statistics(self) -> None:
         if self.layers[0].empty:
             raise RuntimeError("No curvature statistics yet: take a training step first.")

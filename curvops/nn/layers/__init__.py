@@ -3,14 +3,18 @@
 A registry maps module types to :class:`~curvops.nn.layers.rule.LayerRule` objects; a
 module's rule is that of the nearest class in its method resolution order, so a subclass of
 ``nn.Linear`` is a linear layer. Built in: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``,
-``nn.Conv3d`` (every padding mode) and ``nn.Embedding``. :func:`register_layer_rule` adds a
+``nn.Conv3d`` (every padding mode), ``nn.Embedding`` and ``nn.MultiheadAttention`` (its input
+projection and ``out_proj``, :mod:`curvops.nn.layers.attention`). :func:`register_layer_rule` adds a
 rule for a module of your own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 from torch import nn
 
+from .attention import AttentionRule
 from .conv import ConvRule
 from .embedding import EmbeddingRule
 from .linear import LinearRule
@@ -22,11 +26,10 @@ _RULES: dict[type[nn.Module], LayerRule] = {
     nn.Conv2d: ConvRule(),
     nn.Conv3d: ConvRule(),
     nn.Embedding: EmbeddingRule(),
+    nn.MultiheadAttention: AttentionRule(),
 }
 
-OPAQUE_MODULES = {
-    nn.MultiheadAttention: "it uses its out_proj weight without calling the out_proj module",
-}
+OPAQUE_MODULES: dict[type[nn.Module], str] = {}
 """Modules that use their submodules' weights without calling them (so no layer hook sees
 those uses): all their parameters are unsupported, with the reason shown in errors."""
 
@@ -81,12 +84,29 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
     return owners
 
 
+def _owned_places(model: nn.Module) -> dict[int, tuple[str, nn.Module, str]]:
+    """For every parameter inside a module whose rule owns its submodules: that module and the
+    parameter's path in it (``("attn", attn, "out_proj.weight")``)."""
+    places = {}
+    for name, module in model.named_modules():
+        rule = layer_rule(module)
+        if rule is not None and rule.owns_submodules:
+            places.update({id(p): (name, module, path) for path, p in module.named_parameters()})
+    return places
+
+
 def find_layers(
-    model: nn.Module, params: list[nn.Parameter], bias: str, kfac_approx: str
+    model: nn.Module,
+    params: list[nn.Parameter],
+    bias: str,
+    kfac_approx: str,
+    calls: Mapping[int, frozenset] | None = None,
 ) -> tuple[list[KroneckerLayer], list[tuple[str, nn.Module, list[nn.Parameter]]]]:
-    """The layers with a rule holding chosen parameters, and the other modules that do (a
+    """The layers with a rule holding chosen parameters (several for a module with parts, see
+    :meth:`~curvops.nn.layers.rule.LayerRule.layers`; ``calls``: the parts each module's call
+    gives, by ``id(module)``, where they depend on the call), and the other modules that do (a
     module of :data:`OPAQUE_MODULES` stands for all the parameters inside it)."""
-    owners = _owners(model)
+    owners, owned = _owners(model), _owned_places(model)
     opaque = {
         id(inner): (name, module)
         for name, module in model.named_modules()
@@ -94,7 +114,7 @@ def find_layers(
         for inner in module.modules()
     }
     chosen = {id(p) for p in params}
-    layers: dict[int, KroneckerLayer] = {}
+    layers: dict[int, list[KroneckerLayer]] = {}
     others: dict[int, tuple[str, nn.Module, list[nn.Parameter]]] = {}
     for p in params:
         places = owners[id(p)]
@@ -104,36 +124,47 @@ def find_layers(
                 f"One parameter is used as {names} (weight tying); KFAC needs one layer per parameter. "
                 "Leave it out of params."
             )
-        name, module, attribute = places[0]
+        name, module, attribute = owned.get(id(p), places[0])
         rule = None if id(module) in opaque else layer_rule(module)
         if id(module) in opaque:
             name, module = opaque[id(module)]
-        if rule is None or attribute not in ("weight", "bias"):
+        if rule is None or attribute not in rule.parameter_names(module):
             others.setdefault(id(module), (name, module, []))[2].append(p)
         elif id(module) not in layers:
-            layers[id(module)] = _layer(name, module, rule, chosen, bias, kfac_approx)
-    return list(layers.values()), list(others.values())
+            rule.check(name, module, kfac_approx)
+            layers[id(module)] = rule.layers(name, module, chosen, bias, (calls or {}).get(id(module)))
+    return [layer for module_layers in layers.values() for layer in module_layers], list(others.values())
 
 
-def _layer(
-    name: str, module: nn.Module, rule: LayerRule, chosen: set[int], bias: str, kfac_approx: str
-) -> KroneckerLayer:
-    rule.check(name, module, kfac_approx)
-    weight = module.weight if id(module.weight) in chosen else None
-    module_bias = getattr(module, "bias", None)
-    bias_param = module_bias if module_bias is not None and id(module_bias) in chosen else None
-    joint = bias == "joint" and weight is not None and bias_param is not None
-    return KroneckerLayer(name, module, rule, weight, bias_param, joint)
+def calls_from_names(layers: list[KroneckerLayer], names: Iterable[str]) -> dict[int, frozenset]:
+    """The parts of each module whose parts depend on the call, read from layer names (those of a
+    stored state: ``"attn.in_proj.q"`` is the part ``"in_proj.q"`` of ``"attn"``).
+
+    Example:
+        >>> attn = torch.nn.MultiheadAttention(4, 2)
+        >>> layers, _ = find_layers(attn, list(attn.parameters()), "separate", "expand")
+        >>> calls_from_names(layers, ["in_proj.q", "out_proj"]) == {id(attn): {"in_proj.q", "out_proj"}}
+        True
+    """
+    calls = {}
+    for layer in layers:
+        if layer.rule.parts_depend_on_call:
+            prefix = f"{layer.module_name}." if layer.module_name else ""
+            parts = frozenset(name[len(prefix) :] for name in names if name.startswith(prefix))
+            calls[id(layer.module)] = parts or None
+    return {key: parts for key, parts in calls.items() if parts is not None}
 
 
 __all__ = [
     "OPAQUE_MODULES",
+    "AttentionRule",
     "ConvRule",
     "DenseInputRule",
     "EmbeddingRule",
     "KroneckerLayer",
     "LayerRule",
     "LinearRule",
+    "calls_from_names",
     "find_layers",
     "layer_rule",
     "register_layer_rule",

@@ -21,13 +21,18 @@ lie in the flat vector (``W`` row-major ``[n_out, n_in]``, or ``[n_in, n_out]`` 
 batch's sums come from the captured tensors. :class:`DenseInputRule` does the sums for every
 layer whose inputs are vectors ``a_ns``: a new layer of that kind only says how its inputs
 become ``[N, S, n_in]`` and its output gradients ``[K, N, S, n_out]``.
+
+One module may give several Kronecker layers, its *parts* (``nn.MultiheadAttention``: its input
+projection and ``out_proj``): :meth:`LayerRule.layers` makes them, :meth:`LayerRule.capture` turns
+one call of the module into each part's ``(input, output)``, and a part's weight and bias may be
+a range of rows of a parameter (:attr:`KroneckerLayer.weight_rows`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +56,11 @@ class KroneckerLayer:
         rule: its :class:`LayerRule`.
         weight, bias: the chosen parameters (``None`` where not chosen or absent).
         joint: weight and bias share one block ``G ⊗ A`` (the input carries a trailing 1).
+        part: which part of the module it is (``None``: the whole module); ``name`` is then
+            ``"<module name>.<part>"``.
+        shape: ``(n_out, n_in)`` of the part (``None``: the rule's :meth:`LayerRule.sizes`).
+        weight_rows, bias_rows: the ``[start, stop)`` rows of ``weight`` and ``bias`` the part
+            covers (``None``: all of them).
     """
 
     name: str
@@ -59,6 +69,22 @@ class KroneckerLayer:
     weight: nn.Parameter | None
     bias: nn.Parameter | None
     joint: bool
+    part: str | None = None
+    shape: tuple[int, int] | None = None
+    weight_rows: tuple[int, int] | None = None
+    bias_rows: tuple[int, int] | None = None
+
+    @property
+    def key(self) -> tuple[int, str | None]:
+        """What the pass files the part's captures under: ``(id(module), part)``."""
+        return id(self.module), self.part
+
+    @property
+    def module_name(self) -> str:
+        """The module's name in the model (``name`` without the part)."""
+        if self.part is None:
+            return self.name
+        return self.name[: -len(self.part) - 1] if self.name != self.part else ""
 
     @property
     def separate_bias(self) -> bool:
@@ -68,7 +94,7 @@ class KroneckerLayer:
     @property
     def sizes(self) -> tuple[int, int]:
         """``(n_out, n_in)`` of the factors ``G`` and ``A`` (``n_in`` counts a joint bias's 1)."""
-        n_out, n_in = self.rule.sizes(self.module)
+        n_out, n_in = self.shape or self.rule.sizes(self.module)
         return n_out, n_in + self.joint
 
     @property
@@ -94,10 +120,16 @@ class LayerRule(ABC):
     Attributes:
         transposed: the weight is stored ``[n_in, n_out]`` (its block is ``A ⊗ G``).
         diagonal_input: ``A`` is diagonal, stored as a 1-D ``[n_in]`` tensor.
+        owns_submodules: the parameters of the module's submodules are the rule's (named by their
+            path, ``"out_proj.weight"``), and the submodules get no rule of their own.
+        parts_depend_on_call: which parts the module has depends on how it is called (the parts
+            :meth:`capture` gives); the passes and the optimizer make its layers for its first call.
     """
 
     transposed: ClassVar[bool] = False
     diagonal_input: ClassVar[bool] = False
+    owns_submodules: ClassVar[bool] = False
+    parts_depend_on_call: ClassVar[bool] = False
 
     def check(self, name: str, module: nn.Module, kfac_approx: str) -> None:  # noqa: B027 (optional)
         """Raise ``ValueError`` (naming the module) for configurations the rule does not handle."""
@@ -111,6 +143,34 @@ class LayerRule(ABC):
     def captured_input(self, args: tuple) -> Tensor:
         """What the forward hook keeps of the module's positional arguments: its input."""
         return args[0]
+
+    def parameter_names(self, module: nn.Module) -> tuple[str, ...]:
+        """The names (in ``module.named_parameters()``) of the parameters the rule gives blocks."""
+        return ("weight", "bias")
+
+    def unsupported_reason(self, module: nn.Module) -> str | None:
+        """Why the module's parameters outside :meth:`parameter_names` have no block (for errors)."""
+        return None
+
+    def layers(
+        self, name: str, module: nn.Module, chosen: set[int], bias: str, parts: frozenset | None = None
+    ) -> list[KroneckerLayer]:
+        """The module's Kronecker layers holding chosen parameters (ids in ``chosen``): one, of its
+        weight and bias (joint if ``bias == "joint"`` and both are chosen). ``parts``: those a
+        call of the module gave (:meth:`capture`), ``None`` before any call."""
+        weight = module.weight if id(module.weight) in chosen else None
+        module_bias = getattr(module, "bias", None)
+        bias_param = module_bias if module_bias is not None and id(module_bias) in chosen else None
+        joint = bias == "joint" and weight is not None and bias_param is not None
+        return [KroneckerLayer(name, module, self, weight, bias_param, joint)]
+
+    def capture(
+        self, name: str, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any
+    ) -> tuple[Any, dict[str | None, tuple[Tensor, Tensor]]]:
+        """One call of the module, seen by a forward hook: the output the forward pass goes on with,
+        and each part's ``(input, output)`` (here the whole module's, part ``None``)."""
+        output = differentiable(output)
+        return output, {None: (self.captured_input(args), output)}
 
     def output_gradients(self, module: nn.Module, gradients: Tensor) -> Tensor:
         """Gradients w.r.t. the module output, ``[K, N, *out]``, as ``[K, N, S, n_out]``."""
@@ -138,6 +198,17 @@ class LayerRule(ABC):
         """One batch's ``Σ_{n,c} (Q_out^T ∇_W ℓ_nc Q_in)²`` in the weight's layout (``[n_out, n_in]``,
         ``[n_in, n_out]`` for a transposed rule) from the output gradients already rotated by ``Q_out``
         (``q_in`` is ``None`` for a diagonal input factor)."""
+
+
+def differentiable(output: Tensor) -> Tensor:
+    """``output``, or a leaf that requires grad where it does not (every parameter up to it
+    frozen): something to differentiate the loss at.
+
+    Example:
+        >>> differentiable(torch.ones(2)).requires_grad
+        True
+    """
+    return output if output.requires_grad else output.detach().requires_grad_(True)
 
 
 def second_moment(rows: Tensor) -> Tensor:
