@@ -67,7 +67,7 @@ def expected_type(row: curvops.nn.CoverageRow) -> type:
         return KroneckerEigen
     if row.block == "kronecker":
         return Dense if row.bias == "separate" and row.label.endswith(".bias") else Kronecker
-    return {"dense": Dense, "diagonal": Diagonal}[row.block]
+    return {"dense": Dense, "diagonal": Diagonal, "exact": Dense, "exact-diagonal": Diagonal}[row.block]
 
 
 def assert_builder_agrees(
@@ -118,6 +118,10 @@ def test_every_parameter_of_a_mixed_model_gets_the_block_kfac_gives_it():
         "fc.weight": "kronecker",
         "fc.bias": "kronecker",
         "head.weight": "kronecker",
+        "ln.weight": "exact",
+        "ln.bias": "exact",
+        "bn.weight": "exact",
+        "bn.bias": "exact",
     }
     assert (report["emb.weight"].rule, report["conv.weight"].rule, report["fc.bias"].rule) == (
         "EmbeddingRule",
@@ -132,11 +136,12 @@ def test_every_parameter_of_a_mixed_model_gets_the_block_kfac_gives_it():
     attention = report["attn.out_proj.weight"]
     where = (attention.module, attention.module_type, attention.block, attention.rule, attention.label)
     assert where == ("attn", "MultiheadAttention", "kronecker", "AttentionRule", "attn.out_proj.weight")
-    assert {row.module for row in report.refused} == {"ln", "bn"}
+    assert not report.refused
+    assert (report["ln.weight"].rule, report["bn.bias"].rule) == ("LayerNormRule", "ChannelNormRule")
     numel = {name: sum(p.numel() for p in module.parameters()) for name, module in model.named_children()}
     assert report.totals == {
         "kronecker": sum(numel[name] for name in ("emb", "attn", "conv", "fc", "head")),
-        "refused": sum(numel[name] for name in ("ln", "bn")),
+        "exact": sum(numel[name] for name in ("ln", "bn")),
     }
     assert report.model_refusal is None
 
@@ -162,7 +167,8 @@ def test_every_row_is_what_the_builder_does(approximation, bias, unsupported, va
     report = assert_builder_agrees(mixed(**variant), approximation, bias=bias, unsupported=unsupported)
     kronecker = "kronecker-eigen" if approximation in ("ekfac", "tekfac") else "kronecker"
     assert report["fc.weight"].block == kronecker and report["fc.bias"].bias == bias
-    assert report["ln.weight"].block == ("refused" if unsupported == "error" else unsupported)
+    assert report["ln.weight"].block == "exact"
+    assert report["attn.out_proj.weight"].block == ("refused" if unsupported == "error" else unsupported)
     assert report.approximation == approximation.upper()
 
 
@@ -189,7 +195,7 @@ def test_explicit_params_as_a_list_or_a_dict_keep_their_order():
     everything = dict(model.named_parameters())
     report = assert_builder_agrees(model, params=everything, unsupported="dense")
     assert [row.name for row in report] == list(everything)
-    assert report["frozen.weight"].block == "kronecker" and report["ln.bias"].label == "ln"
+    assert report["frozen.weight"].block == "kronecker" and report["ln.bias"].label == "ln.bias"
 
 
 def test_a_model_that_is_itself_a_layer_is_labelled_by_its_type():

@@ -1,5 +1,6 @@
 """Issue 11, item 22: the influence functions take the curvature builder's options
-(``curvature_options=``), check them, and recommend them for a LayerNorm model."""
+(``curvature_options=``), check them, and recommend them for a model with a module without a
+Kronecker rule (an ``nn.PReLU``; a LayerNorm has its exact block)."""
 
 import pytest
 import torch
@@ -119,9 +120,14 @@ def test_options_reach_the_builder():
     torch.testing.assert_close(diagonal.to_dense(), direct.to_dense())
 
 
+def _prelu_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Tanh(), nn.Linear(4, 3)).double().eval()
+
+
 @pytest.mark.parametrize("curvature", ["kfac", "ekfac", "tkfac", "tekfac"])
-def test_layernorm_error_recommends_what_works(curvature):
-    model, train, query = _layernorm_model(), _data(6, 1), _data(2, 2)
+def test_unsupported_module_error_recommends_what_works(curvature):
+    model, train, query = _prelu_model(), _data(6, 1), _data(2, 2)
     loss = nn.CrossEntropyLoss()
     calls = [
         lambda **kw: influence_scores(model, loss, train, query, curvature, DAMPING, **kw),
@@ -130,9 +136,7 @@ def test_layernorm_error_recommends_what_works(curvature):
         lambda **kw: influence_curvature(model, loss, train, curvature, **kw),
     ]
     for call in calls:
-        with pytest.raises(
-            ValueError, match=r"'1' \(LayerNorm\).*curvature_options=\{'unsupported': 'dense'\}"
-        ):
+        with pytest.raises(ValueError, match=r"'1' \(PReLU\).*curvature_options=\{'unsupported': 'dense'\}"):
             call()
         result = call(curvature_options={"unsupported": "dense"})  # the recommendation works
         dense = result.to_dense() if isinstance(result, curvops.CurvatureOperator) else result

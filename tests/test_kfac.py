@@ -204,7 +204,7 @@ def test_parameter_subsets():
 class Normed(nn.Module):
     def __init__(self):
         super().__init__()
-        self.linear, self.norm, self.out = nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2)
+        self.linear, self.norm, self.out = nn.Linear(4, 3), nn.PReLU(3), nn.Linear(3, 2)
 
     def forward(self, x):
         return self.out(self.norm(self.linear(x)))
@@ -216,14 +216,14 @@ def test_unsupported_layers_error_or_get_an_exact_block():
     x = torch.randn(6, 4, generator=generator(0), dtype=DOUBLE)
     y = torch.randint(0, 2, (6,))
     loss_fn = nn.CrossEntropyLoss()
-    with pytest.raises(ValueError, match=r"'norm' \(LayerNorm\).*unsupported='dense'"):
+    with pytest.raises(ValueError, match=r"'norm' \(PReLU\).*unsupported='dense'"):
         curvops.KFAC(model, loss_fn, [(x, y)], fisher_type="type-2")
     norm_params = list(model.norm.parameters())
     exact = curvops.GGN(model, loss_fn, [(x, y)], params=norm_params).to_dense()
     dense = curvops.KFAC(model, loss_fn, [(x, y)], fisher_type="type-2", unsupported="dense").to_dense()
-    torch.testing.assert_close(dense[15:21, 15:21], exact)
+    torch.testing.assert_close(dense[15:18, 15:18], exact)
     diagonal = curvops.KFAC(model, loss_fn, [(x, y)], fisher_type="type-2", unsupported="diagonal").to_dense()
-    torch.testing.assert_close(diagonal[15:21, 15:21], torch.diag(exact.diagonal()))
+    torch.testing.assert_close(diagonal[15:18, 15:18], torch.diag(exact.diagonal()))
     only_norm = curvops.KFAC(
         model, loss_fn, [(x, y)], params=norm_params, fisher_type="type-2", unsupported="dense"
     )

@@ -197,7 +197,7 @@ def test_statistics_leave_grad_the_true_label_gradient(fisher_type):
 
 def test_unsupported_layers_take_a_first_order_step():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)).to(DOUBLE)
+    model = nn.Sequential(nn.Linear(4, 6), nn.PReLU(6), nn.Linear(6, 3)).to(DOUBLE)
     loss_fn = nn.CrossEntropyLoss()
     opt = KFACOptimizer(model, loss_fn, lr=0.1, momentum=0.0)
     norm = model[1]
@@ -323,7 +323,7 @@ def test_invalid_setups_raise():
     with pytest.raises(TypeError, match=r"nn\.Module"):
         KFACOptimizer(mlp(), nn.functional.cross_entropy)
     with pytest.raises(ValueError, match="Kronecker rule"):
-        KFACOptimizer(nn.Sequential(nn.LayerNorm(4)), nn.CrossEntropyLoss())
+        KFACOptimizer(nn.Sequential(nn.PReLU(4)), nn.CrossEntropyLoss())
     with pytest.raises(TypeError, match="param-group"):
         KFACOptimizer(mlp(), nn.CrossEntropyLoss(), params=[{"params": mlp().parameters()}])
     with pytest.raises(ValueError, match="negative log-likelihood"):

@@ -364,7 +364,7 @@ def test_last_layer_laplace_optimizes_its_prior(curvature):
 
 
 def test_layer_norm_laplace_kfac_optimizes_its_prior():
-    """One datum: KFAC's Linear blocks and the LayerNorm's dense block are the exact GGN's blocks."""
+    """One datum: KFAC's Linear blocks and the LayerNorm's exact blocks are the exact GGN's blocks."""
     model, x, y = mlp(layer_norm=True), randn(1, 3, seed=14), randn(1, 3, seed=15)
     options = {"unsupported": "dense"}
     la = curvops.Laplace(model, nn.MSELoss(), [(x, y)], curvature="kfac", curvature_options=options)
@@ -372,7 +372,7 @@ def test_layer_norm_laplace_kfac_optimizes_its_prior():
     params = list(model.parameters())
     truth = FlatTruth(params, x, y, sum_mse, model_forward(model, params))
     sizes = [p.numel() for p in params]
-    groups = [[0], [1], [2, 3], [4], [5]]  # weight, bias, LayerNorm (one block), weight, bias
+    groups = [[0], [1], [2], [3], [4], [5]]  # weight, bias, LayerNorm weight, bias (bias="separate"), ...
     starts = torch.tensor([0, *sizes]).cumsum(0).tolist()
     mask = torch.zeros(sum(sizes), sum(sizes), dtype=torch.bool)
     for group in groups:

@@ -338,9 +338,9 @@ def test_fewer_batches_on_a_later_pass_raise(entry):
 
 
 def test_kfac_exact_blocks_see_the_statistics_pass_data():
-    """``unsupported="dense"``: the LayerNorm's exact block is built over the same data as A and G."""
+    """``unsupported="dense"``: a PReLU's exact block is built over the same data as A and G."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 3)).double()
     x, y = labelled(n=24, ignored=0)
     with pytest.raises(curvops.NonDeterministicDataError, match=r"exact block of '1'.*yielded 3 batches"):
         curvops.KFAC(model, nn.CrossEntropyLoss(), Truncated(batches_of(x, y, 6)), unsupported="dense")

@@ -110,7 +110,7 @@ def _check_option(key: Any, builder: Callable | None, what: str) -> None:
 def _check_supported(
     model: nn.Module, model_data: ModelData, curvature: str, bias: str, options: dict[str, Any]
 ) -> None:
-    """Refuse parameters without a Kronecker rule (LayerNorm, ...) unless ``unsupported`` says how."""
+    """Refuse parameters without a layer rule (``nn.PReLU``, ...) unless ``unsupported`` says how."""
     if curvature not in KRONECKER_APPROXIMATIONS or options.get("unsupported", "error") != "error":
         return
     _, others = find_layers(model, model_data.params, bias, options.get("kfac_approx", "expand"))

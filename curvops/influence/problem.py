@@ -158,16 +158,17 @@ def influence_curvature(
         >>> op.labels, op.block_sizes  # weight and bias in one block per layer
         (('0', '2'), (16, 10))
 
-        A LayerNorm has no Kronecker rule; ``unsupported="dense"`` gives it an exact block:
+        A LayerNorm gets its exact block; a module without a rule (an ``nn.PReLU``) needs
+        ``unsupported="dense"`` for one:
 
-        >>> layers = [torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2)]
+        >>> layers = [torch.nn.Linear(3, 4), torch.nn.PReLU(4), torch.nn.Linear(4, 2)]
         >>> model = torch.nn.Sequential(*layers).double()
         >>> data = (torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,)))
         >>> op = influence_curvature(
         ...     model, torch.nn.CrossEntropyLoss(), data, "kfac", curvature_options={"unsupported": "dense"}
         ... )
         >>> op.labels, op.block_sizes
-        (('0', '1', '2'), (16, 8, 10))
+        (('0', '1', '2'), (16, 4, 10))
     """
     check_choice(curvature, CURVATURES, "curvature")
     problem = _Problem(

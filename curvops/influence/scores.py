@@ -81,7 +81,8 @@ def influence_scores(
             one pass of training gradients).
         progressbar: tqdm bars on the passes over the data.
         curvature_options: further keyword arguments of the curvature's builder, e.g.
-            ``{"unsupported": "dense"}`` for a model with LayerNorm and a Kronecker curvature
+            ``{"unsupported": "dense"}`` for a model with a module without a rule (``nn.PReLU``)
+            and a Kronecker curvature
             (see :func:`influence_curvature`); none with a prebuilt operator.
 
     Returns:

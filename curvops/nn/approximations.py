@@ -14,6 +14,10 @@ Damping (:meth:`KroneckerApproximation.damped_inverse`): exact ``(B + λI)^-1`` 
 ``π² = (tr G / n_out) / (tr A / n_in)`` (Martens & Grosse 2015), and TKFAC's
 ``(√δ Ψ + √λ I)^-1 ⊗ (√δ Φ + √λ I)^-1`` (Gao et al. 2021: the same with unnormalised traces).
 EKFAC's eigenvalues are explicit, so it has no factored form.
+
+A layer with an exact rule (the normalization layers, :mod:`curvops.nn.layers.norm`) gets the
+same blocks from every approximation: its exact block (:func:`exact_blocks`), ``Dense`` or
+``Diagonal``, never corrected, damped exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..linalg import CurvatureOperator, Dense, Kronecker, KroneckerEigen
+from ..linalg import CurvatureOperator, Dense, Diagonal, Kronecker, KroneckerEigen
 from .fisher import FisherType
 from .layers.rule import KroneckerLayer
 from .statistics import Corrections, LayerStatistics
@@ -67,6 +71,10 @@ class KroneckerApproximation:
                 "inverse (s + λ)^-1 is exact and cheap. Use factored=False."
             )
 
+    def corrects(self, layer: KroneckerLayer) -> bool:
+        """Whether the layer's blocks get corrected eigenvalues (EKFAC, TEKFAC; not an exact block)."""
+        return self.corrected and not layer.rule.exact
+
     def factors(self, statistics: LayerStatistics) -> tuple[Tensor, Tensor, Tensor]:
         """``(output, input, bias)`` factors: KFAC's ``(G, A, G)``, TKFAC's ``(δΨ, Φ, scaled G)``."""
         s = statistics
@@ -77,8 +85,11 @@ class KroneckerApproximation:
         return s.trace * s.trace_output_factor, s.trace_input_factor, bias
 
     def kronecker_blocks(self, statistics: LayerStatistics) -> list[CurvatureOperator]:
-        """The uncorrected blocks of a layer: its weight's (with a joint bias), then a separate bias's."""
+        """The uncorrected blocks of a layer: its weight's (with a joint bias), then a separate bias's
+        (a layer with an exact block: :func:`exact_blocks`)."""
         layer = statistics.layer
+        if layer.rule.exact:
+            return exact_blocks(statistics)
         output, input, bias = self.factors(statistics)
         blocks: list[CurvatureOperator] = []
         if layer.weight is not None:
@@ -119,6 +130,36 @@ class KroneckerApproximation:
             balance = "trace" if self.trace_restricted else "mean"
             return block.factor_inverse(block.pi_dampings(damping, balance=balance))
         return block.inverse(damping)
+
+
+def exact_blocks(statistics: LayerStatistics) -> list[CurvatureOperator]:
+    """The exact block ``B`` over ``[vec weight; bias]`` as the layer's blocks: ``B`` itself for a
+    joint bias, else its sub-blocks ``B[p, p]`` of each chosen parameter ``p``; ``Dense`` (symmetrised), or
+    ``Diagonal`` for a 1-D ``B``.
+
+    Example:
+        >>> from curvops.nn.layers import KroneckerLayer, LayerNormRule
+        >>> norm = torch.nn.LayerNorm(2)
+        >>> layer = KroneckerLayer("ln", norm, LayerNormRule(), norm.weight, norm.bias, False)
+        >>> blocks = exact_blocks(LayerStatistics(layer, exact_block=torch.eye(4)))
+        >>> [type(b).__name__ for b in blocks], [b.shape for b in blocks]
+        (['Dense', 'Dense'], [(2, 2), (2, 2)])
+    """
+    layer, block = statistics.layer, statistics.exact_block
+    sizes = [p.numel() for p in (layer.weight, layer.bias) if p is not None]
+    if layer.joint:
+        sizes = [sum(sizes)]
+    blocks: list[CurvatureOperator] = []
+    start = 0
+    for size in sizes:
+        part = slice(start, start + size)
+        start += size
+        if block.ndim == 1:
+            blocks.append(Diagonal(block[part]))
+        else:
+            square = block[part, part]
+            blocks.append(Dense((square + square.T) / 2))
+    return blocks
 
 
 KFAC_APPROXIMATION = KroneckerApproximation("kfac", trace_restricted=False, corrected=False)

@@ -32,8 +32,10 @@ class Layout:
 
     def joint(self, layer: KroneckerLayer, device: torch.device) -> Tensor:
         """``vec([W b])`` order: each output row's weights, then its bias (for a transposed weight
-        ``[n_in, n_out]``: the bias as one more input row)."""
+        ``[n_in, n_out]``: the bias as one more input row; for an exact block ``[vec W; b]``)."""
         weight, bias = layer.weight, layer.bias
+        if layer.rule.exact:
+            return torch.cat([self.indices(weight, device), self.indices(bias, device)])
         if layer.rule.transposed:
             rows = self.indices(weight, device).reshape(-1, weight.shape[-1])
             return torch.cat([rows, self.indices(bias, device).unsqueeze(0)], dim=0).flatten()

@@ -33,9 +33,11 @@ class CoverageRow:
             ``nn.MultiheadAttention``, the attention module) and its class name.
         block: ``"kronecker"`` (a block from its layer's Kronecker factors: ``G ⊗ A`` for a
             weight, ``G`` for a separate bias), ``"kronecker-eigen"`` (EKFAC's and TEKFAC's
-            corrected eigenvalues in that basis), ``"dense"`` or ``"diagonal"`` (an exact block of
-            its module, with ``unsupported=``), or ``"refused"``.
-        rule: the layer rule's class name (``"LinearRule"``) for Kronecker blocks, else ``None``.
+            corrected eigenvalues in that basis), ``"exact"`` or ``"exact-diagonal"`` (a
+            normalization layer's exact block from the statistics pass, or its diagonal above
+            the rule's ``dense_limit``), ``"dense"`` or ``"diagonal"`` (an exact block of its
+            module from the exact operator, with ``unsupported=``), or ``"refused"``.
+        rule: the layer rule's class name (``"LinearRule"``) for blocks from a rule, else ``None``.
         bias: ``"joint"`` or ``"separate"`` for the weight and bias of a layer whose bias is
             chosen, else ``None``.
         label: the label of its block in the operator (``op.block(label)``), ``None`` if refused;
@@ -132,8 +134,10 @@ def coverage(
     running the model.
 
     Each parameter of a layer with a rule (``nn.Linear``, convolutions, ``nn.Embedding``,
-    ``nn.MultiheadAttention``'s projections, rules of your own) gets a Kronecker block; the
-    parameters of other modules (and an attention's ``bias_k``/``bias_v``) get an exact
+    ``nn.MultiheadAttention``'s projections, rules of your own) gets a Kronecker block, those of
+    a normalization layer (``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*``)
+    its exact block (``"exact"``, or ``"exact-diagonal"`` for a large one); the parameters of
+    other modules (and an attention's ``bias_k``/``bias_v``) get an exact
     ``"dense"`` or ``"diagonal"`` block with ``unsupported=``, or are refused. Refused too: a
     layer its rule does not handle (a grouped convolution, an embedding with ``max_norm``) and a
     weight tied between modules; each refused row gives the builder's error for it. It raises
@@ -149,21 +153,23 @@ def coverage(
         kfac_approx, bias, unsupported: the builders' options (:func:`~curvops.KFAC`).
 
     Example:
-        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+        >>> layers = [torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.PReLU(), torch.nn.Linear(4, 2)]
+        >>> model = torch.nn.Sequential(*layers)
         >>> print(curvops.nn.coverage(model, bias="joint", unsupported="diagonal"))
-        parameter  shape   numel  module  type       block      rule        bias   label
-        0.weight   [4, 3]  12     0       Linear     kronecker  LinearRule  joint  0
-        0.bias     [4]     4      0       Linear     kronecker  LinearRule  joint  0
-        1.weight   [4]     4      1       LayerNorm  diagonal   -           -      1
-        1.bias     [4]     4      1       LayerNorm  diagonal   -           -      1
-        2.weight   [2, 4]  8      2       Linear     kronecker  LinearRule  joint  2
-        2.bias     [2]     2      2       Linear     kronecker  LinearRule  joint  2
-        kronecker 26, diagonal 8
+        parameter  shape   numel  module  type       block      rule           bias   label
+        0.weight   [4, 3]  12     0       Linear     kronecker  LinearRule     joint  0
+        0.bias     [4]     4      0       Linear     kronecker  LinearRule     joint  0
+        1.weight   [4]     4      1       LayerNorm  exact      LayerNormRule  joint  1
+        1.bias     [4]     4      1       LayerNorm  exact      LayerNormRule  joint  1
+        2.weight   [1]     1      2       PReLU      diagonal   -              -      2
+        3.weight   [2, 4]  8      3       Linear     kronecker  LinearRule     joint  3
+        3.bias     [2]     2      3       Linear     kronecker  LinearRule     joint  3
+        kronecker 26, exact 8, diagonal 1
         >>> report = curvops.nn.coverage(model)
         >>> report.totals, [row.name for row in report.refused]
-        ({'kronecker': 26, 'refused': 8}, ['1.weight', '1.bias'])
-        >>> report["1.weight"].reason  # doctest: +ELLIPSIS
-        "KFAC has no Kronecker rule for the parameters of '1' (LayerNorm). Leave them out of params, ..."
+        ({'kronecker': 26, 'exact': 8, 'refused': 1}, ['2.weight'])
+        >>> report["2.weight"].reason  # doctest: +ELLIPSIS
+        "KFAC has no Kronecker rule for the parameters of '2' (PReLU). Leave them out of params, ..."
     """
     options = KroneckerOptions.checked(approximation, "type-2", kfac_approx, bias)  # blocks: any Fisher type
     check_choice(unsupported, UNSUPPORTED_OPTIONS, "unsupported")
@@ -207,9 +213,11 @@ def _layer_refusals(
 
 
 def _kronecker_places(layer: KroneckerLayer, options: KroneckerOptions) -> dict[int, dict]:
-    """The Kronecker block of a layer's weight and bias, labelled as :meth:`Layout.place` does."""
+    """The block of a layer's weight and bias (Kronecker or exact), labelled as :meth:`Layout.place` does."""
     name = layer.name or type(layer.module).__name__
     block = "kronecker-eigen" if options.approximation.corrected else "kronecker"
+    if layer.rule.exact:
+        block = "exact" if len(layer.rule.block_shape(layer)) == 2 else "exact-diagonal"
     bias = None if layer.bias is None else ("joint" if layer.joint else "separate")
     places = {}
     for kind, p in (("weight", layer.weight), ("bias", layer.bias)):

@@ -8,7 +8,7 @@ backpropagated gradients ``g_nc`` make ``G = (1/Z) Σ g g^T`` (see :mod:`curvops
 - ``"mc"``: ``∇_f ℓ(f_n, ŷ_nm)`` for ``mc_samples`` labels ``ŷ`` drawn from the model (``G``
   divided by ``mc_samples``), the same draws as :class:`~curvops.FisherMC`;
 - ``"empirical"``: ``∇_f ℓ(f_n, y_n)`` at the true labels;
-- ``"forward-only"``: no backward pass, ``G = I``.
+- ``"forward-only"``: no backward pass, ``G = I`` (a normalization layer's exact block: ``I``).
 
 Each type is one :class:`FisherType` object in :data:`FISHER_TYPES`, which also names its
 exact counterpart (the operator its unsupported blocks, influence's ``"ggn"`` and
@@ -81,9 +81,14 @@ class FisherType:
         return self._columns(loss, output, targets, count, mc_samples, seed, index)
 
     def finished(self, statistics: LayerStatistics) -> LayerStatistics:
-        """Normalised statistics completed: ``G = I`` for a type without a backward pass."""
+        """Normalised statistics completed: ``G = I`` for a type without a backward pass (an exact
+        block, :mod:`curvops.nn.layers.norm`: the identity)."""
         if self.backward:
             return statistics
+        block = statistics.exact_block
+        if block is not None:
+            identity = torch.ones_like(block) if block.ndim == 1 else torch.eye(len(block)).to(block)
+            return statistics.replace(exact_block=identity)
         layer, some = statistics.layer, statistics.input_factor
         eye = torch.eye(layer.sizes[0], dtype=some.dtype, device=some.device)
         return statistics.replace(output_factor=eye)

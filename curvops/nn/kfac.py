@@ -44,9 +44,14 @@ def KFAC(
     its weight is ``G ⊗ A`` (see
     :mod:`curvops.nn.layers.rule` for ``A``, ``G`` and ``kfac_approx``, :mod:`curvops.nn.fisher`
     for ``fisher_type``); an embedding's block is ``A ⊗ G`` with a diagonal ``A`` (its weight is
-    ``[num_embeddings, dim]``). The operator is block-diagonal over layers, in the order and
-    layout of ``params`` — the same matrix convention as :class:`~curvops.GGN` (the loss over
-    the whole data set as its reduction defines it, independent of batching) — so
+    ``[num_embeddings, dim]``). The normalization layers (``nn.LayerNorm``, ``nn.RMSNorm``,
+    ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` in eval mode) get the exact block of their affine
+    parameters for ``fisher_type`` (its diagonal for more than 2048 of them), from the same pass
+    (:mod:`curvops.nn.layers.norm`, which says where ``"type-2"`` is the GGN's block: not for a
+    cross-entropy over positions; EKFAC and TKFAC give the same block). The operator is
+    block-diagonal over layers, in the order and layout of ``params`` — the same matrix
+    convention as :class:`~curvops.GGN` (the loss over the whole data set as its reduction
+    defines it, independent of batching) — so
     ``inverse``, ``logdet``, ``det`` and ``trace`` are exact through the Kronecker factors,
     and ``inverse(damping, factored=True)`` gives the π-damped inverse. It is a snapshot: its
     factors are tensors, with a ``state_dict``. The result is a :class:`~curvops.BlockDiagonal`
@@ -69,16 +74,17 @@ def KFAC(
         params: the parameters, trainable or frozen, a list or a dict of them (default: the
             model's trainable ones, in order).
         fisher_type: ``"type-2"`` (KFAC of the GGN), ``"mc"``, ``"empirical"`` or
-            ``"forward-only"`` (``G = I``).
+            ``"forward-only"`` (``G = I``; a normalization layer's block is ``I``).
         mc_samples: labels drawn per datum for ``"mc"``.
         kfac_approx: ``"expand"`` or ``"reduce"`` for layers shared over positions.
         seed: seed of the ``"mc"`` label draws.
         progressbar: a tqdm bar on the pass over the data.
         bias: ``"separate"`` (a ``G`` block of its own) or ``"joint"`` (one block ``G ⊗ A`` with
             a constant 1 appended to the inputs) for layers whose weight and bias are both in
-            ``params``.
-        unsupported: what to do with parameters of other modules (LayerNorm, BatchNorm,
-            an attention's ``bias_k``/``bias_v``, ...): ``"error"``, or an exact
+            ``params``; for a normalization layer one exact block per parameter, or one over
+            ``[γ; β]`` with their cross terms.
+        unsupported: what to do with parameters of modules without a rule (an attention's
+            ``bias_k``/``bias_v``, ``nn.PReLU``, ...): ``"error"``, or an exact
             ``"dense"`` or ``"diagonal"`` block per module from the
             exact operator of the same ``fisher_type`` (GGN for ``"type-2"`` and
             ``"forward-only"``).
@@ -241,16 +247,20 @@ def _kronecker_blocks(
     options: KroneckerOptions, model_data: ModelData, loss, layers: list
 ) -> list[tuple[KroneckerLayer, list[CurvatureOperator]]]:
     """Each layer and its blocks: one statistics pass (the layers of an attention module follow
-    its first call), and for EKFAC/TEKFAC a correcting one."""
+    its first call), and for EKFAC/TEKFAC a correcting one (for the layers it corrects: not those
+    with exact blocks)."""
     approximation = options.approximation
     passes = KroneckerPass(model_data, loss, layers, options)
     statistics = passes.statistics()
-    if not approximation.corrected:
+    bases = [approximation.eigenbasis(s)[0] if approximation.corrects(s.layer) else None for s in statistics]
+    if all(basis is None for basis in bases):
         return [(s.layer, approximation.kronecker_blocks(s)) for s in statistics]
-    bases = [approximation.eigenbasis(s)[0] for s in statistics]
     corrections = passes.corrections(bases)
     return [
-        (s.layer, approximation.corrected_blocks(s.layer, basis, c))
+        (
+            s.layer,
+            approximation.corrected_blocks(s.layer, basis, c) if basis else approximation.kronecker_blocks(s),
+        )
         for s, basis, c in zip(statistics, bases, corrections, strict=True)
     ]
 

@@ -142,8 +142,9 @@ class KroneckerPass:
         fisher = self.options.fisher
         return [fisher.finished(totals[i].normalised(scale)) for i in range(len(self.layers))]
 
-    def corrections(self, bases: list[Basis]) -> list[Corrections]:
-        """EKFAC's eigenvalues ``s = E[(Q_out^T ∇_W ℓ_n Q_in)²]`` in each layer's eigenbasis.
+    def corrections(self, bases: list[Basis | None]) -> list[Corrections]:
+        """EKFAC's eigenvalues ``s = E[(Q_out^T ∇_W ℓ_n Q_in)²]`` in each layer's eigenbasis
+        (none for a layer whose basis is ``None``: an exact block).
 
         One more pass over the data. ``∇_W ℓ_n = Σ_s g_ns a_ns^T`` is each datum's (and
         output-space column's) gradient, summed over positions whatever ``kfac_approx`` is,
@@ -154,7 +155,7 @@ class KroneckerPass:
         sums = [Corrections() for _ in self.layers]
 
         def consume(i: int, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None) -> None:
-            if gradients is not None:  # a batch without loss terms adds nothing to the corrections
+            if gradients is not None and bases[i] is not None:  # a batch without loss terms adds nothing
                 sums[i] = sums[i] + batch_corrections(
                     layer, inputs, gradients, bases[i], self.options.correction
                 )

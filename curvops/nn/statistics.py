@@ -4,8 +4,9 @@ A pass over the data (or the optimizer's training step) produces, per layer, the
 ``Σ w a a^T`` (with their count ``Σ w · positions``), ``Σ g g^T`` and TKFAC's terms; sums add
 (``+``: more batches, more ranks). :meth:`LayerStatistics.normalised` divides them into the
 factors ``A``, ``G`` (``δ``, ``Φ``, ``Ψ``), and normalised values average
-(:meth:`LayerStatistics.average`: the optimizer's running averages). EKFAC's eigenvalue
-sums are :class:`Corrections`, alike.
+(:meth:`LayerStatistics.average`: the optimizer's running averages). A normalization layer's
+statistic is the sum ``Σ v v^T`` of its exact block instead (:mod:`curvops.nn.layers.norm`),
+normalised like ``G``. EKFAC's eigenvalue sums are :class:`Corrections`, alike.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ STATISTICS = (
     "bias_trace",
     "trace_input_factor",
     "trace_output_factor",
+    "exact_block",
 )
 """The tensors of :class:`LayerStatistics`, by field name."""
 
@@ -55,6 +57,8 @@ class LayerStatistics:
         trace, trace_input_factor, trace_output_factor: TKFAC's ``δ``, ``Φ`` and ``Ψ``
             (``tr Φ = tr Ψ = 1`` once normalised), or ``None``.
         bias_trace: the trace of a separate bias's true block, or ``None``.
+        exact_block: the exact block of a layer with an exact rule (``[D, D]``, or ``[D]`` for
+            its diagonal), as a sum ``Σ v v^T`` over per-datum gradients; ``None`` otherwise.
         input_count: what ``A``'s sum is divided by (``1`` once normalised).
 
     Example:
@@ -72,6 +76,7 @@ class LayerStatistics:
     bias_trace: Tensor | None = None
     trace_input_factor: Tensor | None = None
     trace_output_factor: Tensor | None = None
+    exact_block: Tensor | None = None
     input_count: float = 0.0
 
     def tensors(self) -> dict[str, Tensor]:
@@ -81,7 +86,7 @@ class LayerStatistics:
     @property
     def empty(self) -> bool:
         """Whether no batch has entered yet."""
-        return self.input_factor is None
+        return self.input_factor is None and self.exact_block is None
 
     def __add__(self, other: LayerStatistics) -> LayerStatistics:
         if other.layer is not self.layer:
@@ -95,9 +100,9 @@ class LayerStatistics:
 
     def normalised(self, scale: float) -> LayerStatistics:
         """The factors from the sums: ``A = Σ w a a^T / count``, ``G = Σ g g^T / scale`` (``scale``
-        is ``Z``, times the samples per datum for ``"mc"``), ``δ`` and a bias's trace ``/ scale``,
-        ``Φ`` and ``Ψ`` divided by their traces. Raises ``ValueError`` (naming the layer) for
-        TKFAC's ``δ <= 0`` or ``nan``."""
+        is ``Z``, times the samples per datum for ``"mc"``), ``δ``, a bias's trace and an exact
+        block ``/ scale``, ``Φ`` and ``Ψ`` divided by their traces. Raises ``ValueError`` (naming
+        the layer) for TKFAC's ``δ <= 0`` or ``nan``."""
         if self.trace is not None and not bool(self.trace > 0):
             raise ValueError(
                 f"Layer {self.layer.name!r} has δ = {float(self.trace)} (its block's trace): TKFAC "
@@ -115,6 +120,7 @@ class LayerStatistics:
             bias_trace=divided(self.bias_trace, scale),
             trace_input_factor=_trace_normalised(self.trace_input_factor),
             trace_output_factor=_trace_normalised(self.trace_output_factor),
+            exact_block=divided(self.exact_block, scale),
             input_count=1.0,
         )
 

@@ -59,11 +59,13 @@ class KFACOptimizer(torch.optim.Optimizer):
       at every statistics step; TEKFAC likewise in TKFAC's eigenbasis); TKFAC
       ``(δ Ψ ⊗ Φ + λI)^-1``, or with ``factored=True`` Gao et
       al.'s damped factors ``(√δ Ψ + √λ I)^-1 ⊗ (√δ Φ + √λ I)^-1``. A separate bias block is
-      ``(G + λI)^-1``. Every damped inverse is the approximation's own
+      ``(G + λI)^-1``. A normalization layer's running exact block ``B`` (the same for every
+      curvature, :mod:`curvops.nn.layers.norm`) gives ``(B + λI)^-1``, exact whatever
+      ``factored`` says (it has no factors). Every damped inverse is the approximation's own
       (:meth:`~curvops.nn.approximations.KroneckerApproximation.damped_inverse`).
     - the step: ``d = ∇ + w θ`` (``w = weight_decay``), ``p = P d`` with the
-      preconditioner ``P`` on the Kronecker layers' parameters and ``p = d`` on every other
-      parameter (LayerNorm, BatchNorm, an attention's ``bias_k``/``bias_v``, ...:
+      preconditioner ``P`` on the parameters of layers with a rule and ``p = d`` on every other
+      parameter (an attention's ``bias_k``/``bias_v``, a module without a rule, ...:
       a plain first-order update); with ``kl_clip = κ``
       the step is scaled by ``ν = min(1, sqrt(κ / (η² Σ p·d)))`` (Ba et al. 2017); then
       ``m ← μ m − η ν p``, ``θ ← θ + m`` (Gao et al.'s momentum form; with a constant ``η``,
@@ -94,9 +96,11 @@ class KFACOptimizer(torch.optim.Optimizer):
     new optimizer to it, e.g. with this one's ``state_dict``).
 
     Args:
-        model: the network; hooks go on its Kronecker layers (``nn.Linear``, ``nn.Conv1d``,
-            ``nn.Conv2d``, ``nn.Conv3d``, ``nn.Embedding``, ``nn.MultiheadAttention``, as for
-            :func:`~curvops.KFAC`).
+        model: the network; hooks go on its layers with a rule (``nn.Linear``, ``nn.Conv1d``,
+            ``nn.Conv2d``, ``nn.Conv3d``, ``nn.Embedding``, ``nn.MultiheadAttention``, and the
+            normalization layers ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``,
+            ``nn.BatchNorm*``, as for :func:`~curvops.KFAC`; a batch norm in train mode normalises
+            with the batch's statistics, as it does).
         loss_fn: the ``nn.Module`` loss the training loop calls: ``nn.CrossEntropyLoss``,
             ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (any module for ``"forward-only"``).
         params: the parameters to train (default: the model's trainable ones), one group: a
@@ -123,7 +127,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         kfac_approx, bias, correction, seed: as for :func:`~curvops.KFAC` / :func:`~curvops.EKFAC`.
 
     Attributes:
-        curvature_params: the preconditioned parameters (those of Kronecker layers), in order.
+        curvature_params: the preconditioned parameters (those of layers with a rule), in order.
         layers: per Kronecker layer, its running statistics, an immutable
             :class:`~curvops.nn.statistics.LayerStatistics` (replaced at every statistics step;
             :attr:`~curvops.nn.statistics.LayerStatistics.empty` before the first).
@@ -214,7 +218,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         if not layers:
             raise ValueError(
                 "None of the parameters belongs to a layer with a Kronecker rule (nn.Linear, nn.Conv1d, "
-                "nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention, or one registered with "
+                "nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention, a normalization layer, or one "
+                "registered with "
                 "curvops.nn.layers.register_layer_rule); "
                 "use a first-order optimizer."
             )
@@ -357,14 +362,14 @@ class KFACOptimizer(torch.optim.Optimizer):
     def _blocks(self) -> list[list[CurvatureOperator]]:
         """Each layer's blocks from the running state."""
         approximation = self.approximation
-        if approximation.corrected:
-            return [
-                approximation.corrected_blocks(
-                    s.layer, self.bases[s.layer.name], Corrections(*self.scales[s.layer.name])
-                )
-                for s in self.layers
-            ]
-        return [approximation.kronecker_blocks(s) for s in self.layers]
+        return [
+            approximation.corrected_blocks(
+                s.layer, self.bases[s.layer.name], Corrections(*self.scales[s.layer.name])
+            )
+            if approximation.corrects(s.layer)
+            else approximation.kronecker_blocks(s)
+            for s in self.layers
+        ]
 
     def _assemble(self, blocks: list[list[CurvatureOperator]]) -> CurvatureOperator:
         entries = [
@@ -417,8 +422,9 @@ class KFACOptimizer(torch.optim.Optimizer):
         return True
 
     def _new_eigenbases(self) -> None:
-        """EKFAC: the eigenbasis of the running ``G ⊗ A``, with ``s`` restarted from its eigenvalues."""
-        for s in self.layers:
+        """EKFAC: the eigenbasis of the running ``G ⊗ A``, with ``s`` restarted from its eigenvalues
+        (not for exact blocks)."""
+        for s in filter(lambda s: self.approximation.corrects(s.layer), self.layers):
             self.bases[s.layer.name], self.scales[s.layer.name] = self.approximation.eigenbasis(s)
 
     def _correct(self, batches: list[CapturedBatch]) -> None:
@@ -426,6 +432,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         scale = self.options.fisher.scale(1.0, self.options.mc_samples)
         for index, s in enumerate(self.layers):
             name = s.layer.name
+            if name not in self.bases:  # an exact block: nothing to correct
+                continue
             step = Corrections()
             for batch in batches:
                 parts = batch_corrections(

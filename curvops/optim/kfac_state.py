@@ -21,7 +21,14 @@ CURVATURE_STATE = ("curvature", "steps", "statistics", "bases", "scales", "preco
 def running_shapes(layer: KroneckerLayer, approximation: KroneckerApproximation) -> dict[str, Any]:
     """The shapes of a layer's running state: ``"statistics"`` by name (those of
     :class:`~curvops.nn.statistics.LayerStatistics`), and EKFAC's ``"bases"`` ``(Q_out, Q_in,
-    Q_bias)`` and ``"scales"`` ``(s_weight, s_bias)`` (``None`` where the layer has no such entry)."""
+    Q_bias)`` and ``"scales"`` ``(s_weight, s_bias)`` (``None`` where the layer has no such entry;
+    a layer with an exact block has only ``"exact_block"``)."""
+    if layer.rule.exact:
+        return {
+            "statistics": {"exact_block": layer.rule.block_shape(layer)},
+            "bases": (None, None, None),
+            "scales": (None, None),
+        }
     n_out, n_in = layer.sizes
     input_shape, output_shape = layer.input_shape, (n_out, n_out)
     statistics = {"input_factor": input_shape, "output_factor": output_shape}

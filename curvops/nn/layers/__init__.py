@@ -4,7 +4,10 @@ A registry maps module types to :class:`~curvops.nn.layers.rule.LayerRule` objec
 module's rule is that of the nearest class in its method resolution order, so a subclass of
 ``nn.Linear`` is a linear layer. Built in: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``,
 ``nn.Conv3d`` (every padding mode), ``nn.Embedding`` and ``nn.MultiheadAttention`` (its input
-projection and ``out_proj``, :mod:`curvops.nn.layers.attention`). :func:`register_layer_rule` adds a
+projection and ``out_proj``, :mod:`curvops.nn.layers.attention`) (Kronecker factors), and the
+normalization layers ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d``,
+``nn.BatchNorm2d``, ``nn.BatchNorm3d`` and ``nn.SyncBatchNorm`` in eval mode (the exact block of
+their affine parameters, :mod:`~curvops.nn.layers.norm`). :func:`register_layer_rule` adds a
 rule for a module of your own.
 """
 
@@ -18,6 +21,7 @@ from .attention import AttentionRule
 from .conv import ConvRule
 from .embedding import EmbeddingRule
 from .linear import LinearRule
+from .norm import DENSE_LIMIT, ChannelNormRule, LayerNormRule, NormRule
 from .rule import DenseInputRule, KroneckerLayer, LayerRule
 
 _RULES: dict[type[nn.Module], LayerRule] = {
@@ -27,6 +31,13 @@ _RULES: dict[type[nn.Module], LayerRule] = {
     nn.Conv3d: ConvRule(),
     nn.Embedding: EmbeddingRule(),
     nn.MultiheadAttention: AttentionRule(),
+    nn.LayerNorm: LayerNormRule(),
+    nn.RMSNorm: LayerNormRule(),
+    nn.GroupNorm: ChannelNormRule(),
+    nn.BatchNorm1d: ChannelNormRule(),
+    nn.BatchNorm2d: ChannelNormRule(),
+    nn.BatchNorm3d: ChannelNormRule(),
+    nn.SyncBatchNorm: ChannelNormRule(),
 }
 
 OPAQUE_MODULES: dict[type[nn.Module], str] = {}
@@ -41,7 +52,9 @@ def register_layer_rule(module_type: type[nn.Module], rule: LayerRule) -> None:
     The module must hold ``weight`` (and optionally ``bias``) parameters, run once per forward
     pass, and compute ``y_ns = W a_ns (+ b)`` for the inputs the rule reads from its
     arguments. For vector inputs subclass :class:`~curvops.nn.layers.rule.DenseInputRule` and
-    define ``features``; a rule registered for a built-in type replaces the built-in one.
+    define ``features``; a rule registered for a built-in type replaces the built-in one (e.g.
+    ``register_layer_rule(nn.LayerNorm, LayerNormRule(dense_limit=4096))`` keeps dense blocks
+    for larger normalization layers).
 
     Example:
         >>> class Affine(torch.nn.Module):  # a linear layer written by hand
@@ -66,8 +79,10 @@ def layer_rule(module: nn.Module) -> LayerRule | None:
     """The rule of ``module``'s nearest registered class, or ``None`` (no Kronecker rule).
 
     Example:
-        >>> type(layer_rule(torch.nn.Conv1d(2, 3, 3))).__name__, layer_rule(torch.nn.LayerNorm(3))
+        >>> type(layer_rule(torch.nn.Conv1d(2, 3, 3))).__name__, layer_rule(torch.nn.PReLU())
         ('ConvRule', None)
+        >>> type(layer_rule(torch.nn.BatchNorm2d(3))).__name__
+        'ChannelNormRule'
     """
     for cls in type(module).__mro__:
         if cls in _RULES:
@@ -156,14 +171,18 @@ def calls_from_names(layers: list[KroneckerLayer], names: Iterable[str]) -> dict
 
 
 __all__ = [
+    "DENSE_LIMIT",
     "OPAQUE_MODULES",
     "AttentionRule",
+    "ChannelNormRule",
     "ConvRule",
     "DenseInputRule",
     "EmbeddingRule",
     "KroneckerLayer",
+    "LayerNormRule",
     "LayerRule",
     "LinearRule",
+    "NormRule",
     "calls_from_names",
     "find_layers",
     "layer_rule",

@@ -124,12 +124,15 @@ class LayerRule(ABC):
             path, ``"out_proj.weight"``), and the submodules get no rule of their own.
         parts_depend_on_call: which parts the module has depends on how it is called (the parts
             :meth:`capture` gives); the passes and the optimizer make its layers for its first call.
+        exact: the statistics are the exact block of the layer's parameters (``exact_block``,
+            :class:`~curvops.nn.layers.norm.NormRule`), not Kronecker factors.
     """
 
     transposed: ClassVar[bool] = False
     diagonal_input: ClassVar[bool] = False
     owns_submodules: ClassVar[bool] = False
     parts_depend_on_call: ClassVar[bool] = False
+    exact: ClassVar[bool] = False
 
     def check(self, name: str, module: nn.Module, kfac_approx: str) -> None:  # noqa: B027 (optional)
         """Raise ``ValueError`` (naming the module) for configurations the rule does not handle."""
