@@ -177,12 +177,27 @@ class Corpus:
         starts = torch.randint(0, len(self.ids) - tokens - 1, (count, size), generator=generator)
         return [self.batch(row, tokens) for row in starts]
 
-    def split(self, fraction: float) -> tuple[Corpus, Corpus]:
-        """The first ``fraction`` of the characters and the rest, with the same character set."""
-        cut = int(fraction * len(self.ids))
-        return (
-            Corpus(self.text[:cut], self.characters, self.ids[:cut]),
-            Corpus(self.text[cut:], self.characters, self.ids[cut:]),
+    def split(self, every: int = 10, chunk: int = 1000) -> tuple[Corpus, Corpus]:
+        """Held-out text from the whole corpus: every ``every``-th run of ``chunk`` characters is
+        the second corpus, the rest the first (both with this character set).
+
+        Example:
+            >>> train, held_out = Corpus.from_text("abcdefgh").split(every=2, chunk=2)
+            >>> train.text, held_out.text
+            ('abef', 'cdgh')
+        """
+        runs = range(0, len(self.ids), chunk)
+        kept = [
+            [i for i in runs if (i // chunk) % every != every - 1],
+            [i for i in runs if (i // chunk) % every == every - 1],
+        ]
+        return tuple(
+            Corpus(
+                "".join(self.text[i : i + chunk] for i in starts),
+                self.characters,
+                torch.cat([self.ids[i : i + chunk] for i in starts]),
+            )
+            for starts in kept
         )
 
     def decode(self, ids: Tensor) -> str:

@@ -68,4 +68,4 @@ def test_optimizer_benchmark_quick_mode_runs():
 
 def test_transformer_benchmark_quick_mode_runs():
     out = _quick("transformer.py")
-    assert "GPT: 2 layers" in out and "EKFAC" in out and out.count("x)") >= 3
+    assert "GPT: 2 layers" in out and "EKFAC" in out and out.count("x; forward+backward") == 3
