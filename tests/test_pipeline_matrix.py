@@ -257,7 +257,7 @@ PADDING_BATCH = ["KFAC", "EKFAC", "TKFAC", "TEKFAC", "EKFAC empirical", "Laplace
 
 @pytest.mark.parametrize("entry", PADDING_BATCH)
 def test_a_batch_of_only_padding_labels_gives_the_one_batch_answers(entry):
-    """A fixed loader whose first batch holds padding labels only: its inputs still count in A."""
+    """A fixed loader whose first batch holds padding labels only: its inputs enter no factor."""
     x, y = labelled(n=14, ignored=5)
     lf = LOSSES["ignore_index"]()
     one_batch = ENTRIES[entry](mlp(), lf, [(x, y)])

@@ -4,10 +4,15 @@ For a datum's output ``f_n`` and loss ``ℓ_n``, each type gives columns ``c`` w
 backpropagated gradients ``g_nc`` make ``G = (1/Z) Σ g g^T`` (see :mod:`curvops.nn.layers.rule`):
 
 - ``"type-2"``: the columns of ``S_n`` with ``S_n S_n^T = ∇²_f ℓ_n``
-  (:func:`~curvops.nn.losses.loss_hessian_factor`): KFAC of the GGN;
+  (:func:`~curvops.nn.losses.loss_hessian_factor`): KFAC of the GGN, for any loss convex and
+  twice differentiable in the outputs (closed forms for ``MSELoss``, ``CrossEntropyLoss`` with
+  class weights and label smoothing, ``BCEWithLogitsLoss`` with ``weight`` and ``pos_weight``;
+  per-datum Hessians by autodiff for the others);
 - ``"mc"``: ``∇_f ℓ(f_n, ŷ_nm)`` for ``mc_samples`` labels ``ŷ`` drawn from the model (``G``
-  divided by ``mc_samples``), the same draws as :class:`~curvops.FisherMC`;
-- ``"empirical"``: ``∇_f ℓ(f_n, y_n)`` at the true labels;
+  divided by ``mc_samples``), the same draws as :class:`~curvops.FisherMC`; an unweighted,
+  unsmoothed likelihood loss only (a weighted or smoothed loss is not the model's ``-log p``);
+- ``"empirical"``: ``∇_f ℓ(f_n, y_n)`` at the true labels (of a likelihood loss, weighted or
+  smoothed as it is);
 - ``"forward-only"``: no backward pass, ``G = I`` (a normalization layer's exact block: ``I``).
 
 Each type is one :class:`FisherType` object in :data:`FISHER_TYPES`, which also names its
@@ -119,14 +124,14 @@ def _sampled(loss, output, targets, count, mc_samples, seed, index) -> Tensor:
 
 
 def _hessian_factor(loss, output, targets, count, mc_samples, seed, index) -> Tensor:
-    return loss_hessian_factor(loss, output, targets)
+    return loss_hessian_factor(loss, output, targets, count, where=f"Batch {index}")
 
 
 TYPE_2 = FisherType(
     "type-2",
     backward=True,
-    likelihood=True,
-    sampling=True,
+    likelihood=False,
+    sampling=False,
     sampled=False,
     exact=GGN,
     _columns=_hessian_factor,

@@ -60,6 +60,13 @@ def KFAC(
     ``[vec W, b]``); only a ``params`` order that splits a layer's weight from its bias
     wraps the whole operator in one ``Permuted``.
 
+    Padding: targets equal to ``ignore_index`` are no loss terms and enter no factor. A layer
+    whose positions ``[N, S]`` line up with the targets (``N·S`` of them: a token-wise layer
+    with targets ``[N, S]``, or ``[N·S]`` for a model ending in ``output.flatten(0, -2)``) leaves
+    out its positions of ignored targets; any other layer (a convolution before pooling, a
+    layer after a sequence reduction) leaves out the data whose targets are all ignored (see
+    :mod:`curvops.nn.layers.rule`). The same holds for EKFAC's corrections and TKFAC's traces.
+
     Precision: the statistics are accumulated in at least float32 and the factors decomposed in
     float64; for a bfloat16 or float16 model every block is a :class:`~curvops.linalg.Cast` of
     its float32 operator, so products (and the inverse's) take and give the model's dtype while
@@ -67,8 +74,12 @@ def KFAC(
 
     Args:
         model: the network.
-        loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss``
-            (``"forward-only"`` takes any loss).
+        loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss`` or ``nn.BCEWithLogitsLoss`` for
+            ``"mc"`` (unweighted, unsmoothed) and ``"empirical"``; ``"type-2"`` takes these with
+            class weights, ``pos_weight`` and label smoothing (closed forms), and any other loss
+            convex and twice differentiable in the outputs that sums or averages per-datum
+            terms (per-datum Hessians by autodiff, rows of at most 1024 numbers; a loss with
+            negative curvature is refused); ``"forward-only"`` takes any loss.
         data: a re-iterable of ``(X, y)`` batches, or one pair ``(X, y)`` with a tensor ``X``;
             statistics take one pass over it.
         params: the parameters, trainable or frozen, a list or a dict of them (default: the

@@ -21,7 +21,7 @@ from .approximations import Basis
 from .batches import is_empty
 from .forward_checks import fixed_forward
 from .layers import find_layers
-from .layers.rule import KroneckerLayer
+from .layers.rule import KroneckerLayer, kept_positions, masked
 from .losses import LossAdapter
 from .model import ModelData
 from .options import KroneckerOptions
@@ -83,30 +83,40 @@ def batch_statistics(
     options: KroneckerOptions,
     dtype: torch.dtype,
     weight: float = 1.0,
+    valid: Tensor | None = None,
 ) -> LayerStatistics:
     """One batch's sums of a layer (:meth:`~curvops.nn.layers.rule.LayerRule.statistics`), each of
-    its terms times ``weight`` (``A`` becomes the weighted mean of its inputs' ``a a^T``), in ``dtype``."""
+    its terms times ``weight`` (``A`` becomes the weighted mean of its inputs' ``a a^T``), in ``dtype``,
+    over the positions of loss terms (``valid``, the batch's mask of them:
+    :meth:`~curvops.nn.losses.LossAdapter.valid_terms`)."""
     gradients = None if gradients is None else gradients.to(dtype)
     if gradients is not None and weight != 1.0:
         gradients = gradients * math.sqrt(weight)  # every gradient statistic is quadratic in g
     trace_restricted = options.approximation.trace_restricted
     return layer.rule.statistics(
-        layer, inputs, gradients, weight, options.kfac_approx, trace_restricted, dtype
+        layer, inputs, gradients, weight, options.kfac_approx, trace_restricted, dtype, valid=valid
     )
 
 
 def batch_corrections(
-    layer: KroneckerLayer, inputs: Tensor, gradients: Tensor, basis: Basis, correction: str
+    layer: KroneckerLayer,
+    inputs: Tensor,
+    gradients: Tensor,
+    basis: Basis,
+    correction: str,
+    valid: Tensor | None = None,
 ) -> Corrections:
     """One batch's sums ``Σ_{n,c} ((Q_out ⊗ Q_in)^T vec(∇_W ℓ_nc))²`` (and a separate bias's) in
-    ``basis`` (:meth:`~curvops.nn.approximations.KroneckerApproximation.eigenbasis`)."""
+    ``basis`` (:meth:`~curvops.nn.approximations.KroneckerApproximation.eigenbasis`), over the
+    positions of loss terms (``valid``, as for :func:`batch_statistics`)."""
     q_out, q_in, q_bias = basis
     gradients = gradients.to(q_out.dtype)
     weight = bias = None
     if layer.weight is not None:
-        weight = layer.rule.correction(layer, inputs, gradients @ q_out, q_in, correction)
+        weight = layer.rule.correction(layer, inputs, gradients @ q_out, q_in, correction, valid=valid)
     if layer.separate_bias:
-        bias = (gradients.sum(dim=2) @ q_bias).square().sum(dim=(0, 1))
+        kept = masked(gradients, kept_positions(valid, *gradients.shape[1:3]))
+        bias = (kept.sum(dim=2) @ q_bias).square().sum(dim=(0, 1))
     return Corrections(weight, bias)
 
 
@@ -134,9 +144,11 @@ class KroneckerPass:
         self- or cross-attention) follow its call in the first batch: :attr:`layers` after the pass."""
         totals: dict[int, LayerStatistics] = {}
 
-        def consume(i: int, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None) -> None:
+        def consume(i: int, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None, valid) -> None:
             start = totals.get(i, LayerStatistics(layer))
-            totals[i] = start + batch_statistics(layer, inputs, gradients, self.options, self.dtype)
+            totals[i] = start + batch_statistics(
+                layer, inputs, gradients, self.options, self.dtype, valid=valid
+            )
 
         scale = self._pass("KFAC statistics", consume)
         fisher = self.options.fisher
@@ -154,10 +166,10 @@ class KroneckerPass:
         """
         sums = [Corrections() for _ in self.layers]
 
-        def consume(i: int, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None) -> None:
+        def consume(i: int, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None, valid) -> None:
             if gradients is not None and bases[i] is not None:  # a batch without loss terms adds nothing
                 sums[i] = sums[i] + batch_corrections(
-                    layer, inputs, gradients, bases[i], self.options.correction
+                    layer, inputs, gradients, bases[i], self.options.correction, valid
                 )
 
         any_order = not self.options.fisher.sampled  # the labels must be those of the first pass
@@ -165,11 +177,12 @@ class KroneckerPass:
         return [total / scale for total in sums]
 
     def _pass(self, description: str, consume: Callable, any_order: bool = True) -> float:
-        """One pass over the data; ``consume(i, layer, inputs, gradients)`` per layer and batch.
+        """One pass over the data; ``consume(i, layer, inputs, gradients, valid)`` per layer and batch
+        (``valid``: the batch's mask of loss terms, :meth:`~curvops.nn.losses.LossAdapter.valid_terms`).
 
-        Each batch's count of loss terms comes from its own targets; a batch without any (every
-        target ignored) still adds its inputs to ``A``, as its rows do within a larger batch, and
-        hands ``consume`` no gradients (``None``). ``any_order``: the pass's sums do not depend on
+        Each batch's count of loss terms comes from its own targets; a batch without any hands
+        ``consume`` no gradients (``None``), and where every target is ignored its inputs enter
+        ``A`` nowhere (see :mod:`curvops.nn.layers.rule`). ``any_order``: the pass's sums do not depend on
         the order of the batches (not so for ``"mc"`` labels, drawn per batch index, once a pass
         must match an earlier one). Returns the scale ``G``'s sums are divided by.
         """
@@ -179,8 +192,9 @@ class KroneckerPass:
                 continue
             count = self.loss.count(targets)
             total += count
+            valid = self.loss.valid_terms(targets)
             for i, (layer, layer_input, gradients) in enumerate(self._batch(index, inputs, targets, count)):
-                consume(i, layer, layer_input, gradients)
+                consume(i, layer, layer_input, gradients, valid)
         if total == 0:
             raise ValueError("The data has no loss terms (every target is ignored).")
         return self.options.fisher.scale(self.loss.batch_scale(total), self.options.mc_samples)

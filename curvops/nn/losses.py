@@ -3,18 +3,26 @@
 A curvature operator represents the loss over the whole data set as the loss's own
 ``reduction`` defines it. With ``reduction="sum"`` that is ``Σ_batches loss(f(X_b), y_b)``;
 with ``"mean"`` each batch's mean is weighted by the number of terms it averages over,
-``count_b / Σ count``, so the result never depends on the batching:
+``count_b / Σ count``, so the result never depends on the batching (:meth:`LossAdapter.count`):
 
-- ``MSELoss``, ``BCEWithLogitsLoss``: every element of the output (``y.numel()``);
-- ``CrossEntropyLoss``: every target that is not ``ignore_index`` (weighted by the class
-  ``weight`` when one is set), over all extra axes (``[N, C, d1, ...]`` outputs);
+- ``MSELoss``, ``BCEWithLogitsLoss`` and the other element-wise losses of ``torch.nn``
+  (``L1Loss``, ``SmoothL1Loss``, ``HuberLoss``, ``PoissonNLLLoss``, ``BCELoss``,
+  ``SoftMarginLoss``, ``HingeEmbeddingLoss``, ``KLDivLoss``): every element of the target;
+- ``CrossEntropyLoss``, ``NLLLoss`` with class indices: every target that is not
+  ``ignore_index`` (weighted by the class ``weight`` when one is set, with or without label
+  smoothing), over all extra axes (``[N, C, d1, ...]`` outputs); ``CrossEntropyLoss`` with
+  probabilities: every position ``[N, d1, ...]``, unweighted (as torch averages);
 - any other callable ``loss(output, target)``: the batch's first axis (``len(target)``),
   unless it has an attribute ``reduction == "sum"``.
 
+Targets equal to ``ignore_index`` are no loss terms (:meth:`LossAdapter.valid_terms`): the
+Kronecker factors leave them out (:mod:`curvops.nn.layers.rule`).
+
 A *datum* is one row (first axis) of the model output; per-datum losses ``ℓ_n`` sum over
-the row's other axes (tokens, pixels, output units). The Fisher types need a likelihood:
-``MSELoss`` is ``N(f, ½ I)`` (``Σ (f - y)²`` is ``-log p`` up to a constant), ``CrossEntropyLoss``
-a categorical over axis 1, ``BCEWithLogitsLoss`` independent Bernoullis.
+the row's other axes (tokens, pixels, output units). The Fisher types ``"mc"`` and
+``"empirical"`` need a likelihood: ``MSELoss`` is ``N(f, ½ I)`` (``Σ (f - y)²`` is ``-log p``
+up to a constant), ``CrossEntropyLoss`` a categorical over axis 1, ``BCEWithLogitsLoss``
+independent Bernoullis. ``"type-2"`` needs only ``∇²_f ℓ_n`` (:func:`loss_hessian_factor`).
 """
 
 from __future__ import annotations
@@ -26,7 +34,24 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .loss_hessians import generic_hessian_factor
+
 LIKELIHOOD_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
+CLASS_INDEX_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
+"""Losses of class indices with an ``ignore_index`` and class weights that their mean divides by."""
+ELEMENTWISE_LOSSES = (
+    nn.MSELoss,
+    nn.BCEWithLogitsLoss,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.PoissonNLLLoss,
+    nn.BCELoss,
+    nn.SoftMarginLoss,
+    nn.HingeEmbeddingLoss,
+    nn.KLDivLoss,
+)
+"""Losses whose mean is over every element of the target."""
 
 
 def _class_axis_hint(shape: list[int], given: list[int]) -> str:
@@ -50,7 +75,8 @@ class LossAdapter:
     Args:
         loss_fn: ``nn.MSELoss``, ``nn.CrossEntropyLoss``, ``nn.BCEWithLogitsLoss`` (reduction
             ``"mean"`` or ``"sum"``) or any ``torch.func``-differentiable ``loss(output, target)``.
-        likelihood: require one of the three likelihood losses (for the Fisher types).
+        likelihood: require one of the three likelihood losses (for the Fisher types "mc" and
+            "empirical").
         what: the operator's name, for error messages.
 
     Example:
@@ -80,11 +106,11 @@ class LossAdapter:
         self.reduction = reduction
 
     def __call__(self, output: Tensor, target: Tensor) -> Tensor:
-        if isinstance(self.loss_fn, nn.MSELoss):
-            # the same value as nn.MSELoss, written out: its fused kernel has no
+        if isinstance(self.loss_fn, (nn.MSELoss, nn.HuberLoss, nn.SmoothL1Loss)):
+            # the same value as the torch loss, written out: its fused kernel has no
             # forward-over-reverse derivative under torch.func
-            squares = (output - target).square()
-            return squares.mean() if self.reduction == "mean" else squares.sum()
+            terms = _residual_terms(self.loss_fn, output - target)
+            return terms.mean() if self.reduction == "mean" else terms.sum()
         return self.loss_fn(output, target)
 
     def check_target(self, output: Tensor, target: Any, index: int) -> None:
@@ -168,11 +194,17 @@ class LossAdapter:
         return torch.func.grad(lambda o: scale * self(o, target))(output)
 
     def count(self, target: Tensor) -> float:
-        """The number of terms the ``mean`` reduction divides a batch's summed loss by."""
+        """The number of terms the ``mean`` reduction divides a batch's summed loss by (see the
+        module docstring).
+
+        Example:
+            >>> LossAdapter(torch.nn.HuberLoss()).count(torch.zeros(4, 3))
+            12.0
+        """
         loss = self.loss_fn
-        if isinstance(loss, (nn.MSELoss, nn.BCEWithLogitsLoss)):
+        if isinstance(loss, ELEMENTWISE_LOSSES):
             return float(target.numel())
-        if isinstance(loss, nn.CrossEntropyLoss):
+        if isinstance(loss, CLASS_INDEX_LOSSES):
             if target.is_floating_point():  # probabilities [N, C, ...] (other shapes: check_target)
                 return float(target.numel() // target.shape[1] if target.ndim > 1 else len(target))
             kept = target[target != loss.ignore_index]
@@ -187,6 +219,19 @@ class LossAdapter:
                 )
             return float(loss.weight[kept].sum().item())
         return float(len(target))
+
+    def valid_terms(self, target: Any) -> Tensor | None:
+        """Which targets are loss terms, ``[N, d1, ...]`` booleans (class indices that are not
+        ``ignore_index``); ``None`` when all are (and for losses without an ``ignore_index``).
+
+        Example:
+            >>> LossAdapter(torch.nn.CrossEntropyLoss(ignore_index=-1)).valid_terms(torch.tensor([0, -1]))
+            tensor([ True, False])
+        """
+        if not isinstance(self.loss_fn, CLASS_INDEX_LOSSES) or target.is_floating_point():
+            return None
+        valid = target != self.loss_fn.ignore_index
+        return None if bool(valid.all()) else valid
 
     def check_sampling(self, what: str) -> None:
         """Raise unless labels sampled from the model give the Fisher of this loss."""
@@ -226,12 +271,42 @@ class LossAdapter:
         return torch.where(target == loss.ignore_index, target, classes)
 
 
-def loss_hessian_factor(loss: LossAdapter, output: Tensor, targets: Tensor) -> Tensor:
+def _residual_terms(loss_fn: nn.Module, residual: Tensor) -> Tensor:
+    """The unreduced terms of ``MSELoss``, ``HuberLoss`` (``delta``) and ``SmoothL1Loss`` (``beta``)."""
+    if isinstance(loss_fn, nn.MSELoss):
+        return residual.square()
+    size = residual.abs()
+    width = loss_fn.delta if isinstance(loss_fn, nn.HuberLoss) else loss_fn.beta
+    if width == 0:
+        return size
+    if isinstance(loss_fn, nn.HuberLoss):
+        return torch.where(size < width, 0.5 * residual.square(), width * (size - 0.5 * width))
+    return torch.where(size < width, 0.5 * residual.square() / width, size - 0.5 * width)
+
+
+def loss_hessian_factor(
+    loss: LossAdapter, output: Tensor, targets: Tensor, count: float | None = None, where: str = "This batch"
+) -> Tensor:
     """Columns ``S`` with ``Σ_c S_c S_c^T = ∇²_f ℓ`` per datum and position, ``[K, *output.shape]``.
 
-    ``√2 e_j`` for every output element of ``MSELoss``, ``√(σ(1-σ)) e_j`` for
-    ``BCEWithLogitsLoss``, and for ``CrossEntropyLoss`` ``√p_c (e_c - p)`` for every class ``c``
-    at every position at once (zero at ``ignore_index``).
+    Closed forms:
+
+    - ``MSELoss``: ``√2 e_j`` for every output element;
+    - ``BCEWithLogitsLoss``: ``√h e_j`` with ``h = w (1 + (p_w - 1) y) σ(1-σ)`` (``w`` the
+      ``weight``, ``p_w`` the ``pos_weight``, both 1 when unset);
+    - ``CrossEntropyLoss``: ``√(c p_c) (e_c - p)`` for every class ``c`` at every position at
+      once, with ``c = (1-ε) w_y + (ε/C) Σ_k w_k`` for a class index ``y`` (``0`` at
+      ``ignore_index``) and ``c = Σ_k w_k q̃_k``, ``q̃ = (1-ε) q + ε/C``, for probabilities ``q``
+      (``ε`` the ``label_smoothing``, ``w`` the class ``weight``, 1 when unset): the Hessian of
+      torch's ``-Σ_k w_k q̃_k log p_k`` is ``c (diag p - p p^T)``, whatever the targets. A
+      column holds its class at every position, so a layer that sees one output position
+      each (token-wise) gets exactly its positions' Hessians; one that mixes positions also
+      gets their cross products (as curvlinops does; exact would take ``C·S`` columns).
+
+    Any other loss: each datum's Hessian of ``s · loss`` (``s`` its :meth:`LossAdapter.batch_scale`
+    for ``count`` loss terms, by default counted from ``targets``), factorised
+    (:func:`~curvops.nn.loss_hessians.generic_hessian_factor`, which raises ``ValueError``
+    beginning with ``where`` for a loss that is not convex in the outputs or a row too large).
 
     Example:
         >>> output = torch.randn(2, 3, dtype=torch.float64)
@@ -248,16 +323,57 @@ def loss_hessian_factor(loss: LossAdapter, output: Tensor, targets: Tensor) -> T
         eye = eye.reshape(classes, 1, classes, *([1] * (output.ndim - 2)))
         per_class = probabilities.movedim(1, 0).unsqueeze(2)  # [C, N, 1, ...]: p_c at every position
         columns = per_class.sqrt() * (eye - probabilities.unsqueeze(0))
-        if not targets.is_floating_point():
-            columns = columns * (targets != loss_fn.ignore_index).unsqueeze(1).to(output.dtype)
-        return columns
+        return columns * _cross_entropy_scale(loss_fn, output, targets).sqrt().unsqueeze(1)
+    if not isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)):
+        scale = loss.batch_scale(loss.count(targets) if count is None else count)
+        return generic_hessian_factor(lambda f: scale * loss(f, targets), output, where)
     curvature = (
         2.0 * torch.ones_like(output)
         if isinstance(loss_fn, nn.MSELoss)
-        else (torch.sigmoid(output) * (1 - torch.sigmoid(output)))
+        else _binary_curvature(loss_fn, output, targets)
     )
     per_datum = math.prod(output.shape[1:])
     eye = torch.eye(per_datum, dtype=output.dtype, device=output.device).reshape(
         per_datum, 1, *output.shape[1:]
     )
     return eye * curvature.sqrt()
+
+
+def _nonnegative(curvature: Tensor, loss_fn: nn.Module, what: str) -> Tensor:
+    """``curvature``, checked to be ``>= 0`` (it is under a square root)."""
+    if bool((curvature < 0).any()):
+        raise ValueError(
+            f"{type(loss_fn).__name__}: {what} give a negative curvature {float(curvature.min()):.4g}; "
+            "fisher_type='type-2' needs a loss convex in the outputs (weights and targets >= 0)."
+        )
+    return curvature
+
+
+def _cross_entropy_scale(loss_fn: nn.CrossEntropyLoss, output: Tensor, targets: Tensor) -> Tensor:
+    """``c`` per position (``[N, d1, ...]``) with ``∇²_f ℓ = c (diag p - p p^T)`` (see
+    :func:`loss_hessian_factor`)."""
+    classes, smoothing = output.shape[1], loss_fn.label_smoothing
+    weight = loss_fn.weight
+    weight = output.new_ones(classes) if weight is None else weight.to(output.dtype)
+    if targets.is_floating_point():
+        smoothed = targets.to(output.dtype) * (1 - smoothing) + smoothing / classes
+        weighted = smoothed * weight.reshape(classes, *([1] * (output.ndim - 2)))
+        return _nonnegative(weighted.sum(dim=1), loss_fn, "class weights or target probabilities")
+    valid = targets != loss_fn.ignore_index
+    per_target = (1 - smoothing) * weight[torch.where(valid, targets, 0)] + smoothing / classes * weight.sum()
+    scale = per_target * valid.to(output.dtype)
+    return scale if loss_fn.weight is None else _nonnegative(scale, loss_fn, "class weights")
+
+
+def _binary_curvature(loss_fn: nn.BCEWithLogitsLoss, output: Tensor, targets: Tensor) -> Tensor:
+    """``w (1 + (p_w - 1) y) σ(1-σ)``: the second derivative of torch's
+    ``-w [p_w y log σ + (1 - y) log(1 - σ)]`` in the logit."""
+    sigmoid = torch.sigmoid(output)
+    curvature = sigmoid * (1 - sigmoid)
+    if loss_fn.pos_weight is None and loss_fn.weight is None:
+        return curvature
+    if loss_fn.pos_weight is not None:
+        curvature = curvature * (1 + (loss_fn.pos_weight.to(output.dtype) - 1) * targets)
+    if loss_fn.weight is not None:
+        curvature = curvature * loss_fn.weight.to(output.dtype)
+    return _nonnegative(curvature, loss_fn, "weight, pos_weight or targets")

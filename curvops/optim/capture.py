@@ -45,11 +45,13 @@ class CapturedBatch:
     """One micro-batch's layer inputs, output gradients ``[K, N, S, n_out]`` (``None`` for
     ``"forward-only"``) and the weight ``w = c / Z`` of each of its loss terms: ``c`` is the
     gradient that reached its loss value (``1`` for ``loss.backward()``, ``1/K`` for
-    ``(loss / K).backward()``), ``Z`` the loss's normaliser (its loss terms for a mean, 1 for a sum)."""
+    ``(loss / K).backward()``), ``Z`` the loss's normaliser (its loss terms for a mean, 1 for a sum);
+    ``valid``, its targets' mask of loss terms (``None``: all; padding is left out of the statistics)."""
 
     inputs: list[Tensor]
     gradients: list[Tensor | None]
     weight: float
+    valid: Tensor | None = None
 
 
 class InertHook:
@@ -222,9 +224,9 @@ class BatchCapture:
         count = self.loss.count(targets)
         if not count or not c:
             return
-        batch_weight = c / self.loss.batch_scale(count)
+        batch_weight, valid = c / self.loss.batch_scale(count), self.loss.valid_terms(targets)
         if not self.fisher.backward:
-            self.batches.append(CapturedBatch(inputs, [None] * len(inputs), batch_weight))
+            self.batches.append(CapturedBatch(inputs, [None] * len(inputs), batch_weight, valid))
             return
         seed, step = self.draw()
         self._busy = True
@@ -235,7 +237,7 @@ class BatchCapture:
             gradients = output_gradients(self.layers, output, layer_outputs, columns)
         finally:
             self._busy = False
-        self.batches.append(CapturedBatch(inputs, [g.detach() for g in gradients], batch_weight))
+        self.batches.append(CapturedBatch(inputs, [g.detach() for g in gradients], batch_weight, valid))
 
 
 def graph_origin(output: Tensor, forward_nodes: set[Any], weights: set[int]) -> str:

@@ -404,7 +404,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         for batch in batches:
             for i, (inputs, gradients) in enumerate(zip(batch.inputs, batch.gradients, strict=True)):
                 step[i] = step[i] + batch_statistics(
-                    step[i].layer, inputs, gradients, options, self._dtype, batch.weight
+                    step[i].layer, inputs, gradients, options, self._dtype, batch.weight, batch.valid
                 )
         usable = all_usable(step)
         if usable:  # the weights w_k = c_k / Z_k hold the normalisation
@@ -442,6 +442,7 @@ class KFACOptimizer(torch.optim.Optimizer):
                     batch.gradients[index],
                     self.bases[name],
                     self.options.correction,
+                    batch.valid,
                 )
                 step = step + parts * batch.weight
             step = step / scale

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..statistics import LayerStatistics
-from .rule import KroneckerLayer, LayerRule, second_moment
+from .rule import KroneckerLayer, LayerRule, kept_positions, masked, second_moment
 
 
 class EmbeddingRule(LayerRule):
@@ -42,18 +42,28 @@ class EmbeddingRule(LayerRule):
         kfac_approx: str,
         trace_restricted: bool,
         dtype: torch.dtype,
+        valid: Tensor | None = None,
     ) -> LayerStatistics:
         module = layer.module
         indices = inputs.flatten()
+        kept = self._kept(inputs, valid)
+        gradients = masked(gradients, kept)
         present = self._present(module, indices, dtype)
+        present = present if kept is None else present * kept.flatten()
         zeros = torch.zeros(module.num_embeddings, dtype=dtype, device=indices.device)
         terms = {"input_factor": weight * zeros.index_add(0, indices, present)}
-        count = weight * indices.numel()
+        count = weight * (indices.numel() if kept is None else float(kept.sum()))
         if gradients is not None:
             terms["output_factor"] = second_moment(gradients)
             if trace_restricted:
                 terms.update(self._trace_terms(inputs, gradients, present, zeros))
         return LayerStatistics(layer, input_count=count, **terms)
+
+    @staticmethod
+    def _kept(inputs: Tensor, valid: Tensor | None) -> Tensor | None:
+        """:func:`~curvops.nn.layers.rule.kept_positions` of the indices ``[N, S]`` (any trailing axes)."""
+        data = inputs.shape[0] if inputs.ndim else 1
+        return kept_positions(valid, data, inputs.numel() // max(data, 1))
 
     @staticmethod
     def _present(module: nn.Module, indices: Tensor, dtype: torch.dtype) -> Tensor:
@@ -76,10 +86,17 @@ class EmbeddingRule(LayerRule):
         }
 
     def correction(
-        self, layer: KroneckerLayer, inputs: Tensor, rotated: Tensor, q_in: Tensor | None, correction: str
+        self,
+        layer: KroneckerLayer,
+        inputs: Tensor,
+        rotated: Tensor,
+        q_in: Tensor | None,
+        correction: str,
+        valid: Tensor | None = None,
     ) -> Tensor:
         """Rows of each datum's gradient are sums over its positions holding the same index."""
         module = layer.module
+        rotated = masked(rotated, self._kept(inputs, valid))
         indices = inputs.reshape(rotated.shape[1], -1)
         columns, data, positions, outputs = rotated.shape
         num = module.num_embeddings

@@ -94,9 +94,12 @@ class NormRule(LayerRule):
         kfac_approx: str,
         trace_restricted: bool,
         dtype: torch.dtype,
+        valid: Tensor | None = None,
     ) -> LayerStatistics:
         """``Σ_{n,c} v_nc v_nc^T`` (its diagonal above ``dense_limit``), ``v = [vec ∇_γ; ∇_β]``; a
-        zero block without gradients (no loss terms, or ``"forward-only"``)."""
+        zero block without gradients (no loss terms, or ``"forward-only"``). Every position is
+        kept whatever ``valid`` says: ignored targets backpropagate nothing, so the gradients hold
+        the loss terms alone, and the block stays exact."""
         shape = self.block_shape(layer)
         if gradients is None:
             return LayerStatistics(layer, exact_block=inputs.new_zeros(shape, dtype=dtype))
@@ -111,7 +114,13 @@ class NormRule(LayerRule):
         return LayerStatistics(layer, exact_block=block)
 
     def correction(
-        self, layer: KroneckerLayer, inputs: Tensor, rotated: Tensor, q_in: Tensor | None, correction: str
+        self,
+        layer: KroneckerLayer,
+        inputs: Tensor,
+        rotated: Tensor,
+        q_in: Tensor | None,
+        correction: str,
+        valid: Tensor | None = None,
     ) -> Tensor:
         raise TypeError(f"{layer.name!r} has an exact block: it has no eigenvalues to correct.")
 

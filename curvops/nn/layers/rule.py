@@ -15,6 +15,20 @@ al. 2023):
 output-space vectors of the Fisher type (:mod:`curvops.nn.fisher`). TKFAC's trace terms and
 EKFAC's eigenvalue corrections come from the same captured tensors.
 
+Targets equal to ``ignore_index`` are no loss terms, and a layer's positions that belong to
+none are left out of every sum (``A``, its count, ``reduce``'s means over positions,
+TKFAC's terms, EKFAC's corrections; their output gradients too), by :func:`kept_positions`
+from the batch's mask of valid targets (:meth:`~curvops.nn.losses.LossAdapter.valid_terms`,
+``T`` targets in all):
+
+- a layer whose positions ``[N, S]`` line up with the targets (``N S = T``: a token-wise
+  layer on ``[N, S, d]`` inputs with targets ``[N, S]``, or with a model that ends in
+  ``output.flatten(0, -2)`` and targets ``[N·S]``) drops its positions of ignored targets;
+- any other layer (a convolution before pooling, a layer after a sequence reduction) drops
+  a datum (row ``n``) whose targets are all ignored, and keeps the rest: row ``n`` holds the
+  targets ``n T/N .. (n+1) T/N - 1`` when ``N`` divides ``T``, or the target ``⌊n T/N⌋``
+  when ``T`` divides ``N``; a layer whose rows match the targets in neither way keeps all.
+
 A rule (:class:`LayerRule`) says what the layer's forward hook captures, how its parameters
 lie in the flat vector (``W`` row-major ``[n_out, n_in]``, or ``[n_in, n_out]`` for a
 ``transposed`` rule such as an embedding's, whose block is then ``A ⊗ G``), and how a
@@ -189,18 +203,62 @@ class LayerRule(ABC):
         kfac_approx: str,
         trace_restricted: bool,
         dtype: torch.dtype,
+        valid: Tensor | None = None,
     ) -> LayerStatistics:
         """One batch's sums: ``Σ w a a^T`` and its count, ``Σ g g^T`` (gradients already carry
         ``√w``) and, with ``trace_restricted``, TKFAC's ``Σ ‖∇_W ℓ‖²``, ``Σ tr(gg^T) aa^T``,
-        ``Σ tr(aa^T) gg^T`` and a separate bias's ``Σ ‖∇_b ℓ‖²``, all in ``dtype``."""
+        ``Σ tr(aa^T) gg^T`` and a separate bias's ``Σ ‖∇_b ℓ‖²``, all in ``dtype``, over the
+        positions :func:`kept_positions` keeps for the mask ``valid`` of the batch's loss terms
+        (``None``: all)."""
 
     @abstractmethod
     def correction(
-        self, layer: KroneckerLayer, inputs: Tensor, rotated: Tensor, q_in: Tensor | None, correction: str
+        self,
+        layer: KroneckerLayer,
+        inputs: Tensor,
+        rotated: Tensor,
+        q_in: Tensor | None,
+        correction: str,
+        valid: Tensor | None = None,
     ) -> Tensor:
         """One batch's ``Σ_{n,c} (Q_out^T ∇_W ℓ_nc Q_in)²`` in the weight's layout (``[n_out, n_in]``,
         ``[n_in, n_out]`` for a transposed rule) from the output gradients already rotated by ``Q_out``
-        (``q_in`` is ``None`` for a diagonal input factor)."""
+        (``q_in`` is ``None`` for a diagonal input factor), over the kept positions as in
+        :meth:`statistics`."""
+
+
+def kept_positions(valid: Tensor | None, data: int, positions: int) -> Tensor | None:
+    """Which of a layer's ``[data, positions]`` positions hold loss terms, from the mask ``valid``
+    of the batch's targets (see the module docstring); ``None`` keeps all.
+
+    Example:
+        >>> valid = torch.tensor([[True, False, False], [False, False, False]])  # targets [N, S]
+        >>> kept_positions(valid, 2, 3).tolist()  # a token-wise layer: its positions line up
+        [[True, False, False], [False, False, False]]
+        >>> kept_positions(valid, 2, 5).tolist()  # another layer: datum 1 has no loss term
+        [[True, True, True, True, True], [False, False, False, False, False]]
+        >>> kept_positions(torch.tensor([True, False]), 4, 2).tolist()  # rows 2n, 2n+1 of target n
+        [[True, True], [True, True], [False, False], [False, False]]
+    """
+    if valid is None:
+        return None
+    flat = valid.reshape(-1)
+    if data * positions == flat.numel():
+        return flat.reshape(data, positions)
+    if data and flat.numel() % data == 0:
+        rows = flat.reshape(data, -1).any(dim=1)
+    elif flat.numel() and data % flat.numel() == 0:
+        rows = flat.repeat_interleave(data // flat.numel())
+    else:
+        return None
+    return rows.unsqueeze(1).expand(data, positions)
+
+
+def masked(values: Tensor | None, kept: Tensor | None) -> Tensor | None:
+    """``values`` (``[..., N, S, d]``) with the vectors at positions not ``kept`` (``[N, S]``) zero."""
+    if values is None or kept is None:
+        return values
+    return values * kept.unsqueeze(-1).to(values.dtype)
 
 
 def differentiable(output: Tensor) -> Tensor:
@@ -288,6 +346,14 @@ def gradient_norms(gradients: Tensor, features: Tensor) -> Tensor:
     return total
 
 
+def _position_means(features: Tensor, kept: Tensor | None) -> Tensor:
+    """``â_n``, ``[N, 1, n_in]``: each datum's mean input over its kept positions (zero for none)."""
+    if kept is None:
+        return features.mean(dim=1, keepdim=True)
+    per_datum = kept.sum(dim=1).clamp(min=1).to(features.dtype)
+    return features.sum(dim=1, keepdim=True) / per_datum[:, None, None]
+
+
 class DenseInputRule(LayerRule):
     """A layer with vector inputs ``a_ns``: subclasses say how the captured input becomes
     ``[N, S, n_in]`` (:meth:`features`); the factor sums, TKFAC's terms and EKFAC's
@@ -312,18 +378,22 @@ class DenseInputRule(LayerRule):
         kfac_approx: str,
         trace_restricted: bool,
         dtype: torch.dtype,
+        valid: Tensor | None = None,
     ) -> LayerStatistics:
         features = self._features(layer, inputs.to(dtype))
+        kept = kept_positions(valid, *features.shape[:2])
+        features, gradients = masked(features, kept), masked(gradients, kept)
         terms = {}
         if trace_restricted and gradients is not None:
             terms["trace"] = gradient_norms(gradients, features)
             if layer.separate_bias:
                 terms["bias_trace"] = gradients.sum(dim=2).square().sum()
         if kfac_approx == "reduce":
-            features = features.mean(dim=1, keepdim=True)
+            features = _position_means(features, kept)
             gradients = None if gradients is None else gradients.sum(dim=2, keepdim=True)
+            kept = None if kept is None else kept.any(dim=1, keepdim=True)
         terms["input_factor"] = weight * second_moment(features)
-        count = weight * features[..., 0].numel()
+        count = weight * (features[..., 0].numel() if kept is None else float(kept.sum()))
         if gradients is not None:
             terms["output_factor"] = second_moment(gradients)
             if trace_restricted:
@@ -334,9 +404,16 @@ class DenseInputRule(LayerRule):
         return LayerStatistics(layer, input_count=count, **terms)
 
     def correction(
-        self, layer: KroneckerLayer, inputs: Tensor, rotated: Tensor, q_in: Tensor | None, correction: str
+        self,
+        layer: KroneckerLayer,
+        inputs: Tensor,
+        rotated: Tensor,
+        q_in: Tensor | None,
+        correction: str,
+        valid: Tensor | None = None,
     ) -> Tensor:
-        features = self._features(layer, inputs.to(q_in.dtype)) @ q_in
+        features = self._features(layer, inputs.to(q_in.dtype))
+        features = masked(features, kept_positions(valid, *features.shape[:2])) @ q_in
         columns, data, positions, outputs = rotated.shape
         size = features.shape[-1]
         strategy = correction_strategy(correction, columns, data, positions, outputs, size)
