@@ -231,6 +231,15 @@ def test_tiny_resnet_blocks_are_the_ggn_blocks_on_one_datum():
                 )
 
 
+def test_tiny_resnet_ekfac_eigenvalues_are_the_true_blocks_diagonal_in_the_eigenbasis():
+    model, loss_fn = resnet(), nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 1, 6, 6, generator=g, dtype=DOUBLE), torch.randint(0, 3, (4,), generator=g)
+    truth = Truth(model, loss_fn, x, y).empirical_fisher()
+    op = curvops.EKFAC(model, loss_fn, [(x, y)], fisher_type="empirical")
+    assert check_eigenbasis_property(op, truth) == len(parameters_of(model, nn.Conv2d, nn.Linear))
+
+
 def test_tiny_resnet_in_train_mode_is_refused_by_the_builders_and_trained_by_the_optimizer():
     model, loss_fn = resnet().train(), nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(0)
