@@ -32,7 +32,7 @@ class LinearAttention(nn.Module):
 
     def __init__(self, mha: nn.MultiheadAttention, joint: bool) -> None:
         super().__init__()
-        self.joint = joint
+        self.joint, self.zero_attn = joint, mha.add_zero_attn
         weight = mha.in_proj_weight
         biases = mha.in_proj_bias.detach().chunk(3)
         if joint:
@@ -74,6 +74,9 @@ class LinearAttention(nn.Module):
             mask = mask.masked_fill(shaped, float("-inf")) if shaped.dtype == torch.bool else mask + shaped
         if key_padding_mask is not None:
             mask = mask.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        if self.zero_attn:  # one more key and value, zero in every head, never masked
+            heads[1:] = [torch.cat([t, t.new_zeros(n, H, 1, E // H)], dim=2) for t in heads[1:]]
+            mask = F.pad(mask, (0, 1))
         attended = F.scaled_dot_product_attention(*heads, attn_mask=mask)
         return self.out(attended.transpose(1, 2).reshape(n, length, E))
 
@@ -129,10 +132,11 @@ def _masks(kind: str) -> dict:
     return {"attn_mask": _causal(), "is_causal": True}
 
 
-def _pair(self_attention=True, kdim=E, vdim=E, batch_first=True, masks="none"):
+def _pair(self_attention=True, kdim=E, vdim=E, batch_first=True, masks="none", add_zero_attn=False):
     """The attention model and its twin written with nn.Linear, with the same weights."""
     torch.manual_seed(0)
-    mha = nn.MultiheadAttention(E, H, batch_first=batch_first, kdim=kdim, vdim=vdim).to(DOUBLE)
+    options = {"kdim": kdim, "vdim": vdim, "add_zero_attn": add_zero_attn}
+    mha = nn.MultiheadAttention(E, H, batch_first=batch_first, **options).to(DOUBLE)
     with torch.no_grad():
         mha.in_proj_bias.normal_()
         mha.out_proj.bias.normal_()
@@ -164,6 +168,8 @@ CASES = [
     {"self_attention": True, "masks": "key padding"},
     {"self_attention": True, "masks": "causal"},
     {"self_attention": True, "masks": "no weights", "batch_first": False},
+    {"self_attention": True, "masks": "key padding", "add_zero_attn": True},
+    {"self_attention": False, "kdim": 3, "vdim": 5, "masks": "float 3-D", "add_zero_attn": True},
     {"self_attention": False, "kdim": 3, "vdim": 5},
     {"self_attention": False, "kdim": 3, "vdim": 5, "batch_first": False, "masks": "key padding"},
 ]

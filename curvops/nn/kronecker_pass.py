@@ -44,7 +44,13 @@ def check_single_call(layer: KroneckerLayer, calls: int) -> None:
 
 
 def changed_call_error(name: str, parts: Any) -> ValueError:
-    """The error for a module called otherwise than at its first call, whose parts follow the call."""
+    """The error for a module called otherwise than at its first call, whose parts follow the call.
+
+    Example:
+        >>> error = changed_call_error("attn", {"in_proj", "out_proj"})
+        >>> str(error).startswith("'attn' is called differently")
+        True
+    """
     return ValueError(
         f"{name!r} is called differently from its first call (now with the parts {sorted(parts)}: "
         "self- against cross-attention), and its blocks follow the first call. Call it the same way "

@@ -44,7 +44,9 @@ class KFACOptimizer(torch.optim.Optimizer):
     module: ``loss = loss_fn(model(x), y); loss.backward(); opt.step()``. Hooks catch each
     layer's inputs and, during ``backward``, backpropagate the Fisher type's output-space
     columns to the layer outputs (labels sampled from the model for ``"mc"``); ``.grad``
-    stays the gradient of the true-label loss.
+    stays the gradient of the true-label loss. An ``nn.MultiheadAttention``'s layers (one joint
+    q/k/v block for self-attention, q, k and v for cross-attention, and ``out_proj``) follow its
+    first captured call; :attr:`layers` may change then, and once, before any statistics.
 
     Per step ``t`` (counting from 0):
 

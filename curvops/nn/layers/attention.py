@@ -101,6 +101,8 @@ class AttentionRule(DenseInputRule):
         return _PARAMETERS
 
     def unsupported_reason(self, module: nn.Module) -> str | None:
+        if module.bias_k is None:
+            return None
         return (
             "its bias_k and bias_v (add_bias_kv=True) are appended to the projected keys and values, "
             "with no Kronecker block"
@@ -117,31 +119,15 @@ class AttentionRule(DenseInputRule):
     ) -> list[KroneckerLayer]:
         """The parts' layers; before any call (``parts`` is ``None``) a module with ``kdim = vdim =
         embed_dim`` is taken as self-attention."""
-        embed = module.embed_dim
-        if (
-            self.in_projection == "auto"
-            and module._qkv_same_embed_dim
-            and (parts is None or "in_proj" in parts)
-        ):
-            parts = [("in_proj", module.in_proj_weight, None, None, (3 * embed, embed))]
-        else:
-            parts = []
-            for i, (part, size) in enumerate(zip("qkv", (embed, module.kdim, module.vdim), strict=True)):
-                rows = (i * embed, (i + 1) * embed)
-                if module._qkv_same_embed_dim:
-                    weight, weight_rows = module.in_proj_weight, rows
-                else:
-                    weight, weight_rows = getattr(module, f"{part}_proj_weight"), None
-                parts.append((f"in_proj.{part}", weight, weight_rows, rows, (embed, size)))
-        in_bias = module.in_proj_bias
-        layers = [
-            _part(self, name, module, chosen, bias, part, weight, in_bias, shape, (weight_rows, bias_rows))
-            for part, weight, weight_rows, bias_rows, shape in parts
-        ]
+        same_dims = self.in_projection == "auto" and module._qkv_same_embed_dim
+        joint = same_dims and (parts is None or "in_proj" in parts)
         out = module.out_proj
-        layers.append(
-            _part(self, name, module, chosen, bias, "out_proj", out.weight, out.bias, (embed, embed))
-        )
+        embed = module.embed_dim
+        specs = [
+            *_in_projection_specs(module, joint),
+            ("out_proj", out.weight, out.bias, (embed, embed), (None, None)),
+        ]
+        layers = [_part(self, name, module, chosen, bias, *spec) for spec in specs]
         return [layer for layer in layers if layer is not None]
 
     def features(self, module: nn.Module, inputs: Tensor) -> Tensor:
@@ -203,6 +189,23 @@ def _arguments(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[s
     return call.arguments
 
 
+def _in_projection_specs(module: nn.Module, joint: bool) -> list[tuple]:
+    """``(part, weight, bias, (n_out, n_in), (weight rows, bias rows))`` of the input projection's
+    parts: one joint block, or q, k and v (rows of ``in_proj_weight``, or ``q/k/v_proj_weight``)."""
+    embed, bias = module.embed_dim, module.in_proj_bias
+    if joint:
+        return [("in_proj", module.in_proj_weight, bias, (3 * embed, embed), (None, None))]
+    specs = []
+    for i, (part, size) in enumerate(zip("qkv", (embed, module.kdim, module.vdim), strict=True)):
+        rows = (i * embed, (i + 1) * embed)
+        if module._qkv_same_embed_dim:
+            weight, weight_rows = module.in_proj_weight, rows
+        else:
+            weight, weight_rows = getattr(module, f"{part}_proj_weight"), None
+        specs.append((f"in_proj.{part}", weight, bias, (embed, size), (weight_rows, rows)))
+    return specs
+
+
 def _part(
     rule: AttentionRule,
     name: str,
@@ -213,9 +216,10 @@ def _part(
     weight: nn.Parameter,
     bias_param: nn.Parameter | None,
     shape: tuple[int, int],
-    rows: tuple = (None, None),
+    rows: tuple,
 ) -> KroneckerLayer | None:
-    """The layer of one part, or ``None`` if neither its weight nor its bias is chosen."""
+    """The layer of one part (on ``rows``: those of its weight and bias), or ``None`` if neither
+    its weight nor its bias is chosen."""
     chosen_weight = weight if id(weight) in chosen else None
     chosen_bias = bias_param if bias_param is not None and id(bias_param) in chosen else None
     if chosen_weight is None and chosen_bias is None:
