@@ -178,9 +178,11 @@ def test_refusals_of_a_rule_check_and_of_weight_tying_give_the_builders_error():
     assert grouped["conv.bias"].reason == grouped["conv.weight"].reason
     renormed = curvops.nn.coverage(mixed(max_norm=1.0), unsupported="dense")
     assert "max_norm" in renormed["emb.weight"].reason
-    tied = curvops.nn.coverage(mixed(tie=True), unsupported="dense")
+    tied = assert_builder_agrees(mixed(tie=True), unsupported="dense")
+    assert tied["emb.weight"].block == "kronecker" and tied["emb.weight"].label == "emb.weight"
+    tied = assert_builder_agrees(mixed(tie=True), "ekfac", unsupported="dense")
     assert tied["emb.weight"].block == "refused" and "head" not in [row.module for row in tied]
-    assert "'emb.weight' and 'head.weight' (weight tying)" in tied["emb.weight"].reason
+    assert "'emb.weight' and 'head.weight': its block is KFAC's" in tied["emb.weight"].reason
     reduced = assert_builder_agrees(mixed(), kfac_approx="reduce", unsupported="dense")
     assert "kfac_approx='expand'" in reduced["emb.weight"].reason
     assert reduced["fc.weight"].block == "kronecker"

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..linalg import CurvatureOperator
 from ..linalg.checks import check_choice, check_generator, check_positive, check_positive_int
+from ..nn.batches import data_count
 from ..nn.losses import LossAdapter
 from ..nn.model import ModelData
 from ..nn.options import check_curvature
@@ -370,7 +371,7 @@ class Laplace:
             (torch.Size([4, 3]), torch.Size([4, 3, 3]))
         """
         x = self._network.prepare_inputs(x)
-        mean = self._network.forward(self._theta, x).detach().reshape(x.shape[0], -1)
+        mean = self._network.forward(self._theta, x).detach().reshape(data_count(x), -1)
         return mean, glm_covariances(self._network, self.posterior_covariance, x, batch_size)
 
     def predictive(
@@ -430,7 +431,7 @@ class Laplace:
             outputs = self._network.sampled_outputs(self.sample(n_samples, generator), x)  # [S, B, ...]
             return sampled_predictive(outputs, self.likelihood, noise)
         mean, covariance = self.glm_distribution(x, batch_size)
-        shape = (x.shape[0], *output_shape)
+        shape = (data_count(x), *output_shape)
         return glm_predictive(
             mean, covariance, shape, self.likelihood, link_approx, n_samples, generator, noise
         )

@@ -9,11 +9,22 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from ..errors import NonDeterministicDataError
+from ..nn.batches import data_count
 from ..nn.forward_checks import check_batch_statistics, fixed_forward
 from ..nn.jacobian import datum_chunks, datum_jacobians
+from ..nn.mappings import ModelInputs
 from ..nn.model import ModelData
+from ..nn.tensor_sums import tensor_leaves
+
+
+def _shape(x: Any) -> Any:
+    """The shape of a tensor of inputs, or ``{key: shape}`` of keyword inputs, for messages."""
+    if isinstance(x, Tensor):
+        return list(x.shape)
+    return {key: list(t.shape) for key, t in x.items() if isinstance(t, Tensor)}
 
 
 class Network:
@@ -39,17 +50,23 @@ class Network:
         self.output_shape = output_shape
         self.input_example = input_example
 
-    def prepare_inputs(self, x: Any) -> Tensor:
-        """Test inputs ``[B, ...]`` on the parameters' device (floats in their dtype); checked."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a tensor of inputs, got {type(x).__name__}.")
-        if x.is_floating_point():
-            x = x.to(dtype=self.model.dtype, device=self.model.device)
-        else:
-            x = x.to(self.model.device)
-        if x.ndim == 0 or x.shape[0] == 0:
-            raise ValueError(f"x must be a non-empty batch [B, ...], got shape {list(x.shape)}.")
-        return x
+    def prepare_inputs(self, x: Any) -> Any:
+        """Test inputs ``[B, ...]`` (or the :class:`~curvops.nn.ModelInputs` of a model called as
+        ``model(**x)``) on the parameters' device (floats in their dtype); checked."""
+        if not isinstance(x, (Tensor, ModelInputs)):
+            raise TypeError(
+                f"x must be a tensor of inputs (or curvops.nn.ModelInputs), got {type(x).__name__}."
+            )
+        leaves = tensor_leaves(x)
+        rows = {t.shape[0] if t.ndim else 0 for t in leaves}
+        if len(rows) != 1 or 0 in rows:
+            raise ValueError(f"x must be a non-empty batch [B, ...], got shape {_shape(x)}.")
+        return tree_map(self._placed, x)
+
+    def _placed(self, t: Any) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        return t.to(self.model.device, self.model.dtype) if t.is_floating_point() else t.to(self.model.device)
 
     def check_model(self) -> None:
         """Before a forward pass: raise :class:`~curvops.errors.StaleParametersError` if a parameter
@@ -69,12 +86,10 @@ class Network:
         except (RuntimeError, ValueError, IndexError, TypeError) as error:
             example = self.input_example
             expected = f" (the training inputs had shape {list(example)})" if example else ""
+            raise ValueError(f"The model rejects inputs of shape {_shape(x)}{expected}: {error}") from error
+        if tuple(output.shape[1:]) != self.output_shape or output.shape[0] != data_count(x):
             raise ValueError(
-                f"The model rejects inputs of shape {list(x.shape)}{expected}: {error}"
-            ) from error
-        if tuple(output.shape[1:]) != self.output_shape or output.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"The model maps inputs of shape {list(x.shape)} to outputs of shape {list(output.shape)}, "
+                f"The model maps inputs of shape {_shape(x)} to outputs of shape {list(output.shape)}, "
                 f"but the training outputs were [B, {', '.join(map(str, self.output_shape))}]."
             )
         return output

@@ -6,6 +6,7 @@ from .jacobian import Jacobian
 from .kfac import EKFAC, KFAC, TKFAC
 from .layers import LayerRule, register_layer_rule
 from .losses import LossAdapter
+from .mappings import MappingBatches, ModelInputs, mapping_batches
 from .model import ModelData
 
 __all__ = [
@@ -21,8 +22,11 @@ __all__ = [
     "Jacobian",
     "LayerRule",
     "LossAdapter",
+    "MappingBatches",
     "ModelCurvature",
     "ModelData",
+    "ModelInputs",
     "coverage",
+    "mapping_batches",
     "register_layer_rule",
 ]

@@ -43,10 +43,11 @@ class Layout:
         return torch.cat([rows, self.indices(bias, device, layer.bias_rows).unsqueeze(1)], dim=1).flatten()
 
     def place(
-        self, layer: KroneckerLayer, blocks: list[CurvatureOperator], device: torch.device
+        self, layer: KroneckerLayer, blocks: list[CurvatureOperator | None], device: torch.device
     ) -> list[Entry]:
         """The entries of a layer's blocks (weight, or weight+bias if joint; then a separate bias),
-        on the rows of the parameters the layer covers (``weight_rows``, ``bias_rows``)."""
+        on the rows of the parameters the layer covers (``weight_rows``, ``bias_rows``); a ``None``
+        block is placed by another layer (a tied weight's, :mod:`curvops.nn.tied`)."""
         name = layer.name or type(layer.module).__name__
         if layer.joint:
             return [(name, blocks[0], self.joint(layer, device))]
@@ -61,6 +62,7 @@ class Layout:
         return [
             (f"{name}.{kind}", block, self.indices(p, device, rows))
             for (kind, p, rows), block in zip(params, blocks, strict=True)
+            if block is not None
         ]
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_map
 
 from .tensor_sums import tensor_leaves
 
@@ -52,6 +53,26 @@ def is_empty(x: Any) -> bool:
     return bool(leaves) and all(t.ndim > 0 and t.shape[0] == 0 for t in leaves)
 
 
+def data_count(x: Any) -> int:
+    """The number of data of a batch's inputs: the first axis of its first tensor.
+
+    Example:
+        >>> data_count({"input_ids": torch.zeros(4, 7), "attention_mask": torch.ones(4, 7)})
+        4
+    """
+    return tensor_leaves(x)[0].shape[0]
+
+
+def data_rows(x: Any, start: int, stop: int) -> Any:
+    """The data ``start:stop`` of a batch's inputs: every tensor's rows (a tree keeps its shape).
+
+    Example:
+        >>> data_rows({"input_ids": torch.arange(8).reshape(4, 2)}, 1, 3)["input_ids"].tolist()
+        [[2, 3], [4, 5]]
+    """
+    return tree_map(lambda t: t[start:stop] if isinstance(t, Tensor) else t, x)
+
+
 def _placed(tensor: Any, what: str, where: str, device: torch.device, dtype: torch.dtype) -> Any:
     """A detached tensor on ``device``, floats in ``dtype`` and refused when not finite; anything
     else unchanged."""
@@ -70,7 +91,8 @@ def checked_batch(
     batch: Any, index: int, device: torch.device, dtype: torch.dtype, label: str = ""
 ) -> tuple[Any, Any]:
     """Batch ``index`` of the data set ``label`` as ``(X, y)`` on ``device`` (floating-point
-    tensors in ``dtype``), refused unless it is a pair whose floats are finite.
+    tensors in ``dtype``; every tensor of a tuple, list or mapping ``X``), refused unless it is
+    a pair whose floats are finite.
 
     Example:
         >>> batch = (torch.ones(2, 3), torch.tensor([0, 1]))
@@ -82,7 +104,16 @@ def checked_batch(
         ...
         ValueError: Batch 3 of query_data: X contains NaN or inf.
     """
+    if isinstance(batch, Mapping):
+        raise TypeError(
+            f"Batch {index} must be an (X, y) pair, got a mapping with keys {list(batch)}: wrap the data "
+            "in curvops.nn.mapping_batches(data, target=...) to say which entry is the target."
+        )
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(f"Batch {index} must be an (X, y) pair, got {type(batch).__name__}.")
     where = f"Batch {index} of {label}" if label else f"Batch {index}"
-    return _placed(batch[0], "X", where, device, dtype), _placed(batch[1], "y", where, device, dtype)
+
+    def placed(part: Any, what: str) -> Any:
+        return tree_map(lambda t: _placed(t, what, where, device, dtype), part)
+
+    return placed(batch[0], "X"), placed(batch[1], "y")

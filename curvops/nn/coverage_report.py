@@ -18,6 +18,7 @@ from .forward_checks import check_batch_statistics
 from .layers import KroneckerLayer, find_layers
 from .options import UNSUPPORTED_FIX, UNSUPPORTED_OPTIONS, KroneckerOptions, unsupported_error
 from .parameters import chosen_parameters
+from .tied import check_ties
 
 COLUMNS = ("parameter", "shape", "numel", "module", "type", "block", "rule", "bias", "label")
 
@@ -138,13 +139,15 @@ def coverage(
     a normalization layer (``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*``)
     its exact block (``"exact"``, or ``"exact-diagonal"`` for a large one); the parameters of
     other modules (and an attention's ``bias_k``/``bias_v``) get an exact
-    ``"dense"`` or ``"diagonal"`` block with ``unsupported=``, or are refused. Refused too: a
-    layer its rule does not handle (a grouped convolution, an embedding with ``max_norm``) and a
-    weight tied between modules; each refused row gives the builder's error for it. It raises
-    only for invalid options and parameters (as the builders do). What only a pass can show is
-    not checked here: a layer whose module runs twice, or never, in the forward pass, and how an
-    attention module is called (cross-attention of one with a joint q/k/v block is refused in
-    the pass).
+    ``"dense"`` or ``"diagonal"`` block with ``unsupported=``, or are refused. A weight tied
+    between layers (an embedding and the output head) is in its first layer's row: KFAC's
+    nearest Kronecker block (:mod:`curvops.nn.tied`). Refused too: a layer its rule does not
+    handle (a grouped convolution, an embedding with ``max_norm``), a tied weight for EKFAC,
+    TKFAC and TEKFAC, and a weight tied to a module without a rule; each refused row gives the
+    builder's error for it. It raises only for invalid options and parameters (as the builders
+    do). What only a pass can show is not checked here: a layer whose module never runs in the
+    forward pass, or runs several times on different batch sizes, and how an attention module
+    is called (cross-attention of one with a joint q/k/v block is refused in the pass).
 
     Args:
         model: the network.
@@ -196,17 +199,18 @@ def coverage(
 def _layer_refusals(
     model: nn.Module, params: list[nn.Parameter], options: KroneckerOptions
 ) -> dict[int, dict]:
-    """The parameters :func:`find_layers` refuses (a rule's check, weight tying), with its error:
-    asked once for all, and per parameter where that fails."""
+    """The parameters :func:`find_layers` refuses (a rule's check, weight tying) or the
+    approximation refuses (a tied weight but for KFAC), with the error: asked once for all, and
+    per parameter where that fails."""
     try:
-        find_layers(model, params, options.bias, options.kfac_approx)
+        check_ties(find_layers(model, params, options.bias, options.kfac_approx)[0], options.approximation)
         return {}
     except ValueError:
         pass
     refusals = {}
     for p in params:
         try:
-            find_layers(model, [p], options.bias, options.kfac_approx)
+            check_ties(find_layers(model, [p], options.bias, options.kfac_approx)[0], options.approximation)
         except ValueError as error:
             refusals[id(p)] = {"block": "refused", "reason": str(error)}
     return refusals
@@ -234,10 +238,13 @@ def _kronecker_places(layer: KroneckerLayer, options: KroneckerOptions) -> dict[
 
 
 def _add_places(places: dict[int, dict], new: dict[int, dict]) -> None:
-    """Put ``new`` places in; a parameter with blocks of several parts (an attention's q, k and v rows
-    of ``in_proj_weight``) gets their labels joined by ``", "``."""
+    """Put ``new`` places in; a parameter with blocks of several parts of one module (an attention's
+    q, k and v rows of ``in_proj_weight``) gets their labels joined by ``", "``; a weight tied
+    between layers keeps its first layer's place, where its block lies."""
     for key, place in new.items():
         if key in places:
+            if places[key]["module"] != place["module"]:
+                continue
             place = {**place, "label": f"{places[key]['label']}, {place['label']}"}
         places[key] = place
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..linalg import BlockDiagonal, Diagonal
-from .batches import is_empty
+from .batches import data_count, is_empty
 from .forward_checks import fixed_forward
 from .jacobian import datum_chunks, datum_jacobians
 from .losses import LossAdapter, loss_hessian_factor
@@ -72,5 +72,5 @@ def _add_batch_diagonal(
     factor = factor.reshape(factor.shape[0], output.shape[0], -1)  # [K, N, C]
     for start, chunk in datum_chunks(inputs, factor.shape[2] * model.size):
         jac = datum_jacobians(model, params, chunk)  # [B, C, D]
-        columns = factor[:, start : start + chunk.shape[0]]
+        columns = factor[:, start : start + data_count(chunk)]
         total += torch.einsum("bcd,kbc->kbd", jac, columns).square().sum(dim=(0, 1))

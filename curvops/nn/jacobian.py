@@ -5,14 +5,17 @@ tensors (:func:`datum_jacobians`, for the GLM predictive and the diagonal GGN)."
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import jacrev, vjp, vmap
+from torch.utils._pytree import tree_map
 
 from ..errors import NonDeterministicDataError
 from ..linalg.checks import check_positive_int
 from ..linalg.linear_map import LinearMap
+from .batches import data_count, data_rows
 from .forward_checks import fixed_forward
 from .jacobian_products import add_trees, pull_back, push_forward
 from .model import ModelData
@@ -34,7 +37,7 @@ def datum_jacobians(model: ModelData, params: dict[str, Tensor], x: Tensor) -> T
         model: the model and its chosen parameters (their names and order).
         params: ``{name: tensor}`` of the chosen parameters (:meth:`ModelData.param_dict`, or a
             copy of their values) to differentiate at.
-        x: inputs ``[B, ...]``.
+        x: inputs ``[B, ...]`` (or a tree of them: :class:`~curvops.nn.mappings.ModelInputs`).
 
     Example:
         >>> model = ModelData(torch.nn.Linear(3, 2), [(torch.randn(4, 3), None)])
@@ -46,18 +49,16 @@ def datum_jacobians(model: ModelData, params: dict[str, Tensor], x: Tensor) -> T
         True
     """
 
-    def single(values: dict[str, Tensor], datum: Tensor) -> Tensor:
-        return model.forward(values, datum.unsqueeze(0)).reshape(-1)
+    def single(values: dict[str, Tensor], datum: Any) -> Tensor:
+        return model.forward(values, tree_map(lambda t: t.unsqueeze(0), datum)).reshape(-1)
 
     with fixed_forward():
         jac = vmap(jacrev(single), in_dims=(None, 0))(params, x)
     return torch.cat([jac[name].flatten(2) for name in model.names], dim=2)
 
 
-def datum_chunks(
-    x: Tensor, datum_entries: int, batch_size: int | None = None
-) -> Iterator[tuple[int, Tensor]]:
-    """``(start, x[start:start + B])`` over the rows of ``x``, ``B = batch_size``.
+def datum_chunks(x: Any, datum_entries: int, batch_size: int | None = None) -> Iterator[tuple[int, Any]]:
+    """``(start, x[start:start + B])`` over the rows of ``x`` (of every tensor of a tree), ``B = batch_size``.
 
     By default ``B`` keeps a chunk's per-datum Jacobians (``datum_entries = C·D`` entries per
     datum) near :data:`ELEMENTS_PER_CHUNK` entries.
@@ -70,8 +71,8 @@ def datum_chunks(
         batch_size = max(1, ELEMENTS_PER_CHUNK // max(1, datum_entries))
     else:
         check_positive_int(batch_size, "batch_size")
-    for start in range(0, x.shape[0], batch_size):
-        yield start, x[start : start + batch_size]
+    for start in range(0, data_count(x), batch_size):
+        yield start, data_rows(x, start, start + batch_size)
 
 
 class Jacobian(LinearMap):

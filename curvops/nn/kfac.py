@@ -19,6 +19,7 @@ from .layers import KroneckerLayer, find_layers
 from .model import ModelData
 from .options import UNSUPPORTED_FIX, UNSUPPORTED_OPTIONS, KroneckerOptions, unsupported_error
 from .staleness import mark_built_from
+from .tied import check_ties, merged_ties
 
 
 def KFAC(
@@ -48,7 +49,11 @@ def KFAC(
     ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` in eval mode) get the exact block of their affine
     parameters for ``fisher_type`` (its diagonal for more than 2048 of them), from the same pass
     (:mod:`curvops.nn.layers.norm`, which says where ``"type-2"`` is the GGN's block: not for a
-    cross-entropy over positions; EKFAC and TKFAC give the same block). The operator is
+    cross-entropy over positions; EKFAC and TKFAC give the same block). A module called several
+    times in the forward pass shares its weight over its calls as over positions
+    (:mod:`curvops.nn.layers.rule`); a weight tied between layers (an embedding and the output
+    head) gets the nearest Kronecker product to the sum of its uses' blocks
+    (:mod:`curvops.nn.tied`; KFAC only). The operator is
     block-diagonal over layers, in the order and layout of ``params`` — the same matrix
     convention as :class:`~curvops.GGN` (the loss over the whole data set as its reduction
     defines it, independent of batching) — so
@@ -80,8 +85,8 @@ def KFAC(
             convex and twice differentiable in the outputs that sums or averages per-datum
             terms (per-datum Hessians by autodiff, rows of at most 1024 numbers; a loss with
             negative curvature is refused); ``"forward-only"`` takes any loss.
-        data: a re-iterable of ``(X, y)`` batches, or one pair ``(X, y)`` with a tensor ``X``;
-            statistics take one pass over it.
+        data: a re-iterable of ``(X, y)`` batches, or one pair ``(X, y)`` with a tensor ``X``
+            (mappings: :func:`~curvops.nn.mapping_batches`); statistics take one pass over it.
         params: the parameters, trainable or frozen, a list or a dict of them (default: the
             model's trainable ones, in order).
         fisher_type: ``"type-2"`` (KFAC of the GGN), ``"mc"``, ``"empirical"`` or
@@ -244,11 +249,16 @@ def _build(
     layers, others = find_layers(model, model_data.params, options.bias, options.kfac_approx)
     if others and unsupported == "error":
         raise unsupported_error(options.approximation.label, others, UNSUPPORTED_FIX)
+    check_ties(layers, options.approximation)
     layout, device = Layout(model_data.params), model_data.device
     entries: list[Entry] = []
     if layers:
-        for layer, blocks in _kronecker_blocks(options, model_data, loss, layers):
-            entries += layout.place(layer, blocks, device)
+        pairs = _kronecker_blocks(options, model_data, loss, layers)
+        built = [layer for layer, _ in pairs]  # an attention module's layers follow its first call
+        for layer, layer_blocks in zip(
+            built, merged_ties(built, [blocks for _, blocks in pairs]), strict=True
+        ):
+            entries += layout.place(layer, layer_blocks, device)
     if others:
         entries += _exact_blocks(options, model_data, loss_fn, others, unsupported, layout)
     return mark_built_from(assemble(entries, model_data.dtype), model_data)

@@ -28,19 +28,31 @@ from .options import KroneckerOptions
 from .statistics import Corrections, LayerStatistics
 
 
-def check_single_call(layer: KroneckerLayer, calls: int) -> None:
-    """Raise unless the layer's module ran exactly once in the forward pass."""
-    if calls == 0:
+def joined_calls(layer: KroneckerLayer, calls: list[tuple[Tensor, Tensor]]) -> tuple[Any, list[Tensor]]:
+    """A layer's ``(input, output)`` of every call in one forward pass as its rule's one input
+    (:meth:`~curvops.nn.layers.rule.LayerRule.joined_input`) and the list of outputs.
+
+    A module called several times (``nn.Sequential(lin, act, lin)``, a block applied twice) shares
+    its weight over its calls as over positions: the calls' positions are joined, so ``expand``
+    and ``reduce`` see every position of every call (:mod:`curvops.nn.layers.rule`), and each
+    datum's weight gradient is ``Σ_calls Σ_s g a^T``. Raises ``ValueError`` (naming the module)
+    if it did not run, or if its calls saw different numbers of data.
+    """
+    if not calls:
         raise ValueError(
             f"Module {layer.name!r} did not run in the forward pass, though its parameters are in params: "
             "its weight is used without calling the module (by another module), "
-            "or the module is unused. KFAC needs one call per layer; leave its parameters out of params."
+            "or the module is unused. KFAC needs the module called; leave its parameters out of params."
         )
-    if calls != 1:
+    sizes = [output.shape[0] if output.ndim else 0 for _, output in calls]
+    if len(set(sizes)) > 1:
         raise ValueError(
-            f"Module {layer.name!r} ran {calls} times in one forward pass (weight tying or "
-            "reuse); KFAC needs one call per layer. Leave its parameters out of params."
+            f"Module {layer.name!r} ran {len(calls)} times in one forward pass on batches of sizes {sizes}: "
+            "KFAC sums a shared module's calls datum by datum, so every call must see the batch's N data "
+            "(first axis). Leave its parameters out of params, or call it on inputs of the same batch size."
         )
+    joined = layer.rule.joined_input(layer.name, layer.module, [x for x, _ in calls])
+    return joined, [output for _, output in calls]
 
 
 def changed_call_error(name: str, parts: Any) -> ValueError:
@@ -59,27 +71,35 @@ def changed_call_error(name: str, parts: Any) -> ValueError:
 
 
 def output_gradients(
-    layers: list[KroneckerLayer], output: Tensor, layer_outputs: list[Tensor], columns: Tensor
+    layers: list[KroneckerLayer], output: Tensor, layer_outputs: list[list[Tensor]], columns: Tensor
 ) -> list[Tensor]:
-    """Backpropagate the ``[K, *output.shape]`` columns to the layer outputs, as ``[K, N, S, n_out]``.
+    """Backpropagate the ``[K, *output.shape]`` columns to the layer outputs (every call's, one list
+    per layer), as ``[K, N, S, n_out]`` per layer: the positions of its calls joined in call order.
 
     The graph is kept (``retain_graph``), so the caller's own backward pass can still run.
     """
+    flat = [out for outputs in layer_outputs for out in outputs]
     if len(columns) == 1:  # one column: a plain backward pass, no vmap
         single = torch.autograd.grad(
-            output, layer_outputs, grad_outputs=columns[0], materialize_grads=True, retain_graph=True
+            output, flat, grad_outputs=columns[0], materialize_grads=True, retain_graph=True
         )
         gradients = [gradient.unsqueeze(0) for gradient in single]
     else:
         gradients = torch.autograd.grad(
             output,
-            layer_outputs,
+            flat,
             grad_outputs=columns,
             is_grads_batched=True,
             materialize_grads=True,
             retain_graph=True,
         )
-    return [layer.rule.output_gradients(layer.module, g) for layer, g in zip(layers, gradients, strict=True)]
+    joined, start = [], 0
+    for layer, outputs in zip(layers, layer_outputs, strict=True):
+        calls = gradients[start : start + len(outputs)]
+        start += len(outputs)
+        per_call = [layer.rule.output_gradients(layer.module, g) for g in calls]
+        joined.append(per_call[0] if len(per_call) == 1 else torch.cat(per_call, dim=2))
+    return joined
 
 
 def batch_statistics(
@@ -234,15 +254,14 @@ class KroneckerPass:
         handles = [layer.module.register_forward_hook(hook, with_kwargs=True) for layer in modules.values()]
         try:
             with torch.enable_grad(), fixed_forward():
-                output = self.model.model(inputs)
+                output = self.model.call(inputs)
         finally:
             for handle in handles:
                 handle.remove()
         self.model.check_output(index, output.detach())
         self._first_batch = False
-        for layer in self.layers:
-            check_single_call(layer, len(captured.get(layer.key, [])))
-        layer_inputs = [captured[layer.key][0][0] for layer in self.layers]
+        calls = [joined_calls(layer, captured.get(layer.key, [])) for layer in self.layers]
+        layer_inputs = [layer_input for layer_input, _ in calls]
         self.loss.check_target(output, targets, index)
         fisher = self.options.fisher
         if not fisher.backward or not count:
@@ -250,6 +269,6 @@ class KroneckerPass:
         columns = fisher.columns(
             self.loss, output.detach(), targets, count, self.options.mc_samples, self.options.seed, index
         )
-        layer_outputs = [captured[layer.key][0][1] for layer in self.layers]
+        layer_outputs = [outputs for _, outputs in calls]
         gradients = output_gradients(self.layers, output, layer_outputs, columns)
         return list(zip(self.layers, layer_inputs, gradients, strict=True))

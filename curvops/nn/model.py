@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..linalg.checks import check_bool
 from .batches import as_batches, check_reiterable, checked_batch
 from .forward_checks import check_batch_statistics
+from .mappings import ModelInputs, call_model
 from .parameters import chosen_parameters, parameter_slots
 from .passes import PassChecks, PassRecord, named_leaves
 from .staleness import ParameterSnapshot
@@ -33,7 +34,8 @@ class ModelData:
     Args:
         model: the network.
         data: a re-iterable of ``(X, y)`` batches (a list or a ``DataLoader``), or one bare
-            pair ``(X, y)`` with a tensor ``X`` (see :func:`~curvops.nn.batches.as_batches`).
+            pair ``(X, y)`` with a tensor ``X`` (see :func:`~curvops.nn.batches.as_batches`);
+            mappings through :func:`~curvops.nn.mapping_batches` (``X`` called as ``model(**X)``).
         params: parameters of ``model``, trainable or frozen, as a list or a dict of them
             (its values, in order; default: the model's trainable ones, in order).
         progressbar: show a tqdm bar on every pass over the data.
@@ -112,8 +114,9 @@ class ModelData:
         return {name: p.detach() for name, p in zip(self.names, self.params, strict=True)}
 
     def forward(self, params: dict[str, Tensor], x: Any) -> Tensor:
-        """The model output with ``params`` (``{name: tensor}`` as :meth:`param_dict`) in place of
-        the chosen parameters, and every other parameter detached.
+        """The model output (``model(x)``, or ``model(**x)``'s chosen output for
+        :class:`~curvops.nn.mappings.ModelInputs`) with ``params`` (``{name: tensor}`` as
+        :meth:`param_dict`) in place of the chosen parameters, and every other parameter detached.
 
         Every attribute of a module that holds a parameter is swapped exactly once: a module used
         twice (``nn.Sequential(lin, act, lin)``) has one slot seen under two paths, and a tied
@@ -127,7 +130,15 @@ class ModelData:
             path: params[chosen[id(p)]] if id(p) in chosen else p.detach()
             for path, p in parameter_slots(self.model)
         }
+        if isinstance(x, ModelInputs):
+            result = torch.func.functional_call(self.model, values, (), dict(x), tie_weights=False)
+            return x.output_of(result)
         return torch.func.functional_call(self.model, values, (x,), tie_weights=False)
+
+    def call(self, x: Any) -> Tensor:
+        """The model's output on ``x`` with its own parameters: ``model(x)``, or ``model(**x)``'s
+        chosen output for :class:`~curvops.nn.mappings.ModelInputs`."""
+        return call_model(self.model, x)
 
     def to_tree(self, vectors: Tensor) -> dict[str, Tensor]:
         """``[D, K]`` columns as ``{name: [K, *shape]}``."""

@@ -1,8 +1,10 @@
 """Kronecker statistics of the batches of an ordinary training loop, caught with hooks.
 
 The optimizer cannot run passes over a data set of its own: it sees the user's forward
-pass and ``loss.backward()``. Forward hooks on the layers keep their inputs and outputs; a
-forward hook on the loss module keeps the model output and the targets, and puts a hook on
+pass (called in any way, ``model(x)`` or ``model(**inputs)``) and ``loss.backward()``. Forward
+hooks on the layers keep their inputs and outputs (every call of a layer called several
+times); a forward hook on the loss module keeps its first two arguments, the model output
+tensor and the targets, and puts a hook on
 the loss value's gradient. When the user's backward pass reaches the loss value (the graph
 below it is still intact), that hook backpropagates the output-space columns of the Fisher
 type (sampled labels for ``"mc"``, the loss-Hessian factor for ``"type-2"``, the true labels
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.fisher import FisherType
-from ..nn.kronecker_pass import changed_call_error, check_single_call, output_gradients
+from ..nn.kronecker_pass import changed_call_error, joined_calls, output_gradients
 from ..nn.layers import KroneckerLayer
 from ..nn.losses import LossAdapter
 
@@ -42,13 +44,14 @@ MICRO_BATCH_STRIDE = 2**20
 
 @dataclass
 class CapturedBatch:
-    """One micro-batch's layer inputs, output gradients ``[K, N, S, n_out]`` (``None`` for
-    ``"forward-only"``) and the weight ``w = c / Z`` of each of its loss terms: ``c`` is the
-    gradient that reached its loss value (``1`` for ``loss.backward()``, ``1/K`` for
-    ``(loss / K).backward()``), ``Z`` the loss's normaliser (its loss terms for a mean, 1 for a sum);
-    ``valid``, its targets' mask of loss terms (``None``: all; padding is left out of the statistics)."""
+    """One micro-batch's layer inputs (every call's, joined by the layer's rule), output gradients
+    ``[K, N, S, n_out]`` (``None`` for ``"forward-only"``) and the weight ``w = c / Z`` of each of
+    its loss terms: ``c`` is the gradient that reached its loss value (``1`` for
+    ``loss.backward()``, ``1/K`` for ``(loss / K).backward()``), ``Z`` the loss's normaliser (its
+    loss terms for a mean, 1 for a sum); ``valid``, its targets' mask of loss terms (``None``:
+    all; padding is left out of the statistics)."""
 
-    inputs: list[Tensor]
+    inputs: list[Any]
     gradients: list[Tensor | None]
     weight: float
     valid: Tensor | None = None
@@ -171,10 +174,9 @@ class BatchCapture:
             self._pending = pending  # a loss of something else: the pending forward pass waits for its own
             return
         self.loss.check_target(output, targets, index=self.draw()[1])  # batch = training step
-        for layer in self.layers:
-            check_single_call(layer, len(pending.get(layer.key, [])))
-        inputs = [pending[layer.key][0][0] for layer in self.layers]
-        layer_outputs = [pending[layer.key][0][1] for layer in self.layers]
+        calls = [joined_calls(layer, pending.get(layer.key, [])) for layer in self.layers]
+        inputs = [layer_input for layer_input, _ in calls]
+        layer_outputs = [outputs for _, outputs in calls]
         loss_value = value.detach()  # the hook holds no reference to value itself: no cycle
 
         def on_loss_gradient(gradient: Tensor) -> None:
@@ -207,8 +209,8 @@ class BatchCapture:
         gradient: Tensor,
         output: Tensor,
         targets: Tensor,
-        inputs: list[Tensor],
-        layer_outputs: list[Tensor],
+        inputs: list[Any],
+        layer_outputs: list[list[Tensor]],
     ) -> None:
         """The backward pass reached a loss value with gradient ``c``: add its micro-batch."""
         c = float(gradient)

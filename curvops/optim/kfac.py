@@ -29,6 +29,7 @@ from ..nn.layers import KroneckerLayer, calls_from_names, find_layers
 from ..nn.options import KroneckerOptions
 from ..nn.parameters import as_parameter_list
 from ..nn.statistics import Corrections, LayerStatistics, all_usable
+from ..nn.tied import check_ties, merged_ties
 from .capture import BatchCapture, CapturedBatch
 from .kfac_state import check_momentum, check_running_state, load_curvature_state
 from .schedule import Schedule, all_finite, check_fraction, check_schedule, evaluate
@@ -47,6 +48,11 @@ class KFACOptimizer(torch.optim.Optimizer):
     stays the gradient of the true-label loss. An ``nn.MultiheadAttention``'s layers (one joint
     q/k/v block for self-attention, q, k and v for cross-attention, and ``out_proj``) follow its
     first captured call; :attr:`layers` may change then, and once, before any statistics.
+    The model may take keyword arguments and return
+    a mapping (``loss_fn(model(**inputs)["logits"], labels)``): the hooks see every call of
+    each layer and the loss module's first two arguments, the output tensor and the targets.
+    A layer called several times is shared over its calls, a weight tied between layers gets
+    KFAC's nearest Kronecker block (``curvature="kfac"`` only), as in :func:`~curvops.KFAC`.
 
     Per step ``t`` (counting from 0):
 
@@ -217,6 +223,7 @@ class KFACOptimizer(torch.optim.Optimizer):
         self._find_layers = functools.partial(find_layers, model, trainable, bias, kfac_approx)
         self._calls: dict[int, frozenset] = {}  # the parts of modules whose parts depend on the call
         layers, _ = self._find_layers()
+        check_ties(layers, self.approximation)
         if not layers:
             raise ValueError(
                 "None of the parameters belongs to a layer with a Kronecker rule (nn.Linear, nn.Conv1d, "
@@ -364,14 +371,18 @@ class KFACOptimizer(torch.optim.Optimizer):
     def _blocks(self) -> list[list[CurvatureOperator]]:
         """Each layer's blocks from the running state."""
         approximation = self.approximation
-        return [
-            approximation.corrected_blocks(
-                s.layer, self.bases[s.layer.name], Corrections(*self.scales[s.layer.name])
-            )
-            if approximation.corrects(s.layer)
-            else approximation.kronecker_blocks(s)
-            for s in self.layers
-        ]
+        if approximation.corrected:
+            return [
+                approximation.corrected_blocks(
+                    s.layer, self.bases[s.layer.name], Corrections(*self.scales[s.layer.name])
+                )
+                if approximation.corrects(s.layer)
+                else approximation.kronecker_blocks(s)
+                for s in self.layers
+            ]
+        return merged_ties(
+            [s.layer for s in self.layers], [approximation.kronecker_blocks(s) for s in self.layers]
+        )
 
     def _assemble(self, blocks: list[list[CurvatureOperator]]) -> CurvatureOperator:
         entries = [
@@ -393,7 +404,12 @@ class KFACOptimizer(torch.optim.Optimizer):
             rebuild = True
         if rebuild:
             damped = [
-                [self.approximation.damped_inverse(block, damping, self.factored) for block in layer_blocks]
+                [
+                    None
+                    if block is None
+                    else self.approximation.damped_inverse(block, damping, self.factored)
+                    for block in layer_blocks
+                ]
                 for layer_blocks in self._blocks()
             ]
             self.preconditioner = self._assemble(damped)

@@ -91,12 +91,14 @@ def layer_rule(module: nn.Module) -> LayerRule | None:
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module, str]]]:
-    """For every parameter, the ``(module name, module, attribute)`` places that hold it."""
-    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    """For every parameter, the ``(module name, module, attribute)`` places that hold it: one
+    per module attribute (a module reached under several names, a shared module, is one place,
+    under its first name); several places are a tied parameter."""
+    owners: dict[int, dict[tuple[int, str], tuple[str, nn.Module, str]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for attribute, p in module.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append((name, module, attribute))
-    return owners
+            owners.setdefault(id(p), {}).setdefault((id(module), attribute), (name, module, attribute))
+    return {key: list(places.values()) for key, places in owners.items()}
 
 
 def _owned_places(model: nn.Module) -> dict[int, tuple[str, nn.Module, str]]:
@@ -120,7 +122,9 @@ def find_layers(
     """The layers with a rule holding chosen parameters (several for a module with parts, see
     :meth:`~curvops.nn.layers.rule.LayerRule.layers`; ``calls``: the parts each module's call
     gives, by ``id(module)``, where they depend on the call), and the other modules that do (a
-    module of :data:`OPAQUE_MODULES` stands for all the parameters inside it)."""
+    module of :data:`OPAQUE_MODULES` stands for all the parameters inside it). A weight tied
+    between layers with rules is every one of those layers' weight (each with a separate bias:
+    :mod:`curvops.nn.tied` makes its block); other ties raise ``ValueError``."""
     owners, owned = _owners(model), _owned_places(model)
     opaque = {
         id(inner): (name, module)
@@ -134,11 +138,12 @@ def find_layers(
     for p in params:
         places = owners[id(p)]
         if len(places) > 1:
-            names = " and ".join(repr(f"{name}.{attribute}".lstrip(".")) for name, _, attribute in places)
-            raise ValueError(
-                f"One parameter is used as {names} (weight tying); KFAC needs one layer per parameter. "
-                "Leave it out of params."
-            )
+            for name, module, _ in _tied_places(places, opaque):
+                if id(module) not in layers:
+                    layers[id(module)] = _layers(
+                        name, module, layer_rule(module), chosen, "separate", kfac_approx, calls
+                    )
+            continue
         name, module, attribute = owned.get(id(p), places[0])
         rule = None if id(module) in opaque else layer_rule(module)
         if id(module) in opaque:
@@ -146,9 +151,41 @@ def find_layers(
         if rule is None or attribute not in rule.parameter_names(module):
             others.setdefault(id(module), (name, module, []))[2].append(p)
         elif id(module) not in layers:
-            rule.check(name, module, kfac_approx)
-            layers[id(module)] = rule.layers(name, module, chosen, bias, (calls or {}).get(id(module)))
+            tied = len(owners.get(id(getattr(module, "weight", None)), ())) > 1
+            layers[id(module)] = _layers(
+                name, module, rule, chosen, "separate" if tied else bias, kfac_approx, calls
+            )
     return [layer for module_layers in layers.values() for layer in module_layers], list(others.values())
+
+
+def _layers(
+    name: str,
+    module: nn.Module,
+    rule: LayerRule,
+    chosen: set[int],
+    bias: str,
+    kfac_approx: str,
+    calls: Mapping[int, frozenset] | None,
+) -> list[KroneckerLayer]:
+    """The module's layers (:meth:`~curvops.nn.layers.rule.LayerRule.layers`), once its rule has
+    checked it."""
+    rule.check(name, module, kfac_approx)
+    return rule.layers(name, module, chosen, bias, (calls or {}).get(id(module)))
+
+
+def _tied_places(places: list[tuple[str, nn.Module, str]], opaque: dict) -> list[tuple[str, nn.Module, str]]:
+    """The places of a tied parameter, if it is the weight of layers with rules (a block of
+    :mod:`curvops.nn.tied`); else ``ValueError`` naming the places."""
+    if all(
+        attribute == "weight" and id(module) not in opaque and layer_rule(module)
+        for _, module, attribute in places
+    ):
+        return places
+    names = " and ".join(repr(f"{name}.{attribute}".lstrip(".")) for name, _, attribute in places)
+    raise ValueError(
+        f"One parameter is used as {names} (weight tying); KFAC ties only the weights of layers with a "
+        "Kronecker rule (an embedding and an output head). Untie it, or leave it out of params."
+    )
 
 
 def calls_from_names(layers: list[KroneckerLayer], names: Iterable[str]) -> dict[int, frozenset]:

@@ -33,6 +33,12 @@ class EmbeddingRule(LayerRule):
                 "use kfac_approx='expand'."
             )
 
+    def joined_input(self, name: str, module: nn.Module, inputs: list[Tensor]) -> Tensor:
+        """Every call's indices ``[N, S_call]`` side by side: ``[N, Σ S_call]``."""
+        if len(inputs) == 1:
+            return inputs[0]
+        return torch.cat([indices.reshape(indices.shape[0], -1) for indices in inputs], dim=1)
+
     def statistics(
         self,
         layer: KroneckerLayer,

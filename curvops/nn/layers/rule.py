@@ -11,6 +11,14 @@ al. 2023):
   ``A = (1/N) Σ_n â_n â_n^T`` with ``â_n = (1/S) Σ_s a_ns``, ``G = (1/Z) Σ_n Σ_c ĝ_nc ĝ_nc^T``
   with ``ĝ_nc = Σ_s g_nsc``.
 
+A module called several times in one forward pass (``nn.Sequential(lin, act, lin)``, a block
+applied twice, one ``Linear`` over several inputs) shares its weight over its calls as over
+positions: the positions ``s`` above run over every position of every call (``S`` is their
+total, each call with the batch's ``N`` data), so ``expand`` treats all of them as data and
+``reduce`` sums the output gradients over calls and positions and averages the inputs over
+them; EKFAC's corrections and TKFAC's ``δ`` use each datum's true gradient
+``Σ_calls Σ_s g a^T`` (:meth:`LayerRule.joined_input`).
+
 ``Z`` normalises as the loss does (:mod:`curvops.nn.losses`); the columns ``c`` are the
 output-space vectors of the Fisher type (:mod:`curvops.nn.fisher`). TKFAC's trace terms and
 EKFAC's eigenvalue corrections come from the same captured tensors.
@@ -189,6 +197,21 @@ class LayerRule(ABC):
         output = differentiable(output)
         return output, {None: (self.captured_input(args), output)}
 
+    def joined_input(self, name: str, module: nn.Module, inputs: list[Tensor]) -> Any:
+        """The captured inputs of the module's calls in one forward pass (in call order, each with
+        the batch's ``N`` data) as the one ``inputs`` that :meth:`statistics` and :meth:`correction`
+        read: the positions of every call together, as one call's (weight sharing over calls, as
+        over positions). By default one call's input; several calls are refused (naming the
+        module) unless a rule joins them.
+        """
+        if len(inputs) != 1:
+            raise ValueError(
+                f"Module {name!r} ran {len(inputs)} times in one forward pass, and its layer rule "
+                f"{type(self).__name__} does not join several calls (weight sharing): define its "
+                "joined_input, or leave its parameters out of params."
+            )
+        return inputs[0]
+
     def output_gradients(self, module: nn.Module, gradients: Tensor) -> Tensor:
         """Gradients w.r.t. the module output, ``[K, N, *out]``, as ``[K, N, S, n_out]``."""
         return gradients.reshape(gradients.shape[0], gradients.shape[1], -1, gradients.shape[-1])
@@ -363,8 +386,16 @@ class DenseInputRule(LayerRule):
     def features(self, module: nn.Module, inputs: Tensor) -> Tensor:
         """The input vectors ``a`` at every position, ``[N, S, n_in]``."""
 
-    def _features(self, layer: KroneckerLayer, inputs: Tensor) -> Tensor:
-        features = self.features(layer.module, inputs)
+    def joined_input(self, name: str, module: nn.Module, inputs: list[Tensor]) -> Tensor | list[Tensor]:
+        """One call's input, or the list of every call's (:meth:`_features` joins their positions)."""
+        return inputs[0] if len(inputs) == 1 else inputs
+
+    def _features(self, layer: KroneckerLayer, inputs: Tensor | list[Tensor], dtype: torch.dtype) -> Tensor:
+        """``[N, S, n_in]`` in ``dtype`` (a joint bias's 1 appended): the positions of every call."""
+        if isinstance(inputs, list):
+            features = torch.cat([self.features(layer.module, x.to(dtype)) for x in inputs], dim=1)
+        else:
+            features = self.features(layer.module, inputs.to(dtype))
         if layer.joint:
             features = torch.cat([features, features.new_ones(*features.shape[:-1], 1)], dim=-1)
         return features
@@ -380,7 +411,7 @@ class DenseInputRule(LayerRule):
         dtype: torch.dtype,
         valid: Tensor | None = None,
     ) -> LayerStatistics:
-        features = self._features(layer, inputs.to(dtype))
+        features = self._features(layer, inputs, dtype)
         kept = kept_positions(valid, *features.shape[:2])
         features, gradients = masked(features, kept), masked(gradients, kept)
         terms = {}
@@ -412,7 +443,7 @@ class DenseInputRule(LayerRule):
         correction: str,
         valid: Tensor | None = None,
     ) -> Tensor:
-        features = self._features(layer, inputs.to(q_in.dtype))
+        features = self._features(layer, inputs, q_in.dtype)
         features = masked(features, kept_positions(valid, *features.shape[:2])) @ q_in
         columns, data, positions, outputs = rotated.shape
         size = features.shape[-1]
