@@ -79,11 +79,12 @@ def nearest_kronecker(terms: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tenso
 
 
 def tie_groups(layers: list[KroneckerLayer]) -> list[list[int]]:
-    """The indices of the layers that share one weight, for every weight shared by several."""
-    groups: dict[int, list[int]] = {}
+    """The indices of the layers that share one weight, for every weight shared by several (the
+    parts of one module on different rows of a parameter, an attention's q, k and v, are no tie)."""
+    groups: dict[tuple, list[int]] = {}
     for i, layer in enumerate(layers):
         if layer.weight is not None:
-            groups.setdefault(id(layer.weight), []).append(i)
+            groups.setdefault((id(layer.weight), layer.weight_rows), []).append(i)
     return [group for group in groups.values() if len(group) > 1]
 
 
