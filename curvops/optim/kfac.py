@@ -47,12 +47,11 @@ class KFACOptimizer(torch.optim.Optimizer):
     columns to the layer outputs (labels sampled from the model for ``"mc"``); ``.grad``
     stays the gradient of the true-label loss. An ``nn.MultiheadAttention``'s layers (one joint
     q/k/v block for self-attention, q, k and v for cross-attention, and ``out_proj``) follow its
-    first captured call; :attr:`layers` may change then, and once, before any statistics.
-    The model may take keyword arguments and return
-    a mapping (``loss_fn(model(**inputs)["logits"], labels)``): the hooks see every call of
-    each layer and the loss module's first two arguments, the output tensor and the targets.
-    A layer called several times is shared over its calls, a weight tied between layers gets
-    KFAC's nearest Kronecker block (``curvature="kfac"`` only), as in :func:`~curvops.KFAC`.
+    first captured call; :attr:`layers` may change then, and once, before any statistics. The
+    model may take keyword arguments and return a mapping (``loss_fn(model(**inputs)["logits"],
+    labels)``): the hooks see every call of each layer and the loss module's first two
+    arguments. A layer called several times is shared over its calls, a weight tied between
+    layers gets KFAC's nearest Kronecker block (``"kfac"`` only), as in :func:`~curvops.KFAC`.
 
     Per step ``t`` (counting from 0):
 
@@ -92,11 +91,10 @@ class KFACOptimizer(torch.optim.Optimizer):
     of the union batch, and the statistics are exactly :func:`~curvops.KFAC`'s on the
     concatenated batch.
 
-    A step whose loss or gradient is not finite is skipped with a ``RuntimeWarning``
-    (parameters, momentum and running statistics unchanged); so are unusable statistics
-    (non-finite, or TKFAC's ``δ = 0``: the step then uses the previous preconditioner).
-    ``state_dict`` holds the running statistics and the preconditioner, so training resumes
-    bit for bit.
+    A step whose loss or gradient is not finite is skipped with a ``RuntimeWarning`` (parameters,
+    momentum and running statistics unchanged); so are unusable statistics (non-finite, or
+    TKFAC's ``δ = 0``: the step then uses the previous preconditioner). ``state_dict`` holds the
+    running statistics and the preconditioner, so training resumes bit for bit.
 
     The hooks never tie the model to the optimizer: ``copy.deepcopy(model)`` and
     ``torch.save(model)`` work at any point of the loop, and the copy (an EMA model, a
@@ -104,11 +102,9 @@ class KFACOptimizer(torch.optim.Optimizer):
     new optimizer to it, e.g. with this one's ``state_dict``).
 
     Args:
-        model: the network; hooks go on its layers with a rule (``nn.Linear``, ``nn.Conv1d``,
-            ``nn.Conv2d``, ``nn.Conv3d``, ``nn.Embedding``, ``nn.MultiheadAttention``, and the
-            normalization layers ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``,
-            ``nn.BatchNorm*``, as for :func:`~curvops.KFAC`; a batch norm in train mode normalises
-            with the batch's statistics, as it does).
+        model: the network; hooks go on its layers with a rule (as for :func:`~curvops.KFAC`,
+            normalization layers included; a batch norm in train mode normalises with the
+            batch's statistics, as it does).
         loss_fn: the ``nn.Module`` loss the training loop calls: ``nn.CrossEntropyLoss``,
             ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (any module for ``"forward-only"``).
         params: the parameters to train (default: the model's trainable ones), one group: a
@@ -228,9 +224,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 "None of the parameters belongs to a layer with a Kronecker rule (nn.Linear, nn.Conv1d, "
                 "nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention, a normalization layer, or one "
-                "registered with "
-                "curvops.nn.layers.register_layer_rule); "
-                "use a first-order optimizer."
+                "registered with curvops.nn.layers.register_layer_rule); use a first-order optimizer."
             )
         covered = {id(p) for layer in layers for p in (layer.weight, layer.bias) if p is not None}
         self.curvature_params = [p for p in params if id(p) in covered]
