@@ -176,9 +176,3 @@ def test_optimizer_steps_on_conv3d_and_matches_the_builder(curvature):
     assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
     actual = opt.curvature_operator().to_dense()
     torch.testing.assert_close(actual, expected.to_dense(), rtol=1e-9, atol=1e-12)
-
-
-def test_grouped_convolutions_stay_refused():
-    data = [(torch.randn(2, 4, 3, 3, 3, dtype=DOUBLE), torch.randn(2, 4, 1, 1, 1, dtype=DOUBLE))]
-    with pytest.raises(ValueError, match="groups=1"):
-        curvops.KFAC(nn.Conv3d(4, 4, 3, groups=2, padding_mode="reflect").double(), nn.MSELoss(), data)

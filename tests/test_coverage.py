@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 import curvops
-from curvops.linalg import Dense, Diagonal, Kronecker, KroneckerEigen, Permuted
+from curvops.linalg import (
+    Dense,
+    Diagonal,
+    GroupedKronecker,
+    GroupedKroneckerEigen,
+    Kronecker,
+    KroneckerEigen,
+    Permuted,
+)
 from curvops.linalg.blocks import block_layout
 from curvops.nn.kfac import kronecker_approximation
 
@@ -63,6 +71,8 @@ def build(model, approximation, params=None, batches=None, **options):
 
 def expected_type(row: curvops.nn.CoverageRow) -> type:
     """The operator class the builder gives the row's block."""
+    if row.groups > 1:  # one block per group
+        return GroupedKroneckerEigen if row.block == "kronecker-eigen" else GroupedKronecker
     if row.block == "kronecker-eigen":
         return KroneckerEigen
     if row.block == "kronecker":
@@ -173,9 +183,9 @@ def test_every_row_is_what_the_builder_does(approximation, bias, unsupported, va
 
 
 def test_refusals_of_a_rule_check_and_of_weight_tying_give_the_builders_error():
-    grouped = curvops.nn.coverage(mixed(groups=2), unsupported="dense")
-    assert grouped["conv.weight"].block == "refused" and "groups=2" in grouped["conv.weight"].reason
-    assert grouped["conv.bias"].reason == grouped["conv.weight"].reason
+    grouped = curvops.nn.coverage(mixed(groups=2), unsupported="dense")  # issue 13: no longer refused
+    assert (grouped["conv.weight"].block, grouped["conv.weight"].groups) == ("kronecker", 2)
+    assert "kronecker ×2" in grouped.table() and grouped["conv.bias"].reason is None
     renormed = curvops.nn.coverage(mixed(max_norm=1.0), unsupported="dense")
     assert "max_norm" in renormed["emb.weight"].reason
     tied = assert_builder_agrees(mixed(tie=True), unsupported="dense")

@@ -253,8 +253,6 @@ def test_bad_options():
             curvops.KFAC(model, nn.CrossEntropyLoss(), data, **kwargs)
     with pytest.raises(ValueError, match="negative log-likelihood"):
         curvops.KFAC(model, nn.L1Loss(), data)
-    with pytest.raises(ValueError, match="groups=1"):
-        curvops.KFAC(nn.Conv2d(4, 4, 3, groups=2).double(), nn.MSELoss(), data)
     embedding = nn.Sequential(nn.Embedding(5, 2), nn.Linear(2, 3)).double()
     with pytest.raises(ValueError, match="kfac_approx='expand'"):
         curvops.KFAC(embedding, nn.CrossEntropyLoss(), [(torch.tensor([[1, 2]]), torch.tensor([0]))],

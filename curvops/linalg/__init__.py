@@ -20,6 +20,7 @@ from .estimators import (
     ritz_pairs,
     slq_logdet,
 )
+from .grouped import GroupedKronecker, GroupedKroneckerEigen
 from .kronecker import Kronecker, KroneckerEigen
 from .linear_map import LinearMap, Transposed
 from .lowrank import LowRankUpdate
@@ -38,6 +39,8 @@ __all__ = [
     "CurvatureOperator",
     "Dense",
     "Diagonal",
+    "GroupedKronecker",
+    "GroupedKroneckerEigen",
     "Identity",
     "Kronecker",
     "KroneckerEigen",

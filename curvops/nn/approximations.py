@@ -18,6 +18,11 @@ EKFAC's eigenvalues are explicit, so it has no factored form.
 A layer with an exact rule (the normalization layers, :mod:`curvops.nn.layers.norm`) gets the
 same blocks from every approximation: its exact block (:func:`exact_blocks`), ``Dense`` or
 ``Diagonal``, never corrected, damped exactly.
+
+A grouped layer (``g > 1`` groups, statistics with a leading group axis) gets each of its
+blocks as a :class:`~curvops.linalg.GroupedKronecker` (EKFAC: ``GroupedKroneckerEigen``): one
+block per group (group ``j``'s entries are a range of the weight's flat order), each group's
+factors, eigenbasis, corrections, traces and damping its own, computed for all groups at once.
 """
 
 from __future__ import annotations
@@ -26,7 +31,15 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..linalg import CurvatureOperator, Dense, Diagonal, Kronecker, KroneckerEigen
+from ..linalg import (
+    CurvatureOperator,
+    Dense,
+    Diagonal,
+    GroupedKronecker,
+    GroupedKroneckerEigen,
+    Kronecker,
+    KroneckerEigen,
+)
 from .fisher import FisherType
 from .layers.rule import KroneckerLayer
 from .statistics import Corrections, LayerStatistics
@@ -34,6 +47,24 @@ from .statistics import Corrections, LayerStatistics
 Basis = tuple[Tensor, Tensor | None, Tensor]
 """A layer's eigenbasis ``(Q_out, Q_in, Q_bias)`` (``Q_in`` is ``None`` for a diagonal input
 factor: the identity)."""
+
+
+def _trace(matrix: Tensor) -> Tensor:
+    """``tr M``, or every group's for ``[g, n, n]``."""
+    return matrix.trace() if matrix.ndim == 2 else matrix.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def _scaled(scale: Tensor, matrix: Tensor) -> Tensor:
+    """``c M``, or every group's ``c_j M_j`` for ``[g]`` and ``[g, n, n]``."""
+    return scale.reshape(*scale.shape, 1, 1) * matrix
+
+
+def _kronecker(layer: KroneckerLayer) -> type[Kronecker | GroupedKronecker]:
+    return Kronecker if layer.groups == 1 else GroupedKronecker
+
+
+def _kronecker_eigen(layer: KroneckerLayer) -> type[KroneckerEigen | GroupedKroneckerEigen]:
+    return KroneckerEigen if layer.groups == 1 else GroupedKroneckerEigen
 
 
 @dataclass(frozen=True)
@@ -81,31 +112,33 @@ class KroneckerApproximation:
         if not self.trace_restricted:
             return s.output_factor, s.input_factor, s.output_factor
         g = s.output_factor
-        bias = g if s.bias_trace is None else g * (s.bias_trace / g.trace())
-        return s.trace * s.trace_output_factor, s.trace_input_factor, bias
+        bias = g if s.bias_trace is None else _scaled(s.bias_trace / _trace(g), g)
+        return _scaled(s.trace, s.trace_output_factor), s.trace_input_factor, bias
 
     def kronecker_blocks(self, statistics: LayerStatistics) -> list[CurvatureOperator]:
         """The uncorrected blocks of a layer: its weight's (with a joint bias), then a separate bias's
-        (a layer with an exact block: :func:`exact_blocks`)."""
+        (a layer with an exact block: :func:`exact_blocks`; a grouped layer ``GroupedKronecker``
+        blocks, one Kronecker block per group)."""
         layer = statistics.layer
         if layer.rule.exact:
             return exact_blocks(statistics)
         output, input, bias = self.factors(statistics)
         blocks: list[CurvatureOperator] = []
         if layer.weight is not None:
-            blocks.append(Kronecker(*layer.kronecker_order(output, input)))
+            blocks.append(_kronecker(layer)(*layer.kronecker_order(output, input)))
         if layer.separate_bias:
-            blocks.append(Dense(bias))
+            blocks.append(Dense(bias) if layer.groups == 1 else GroupedKronecker(bias))
         return blocks
 
     def eigenbasis(self, statistics: LayerStatistics) -> tuple[Basis, list[Tensor | None]]:
         """The eigenbasis of the uncorrected blocks and their own eigenvalues there, ``[s_weight,
-        s_bias]`` (``None`` for a block the layer does not have): where EKFAC starts."""
-        layer = statistics.layer
+        s_bias]`` (``None`` for a block the layer does not have): where EKFAC starts. A grouped
+        layer's bases and eigenvalues have a leading group axis (batched ``eigh``)."""
+        layer, kronecker = statistics.layer, _kronecker(statistics.layer)
         output, input, bias = self.factors(statistics)
-        weight = Kronecker(*layer.kronecker_order(output, input))
+        weight = kronecker(*layer.kronecker_order(output, input))
         (e_out, q_out), (_, q_in) = layer.kronecker_order(*weight.eigendecompositions())
-        e_bias, q_bias = Kronecker(bias).eigendecompositions()[0] if self.trace_restricted else (e_out, q_out)
+        e_bias, q_bias = kronecker(bias).eigendecompositions()[0] if self.trace_restricted else (e_out, q_out)
         scales = [
             weight.eigen().spectrum if layer.weight is not None else None,
             e_bias if layer.separate_bias else None,
@@ -115,18 +148,21 @@ class KroneckerApproximation:
     def corrected_blocks(
         self, layer: KroneckerLayer, basis: Basis, corrections: Corrections
     ) -> list[CurvatureOperator]:
-        """EKFAC's blocks: ``KroneckerEigen`` in ``basis`` with the corrected eigenvalues."""
+        """EKFAC's blocks: ``KroneckerEigen`` in ``basis`` with the corrected eigenvalues
+        (``GroupedKroneckerEigen`` for a grouped layer)."""
         q_out, q_in, q_bias = basis
+        eigen = _kronecker_eigen(layer)
         blocks: list[CurvatureOperator] = []
         if corrections.weight is not None:
-            blocks.append(KroneckerEigen(layer.kronecker_order(q_out, q_in), corrections.weight))
+            blocks.append(eigen(layer.kronecker_order(q_out, q_in), corrections.weight))
         if corrections.bias is not None:
-            blocks.append(KroneckerEigen([q_bias], corrections.bias))
+            blocks.append(eigen([q_bias], corrections.bias))
         return blocks
 
     def damped_inverse(self, block: CurvatureOperator, damping: float, factored: bool) -> CurvatureOperator:
-        """``(B + λI)^-1`` of one of the approximation's blocks, or its factored form."""
-        if factored and isinstance(block, Kronecker) and len(block.factors) > 1:
+        """``(B + λI)^-1`` of one of the approximation's blocks, or its factored form (a grouped
+        layer's: each group's own π-dampings)."""
+        if factored and isinstance(block, (Kronecker, GroupedKronecker)) and len(block.factors) > 1:
             balance = "trace" if self.trace_restricted else "mean"
             return block.factor_inverse(block.pi_dampings(damping, balance=balance))
         return block.inverse(damping)

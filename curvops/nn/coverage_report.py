@@ -38,6 +38,9 @@ class CoverageRow:
             normalization layer's exact block from the statistics pass, or its diagonal above
             the rule's ``dense_limit``), ``"dense"`` or ``"diagonal"`` (an exact block of its
             module from the exact operator, with ``unsupported=``), or ``"refused"``.
+        groups: a Kronecker block's number of groups ``g``: a grouped convolution's block is a
+            :class:`~curvops.linalg.GroupedKronecker` (``GroupedKroneckerEigen``), one such block
+            per group (shown as ``"kronecker ×g"``).
         rule: the layer rule's class name (``"LinearRule"``) for blocks from a rule, else ``None``.
         bias: ``"joint"`` or ``"separate"`` for the weight and bias of a layer whose bias is
             chosen, else ``None``.
@@ -57,10 +60,12 @@ class CoverageRow:
     bias: str | None = None
     label: str | None = None
     reason: str | None = None
+    groups: int = 1
 
     def cells(self) -> tuple[str, ...]:
         """The row's entries in the table of :meth:`Coverage.table`."""
-        values = (self.name, list(self.shape), self.numel, self.module, self.module_type, self.block)
+        block = self.block if self.groups == 1 else f"{self.block} ×{self.groups}"
+        values = (self.name, list(self.shape), self.numel, self.module, self.module_type, block)
         return tuple(map(str, values)) + tuple(v or "-" for v in (self.rule, self.bias, self.label))
 
 
@@ -135,19 +140,20 @@ def coverage(
     running the model.
 
     Each parameter of a layer with a rule (``nn.Linear``, convolutions, ``nn.Embedding``,
-    ``nn.MultiheadAttention``'s projections, rules of your own) gets a Kronecker block, those of
-    a normalization layer (``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*``)
-    its exact block (``"exact"``, or ``"exact-diagonal"`` for a large one); the parameters of
-    other modules (and an attention's ``bias_k``/``bias_v``) get an exact
-    ``"dense"`` or ``"diagonal"`` block with ``unsupported=``, or are refused. A weight tied
-    between layers (an embedding and the output head) is in its first layer's row: KFAC's
-    nearest Kronecker block (:mod:`curvops.nn.tied`). Refused too: a layer its rule does not
-    handle (a grouped convolution, an embedding with ``max_norm``), a tied weight for EKFAC,
-    TKFAC and TEKFAC, and a weight tied to a module without a rule; each refused row gives the
-    builder's error for it. It raises only for invalid options and parameters (as the builders
-    do). What only a pass can show is not checked here: a layer whose module never runs in the
-    forward pass, or runs several times on different batch sizes, and how an attention module
-    is called (cross-attention of one with a joint q/k/v block is refused in the pass).
+    ``nn.MultiheadAttention``'s projections, rules of your own) gets a Kronecker block (one per
+    group of a grouped convolution), those of a normalization layer (``nn.LayerNorm``,
+    ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*``) its exact block (``"exact"``, or
+    ``"exact-diagonal"`` for a large one); the parameters of other modules (and an attention's
+    ``bias_k``/``bias_v``) get an exact ``"dense"`` or ``"diagonal"`` block with
+    ``unsupported=``, or are refused. A weight tied between layers (an embedding and the output
+    head) is in its first layer's row: KFAC's nearest Kronecker block (:mod:`curvops.nn.tied`).
+    Refused too: a layer its rule does not handle (an embedding with ``max_norm``), a tied
+    weight for EKFAC, TKFAC and TEKFAC, and a weight tied to a module without a rule; each
+    refused row gives the builder's error for it. It raises only for invalid options and
+    parameters (as the builders do). What only a pass can show is not checked here: a layer
+    whose module never runs in the forward pass, or runs several times on different batch
+    sizes, and how an attention module is called (cross-attention of one with a joint q/k/v
+    block is refused in the pass).
 
     Args:
         model: the network.
@@ -233,6 +239,7 @@ def _kronecker_places(layer: KroneckerLayer, options: KroneckerOptions) -> dict[
                 "rule": type(layer.rule).__name__,
                 "bias": bias,
                 "label": label,
+                "groups": layer.groups,
             }
     return places
 

@@ -96,6 +96,8 @@ class FisherType:
             return statistics.replace(exact_block=identity)
         layer, some = statistics.layer, statistics.input_factor
         eye = torch.eye(layer.sizes[0], dtype=some.dtype, device=some.device)
+        if layer.groups > 1:  # one G = I per group
+            eye = eye.expand(layer.groups, -1, -1)
         return statistics.replace(output_factor=eye)
 
     def exact_operator(

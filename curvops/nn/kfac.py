@@ -39,10 +39,12 @@ def KFAC(
     """KFAC of the Fisher / GGN of ``loss_fn`` over ``data``, as a structured operator.
 
     Per supported layer (``nn.Linear`` with any leading axes, ``nn.Conv1d``, ``nn.Conv2d``,
-    ``nn.Conv3d`` with ``groups=1`` and any ``padding_mode``, ``nn.Embedding``, and
+    ``nn.Conv3d`` with any ``padding_mode`` and any ``groups``, ``nn.Embedding``, and
     ``nn.MultiheadAttention``'s input projection and ``out_proj``, each a linear layer shared over
     the tokens, see :mod:`curvops.nn.layers.attention`) the block of
-    its weight is ``G ⊗ A`` (see
+    its weight is ``G ⊗ A`` (a grouped convolution's, depthwise included, is a
+    :class:`~curvops.linalg.GroupedKronecker`: one ``G_j ⊗ A_j`` per group ``j``, from that
+    group's input channels and output gradients; likewise its bias's ``G_j``; see
     :mod:`curvops.nn.layers.rule` for ``A``, ``G`` and ``kfac_approx``, :mod:`curvops.nn.fisher`
     for ``fisher_type``); an embedding's block is ``A ⊗ G`` with a diagonal ``A`` (its weight is
     ``[num_embeddings, dim]``). The normalization layers (``nn.LayerNorm``, ``nn.RMSNorm``,

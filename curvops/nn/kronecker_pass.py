@@ -21,7 +21,7 @@ from .approximations import Basis
 from .batches import is_empty
 from .forward_checks import fixed_forward
 from .layers import find_layers
-from .layers.rule import KroneckerLayer, kept_positions, masked
+from .layers.rule import KroneckerLayer, kept_positions, masked, rotate
 from .losses import LossAdapter
 from .model import ModelData
 from .options import KroneckerOptions
@@ -139,10 +139,10 @@ def batch_corrections(
     gradients = gradients.to(q_out.dtype)
     weight = bias = None
     if layer.weight is not None:
-        weight = layer.rule.correction(layer, inputs, gradients @ q_out, q_in, correction, valid=valid)
+        weight = layer.rule.correction(layer, inputs, rotate(gradients, q_out), q_in, correction, valid=valid)
     if layer.separate_bias:
-        kept = masked(gradients, kept_positions(valid, *gradients.shape[1:3]))
-        bias = (kept.sum(dim=2) @ q_bias).square().sum(dim=(0, 1))
+        kept = masked(gradients, kept_positions(valid, *gradients.shape[1:3]), gradients.ndim - 3)
+        bias = rotate(kept.sum(dim=2), q_bias).square().sum(dim=(0, 1))
     return Corrections(weight, bias)
 
 

@@ -7,6 +7,9 @@ factors ``A``, ``G`` (``δ``, ``Φ``, ``Ψ``), and normalised values average
 (:meth:`LayerStatistics.average`: the optimizer's running averages). A normalization layer's
 statistic is the sum ``Σ v v^T`` of its exact block instead (:mod:`curvops.nn.layers.norm`),
 normalised like ``G``. EKFAC's eigenvalue sums are :class:`Corrections`, alike.
+
+A grouped layer's statistics (``layer.groups = g > 1``) carry a leading group axis (``A``:
+``[g, n_in, n_in]``, ``δ``: ``[g]``): every operation here acts per group.
 """
 
 from __future__ import annotations
@@ -38,10 +41,19 @@ def _sum(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 def _trace_normalised(factor: Tensor | None) -> Tensor | None:
-    """``F / tr F`` (a 1-D factor is a diagonal)."""
+    """``F / tr F`` (a 1-D factor is a diagonal; a 3-D one ``[g, n, n]`` is normalised per group)."""
     if factor is None:
         return None
+    if factor.ndim == 3:
+        return factor / factor.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
     return factor / (factor.sum() if factor.ndim == 1 else factor.trace())
+
+
+def _nonpositive_trace(trace: Tensor) -> str:
+    """The first ``δ <= 0`` (or ``nan``) of a layer's ``δ`` (one per group for ``[g]``), for errors."""
+    flat = trace.reshape(-1)
+    group = int((~(flat > 0)).nonzero()[0, 0])
+    return f"{float(flat[group])}" + ("" if trace.ndim == 0 else f" in group {group}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,9 +115,10 @@ class LayerStatistics:
         is ``Z``, times the samples per datum for ``"mc"``), ``δ``, a bias's trace and an exact
         block ``/ scale``, ``Φ`` and ``Ψ`` divided by their traces. Raises ``ValueError`` (naming
         the layer) for TKFAC's ``δ <= 0`` or ``nan``."""
-        if self.trace is not None and not bool(self.trace > 0):
+        if self.trace is not None and not bool((self.trace > 0).all()):
+            delta = _nonpositive_trace(self.trace)
             raise ValueError(
-                f"Layer {self.layer.name!r} has δ = {float(self.trace)} (its block's trace): TKFAC "
+                f"Layer {self.layer.name!r} has δ = {delta} (its block's trace): TKFAC "
                 "needs δ > 0 (no curvature at δ = 0; nan: the statistics overflow)."
             )
 
@@ -136,7 +149,7 @@ class LayerStatistics:
         """0-dim boolean tensors, all true when the statistics are usable: every statistic finite,
         TKFAC's ``δ`` (if any) positive (see :func:`all_usable`)."""
         checks = [torch.isfinite(value).all() for value in self.tensors().values()]
-        return checks if self.trace is None else [*checks, self.trace > 0]
+        return checks if self.trace is None else [*checks, (self.trace > 0).all()]
 
 
 def all_usable(statistics: list[LayerStatistics]) -> bool:

@@ -103,8 +103,8 @@ class KFACOptimizer(torch.optim.Optimizer):
 
     Args:
         model: the network; hooks go on its layers with a rule (as for :func:`~curvops.KFAC`,
-            normalization layers included; a batch norm in train mode normalises with the
-            batch's statistics, as it does).
+            grouped convolutions and normalization layers included; a batch norm in train mode
+            normalises with the batch's statistics, as it does).
         loss_fn: the ``nn.Module`` loss the training loop calls: ``nn.CrossEntropyLoss``,
             ``nn.MSELoss`` or ``nn.BCEWithLogitsLoss`` (any module for ``"forward-only"``).
         params: the parameters to train (default: the model's trainable ones), one group: a

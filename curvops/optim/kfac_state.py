@@ -22,7 +22,8 @@ def running_shapes(layer: KroneckerLayer, approximation: KroneckerApproximation)
     """The shapes of a layer's running state: ``"statistics"`` by name (those of
     :class:`~curvops.nn.statistics.LayerStatistics`), and EKFAC's ``"bases"`` ``(Q_out, Q_in,
     Q_bias)`` and ``"scales"`` ``(s_weight, s_bias)`` (``None`` where the layer has no such entry;
-    a layer with an exact block has only ``"exact_block"``)."""
+    a layer with an exact block has only ``"exact_block"``), each with a leading group axis for a
+    grouped layer."""
     if layer.rule.exact:
         return {
             "statistics": {"exact_block": layer.rule.block_shape(layer)},
@@ -30,6 +31,11 @@ def running_shapes(layer: KroneckerLayer, approximation: KroneckerApproximation)
             "scales": (None, None),
         }
     n_out, n_in = layer.sizes
+    groups = () if layer.groups == 1 else (layer.groups,)
+
+    def grouped(shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return None if shape is None else (*groups, *shape)
+
     input_shape, output_shape = layer.input_shape, (n_out, n_out)
     statistics = {"input_factor": input_shape, "output_factor": output_shape}
     if approximation.trace_restricted:
@@ -37,13 +43,15 @@ def running_shapes(layer: KroneckerLayer, approximation: KroneckerApproximation)
         if layer.separate_bias:
             statistics["bias_trace"] = ()
     weight_scale = None if layer.weight is None else layer.kronecker_order((n_out,), (n_in,))
+    bases = (output_shape, None if layer.rule.diagonal_input else input_shape, output_shape)
+    scales = (
+        None if weight_scale is None else weight_scale[0] + weight_scale[1],
+        (n_out,) if layer.separate_bias else None,
+    )
     return {
-        "statistics": statistics,
-        "bases": (output_shape, None if layer.rule.diagonal_input else input_shape, output_shape),
-        "scales": (
-            None if weight_scale is None else weight_scale[0] + weight_scale[1],
-            (n_out,) if layer.separate_bias else None,
-        ),
+        "statistics": {name: grouped(shape) for name, shape in statistics.items()},
+        "bases": tuple(grouped(shape) for shape in bases),
+        "scales": tuple(grouped(shape) for shape in scales),
     }
 
 

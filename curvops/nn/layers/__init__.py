@@ -3,7 +3,7 @@
 A registry maps module types to :class:`~curvops.nn.layers.rule.LayerRule` objects; a
 module's rule is that of the nearest class in its method resolution order, so a subclass of
 ``nn.Linear`` is a linear layer. Built in: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``,
-``nn.Conv3d`` (every padding mode), ``nn.Embedding`` and ``nn.MultiheadAttention`` (its input
+``nn.Conv3d`` (every padding mode, any ``groups``), ``nn.Embedding`` and ``nn.MultiheadAttention`` (its input
 projection and ``out_proj``, :mod:`curvops.nn.layers.attention`) (Kronecker factors), and the
 normalization layers ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm1d``,
 ``nn.BatchNorm2d``, ``nn.BatchNorm3d`` and ``nn.SyncBatchNorm`` in eval mode (the exact block of

@@ -1,5 +1,5 @@
-"""``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` with ``groups=1`` and every padding mode:
-the unfolded patches are the inputs."""
+"""``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` with any ``groups`` (depthwise included) and
+every padding mode: the unfolded patches are the inputs."""
 
 from __future__ import annotations
 
@@ -60,6 +60,11 @@ class ConvRule(DenseInputRule):
     is the patch (``n_in = C_in · kernel size``) of the padded input at location ``s``, the
     weight ``[C_out, n_in]``.
 
+    With ``groups = g > 1`` (depthwise: ``g = C_in``) group ``j``'s weight rows
+    ``j C_out/g .. (j+1) C_out/g`` see only the patches of its input channels
+    ``j C_in/g .. (j+1) C_in/g``: the features are ``[N, S, g, C_in/g · kernel size]``, the
+    output gradients ``[K, N, S, g, C_out/g]``, and the block is ``G_j ⊗ A_j`` per group.
+
     Example:
         >>> conv = torch.nn.Conv2d(2, 3, kernel_size=2)
         >>> ConvRule().features(conv, torch.randn(4, 2, 5, 5)).shape  # 16 locations, 2·2·2 inputs
@@ -67,15 +72,20 @@ class ConvRule(DenseInputRule):
         >>> conv = torch.nn.Conv3d(2, 3, kernel_size=2, padding="same", padding_mode="circular")
         >>> ConvRule().features(conv, torch.randn(4, 2, 3, 3, 3)).shape  # 27 locations, 2·2·2·2 inputs
         torch.Size([4, 27, 16])
+        >>> depthwise = torch.nn.Conv2d(4, 8, kernel_size=3, groups=4)  # 4 groups of 1 channel
+        >>> ConvRule().features(depthwise, torch.randn(2, 4, 5, 5)).shape, ConvRule().sizes(depthwise)
+        (torch.Size([2, 9, 4, 9]), (2, 9))
     """
 
-    def check(self, name: str, module: nn.Module, kfac_approx: str) -> None:
-        if module.groups != 1:
-            raise ValueError(
-                f"KFAC supports convolutions with groups=1; {name!r} has groups={module.groups}."
-            )
+    def groups(self, module: nn.Module) -> int:
+        return module.groups
 
     def features(self, module: nn.Module, inputs: Tensor) -> Tensor:
+        patches = self._patches(module, inputs)
+        return patches if module.groups == 1 else patches.unflatten(-1, (module.groups, -1))
+
+    def _patches(self, module: nn.Module, inputs: Tensor) -> Tensor:
+        """``[N, S, C_in · kernel size]``, channels first (so each group's are a range)."""
         paddings = _paddings(module)
         kernel_size, stride, dilation = (
             tuple(module.kernel_size),
@@ -92,5 +102,9 @@ class ConvRule(DenseInputRule):
         return patches.transpose(1, 2)
 
     def output_gradients(self, module: nn.Module, gradients: Tensor) -> Tensor:
-        """``[K, N, C_out, *spatial]`` (any number of spatial axes) as ``[K, N, S, C_out]``."""
-        return super().output_gradients(module, gradients.flatten(3).transpose(2, 3))
+        """``[K, N, C_out, *spatial]`` (any number of spatial axes) as ``[K, N, S, C_out]``, or
+        ``[K, N, S, g, C_out/g]`` for ``g > 1`` groups."""
+        positions_last = gradients.flatten(3).transpose(2, 3)
+        if module.groups > 1:
+            return positions_last.unflatten(-1, (module.groups, -1))
+        return super().output_gradients(module, positions_last)

@@ -24,10 +24,9 @@ output-space vectors of the Fisher type (:mod:`curvops.nn.fisher`). TKFAC's trac
 EKFAC's eigenvalue corrections come from the same captured tensors.
 
 Targets equal to ``ignore_index`` are no loss terms, and a layer's positions that belong to
-none are left out of every sum (``A``, its count, ``reduce``'s means over positions,
-TKFAC's terms, EKFAC's corrections; their output gradients too), by :func:`kept_positions`
-from the batch's mask of valid targets (:meth:`~curvops.nn.losses.LossAdapter.valid_terms`,
-``T`` targets in all):
+none are left out of every sum (``A``, its count, ``reduce``'s means, TKFAC's terms, EKFAC's
+corrections; their output gradients too), by :func:`kept_positions` from the batch's mask of
+valid targets (:meth:`~curvops.nn.losses.LossAdapter.valid_terms`, ``T`` targets in all):
 
 - a layer whose positions ``[N, S]`` line up with the targets (``N S = T``: a token-wise
   layer on ``[N, S, d]`` inputs with targets ``[N, S]``, or with a model that ends in
@@ -44,14 +43,19 @@ batch's sums come from the captured tensors. :class:`DenseInputRule` does the su
 layer whose inputs are vectors ``a_ns``: a new layer of that kind only says how its inputs
 become ``[N, S, n_in]`` and its output gradients ``[K, N, S, n_out]``.
 
-One module may give several Kronecker layers, its *parts* (``nn.MultiheadAttention``: its input
-projection and ``out_proj``): :meth:`LayerRule.layers` makes them, :meth:`LayerRule.capture` turns
-one call of the module into each part's ``(input, output)``, and a part's weight and bias may be
-a range of rows of a parameter (:attr:`KroneckerLayer.weight_rows`).
+One module may give several Kronecker layers, its *parts* (an attention's input projection
+and ``out_proj``): :meth:`LayerRule.layers` makes them, :meth:`LayerRule.capture` gives each
+part's ``(input, output)`` of a call, and a part's weight and bias may be rows of a parameter
+(:attr:`KroneckerLayer.weight_rows`). A layer of ``g > 1`` groups (a grouped convolution) is
+``g`` independent layers of one module, group ``j``'s outputs (weight rows ``j n_out ..
+(j+1) n_out``) seeing only its inputs: inputs ``[N, S, g, n_in]``, output gradients
+``[K, N, S, g, n_out]``, every statistic with a leading group axis (``A``: ``[g, n_in, n_in]``,
+``δ``: ``[g]``), and a block-diagonal block over the groups, ``G_j ⊗ A_j`` each.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -115,9 +119,15 @@ class KroneckerLayer:
 
     @property
     def sizes(self) -> tuple[int, int]:
-        """``(n_out, n_in)`` of the factors ``G`` and ``A`` (``n_in`` counts a joint bias's 1)."""
+        """``(n_out, n_in)`` of the factors ``G`` and ``A`` (``n_in`` counts a joint bias's 1; per
+        group for a grouped layer)."""
         n_out, n_in = self.shape or self.rule.sizes(self.module)
         return n_out, n_in + self.joint
+
+    @property
+    def groups(self) -> int:
+        """The number of groups ``g`` (``1`` but for a grouped convolution): ``g`` blocks, one per group."""
+        return self.rule.groups(self.module)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -159,10 +169,14 @@ class LayerRule(ABC):
     def check(self, name: str, module: nn.Module, kfac_approx: str) -> None:  # noqa: B027 (optional)
         """Raise ``ValueError`` (naming the module) for configurations the rule does not handle."""
 
+    def groups(self, module: nn.Module) -> int:
+        """The number of independent groups of the layer's weight rows (``1``: one block)."""
+        return 1
+
     def sizes(self, module: nn.Module) -> tuple[int, int]:
-        """``(n_out, n_in)`` of the weight seen as a matrix (without a joint bias)."""
+        """``(n_out, n_in)`` of the weight seen as a matrix (without a joint bias), per group."""
         weight = module.weight
-        n_out, n_in = weight.shape[0], weight[0].numel()
+        n_out, n_in = weight.shape[0] // self.groups(module), weight[0].numel()
         return (n_in, n_out) if self.transposed else (n_out, n_in)
 
     def captured_input(self, args: tuple) -> Tensor:
@@ -245,9 +259,9 @@ class LayerRule(ABC):
         valid: Tensor | None = None,
     ) -> Tensor:
         """One batch's ``Σ_{n,c} (Q_out^T ∇_W ℓ_nc Q_in)²`` in the weight's layout (``[n_out, n_in]``,
-        ``[n_in, n_out]`` for a transposed rule) from the output gradients already rotated by ``Q_out``
-        (``q_in`` is ``None`` for a diagonal input factor), over the kept positions as in
-        :meth:`statistics`."""
+        ``[n_in, n_out]`` for a transposed rule, ``[g, n_out, n_in]`` per group) from the output
+        gradients already rotated by ``Q_out`` (``q_in`` is ``None`` for a diagonal input factor),
+        over the kept positions as in :meth:`statistics`."""
 
 
 def kept_positions(valid: Tensor | None, data: int, positions: int) -> Tensor | None:
@@ -277,11 +291,11 @@ def kept_positions(valid: Tensor | None, data: int, positions: int) -> Tensor | 
     return rows.unsqueeze(1).expand(data, positions)
 
 
-def masked(values: Tensor | None, kept: Tensor | None) -> Tensor | None:
-    """``values`` (``[..., N, S, d]``) with the vectors at positions not ``kept`` (``[N, S]``) zero."""
+def masked(values: Tensor | None, kept: Tensor | None, axes: int = 1) -> Tensor | None:
+    """``values`` ``[..., N, S, *d]`` (``axes`` axes ``d``), zero at positions not ``kept`` ``[N, S]``."""
     if values is None or kept is None:
         return values
-    return values * kept.unsqueeze(-1).to(values.dtype)
+    return values * kept.reshape(*kept.shape, *([1] * axes)).to(values.dtype)
 
 
 def differentiable(output: Tensor) -> Tensor:
@@ -295,8 +309,9 @@ def differentiable(output: Tensor) -> Tensor:
     return output if output.requires_grad else output.detach().requires_grad_(True)
 
 
-def second_moment(rows: Tensor) -> Tensor:
-    """``Σ x x^T`` over the vectors ``x = rows[..., :]`` (all leading axes summed).
+def second_moment(rows: Tensor, grouped: bool = False) -> Tensor:
+    """``Σ x x^T`` over the vectors ``x = rows[..., :]`` (all leading axes summed); ``grouped``:
+    per group, for rows ``[..., g, n]``, as ``[g, n, n]``.
 
     Contiguous rows take one matrix product; rows that are a transposed view (unfolded
     convolution patches, convolution output gradients) take a batched product over their
@@ -306,12 +321,28 @@ def second_moment(rows: Tensor) -> Tensor:
         >>> rows = torch.randn(4, 3, 2, dtype=torch.float64)
         >>> torch.allclose(second_moment(rows), rows.reshape(-1, 2).T @ rows.reshape(-1, 2))
         True
+        >>> torch.allclose(second_moment(rows, grouped=True)[1], rows[:, 1].T @ rows[:, 1])
+        True
     """
+    if grouped:
+        per_group = rows.reshape(-1, *rows.shape[-2:]).transpose(0, 1)  # [g, M, n]
+        return torch.bmm(per_group.transpose(1, 2), per_group)
     if rows.is_contiguous():
         flat = rows.reshape(-1, rows.shape[-1])
         return flat.T @ flat
     batched = rows.reshape(-1, *rows.shape[-2:])
     return torch.bmm(batched.transpose(1, 2), batched).sum(0)
+
+
+def rotate(rows: Tensor, basis: Tensor) -> Tensor:
+    """``rows @ Q``; with a group axis (rows ``[..., g, n]``, ``Q`` ``[g, n, n]``) per group.
+
+    Example:
+        >>> rows, q = torch.randn(5, 2, 3), torch.randn(2, 3, 3)
+        >>> torch.allclose(rotate(rows, q)[:, 1], rows[:, 1] @ q[1])
+        True
+    """
+    return rows @ basis if basis.ndim == 2 else torch.einsum("...gi,gij->...gj", rows, basis)
 
 
 def correction_strategy(
@@ -341,7 +372,8 @@ def _chunks(data: int, per_datum: int) -> range:
 
 def gradient_norms(gradients: Tensor, features: Tensor) -> Tensor:
     """``Σ_{k,n} ‖Σ_s g_kns a_ns^T‖_F²``: the squared norms of every datum's (and column's)
-    weight gradient, from ``[K, N, S, n_out]`` output gradients and ``[N, S, n_in]`` inputs.
+    weight gradient, from ``[K, N, S, n_out]`` output gradients and ``[N, S, n_in]`` inputs;
+    per group (``[g]``) for ``[K, N, S, g, n_out]`` and ``[N, S, g, n_in]``.
 
     TKFAC's ``δ`` is their mean, so its block's trace is the true block's, with or without
     weight sharing. The gradients are formed explicitly or through position Gramians,
@@ -354,37 +386,39 @@ def gradient_norms(gradients: Tensor, features: Tensor) -> Tensor:
         >>> torch.allclose(gradient_norms(g, a), truth)
         True
     """
-    columns, data, positions, outputs = gradients.shape
+    columns, data, positions, outputs = *gradients.shape[:3], gradients.shape[-1]
+    groups = math.prod(gradients.shape[3:-1])
     strategy = correction_strategy("auto", columns, data, positions, outputs, features.shape[-1])
     per_datum = columns * outputs * features.shape[-1] if strategy == "per-example" else positions * positions
-    total = gradients.new_zeros(())
-    for start in _chunks(data, per_datum):
-        stop = start + max(1, CORRECTION_CHUNK // per_datum)
+    total = gradients.new_zeros(gradients.shape[3:-1])
+    for start in _chunks(data, per_datum * groups):
+        stop = start + max(1, CORRECTION_CHUNK // (per_datum * groups))
         g, a = gradients[:, start:stop], features[start:stop]
         if strategy == "per-example":
-            total = total + torch.einsum("knso,nsi->knoi", g, a).square().sum()
+            total = total + torch.einsum("kns...o,ns...i->kn...oi", g, a).square().sum(dim=(0, 1, -2, -1))
         else:
-            output_gram = torch.einsum("knso,knto->nst", g, g)
-            total = total + (output_gram * torch.einsum("nsi,nti->nst", a, a)).sum()
+            output_gram = torch.einsum("kns...o,knt...o->n...st", g, g)
+            total = total + (output_gram * torch.einsum("ns...i,nt...i->n...st", a, a)).sum(dim=(0, -2, -1))
     return total
 
 
 def _position_means(features: Tensor, kept: Tensor | None) -> Tensor:
-    """``â_n``, ``[N, 1, n_in]``: each datum's mean input over its kept positions (zero for none)."""
+    """``â_n``, ``[N, 1, (g,) n_in]``: each datum's mean input over its kept positions (zero for none)."""
     if kept is None:
         return features.mean(dim=1, keepdim=True)
     per_datum = kept.sum(dim=1).clamp(min=1).to(features.dtype)
-    return features.sum(dim=1, keepdim=True) / per_datum[:, None, None]
+    return features.sum(dim=1, keepdim=True) / per_datum.reshape(-1, *([1] * (features.ndim - 1)))
 
 
 class DenseInputRule(LayerRule):
     """A layer with vector inputs ``a_ns``: subclasses say how the captured input becomes
-    ``[N, S, n_in]`` (:meth:`features`); the factor sums, TKFAC's terms and EKFAC's
-    corrections follow from them."""
+    ``[N, S, n_in]`` (:meth:`features`; ``[N, S, g, n_in]`` for ``g > 1`` groups, with output
+    gradients ``[K, N, S, g, n_out]``); the factor sums, TKFAC's terms and EKFAC's corrections
+    follow from them."""
 
     @abstractmethod
     def features(self, module: nn.Module, inputs: Tensor) -> Tensor:
-        """The input vectors ``a`` at every position, ``[N, S, n_in]``."""
+        """The input vectors ``a`` at every position, ``[N, S, n_in]`` (``[N, S, g, n_in]`` if grouped)."""
 
     def joined_input(self, name: str, module: nn.Module, inputs: list[Tensor]) -> Tensor | list[Tensor]:
         """One call's input, or the list of every call's (:meth:`_features` joins their positions)."""
@@ -412,26 +446,27 @@ class DenseInputRule(LayerRule):
         valid: Tensor | None = None,
     ) -> LayerStatistics:
         features = self._features(layer, inputs, dtype)
-        kept = kept_positions(valid, *features.shape[:2])
-        features, gradients = masked(features, kept), masked(gradients, kept)
-        terms = {}
+        grouped, terms = layer.groups > 1, {}
+        kept, axes = kept_positions(valid, *features.shape[:2]), 2 if grouped else 1
+        features, gradients = masked(features, kept, axes), masked(gradients, kept, axes)
         if trace_restricted and gradients is not None:
             terms["trace"] = gradient_norms(gradients, features)
             if layer.separate_bias:
-                terms["bias_trace"] = gradients.sum(dim=2).square().sum()
+                terms["bias_trace"] = gradients.sum(dim=2).square().sum(dim=(0, 1, -1))
         if kfac_approx == "reduce":
             features = _position_means(features, kept)
             gradients = None if gradients is None else gradients.sum(dim=2, keepdim=True)
             kept = None if kept is None else kept.any(dim=1, keepdim=True)
-        terms["input_factor"] = weight * second_moment(features)
-        count = weight * (features[..., 0].numel() if kept is None else float(kept.sum()))
+        terms["input_factor"] = weight * second_moment(features, grouped)
+        count = weight * (math.prod(features.shape[:2]) if kept is None else float(kept.sum()))
         if gradients is not None:
-            terms["output_factor"] = second_moment(gradients)
+            terms["output_factor"] = second_moment(gradients, grouped)
             if trace_restricted:
                 input_norms, output_norms = features.square().sum(-1), gradients.square().sum(-1)
                 weighted_inputs = features * output_norms.sum(0).sqrt().unsqueeze(-1)
-                terms["trace_input_factor"] = second_moment(weighted_inputs)
-                terms["trace_output_factor"] = second_moment(gradients * input_norms.sqrt().unsqueeze(-1))
+                weighted_outputs = gradients * input_norms.sqrt().unsqueeze(-1)
+                terms["trace_input_factor"] = second_moment(weighted_inputs, grouped)
+                terms["trace_output_factor"] = second_moment(weighted_outputs, grouped)
         return LayerStatistics(layer, input_count=count, **terms)
 
     def correction(
@@ -444,19 +479,22 @@ class DenseInputRule(LayerRule):
         valid: Tensor | None = None,
     ) -> Tensor:
         features = self._features(layer, inputs, q_in.dtype)
-        features = masked(features, kept_positions(valid, *features.shape[:2])) @ q_in
-        columns, data, positions, outputs = rotated.shape
-        size = features.shape[-1]
+        kept = kept_positions(valid, *features.shape[:2])
+        features = rotate(masked(features, kept, features.ndim - 2), q_in)
+        columns, data, positions, outputs = *rotated.shape[:3], rotated.shape[-1]
+        groups, size = math.prod(rotated.shape[3:-1]), features.shape[-1]
         strategy = correction_strategy(correction, columns, data, positions, outputs, size)
         per_datum = columns * outputs * size if strategy == "per-example" else positions**2 * (outputs + size)
+        per_datum *= groups
         total = None
         for start in _chunks(data, per_datum):  # bounded memory
             stop = start + max(1, CORRECTION_CHUNK // per_datum)
             g, a = rotated[:, start:stop], features[start:stop]
             if strategy == "per-example":
-                part = torch.einsum("knso,nsi->knoi", g, a).square().sum(dim=(0, 1))
+                part = torch.einsum("kns...o,ns...i->kn...oi", g, a).square().sum(dim=(0, 1))
             else:
-                output_gram = torch.einsum("knso,knto->nsto", g, g)
-                part = torch.einsum("nsto,nsti->oi", output_gram, torch.einsum("nsi,nti->nsti", a, a))
+                output_gram = torch.einsum("kns...o,knt...o->nst...o", g, g)
+                input_gram = torch.einsum("ns...i,nt...i->nst...i", a, a)
+                part = torch.einsum("nst...o,nst...i->...oi", output_gram, input_gram)
             total = part if total is None else total + part
-        return total.T if self.transposed else total
+        return total.mT if self.transposed else total
