@@ -39,7 +39,7 @@ class Layout:
         if layer.rule.transposed:
             rows = self.indices(weight, device).reshape(-1, weight.shape[-1])
             return torch.cat([rows, self.indices(bias, device).unsqueeze(0)], dim=0).flatten()
-        rows = self.indices(weight, device, layer.weight_rows).reshape(layer.sizes[0], -1)
+        rows = self.indices(weight, device, layer.weight_rows).reshape(layer.groups * layer.sizes[0], -1)
         return torch.cat([rows, self.indices(bias, device, layer.bias_rows).unsqueeze(1)], dim=1).flatten()
 
     def place(
