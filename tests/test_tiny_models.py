@@ -268,7 +268,6 @@ def nearest_kronecker(matrix: torch.Tensor, rows: tuple[int, int], columns: tupl
 
 
 def test_tiny_gpt_with_a_tied_head_gets_the_nearest_kronecker_product_of_its_uses():
-    pytest.importorskip("curvops.nn.tied", reason="tied weights come with the branch 'share'")
     model, loss_fn = gpt(tied=True), nn.CrossEntropyLoss()
     x, y = tokens(3, TOKENS)
     tied = curvops.KFAC(model, loss_fn, [(x, y)], fisher_type="type-2").block("token.weight")
@@ -303,8 +302,6 @@ def test_tiny_gpt_from_mapping_batches_is_the_same_operator():
         def forward(self, input_ids, attention_mask):
             return {"logits": self.gpt(input_ids * attention_mask)}
 
-    if not hasattr(curvops.nn, "mapping_batches"):
-        pytest.skip("mapping batches come with the branch 'share'")
     model, loss_fn = KeywordGPT(), nn.CrossEntropyLoss()
     x, y = tokens(3, TOKENS)
     loader = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": y}]
