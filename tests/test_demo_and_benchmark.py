@@ -64,3 +64,8 @@ def test_ekfac_benchmark_quick_mode_runs():
 def test_optimizer_benchmark_quick_mode_runs():
     out = _quick("optim.py", "--workloads", "tokens")
     assert "KFAC T_stats=10" in out and "zeroth-order" in out and "x)" in out
+
+
+def test_transformer_benchmark_quick_mode_runs():
+    out = _quick("transformer.py")
+    assert "GPT: 2 layers" in out and "EKFAC" in out and out.count("x; forward+backward") == 3
