@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..linalg import BlockDiagonal, Diagonal
 from .batches import data_count, is_empty
@@ -62,14 +62,9 @@ def _add_batch_diagonal(
     with fixed_forward():
         output = model.forward(params, inputs)
     model.check_output(index, output)
-    if isinstance(loss.loss_fn, nn.CrossEntropyLoss) and output.ndim != 2:
-        raise ValueError(
-            "curvature='diagonal' needs CrossEntropyLoss outputs of shape [N, C]; got "
-            f"[N, {', '.join(map(str, output.shape[1:]))}]. Use 'kfac' or 'full'."
-        )
     loss.check_target(output, targets, index)
-    factor = loss_hessian_factor(loss, output, targets)
-    factor = factor.reshape(factor.shape[0], output.shape[0], -1)  # [K, N, C]
+    factor = loss_hessian_factor(loss, output, targets, where=f"Batch {index}")
+    factor = factor.reshape(factor.shape[0], output.shape[0], -1)  # [K, N, C·positions]
     for start, chunk in datum_chunks(inputs, factor.shape[2] * model.size):
         jac = datum_jacobians(model, params, chunk)  # [B, C, D]
         columns = factor[:, start : start + data_count(chunk)]

@@ -50,8 +50,7 @@ def KFAC(
     ``[num_embeddings, dim]``). The normalization layers (``nn.LayerNorm``, ``nn.RMSNorm``,
     ``nn.GroupNorm``, ``nn.BatchNorm1d/2d/3d`` in eval mode) get the exact block of their affine
     parameters for ``fisher_type`` (its diagonal for more than 2048 of them), from the same pass
-    (:mod:`curvops.nn.layers.norm`, which says where ``"type-2"`` is the GGN's block: not for a
-    cross-entropy over positions; EKFAC and TKFAC give the same block). A module called several
+    (:mod:`curvops.nn.layers.norm`; EKFAC and TKFAC give the same block). A module called several
     times in the forward pass shares its weight over its calls as over positions
     (:mod:`curvops.nn.layers.rule`); a weight tied between layers (an embedding and the output
     head) gets the nearest Kronecker product to the sum of its uses' blocks

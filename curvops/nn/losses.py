@@ -37,6 +37,9 @@ from torch import Tensor, nn
 from .loss_hessians import generic_hessian_factor
 
 LIKELIHOOD_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
+
+MAX_FACTOR_NUMBERS = 2**26
+"""The most numbers of one batch's loss-Hessian columns (:func:`loss_hessian_factor`)."""
 CLASS_INDEX_LOSSES = (nn.CrossEntropyLoss, nn.NLLLoss)
 """Losses of class indices with an ``ignore_index`` and class weights that their mean divides by."""
 ELEMENTWISE_LOSSES = (
@@ -294,14 +297,16 @@ def loss_hessian_factor(
     - ``MSELoss``: ``√2 e_j`` for every output element;
     - ``BCEWithLogitsLoss``: ``√h e_j`` with ``h = w (1 + (p_w - 1) y) σ(1-σ)`` (``w`` the
       ``weight``, ``p_w`` the ``pos_weight``, both 1 when unset);
-    - ``CrossEntropyLoss``: ``√(c p_c) (e_c - p)`` for every class ``c`` at every position at
-      once, with ``c = (1-ε) w_y + (ε/C) Σ_k w_k`` for a class index ``y`` (``0`` at
+    - ``CrossEntropyLoss``: ``√(c p_c) (e_c - p)`` for every class ``c`` and, with outputs
+      ``[N, C, d_1, ...]``, every one of the ``P = d_1 ···`` positions on its own (``C·P``
+      columns, each zero at the other positions: a datum's Hessian is block-diagonal over its
+      positions, and a column spanning them all would add products between positions that it
+      does not have), with ``c = (1-ε) w_y + (ε/C) Σ_k w_k`` for a class index ``y`` (``0`` at
       ``ignore_index``) and ``c = Σ_k w_k q̃_k``, ``q̃ = (1-ε) q + ε/C``, for probabilities ``q``
       (``ε`` the ``label_smoothing``, ``w`` the class ``weight``, 1 when unset): the Hessian of
-      torch's ``-Σ_k w_k q̃_k log p_k`` is ``c (diag p - p p^T)``, whatever the targets. A
-      column holds its class at every position, so a layer that sees one output position
-      each (token-wise) gets exactly its positions' Hessians; one that mixes positions also
-      gets their cross products (as curvlinops does; exact would take ``C·S`` columns).
+      torch's ``-Σ_k w_k q̃_k log p_k`` is ``c (diag p - p p^T)``, whatever the targets. More than
+      :data:`MAX_FACTOR_NUMBERS` numbers of columns raise ``ValueError`` (beginning with
+      ``where``) naming ``fisher_type="mc"``, whose labels are drawn per position.
 
     Any other loss: each datum's Hessian of ``s · loss`` (``s`` its :meth:`LossAdapter.batch_scale`
     for ``count`` loss terms, by default counted from ``targets``), factorised
@@ -323,7 +328,8 @@ def loss_hessian_factor(
         eye = eye.reshape(classes, 1, classes, *([1] * (output.ndim - 2)))
         per_class = probabilities.movedim(1, 0).unsqueeze(2)  # [C, N, 1, ...]: p_c at every position
         columns = per_class.sqrt() * (eye - probabilities.unsqueeze(0))
-        return columns * _cross_entropy_scale(loss_fn, output, targets).sqrt().unsqueeze(1)
+        columns = columns * _cross_entropy_scale(loss_fn, output, targets).sqrt().unsqueeze(1)
+        return _positions_apart(columns, where)
     if not isinstance(loss_fn, (nn.MSELoss, nn.BCEWithLogitsLoss)):
         scale = loss.batch_scale(loss.count(targets) if count is None else count)
         return generic_hessian_factor(lambda f: scale * loss(f, targets), output, where)
@@ -337,6 +343,25 @@ def loss_hessian_factor(
         per_datum, 1, *output.shape[1:]
     )
     return eye * curvature.sqrt()
+
+
+def _positions_apart(columns: Tensor, where: str) -> Tensor:
+    """``[K, N, C, d_1, ...]`` columns that hold every position at once as ``[K·P, N, C, d_1, ...]``
+    columns of one position each (``P = d_1 ···``; unchanged for ``[K, N, C]``)."""
+    positions = columns.shape[3:]
+    count = math.prod(positions)
+    if count == 1:
+        return columns
+    numbers = columns.numel() * count
+    if numbers > MAX_FACTOR_NUMBERS:
+        raise ValueError(
+            f"{where}: fisher_type='type-2' with a cross-entropy over {count} positions takes "
+            f"{columns.shape[0]}·{count} output-space columns (one per class and position), "
+            f"{numbers:,} numbers for this batch, over the {MAX_FACTOR_NUMBERS:,} curvops allows: use "
+            "fisher_type='mc' (labels drawn per position) or 'empirical', or smaller batches."
+        )
+    eye = torch.eye(count, dtype=columns.dtype, device=columns.device).reshape(1, count, 1, 1, *positions)
+    return (columns.unsqueeze(1) * eye).flatten(0, 1)
 
 
 def _nonnegative(curvature: Tensor, loss_fn: nn.Module, what: str) -> Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..linalg.checks import check_bool
 from .batches import as_batches, check_reiterable, checked_batch
@@ -123,17 +124,20 @@ class ModelData:
         parameter (``head.weight = embedding.weight``) several slots that all get the same
         tensor, so its gradient sums over every use. The model's own parameter objects are put
         back unchanged (``torch.func.functional_call``'s weight tying would swap a shared
-        module's slot twice and leave a plain tensor behind).
+        module's slot twice and leave a plain tensor behind). Attention runs in PyTorch's plain
+        ``scaled_dot_product_attention`` kernel (``SDPBackend.MATH``): the fused kernels have no
+        forward-mode or double derivative, which the exact operators take.
         """
         chosen = {id(p): name for name, p in zip(self.names, self.params, strict=True)}
         values = {
             path: params[chosen[id(p)]] if id(p) in chosen else p.detach()
             for path, p in parameter_slots(self.model)
         }
-        if isinstance(x, ModelInputs):
-            result = torch.func.functional_call(self.model, values, (), dict(x), tie_weights=False)
-            return x.output_of(result)
-        return torch.func.functional_call(self.model, values, (x,), tie_weights=False)
+        with sdpa_kernel(SDPBackend.MATH):
+            if isinstance(x, ModelInputs):
+                result = torch.func.functional_call(self.model, values, (), dict(x), tie_weights=False)
+                return x.output_of(result)
+            return torch.func.functional_call(self.model, values, (x,), tie_weights=False)
 
     def call(self, x: Any) -> Tensor:
         """The model's output on ``x`` with its own parameters: ``model(x)``, or ``model(**x)``'s

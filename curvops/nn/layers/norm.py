@@ -11,13 +11,9 @@ output-space column ``c``
 
 and the block is ``(1/Z) Σ_{n,c} v_nc v_nc^T`` with ``v = [vec ∇_γ; ∇_β]`` (the chosen ones):
 the empirical Fisher's for ``"empirical"``, ``FisherMC``'s (same draws) for ``"mc"``, and the
-GGN's for ``"type-2"`` wherever its columns factor each datum's loss Hessian: ``MSELoss`` and
-``BCEWithLogitsLoss`` (a column per output element), ``CrossEntropyLoss`` with one output
-position per datum. With ``CrossEntropyLoss`` over positions (outputs ``[N, C, d_1, ...]``,
-a language model's tokens) the ``C`` type-2 columns are shared by all positions, as for the
-Kronecker factors, so ``v_nc`` mixes positions and the block is ``J^T Λ̃ J`` with
-``Λ̃ = Σ_c s_c s_c^T`` (products between positions included), not the GGN's; choose ``"mc"``
-or ``"empirical"`` there for the exact block of their operators.
+GGN's for ``"type-2"``, whose columns factor each datum's loss Hessian exactly (a cross-entropy
+over positions takes one column per class and position:
+:func:`~curvops.nn.losses.loss_hessian_factor`).
 
 ``bias="joint"`` gives one block over ``[vec γ; β]``, with the cross terms; ``"separate"`` one
 block per parameter. ``kfac_approx`` plays no part (the block is exact), and EKFAC, TKFAC and
