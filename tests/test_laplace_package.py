@@ -7,6 +7,7 @@ import torch
 from model_truth import Truth
 from torch import nn
 
+import curvops
 from curvops.errors import NonDeterministicDataError
 from curvops.nn.diagonal import summed_ggn_diagonal
 from curvops.nn.jacobian import datum_chunks, datum_jacobians
@@ -100,8 +101,9 @@ def test_summed_ggn_diagonal_in_chunks(monkeypatch):
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
 
 
-def test_summed_ggn_diagonal_refuses_cross_entropy_over_positions():
-    """``[N, C, d]`` logits: the factor's columns mix positions, so the diagonal is refused by name."""
+def test_summed_ggn_diagonal_takes_cross_entropy_over_positions():
+    """``[N, C, d]`` logits: one loss-Hessian column per class and position, so the diagonal is the
+    exact GGN's (matrix-free, from its own JVPs and VJPs)."""
 
     class PerPosition(nn.Module):
         def __init__(self):
@@ -109,9 +111,11 @@ def test_summed_ggn_diagonal_refuses_cross_entropy_over_positions():
             self.linear = nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.linear(x).movedim(-1, 1)  # [N, 3 classes, 2 positions]
+            h = self.linear(x)
+            return (h + h.flip(1)).movedim(-1, 1)  # [N, 3 classes, 2 positions], positions mixed
 
-    model = PerPosition().double()
-    data = ModelData(model, [(randn(2, 2, 4), torch.zeros(2, 2, dtype=torch.long))])
-    with pytest.raises(ValueError, match=r"outputs of shape \[N, C\]; got \[N, 3, 2\]"):
-        summed_ggn_diagonal(data, LossAdapter(nn.CrossEntropyLoss(), likelihood=True))
+    model, loss_fn = PerPosition().double(), nn.CrossEntropyLoss(reduction="sum")
+    batches = [(randn(2, 2, 4), torch.tensor([[0, 2], [1, 1]]))]
+    diagonal = summed_ggn_diagonal(ModelData(model, batches), LossAdapter(loss_fn, likelihood=True))
+    exact = curvops.GGN(model, loss_fn, batches).to_dense()
+    torch.testing.assert_close(diagonal.diagonal(), exact.diagonal())
