@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DOUBLE, kron
+from helpers import DOUBLE, kron, train_steps
 from model_truth import Truth
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -184,13 +184,7 @@ def test_kfac_optimizer_trains_the_tiny_gpt(curvature):
     model, loss_fn = gpt(), nn.CrossEntropyLoss()
     x, y = tokens(8, TOKENS, seed=1)
     optimizer = KFACOptimizer(model, loss_fn, curvature=curvature, lr=0.05, damping=0.1, T_inv=5)
-    losses = []
-    for _ in range(30):
-        optimizer.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, optimizer, loss_fn, [(x, y)] * 30)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0], losses
     optimizer.remove_hooks()
@@ -247,13 +241,7 @@ def test_tiny_resnet_in_train_mode_is_refused_by_the_builders_and_trained_by_the
     with pytest.raises(ValueError, match=r"(?i)train"):
         curvops.KFAC(model, loss_fn, [(x, y)])
     optimizer = KFACOptimizer(model, loss_fn, lr=0.1, damping=0.1, T_inv=5)
-    losses = []
-    for _ in range(20):
-        optimizer.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, optimizer, loss_fn, [(x, y)] * 20)
     assert losses[-1] < 0.7 * losses[0], losses
 
 
@@ -283,13 +271,7 @@ def test_tiny_gpt_with_a_tied_head_gets_the_nearest_kronecker_product_of_its_use
     with pytest.raises(ValueError, match=r"token\.weight"):
         curvops.EKFAC(model, loss_fn, [(x, y)])
     optimizer = KFACOptimizer(model, loss_fn, lr=0.05, damping=0.1, T_inv=5)
-    losses = []
-    for _ in range(30):
-        optimizer.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(model, optimizer, loss_fn, [(x, y)] * 30)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
