@@ -1,5 +1,7 @@
 """Random test matrices and dense ground truth, written independently of curvops."""
 
+import io
+
 import torch
 
 DOUBLE = torch.float64
@@ -55,3 +57,19 @@ def train_steps(model, optimizer, loss_fn, batches) -> list[float]:
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_resumes_bit_for_bit(model, optimizer, twin, make_optimizer, loss_fn, batches) -> None:
+    """Checkpoint ``model`` and ``optimizer`` (``torch.load(weights_only=True)``), restore them into
+    ``twin`` and ``make_optimizer(twin)``, train both on ``batches``: the same parameters, bit for bit."""
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": optimizer.state_dict()}, buffer)
+    train_steps(model, optimizer, loss_fn, batches)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    twin.load_state_dict(checkpoint["model"])
+    resumed = make_optimizer(twin)
+    resumed.load_state_dict(checkpoint["opt"])
+    train_steps(twin, resumed, loss_fn, batches)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)

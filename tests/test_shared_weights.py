@@ -3,11 +3,10 @@ calls (KFAC expand/reduce by their definition, EKFAC's corrections and TKFAC's Î
 builders and in KFACOptimizer; a parameter tied between two modules."""
 
 import copy
-import io
 
 import pytest
 import torch
-from helpers import DOUBLE, train_steps
+from helpers import DOUBLE, assert_resumes_bit_for_bit, train_steps
 from torch import nn
 from torch.func import hessian, jacrev
 
@@ -164,18 +163,10 @@ def test_optimizer_with_a_shared_module_equals_the_builder_trains_and_resumes(cu
     opt = KFACOptimizer(model, loss_fn, **options)
     losses = train_steps(model, opt, loss_fn, data[:4] * 5)
     assert sum(losses[-4:]) < 0.9 * sum(losses[:4])
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    train_steps(model, opt, loss_fn, data[4:])
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=True)
-    resumed = shared_mlp(seed=5)
-    resumed.load_state_dict(checkpoint["model"])
-    resumed_opt = KFACOptimizer(resumed, loss_fn, **options)
-    resumed_opt.load_state_dict(checkpoint["opt"])
-    train_steps(resumed, resumed_opt, loss_fn, data[4:])
-    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
+    twin = shared_mlp(seed=5)
+    assert_resumes_bit_for_bit(
+        model, opt, twin, lambda m: KFACOptimizer(m, loss_fn, **options), loss_fn, data[4:]
+    )
 
 
 # ----------------------------------------------------------- a weight tied between two layers
@@ -285,18 +276,10 @@ def test_optimizer_with_a_tied_weight_equals_the_builder_trains_and_resumes():
     losses = train_steps(model, opt, loss_fn, data * 5)
     assert sum(losses[-4:]) < 0.9 * sum(losses[:4])
     assert model.head.weight is model.emb.weight
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
-    train_steps(model, opt, loss_fn, data)
-    buffer.seek(0)
-    checkpoint = torch.load(buffer, weights_only=True)
-    resumed = TiedLM(seed=3).double()
-    resumed.load_state_dict(checkpoint["model"])
-    resumed_opt = KFACOptimizer(resumed, loss_fn, **options)
-    resumed_opt.load_state_dict(checkpoint["opt"])
-    train_steps(resumed, resumed_opt, loss_fn, data)
-    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
+    twin = TiedLM(seed=3).double()
+    assert_resumes_bit_for_bit(
+        model, opt, twin, lambda m: KFACOptimizer(m, loss_fn, **options), loss_fn, data
+    )
 
 
 class TwoSequences(nn.Module):
