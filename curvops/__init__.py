@@ -7,7 +7,7 @@ for lives in :mod:`curvops.optim` (natural-gradient and zeroth-order optimizers)
 functions).
 """
 
-from . import influence, laplace, linalg, nn, optim
+from . import distributed, influence, laplace, linalg, nn, optim
 from .compare import Comparison, compare
 from .errors import (
     ConvergenceWarning,

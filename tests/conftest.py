@@ -17,3 +17,13 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 def device(request) -> torch.device:
     """Every device test runs on the CPU, and on a GPU where there is one."""
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="session")
+def ranks():
+    """Two gloo processes on 127.0.0.1 that run test functions (:class:`distributed.RankPool`)."""
+    from distributed import RankPool
+
+    pool = RankPool()
+    yield pool
+    pool.close()

@@ -44,6 +44,8 @@ class ModelData:
             with the first pass's as it comes, whatever the operator, and raise
             :class:`~curvops.errors.NonDeterministicDataError` when it differs.
         label: the data set's name in errors (``"query_data"``: "Batch 0 of query_data: ...").
+        allow_empty: accept data without batches (a rank's empty shard under
+            :mod:`curvops.distributed`); by default empty data raises.
 
     Raises:
         ValueError: for batch normalisation with batch statistics (train mode).
@@ -65,11 +67,13 @@ class ModelData:
         progressbar: bool = False,
         check_deterministic: bool = False,
         label: str = "",
+        allow_empty: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
         check_bool(progressbar, "progressbar")
         check_bool(check_deterministic, "check_deterministic")
+        self.allow_empty = check_bool(allow_empty, "allow_empty")
         data = as_batches(data)
         check_reiterable(data)
         self.params, self.names = chosen_parameters(model, params)
@@ -183,7 +187,7 @@ class ModelData:
             self._passes.check_batch("data", index, named_leaves(x, y))
             record.add(x, y)
             yield index, x, y
-        if not len(record):
+        if not len(record) and not self.allow_empty:
             raise ValueError("data is empty: it yielded no batches.")
         record.finish()
         self._passes.check_pass(description, record, any_order)
