@@ -49,8 +49,7 @@ class Shard(DistributedSampler):
     example once (the shards may differ in size by one)."""
 
     def __iter__(self) -> Iterator[int]:
-        own = len(range(self.rank, len(self.dataset), self.num_replicas))
-        return iter(list(super().__iter__())[:own])
+        return iter(list(super().__iter__())[: len(self)])
 
     def __len__(self) -> int:
         return len(range(self.rank, len(self.dataset), self.num_replicas))
