@@ -5,6 +5,7 @@ shards, checkpoints on every rank and identical parameters on every rank."""
 import contextlib
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -191,3 +192,44 @@ def test_the_module_of_a_ddp_model_gives_the_same_optimizer_and_local_stays_alon
 def test_an_unknown_group_is_refused():
     with pytest.raises(ValueError, match="group must be"):
         KFACOptimizer(_model(), nn.CrossEntropyLoss(), group="everyone")
+
+
+def _skips_together() -> list[int]:
+    """Rank 1's loss is not finite at step 1 (the model is not DDP-wrapped, so rank 0's gradient
+    stays finite): both ranks skip that step."""
+    rank = Shards.of().rank
+    model, loss_fn = _model(), nn.CrossEntropyLoss()
+    opt = KFACOptimizer(model, loss_fn, T_inv=1, **SETTINGS)
+    steps = []
+    for t in range(3):
+        x, y = _batch(t)
+        x = x[rank::2]
+        if t == 1 and rank == 1:
+            x[0, 0] = float("nan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            _step(model, loss_fn, opt, [(x, y[rank::2])])
+        steps.append(opt.steps)
+    return steps
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(ranks):
+    assert ranks.run(_skips_together) == [[1, 1, 2], [1, 1, 2]]
+
+
+def _mc_draws_per_rank() -> float:
+    """Both ranks hold the same data: with labels drawn per rank, the union's ``"mc"`` curvature
+    is not one process's on that data (rank 0's draws), as it would be with common draws."""
+    x, y = _batch(0, 4)
+    options = {**SETTINGS, "fisher_type": "mc", "T_inv": 1}
+    curvatures = []
+    for group in (None, "local"):
+        model, loss_fn = _model(), nn.CrossEntropyLoss()
+        opt = KFACOptimizer(model, loss_fn, group=group, **options)
+        _step(model, loss_fn, opt, [(x, y)])
+        curvatures.append(opt.curvature_operator().to_dense())
+    return float((curvatures[0] - curvatures[1]).abs().max())
+
+
+def test_mc_labels_are_drawn_per_rank(ranks):
+    assert min(ranks.run(_mc_draws_per_rank)) > 1e-6

@@ -137,7 +137,8 @@ class KFACOptimizer(torch.optim.Optimizer):
         T_inv: steps between preconditioner rebuilds, a multiple of ``T_stats``.
         fisher_type: ``"mc"``, ``"type-2"``, ``"empirical"`` (or ``"forward-only"``, KFAC only).
         mc_samples: labels drawn per datum for ``"mc"``; the draws of step ``t`` are seeded
-            with ``(seed, t)`` (micro-batch ``m`` of an accumulated step: ``(seed, t + m·2²⁰)``).
+            with ``(seed, t)`` (micro-batch ``m`` of an accumulated step: ``(seed, t + m·2²⁰)``;
+            every rank but rank 0 of a group its own seed, :meth:`~curvops.distributed.Shards.seed`).
         kl_clip: ``κ > 0``, or ``None`` for no clipping.
         factored: the factored damping instead of the exact damped inverse, for every curvature:
             KFAC's π-damping, TKFAC's per-factor damping of Gao et al.; EKFAC (whose damped
