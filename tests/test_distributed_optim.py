@@ -19,22 +19,33 @@ TOLERANCE = 1e-10
 SETTINGS = {"fisher_type": "type-2", "lr": 0.1, "damping": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
 
 
-def _model() -> nn.Module:
+INPUTS = {"mlp": (4,), "conv": (4, 5)}
+
+
+def _model(kind: str = "mlp") -> nn.Module:
+    """An MLP, or a grouped convolution, a LayerNorm (an exact block) and a linear layer (batches of
+    16 keep the linear layer's input factor of rank 11 of 12: a unique EKFAC eigenbasis)."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    if kind == "conv":
+        layers = [nn.Conv1d(4, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.LayerNorm(12), nn.Linear(12, 3)]
+    else:
+        layers = [nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)]
+    return nn.Sequential(*layers).double()
 
 
-def _batch(step: int, size: int = 8, ignored: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    step: int, size: int = 16, ignored: int = 0, kind: str = "mlp"
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(size, 4, generator=g, dtype=torch.float64)
+    x = torch.randn(size, *INPUTS[kind], generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (size,), generator=g)
     y[size - ignored :] = -100
     return x, y
 
 
-def _pair(loss_fn: nn.Module, **options):
+def _pair(loss_fn: nn.Module, kind: str = "mlp", **options):
     """A DDP model with its optimizer, and one process's copy (``group="local"``) with its own."""
-    model = _model()
+    model = _model(kind)
     reference = copy.deepcopy(model)
     ddp = DistributedDataParallel(model)
     ddp_loss, reference_loss = copy.deepcopy(loss_fn), copy.deepcopy(loss_fn)
@@ -70,33 +81,39 @@ def _flat(model: nn.Module) -> list[float]:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist()
 
 
-def _train_against_one_process(curvature: str, T_stats: int, T_inv: int, micro: int, steps: int, **options):
+def _train_against_one_process(
+    kind: str, curvature: str, T_stats: int, T_inv: int, micro: int, steps: int, **options
+):
     rank = Shards.of().rank
     (ddp, loss_fn, opt), (reference, reference_loss, reference_opt) = _pair(
-        nn.CrossEntropyLoss(), curvature=curvature, T_stats=T_stats, T_inv=T_inv, **options
+        nn.CrossEntropyLoss(), kind, curvature=curvature, T_stats=T_stats, T_inv=T_inv, **options
     )
     initial = _difference(ddp.module, reference)
     for t in range(steps):
-        micro_batches = [_batch(micro * t + k) for k in range(micro)]
+        micro_batches = [_batch(micro * t + k, kind=kind) for k in range(micro)]
         _step(ddp, loss_fn, opt, [(x[rank::2], y[rank::2]) for x, y in micro_batches])
         union = (torch.cat([x for x, _ in micro_batches]), torch.cat([y for _, y in micro_batches]))
         _step(reference, reference_loss, reference_opt, [union])
-    moved = _difference(ddp.module, _model())
+    moved = _difference(ddp.module, _model(kind))
     return initial, _difference(ddp.module, reference), moved, _flat(ddp.module)
 
 
 @pytest.mark.parametrize(
-    ("curvature", "T_stats", "T_inv", "options"),
+    ("kind", "curvature", "T_stats", "T_inv", "options"),
     [
-        ("kfac", 1, 1, {}),
-        ("kfac", 1, 3, {"kl_clip": 1e-3}),
-        ("kfac", 2, 2, {"factored": True}),
-        ("ekfac", 1, 1, {}),
-        ("ekfac", 1, 2, {"kl_clip": 1e-3}),
+        ("mlp", "kfac", 1, 1, {}),
+        ("mlp", "kfac", 1, 3, {"kl_clip": 1e-3}),
+        ("mlp", "kfac", 2, 2, {"factored": True}),
+        ("mlp", "ekfac", 1, 1, {}),
+        ("mlp", "ekfac", 1, 2, {"kl_clip": 1e-3}),
+        ("mlp", "tkfac", 1, 2, {}),
+        ("mlp", "tekfac", 1, 2, {}),
+        ("conv", "kfac", 1, 2, {}),
+        ("conv", "ekfac", 1, 2, {}),
     ],
 )
-def test_ddp_steps_equal_one_process_on_the_global_batch(ranks, curvature, T_stats, T_inv, options):
-    results = ranks.run(_train_against_one_process, curvature, T_stats, T_inv, 1, 5, **options)
+def test_ddp_steps_equal_one_process_on_the_global_batch(ranks, kind, curvature, T_stats, T_inv, options):
+    results = ranks.run(_train_against_one_process, kind, curvature, T_stats, T_inv, 1, 5, **options)
     for initial, difference, moved, _ in results:
         assert initial == 0.0 and moved > 1e-3
         assert difference < TOLERANCE
@@ -105,7 +122,7 @@ def test_ddp_steps_equal_one_process_on_the_global_batch(ranks, curvature, T_sta
 
 @pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
 def test_accumulation_under_no_sync_equals_one_process_on_the_concatenated_micro_batches(ranks, curvature):
-    results = ranks.run(_train_against_one_process, curvature, 1, 2, 2, 4)
+    results = ranks.run(_train_against_one_process, "mlp", curvature, 1, 2, 2, 4)
     for initial, difference, moved, _ in results:
         assert initial == 0.0 and moved > 1e-3
         assert difference < TOLERANCE
