@@ -3,7 +3,8 @@
 ``_Losses`` holds the per-datum loss ``ℓ_n`` and the mean loss whose curvature ``F`` is;
 ``_Examples`` streams the per-example gradients of a labelled data set as ``[D, K]`` columns
 (``torch.func.vmap(grad(...))`` over ``functional_call``), in data order, and counts its data
-and loss terms.
+and loss terms. Over shards (:mod:`curvops.distributed`) its data is this rank's shard: the
+columns are this rank's, the counts the union's, whose examples are numbered rank after rank.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
+from ..distributed import Shards
 from ..errors import NonDeterministicDataError
 from ..nn import LossAdapter, ModelData
 from ..nn.batches import as_batches
@@ -56,8 +58,22 @@ class _Losses:
         self.datum = LossAdapter(_with_reduction(loss_fn, "sum"))
 
 
+class _Totals(NamedTuple):
+    """The counts of a data set over the union of its shards."""
+
+    data: int
+    """``N``: the examples."""
+    terms: float
+    """``Z``: the terms the mean loss divides by."""
+    start: int
+    """The union's index of this rank's first example (``0`` alone)."""
+
+
 class _Examples:
-    """A labelled data set: per-example loss gradients, ``[D, K]`` columns at a time."""
+    """A labelled data set: per-example loss gradients, ``[D, K]`` columns at a time.
+
+    With ``shards`` active the data is this rank's shard, and may be empty.
+    """
 
     def __init__(
         self,
@@ -67,6 +83,7 @@ class _Examples:
         losses: _Losses,
         what: str,
         progressbar: bool,
+        shards: Shards,
     ) -> None:
         self.data = as_batches(data)
         try:
@@ -79,7 +96,10 @@ class _Examples:
                 f"tensors (X, y), got {type(data).__name__}; one-shot iterators and generators cannot be "
                 "passed over more than once."
             )
-        self.model_data = ModelData(model, self.data, params, progressbar, label=what)
+        self.shards = shards
+        self.model_data = ModelData(
+            model, self.data, params, progressbar, label=what, allow_empty=shards.active
+        )
         self.losses = losses
         self.what = what
 
@@ -98,7 +118,7 @@ class _Examples:
                     )
             total += len(y)
             yield index, x, y
-        if total == 0:
+        if total == 0 and not self.shards.active:
             raise ValueError(f"{self.what} holds no examples.")
 
     def check(self) -> None:
@@ -107,14 +127,17 @@ class _Examples:
         A complete pass, so that it is the first pass every later one is compared with, batch
         by batch: the scores are by position, so a reshuffled pass raises
         :class:`~curvops.errors.NonDeterministicDataError` (the model runs on one batch only).
+        Over shards a rank's data may be empty, but not every rank's.
         """
-        if next(iter(self.data), None) is None:
+        if next(iter(self.data), None) is None and not self.shards.active:
             raise ValueError(f"{self.what} is empty: it yielded no batches.")
-        diagnosed = False
+        count = 0
         for index, x, y in self.batches():
-            if len(y) and not diagnosed:
+            if len(y) and not count:
                 self._diagnose(index, x, y)
-                diagnosed = True
+            count += len(y)
+        if self.shards.active and not self.shards.sum_numbers([count], self.model_data.device)[0]:
+            raise ValueError(f"{self.what} holds no examples on any rank.")
 
     def _diagnose(self, index: int, x: Any, y: Tensor) -> None:
         """Raise a ``ValueError`` naming the shapes if the model or the loss fails on ``(x, y)``."""
@@ -187,22 +210,27 @@ class _Examples:
         if parts:
             yield torch.cat(parts, dim=1)
 
-    def totals(self) -> tuple[int, float]:
-        """``(N, Z)``: the number of data and of the terms the mean loss divides by."""
+    def totals(self) -> _Totals:
+        """The number of data ``N`` and of the terms ``Z`` the mean loss divides by, over the
+        union, and where this rank's examples start in it (one collective over shards)."""
         total, terms = 0, 0.0
         for _, _, y in self.batches():
             total, terms = total + len(y), terms + self.losses.counter.count(y)
-        return total, terms
+        counts = self.shards.gather((total, terms))
+        before = counts[: self.shards.rank]
+        return _Totals(sum(c[0] for c in counts), sum(c[1] for c in counts), sum(c[0] for c in before))
 
-    def datum_terms(self, indices: Sequence[int]) -> dict[int, float]:
-        """``{n: z_n}``: the terms of the mean loss that datum ``n`` holds (``0 <= n < N``)."""
-        terms, offset = {}, 0
+    def datum_terms(self, indices: Sequence[int], start: int) -> dict[int, float]:
+        """``{n: z_n}``: the terms of the mean loss that datum ``n`` of the union holds
+        (``0 <= n < N``; this rank's examples are ``start, start + 1, ...``), from its rank."""
+        terms, offset = dict.fromkeys(indices, 0.0), start
         for _, _, y in self.batches():
             for n in indices:
                 if offset <= n < offset + len(y):
                     terms[n] = self.losses.counter.count(y[n - offset : n - offset + 1])
             offset += len(y)
-        return terms
+        summed = self.shards.sum_numbers(list(terms.values()), self.model_data.device)
+        return dict(zip(terms, summed, strict=True))
 
 
 def _check_mode(model: nn.Module) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value
 
+from ..distributed import Shards
 from ..linalg import CurvatureOperator, computation_dtype
 from ..nn.approximations import KRONECKER_APPROXIMATIONS
 from ..nn.curvature import GGN, computation_copy, dense_operator
@@ -26,7 +27,8 @@ CURVATURES = (*KRONECKER_APPROXIMATIONS, "diagonal", "full")
 
 @dataclass(frozen=True)
 class DataFit:
-    """One pass over the training data at ``θ*`` with the loss as given (``σ`` not applied).
+    """One pass over the training data at ``θ*`` with the loss as given (``σ`` not applied), over
+    the union of the shards (:func:`read_data`).
 
     Attributes:
         loss: ``L_sum(θ*) = Σ_n ℓ_n``, a 0-dim tensor.
@@ -50,9 +52,12 @@ def likelihood_of(loss_fn: Any) -> str:
     return "classification" if isinstance(loss_fn, nn.CrossEntropyLoss) else "binary"
 
 
-def read_data(model: ModelData, loss: LossAdapter, theta: dict[str, Tensor]) -> DataFit:
-    """``L_sum(θ*)``, ``∇L_sum(θ*)``, ``N`` and the output shape, in one pass over the data."""
-    total, count, gradient, first = None, 0.0, None, None
+def read_data(model: ModelData, loss: LossAdapter, theta: dict[str, Tensor], shards: Shards) -> DataFit:
+    """``L_sum(θ*)``, ``∇L_sum(θ*)``, ``N`` and the output shape, in one pass over the data: this
+    rank's sums, then summed over the ranks of ``shards`` (a rank without loss terms adds zeros)."""
+    total = torch.zeros((), dtype=model.dtype, device=model.device)
+    gradient = torch.zeros(model.size, dtype=model.dtype, device=model.device)
+    count, first = 0.0, None
     for index, inputs, targets in model.batches("Laplace: loss at the trained parameters"):
         batch_count = loss.count(targets)
         if not batch_count:
@@ -60,13 +65,28 @@ def read_data(model: ModelData, loss: LossAdapter, theta: dict[str, Tensor]) -> 
         value, grads, output = _batch_loss(model, loss, theta, index, inputs, targets, batch_count)
         if first is None:
             first = (tuple(output.shape[1:]), tuple(inputs.shape) if isinstance(inputs, Tensor) else None)
-        flat = torch.cat([grads[name].reshape(-1) for name in model.names])
-        total = value if total is None else total + value
-        gradient = flat if gradient is None else gradient + flat
+        total = total + value
+        gradient = gradient + torch.cat([grads[name].reshape(-1) for name in model.names])
         count += batch_count
-    if total is None:
-        raise ValueError("The data has no loss terms (every target is ignored).")
+    if shards.active:
+        total, gradient, count, first = _summed_over_ranks(shards, total, gradient, count, first)
+    if not count:
+        where = " on any rank" if shards.active else ""
+        raise ValueError(f"The data has no loss terms{where} (every target is ignored).")
     return DataFit(total, gradient, count, *first)
+
+
+def _summed_over_ranks(
+    shards: Shards, total: Tensor, gradient: Tensor, count: float, first: tuple | None
+) -> tuple[Tensor, Tensor, float, tuple | None]:
+    """This rank's loss, gradient and count summed over the ranks; the shapes of this rank's
+    first batch with loss terms, or of the first rank's that has one."""
+    total, gradient = shards.sum([total, gradient])
+    (count,) = shards.sum_numbers([count], gradient.device)
+    others = shards.gather(first)
+    if first is None:
+        first = next((shapes for shapes in others if shapes is not None), None)
+    return total, gradient, count, first
 
 
 def _batch_loss(
@@ -115,15 +135,21 @@ def curvature_scale(
 
 
 def build_curvature(
-    curvature: str | CurvatureOperator, model: ModelData, loss: LossAdapter, options: dict[str, Any] | None
+    curvature: str | CurvatureOperator,
+    model: ModelData,
+    loss: LossAdapter,
+    options: dict[str, Any] | None,
+    group: Any,
 ) -> CurvatureOperator:
-    """The curvature operator of ``loss_fn`` (as it reduces), or the summed GGN's diagonal; checked
-    to match the parameters (size, dtype, device)."""
+    """The curvature operator of ``loss_fn`` (as it reduces), or the summed GGN's diagonal, over
+    the union of the shards of ``group``; checked to match the parameters (size, dtype, device)."""
     options = dict(options or {})
+    if "group" in options:
+        raise ValueError("curvature_options['group']: pass group= to Laplace itself.")
     if not isinstance(curvature, str):
         op = _prebuilt(curvature, options)
     else:
-        op = _named(curvature, model, loss, options)
+        op = _named(curvature, model, loss, options, group)
     if op.shape[0] != model.size:
         raise ValueError(
             f"The curvature operator has size {op.shape[0]}, but the parameters have {model.size} "
@@ -153,15 +179,20 @@ def _prebuilt(curvature: CurvatureOperator, options: dict[str, Any]) -> Curvatur
     return dense_operator(curvature)
 
 
-def _named(curvature: str, model: ModelData, loss: LossAdapter, options: dict[str, Any]) -> CurvatureOperator:
-    """One of :data:`CURVATURES`, over the data of ``model`` (its passes checked against the first)."""
+def _named(
+    curvature: str, model: ModelData, loss: LossAdapter, options: dict[str, Any], group: Any
+) -> CurvatureOperator:
+    """One of :data:`CURVATURES`, over the data of ``model`` (its passes checked against the first)
+    and of the other ranks of ``group``."""
     if curvature in ("diagonal", "full") and options:
         raise ValueError(f"curvature={curvature!r} takes no curvature_options (it is the exact GGN's).")
     if curvature == "diagonal":
-        return summed_ggn_diagonal(model, loss)
+        return summed_ggn_diagonal(model, loss, group=group)
     data = model.checked_data("Laplace curvature")
     if curvature == "full":
         copy, params = computation_copy(model)
-        return dense_operator(GGN(copy, loss.loss_fn, data, params=params), model.dtype)
+        return dense_operator(GGN(copy, loss.loss_fn, data, params=params, group=group), model.dtype)
     options.setdefault("fisher_type", "type-2")
-    return kronecker_approximation(curvature, model.model, loss.loss_fn, data, params=model.params, **options)
+    return kronecker_approximation(
+        curvature, model.model, loss.loss_fn, data, params=model.params, group=group, **options
+    )
