@@ -19,7 +19,9 @@ It prints, on rank 0:
 (b) the MLP trained in ``DistributedDataParallel`` with ``curvops.optim.KFACOptimizer``:
     the mean training loss and the test accuracy after every epoch;
 (c) a Laplace approximation of the trained MLP over the shards: its log marginal likelihood
-    at the tuned prior precision, against one process on all the data.
+    at the tuned prior precision, against one process on all the data;
+(d) the training examples of the highest self-influence (EKFAC, over the shards), against
+    one process on all the data.
 """
 
 from __future__ import annotations
@@ -148,11 +150,21 @@ def train(
     args: argparse.Namespace,
 ) -> None:
     """(b) The MLP in DistributedDataParallel with KFACOptimizer: each rank takes ``1/size`` of
-    every global batch; the loss is the mean over all ranks' examples."""
+    every global batch (the ranks' parts of a batch are one process's batch, but for the
+    examples ``DistributedSampler`` repeats in the last one), and the steps are those of one
+    process on the global batches; the loss is the mean over all ranks' examples."""
     ddp = parallel(model, shards, device)
     loss_fn = nn.CrossEntropyLoss()
-    optimizer = curvops.optim.KFACOptimizer(
-        ddp, loss_fn, lr=0.05, momentum=0.9, damping=0.1, kl_clip=1e-3, T_stats=5, T_inv=20
+    optimizer = curvops.optim.KFACOptimizer(  # type-2: no random labels, the steps of one process
+        ddp,
+        loss_fn,
+        lr=0.05,
+        momentum=0.9,
+        damping=0.1,
+        kl_clip=1e-3,
+        T_stats=5,
+        T_inv=20,
+        fisher_type="type-2",
     )
     sampler = DistributedSampler(data, num_replicas=shards.size, rank=shards.rank, shuffle=True, seed=0)
     loader = DataLoader(data, batch_size=max(args.batch_size // shards.size, 1), sampler=sampler)
@@ -172,7 +184,7 @@ def train(
             total, count = total + loss.item() * len(y), count + len(y)
         total, count = shards.sum_numbers([total, count], device)
         correct = accuracy(model, test, device)
-        say(shards, f"epoch {epoch + 1}: training loss {total / count:.4f}  test accuracy {correct:.4f}")
+        say(shards, f"epoch {epoch + 1}: training loss {total / count:.6f}  test accuracy {correct:.4f}")
 
 
 def parallel(model: nn.Module, shards: Shards, device: torch.device) -> nn.Module:
@@ -206,6 +218,35 @@ def laplace(model: nn.Module, shards: Shards, batches: Batches, everything: Batc
         say(shards, f"    one process on all the data: log marginal likelihood {marglik:.8f}")
 
 
+def influence(
+    model: nn.Module, shards: Shards, data: TensorDataset, batches: Batches, everything: Batches
+) -> None:
+    """(d) The most self-influential training examples over the shards (EKFAC): each rank scores
+    its own examples against the union's curvature; on rank 0 against one process."""
+    loss_fn = nn.CrossEntropyLoss()
+    scores = curvops.influence.self_influence(model, loss_fn, batches, curvature="ekfac", damping=1e-3)
+    top = curvops.influence.top_influences(scores, k=3)  # indices of the union, rank after rank
+    order = union_order(data, shards)
+    examples = [order[i] for i in top.helpful.tolist()]
+    say(shards, f"(d) the most self-influential training examples over {shards.size} shard(s): {examples}")
+    if shards.rank == 0 and shards.active:
+        alone = curvops.influence.self_influence(
+            model, loss_fn, everything, curvature="ekfac", damping=1e-3, group="local"
+        )
+        examples = curvops.influence.top_influences(alone, k=3, group="local").helpful.tolist()
+        say(shards, f"    one process on all the data: {examples}")
+
+
+def union_order(data: TensorDataset, shards: Shards) -> list[int]:
+    """The data set's index of every example of the union, numbered rank after rank (as the
+    influence functions number them over shards)."""
+    return [
+        i
+        for rank in range(shards.size)
+        for i in Shard(data, num_replicas=shards.size, rank=rank, shuffle=False)
+    ]
+
+
 def say(shards: Shards, text: str) -> None:
     """Print ``text`` on rank 0 (the other ranks print nothing)."""
     if shards.rank == 0:
@@ -233,6 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         operators(model, shards, batches, everything, args.damping)
         train(model, shards, device, train_data, test_data, args)
         laplace(model, shards, batches, everything)
+        influence(model.eval(), shards, train_data, batches, everything)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

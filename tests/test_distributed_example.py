@@ -80,19 +80,25 @@ def test_two_ranks_give_the_logdet_and_trace_of_one_process(two_ranks, one_proce
         assert sharded[name][1] == pytest.approx(trace, rel=1e-9, abs=1e-8)
 
 
-def test_two_ranks_train_with_ddp_and_fit_laplace_over_the_shards(two_ranks):
+def test_two_ranks_train_with_ddp_as_one_process_on_the_global_batch(two_ranks, one_process):
     assert "KFACOptimizer on DistributedDataParallel" in two_ranks
-    losses = _values(two_ranks, rf"training loss {NUMBER}")
-    accuracies = _values(two_ranks, rf"test accuracy {NUMBER}")
-    assert len(losses) == len(accuracies) == 2, two_ranks
-    assert all(loss > 0 for loss in losses) and all(0 <= a <= 1 for a in accuracies)
+    for label in ("training loss", "test accuracy"):
+        sharded, alone = _values(two_ranks, rf"{label} {NUMBER}"), _values(one_process, rf"{label} {NUMBER}")
+        assert len(sharded) == len(alone) == 2, two_ranks
+        assert sharded == pytest.approx(alone, abs=2e-6), label
+
+
+def test_two_ranks_fit_laplace_and_influence_over_the_shards(two_ranks, one_process):
     assert "N = 301" in two_ranks  # the loss terms of the union, not of one shard
     sharded, alone = _values(two_ranks, rf"log marginal likelihood {NUMBER}")
     assert sharded == pytest.approx(alone, rel=1e-9), two_ranks
+    (single,) = _values(one_process, rf"log marginal likelihood {NUMBER}")  # the same trained model
+    assert sharded == pytest.approx(single, rel=1e-6)
+    sharded, alone = re.findall(r"(?:shard\(s\)|all the data): (\[[\d, ]+\])", two_ranks)
+    assert sharded == alone and re.search(rf"1 shard\(s\): {re.escape(sharded)}", one_process), two_ranks
 
 
 def test_one_process_runs_without_a_process_group(one_process):
     assert "over 1 shard(s)" in one_process and "KFACOptimizer on one process" in one_process
     assert "one process on all the data" not in one_process
-    assert len(_values(one_process, rf"training loss {NUMBER}")) == 2
     assert "N = 301" in one_process and len(_values(one_process, rf"log marginal likelihood {NUMBER}")) == 1
