@@ -10,8 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import Shards, decompose_blocks
 from ..linalg import CurvatureOperator, Diagonal
 from ..linalg.checks import check_bool, check_choice
+from ..linalg.spectral import check_decomposition_dtype
 from .assembly import Entry, Layout, assemble
 from .curvature import computation_copy, dense_operator
 from .kronecker_pass import KroneckerPass
@@ -35,6 +37,7 @@ def KFAC(
     bias: str = "separate",
     unsupported: str = "error",
     check_deterministic: bool = False,
+    decomposition_dtype: torch.dtype = torch.float64,
 ) -> CurvatureOperator:
     """KFAC of the Fisher / GGN of ``loss_fn`` over ``data``, as a structured operator.
 
@@ -74,7 +77,8 @@ def KFAC(
     :mod:`curvops.nn.layers.rule`). The same holds for EKFAC's corrections and TKFAC's traces.
 
     Precision: the statistics are accumulated in at least float32 and the factors decomposed in
-    float64; for a bfloat16 or float16 model every block is a :class:`~curvops.linalg.Cast` of
+    ``decomposition_dtype`` (float64, or float32 with a float64 fallback per factor); for a
+    bfloat16 or float16 model every block is a :class:`~curvops.linalg.Cast` of
     its float32 operator, so products (and the inverse's) take and give the model's dtype while
     the eigenvalues keep float32's resolution (see ``docs/conventions.rst``, "Precision").
 
@@ -106,6 +110,14 @@ def KFAC(
             exact operator of the same ``fisher_type`` (GGN for ``"type-2"`` and
             ``"forward-only"``).
         check_deterministic: raise when the data or outputs differ between passes.
+        decomposition_dtype: the dtype of the factors' eigendecompositions (each factor is
+            decomposed once, lazily, and shared by the blocks that hold it: a layer's ``G``
+            serves its weight and bias blocks): ``torch.float64``, or ``torch.float32`` (half
+            the memory of ``eigh``, faster) where a factor whose float32 ``eigh`` fails or is
+            inaccurate is recomputed in float64 (:func:`curvops.linalg.spectral.eigh`). With
+            more than one rank the builder decomposes every factor, each on one rank
+            (:func:`curvops.distributed.decompose_blocks`), so ``inverse`` and ``logdet`` cost
+            no ``eigh`` afterwards.
 
     Example:
         >>> layers = [torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)]
@@ -117,7 +129,17 @@ def KFAC(
         >>> step = kfac.inverse(damping=1e-3) @ torch.ones(26, dtype=torch.float64)
     """
     options = KroneckerOptions.checked("kfac", fisher_type, kfac_approx, bias, mc_samples, seed)
-    return _build(options, model, loss_fn, data, params, progressbar, unsupported, check_deterministic)
+    return _build(
+        options,
+        model,
+        loss_fn,
+        data,
+        params,
+        progressbar,
+        unsupported,
+        check_deterministic,
+        decomposition_dtype,
+    )
 
 
 def EKFAC(
@@ -134,6 +156,7 @@ def EKFAC(
     unsupported: str = "error",
     check_deterministic: bool = False,
     correction: str = "auto",
+    decomposition_dtype: torch.dtype = torch.float64,
 ) -> CurvatureOperator:
     """EKFAC (George et al. 2018): KFAC's eigenbasis with corrected eigenvalues.
 
@@ -152,6 +175,8 @@ def EKFAC(
             per batch), ``"gramian"`` (contract rotated Gramians over positions: memory
             ``N·S²·(n_out + n_in)``) or ``"auto"`` (the smaller, per layer and batch). Both give
             the same ``s``. An ``nn.Embedding`` sums its gradient rows by index instead.
+        decomposition_dtype: as for :func:`~curvops.KFAC`; the eigenbases are computed (spread
+            over the ranks of a process group) before the correcting pass.
 
     Example:
         >>> layers = [torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)]
@@ -162,7 +187,17 @@ def EKFAC(
         'KroneckerEigen'
     """
     options = KroneckerOptions.checked("ekfac", fisher_type, kfac_approx, bias, mc_samples, seed, correction)
-    return _build(options, model, loss_fn, data, params, progressbar, unsupported, check_deterministic)
+    return _build(
+        options,
+        model,
+        loss_fn,
+        data,
+        params,
+        progressbar,
+        unsupported,
+        check_deterministic,
+        decomposition_dtype,
+    )
 
 
 def TKFAC(
@@ -180,6 +215,7 @@ def TKFAC(
     check_deterministic: bool = False,
     eigenvalue_correction: bool = False,
     correction: str = "auto",
+    decomposition_dtype: torch.dtype = torch.float64,
 ) -> CurvatureOperator:
     """TKFAC (Gao et al., AAAI 2021): a trace-restricted Kronecker factorisation.
 
@@ -194,7 +230,8 @@ def TKFAC(
     eigenvalues in TKFAC's eigenbasis ``Q_Ψ ⊗ Q_Φ`` (a second pass; ``correction`` as for
     :func:`~curvops.EKFAC`), never farther from the true block than TKFAC.
 
-    The other arguments are :func:`~curvops.KFAC`'s (``"forward-only"`` is refused).
+    The other arguments are :func:`~curvops.KFAC`'s (``"forward-only"`` is refused), and
+    ``decomposition_dtype`` is as for :func:`~curvops.KFAC`.
 
     Example:
         >>> layers = [torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)]
@@ -207,7 +244,17 @@ def TKFAC(
     """
     name = "tekfac" if check_bool(eigenvalue_correction, "eigenvalue_correction") else "tkfac"
     options = KroneckerOptions.checked(name, fisher_type, kfac_approx, bias, mc_samples, seed, correction)
-    return _build(options, model, loss_fn, data, params, progressbar, unsupported, check_deterministic)
+    return _build(
+        options,
+        model,
+        loss_fn,
+        data,
+        params,
+        progressbar,
+        unsupported,
+        check_deterministic,
+        decomposition_dtype,
+    )
 
 
 BUILDERS = {"kfac": KFAC, "ekfac": EKFAC, "tkfac": TKFAC, "tekfac": TKFAC}
@@ -242,9 +289,11 @@ def _build(
     progressbar: bool,
     unsupported: str,
     check_deterministic: bool,
+    decomposition_dtype: torch.dtype = torch.float64,
 ) -> CurvatureOperator:
     """One labelled block per layer parameter from the statistics, and exact blocks for the rest."""
     check_choice(unsupported, UNSUPPORTED_OPTIONS, "unsupported")
+    check_decomposition_dtype(decomposition_dtype)
     loss = options.loss(loss_fn)
     model_data = ModelData(model, data, params, progressbar, check_deterministic)
     layers, others = find_layers(model, model_data.params, options.bias, options.kfac_approx)
@@ -254,7 +303,9 @@ def _build(
     layout, device = Layout(model_data.params), model_data.device
     entries: list[Entry] = []
     if layers:
-        pairs = _kronecker_blocks(options, model_data, loss, layers)  # attention follows its first call
+        pairs = _kronecker_blocks(  # attention follows its first call
+            options, model_data, loss, layers, decomposition_dtype=decomposition_dtype
+        )
         layers = [layer for layer, _ in pairs]
         blocks = merged_ties(layers, [layer_blocks for _, layer_blocks in pairs])
         for layer, layer_blocks in zip(layers, blocks, strict=True):
@@ -265,26 +316,37 @@ def _build(
 
 
 def _kronecker_blocks(
-    options: KroneckerOptions, model_data: ModelData, loss, layers: list
+    options: KroneckerOptions,
+    model_data: ModelData,
+    loss,
+    layers: list,
+    shards: Shards | None = None,
+    decomposition_dtype: torch.dtype = torch.float64,
 ) -> list[tuple[KroneckerLayer, list[CurvatureOperator]]]:
     """Each layer and its blocks: one statistics pass (the layers of an attention module follow
     its first call), and for EKFAC/TEKFAC a correcting one (for the layers it corrects: not those
-    with exact blocks)."""
+    with exact blocks) in the eigenbases of the factors, decomposed first, spread over
+    ``shards``' ranks (:func:`~curvops.distributed.decompose_blocks`; ``None``: this process
+    alone). KFAC's and TKFAC's factors are decomposed here only with more than one rank
+    (``shards.active``): every factor once, spread, so the operator's ``inverse`` and ``logdet`` are free afterwards; alone they are
+    decomposed lazily, by the first ``inverse`` or ``logdet``."""
     approximation = options.approximation
     passes = KroneckerPass(model_data, loss, layers, options)
     statistics = passes.statistics()
-    bases = [approximation.eigenbasis(s)[0] if approximation.corrects(s.layer) else None for s in statistics]
-    if all(basis is None for basis in bases):
-        return [(s.layer, approximation.kronecker_blocks(s)) for s in statistics]
+    blocks = [approximation.kronecker_blocks(s, decomposition_dtype) for s in statistics]
+    corrects = [approximation.corrects(s.layer) for s in statistics]
+    spread = shards is not None and shards.active
+    decompose_blocks([b for bs, c in zip(blocks, corrects, strict=True) if c or spread for b in bs], shards)
+    if not any(corrects):
+        return [(s.layer, layer_blocks) for s, layer_blocks in zip(statistics, blocks, strict=True)]
+    bases = [
+        approximation.eigenbasis(s, layer_blocks)[0] if c else None
+        for s, layer_blocks, c in zip(statistics, blocks, corrects, strict=True)
+    ]
     corrections = passes.corrections(bases)
     return [
-        (
-            s.layer,
-            approximation.kronecker_blocks(s)
-            if basis is None
-            else approximation.corrected_blocks(s.layer, basis, c),
-        )
-        for s, basis, c in zip(statistics, bases, corrections, strict=True)
+        (s.layer, layer_blocks if basis is None else approximation.corrected_blocks(s.layer, basis, c))
+        for s, layer_blocks, basis, c in zip(statistics, blocks, bases, corrections, strict=True)
     ]
 
 
