@@ -16,6 +16,9 @@ from torch import Tensor
 
 from . import spectral
 
+NOISE_CHUNK = 2**20
+"""Numbers per row block of ``|F|`` in a factor's rounding bounds (:meth:`Factor.noise`)."""
+
 
 class Factor:
     """A symmetric factor ``F`` (``[n, n]``, a 1-D diagonal ``[n]`` or every group's ``[g, n, n]``)
@@ -86,12 +89,24 @@ class Factor:
                 self._noise = torch.zeros_like(e)
             else:
                 n = self.matrix.shape[-1]
-                absolute = q.abs()
                 rounding = torch.finfo(self.matrix.dtype).eps * n
-                entries = rounding * ((self.matrix.abs() @ absolute) * absolute).sum(-2)
+                entries = rounding * _absolute_quadratic_forms(self.matrix, q)
                 eigh_eps = torch.finfo(self.decomposition_dtype).eps
                 self._noise = entries + eigh_eps * n * e.abs().amax(-1, keepdim=True)
         return self._noise
+
+
+def _absolute_quadratic_forms(matrix: Tensor, q: Tensor) -> Tensor:
+    """``|q_j|^T |F| |q_j|`` for every column ``j`` of ``Q`` (every group's), through
+    :data:`NOISE_CHUNK`-sized row blocks of ``|F|``: ``|Q|`` is the only ``n x n`` temporary."""
+    absolute = q.abs()
+    n = matrix.shape[-1]
+    rows = max(1, NOISE_CHUNK // max(n, 1))
+    total = torch.zeros_like(absolute[..., 0, :])
+    for start in range(0, n, rows):
+        block = slice(start, start + rows)
+        total += ((matrix[..., block, :].abs() @ absolute) * absolute[..., block, :]).sum(-2)
+    return total
 
 
 def shared_factors(

@@ -83,12 +83,6 @@ def _diagonals(matrices: Sequence[Tensor]) -> list[Tensor]:
     return [m.diagonal(dim1=-2, dim2=-1) for m in matrices]
 
 
-def _orthonormalised(q: Tensor) -> Tensor:
-    """Per group, the orthonormal matrix nearest ``q`` column by column (QR with ``diag(R) > 0``)."""
-    basis, r = torch.linalg.qr(q)
-    return basis * torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype).unsqueeze(-2)
-
-
 class GroupedKronecker(CurvatureOperator):
     """``diag_j(F_1^(j) ⊗ ... ⊗ F_k^(j))``: one :class:`~curvops.Kronecker` block per group.
 
@@ -290,7 +284,7 @@ class GroupedKroneckerEigen(CurvatureOperator):
         groups, dtype = _check_grouped(eigenvectors, "GroupedKroneckerEigen eigenvectors", symmetric=False)
         check_same_place([*eigenvectors, eigenvalues], "eigenvectors and eigenvalues")
         if is_widened(dtype):  # converted from a coarser dtype: orthonormal to its precision only
-            eigenvectors = tuple(_orthonormalised(q) for q in eigenvectors)
+            eigenvectors = tuple(spectral.orthonormalised(q) for q in eigenvectors)
         shape = (groups, *(q.shape[-1] for q in eigenvectors))
         if eigenvalues.shape not in ((math.prod(shape),), shape):
             raise ValueError(

@@ -49,12 +49,6 @@ def decomposition_dtype_of(config: dict[str, Any]) -> torch.dtype:
     return getattr(torch, config.get("decomposition_dtype", "float64"))
 
 
-def _orthonormalised(q: Tensor) -> Tensor:
-    """The orthonormal matrix nearest ``q`` column by column (QR with ``diag(R) > 0``)."""
-    basis, r = torch.linalg.qr(q)
-    return basis * torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
-
-
 def _factor_diagonal(factor: Tensor) -> Tensor:
     """The diagonal of a factor: the factor itself if it is 1-D, else its matrix diagonal."""
     return factor if factor.ndim == 1 else factor.diagonal()
@@ -370,7 +364,7 @@ class KroneckerEigen(CurvatureOperator):
         matrices = [q for q in eigenvectors if q is not None]
         dtype, device = check_same_place([*matrices, eigenvalues], "eigenvectors and eigenvalues")
         if is_widened(dtype):  # converted from a coarser dtype: orthonormal to its precision only
-            eigenvectors = tuple(None if q is None else _orthonormalised(q) for q in eigenvectors)
+            eigenvectors = tuple(None if q is None else spectral.orthonormalised(q) for q in eigenvectors)
         if len(matrices) < len(eigenvectors) and eigenvalues.ndim != len(eigenvectors):
             raise ValueError(
                 f"With None (identity) eigenvectors the eigenvalues must have one axis per factor, "

@@ -30,7 +30,9 @@ def eigh(matrix: Tensor, dtype: torch.dtype = EIGH_DTYPE) -> tuple[Tensor, Tenso
     The decomposition runs in ``dtype`` (:data:`DECOMPOSITION_DTYPES`; float64 by default, for
     accuracy on float32 and lower inputs) and is cast back to the input's dtype. In float32
     (half the memory, faster) the result is checked (:func:`accurate_eigh`) and recomputed in
-    float64 where ``eigh`` fails to converge or is not accurate enough.
+    float64 where ``eigh`` fails to converge or is not accurate enough; a float64 matrix's
+    float32 eigenvectors are then made orthonormal in float64 (:func:`orthonormalised`), so
+    they pass float64's checks while the decomposition has float32's accuracy.
 
     Args:
         matrix: symmetric ``[n, n]``, or ``[g, n, n]`` (every group's).
@@ -53,10 +55,23 @@ def eigh(matrix: Tensor, dtype: torch.dtype = EIGH_DTYPE) -> tuple[Tensor, Tenso
         except torch.linalg.LinAlgError:  # did not converge
             e = q = None
         if e is not None and accurate_eigh(matrix.to(dtype), e, q):
-            return e.to(matrix.dtype), q.to(matrix.dtype)
+            wider = torch.finfo(matrix.dtype).eps < torch.finfo(dtype).eps
+            return e.to(matrix.dtype), orthonormalised(q.to(matrix.dtype)) if wider else q.to(matrix.dtype)
         del e, q
     e, q = torch.linalg.eigh(matrix.to(EIGH_DTYPE))
     return e.to(matrix.dtype), q.to(matrix.dtype)
+
+
+def orthonormalised(q: Tensor) -> Tensor:
+    """The orthonormal matrix nearest ``q`` column by column (QR with ``diag(R) > 0``), or every
+    group's for ``[g, n, n]``.
+
+    Example:
+        >>> orthonormalised(torch.tensor([[2.0, 0.0], [0.0, -1.0]])).tolist()
+        [[1.0, 0.0], [0.0, -1.0]]
+    """
+    basis, r = torch.linalg.qr(q)
+    return basis * torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype).unsqueeze(-2)
 
 
 def check_decomposition_dtype(dtype: torch.dtype) -> torch.dtype:

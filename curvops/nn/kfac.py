@@ -328,8 +328,9 @@ def _kronecker_blocks(
     with exact blocks) in the eigenbases of the factors, decomposed first, spread over
     ``shards``' ranks (:func:`~curvops.distributed.decompose_blocks`; ``None``: this process
     alone). KFAC's and TKFAC's factors are decomposed here only with more than one rank
-    (``shards.active``): every factor once, spread, so the operator's ``inverse`` and ``logdet`` are free afterwards; alone they are
-    decomposed lazily, by the first ``inverse`` or ``logdet``."""
+    (``shards.active``): every factor once, spread, so the operator's ``inverse`` and
+    ``logdet`` are free afterwards; alone they are decomposed lazily, by the first ``inverse``
+    or ``logdet``."""
     approximation = options.approximation
     passes = KroneckerPass(model_data, loss, layers, options)
     statistics = passes.statistics()
