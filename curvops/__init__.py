@@ -36,7 +36,7 @@ from .linalg import (
     Sum,
     from_state_dict,
 )
-from .nn import EKFAC, GGN, KFAC, TKFAC, EmpiricalFisher, FisherMC, Hessian, Jacobian
+from .nn import EKFAC, GGN, KFAC, TKFAC, EmpiricalFisher, FisherMC, Hessian, Jacobian, memory_estimate
 
 __version__ = "0.1.0"
 
@@ -77,6 +77,7 @@ __all__ = [
     "influence",
     "laplace",
     "linalg",
+    "memory_estimate",
     "nn",
     "optim",
 ]

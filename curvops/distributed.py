@@ -12,7 +12,9 @@ zeros of the shape the other ranks report (:meth:`Shards.sum_statistics`). Rando
 (``"mc"`` labels) are seeded per rank (:meth:`Shards.seed`), so the union is one fixed matrix.
 Eigendecompositions are independent per factor: :meth:`Shards.decompose` gives each factor to
 one rank (the largest first, to the least loaded rank, as KAISA does) and broadcasts the
-results.
+results; :func:`decompose_blocks` does so for every distinct factor of a list of Kronecker
+blocks (or whole operators) and fills their shared caches (:class:`~curvops.linalg.Factor`), so
+their ``inverse``, ``logdet`` and EKFAC's eigenbases need no ``eigh`` afterwards.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .linalg import spectral
+from .linalg import CurvatureOperator, Factor, spectral
 
 if TYPE_CHECKING:
     from .nn.statistics import Corrections, LayerStatistics
@@ -172,23 +174,30 @@ class Shards:
             for c, layer_fields in zip(corrections, union, strict=True)
         ]
 
-    def decompose(self, factors: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    def decompose(
+        self, factors: Sequence[Tensor], dtypes: torch.dtype | Sequence[torch.dtype] = spectral.EIGH_DTYPE
+    ) -> list[tuple[Tensor, Tensor]]:
         """:func:`~curvops.linalg.spectral.eigh` of every symmetric factor (``[n, n]``, or a batch
         ``[g, n, n]``), each computed on one rank and broadcast: the same factors on every rank give
         the same decompositions everywhere, in ``1/size`` of the time for many equal factors.
 
+        ``dtypes``: the decomposition dtype of every factor, or one for all (float64; float32 falls
+        back to float64 per factor on its rank, see :func:`~curvops.linalg.spectral.eigh`; the
+        results are in the factors' dtypes either way, so the broadcast does not depend on it).
+
         Factors go largest first (cost ``g·n³``) to the rank with the least work so far (KAISA's
-        assignment by size); each rank then broadcasts its results in one collective.
+        assignment by size); each rank then broadcasts its results in one collective per bucket.
         """
+        dtypes = [dtypes] * len(factors) if isinstance(dtypes, torch.dtype) else list(dtypes)
         if not self.active:
-            return [spectral.eigh(f) for f in factors]
+            return [spectral.eigh(f, dtype) for f, dtype in zip(factors, dtypes, strict=True)]
         owners = assignment([f.shape[-1] ** 3 * (f.numel() // f.shape[-1] ** 2) for f in factors], self.size)
         results: list[tuple[Tensor, Tensor] | None] = [None] * len(factors)
         for rank in range(self.size):
             mine = [i for i, owner in enumerate(owners) if owner == rank]
             for i in mine:
                 if rank == self.rank:
-                    results[i] = spectral.eigh(factors[i])
+                    results[i] = spectral.eigh(factors[i], dtypes[i])
                 else:
                     f = factors[i]
                     results[i] = (f.new_empty(f.shape[:-1]), torch.empty_like(f))
@@ -199,6 +208,48 @@ class Shards:
                 for i, piece in zip(indices, flat.split([parts[i].numel() for i in indices]), strict=True):
                     parts[i].copy_(piece.view(parts[i].shape))
         return results
+
+
+def decompose_blocks(blocks: Sequence[CurvatureOperator], shards: Shards | None = None) -> int:
+    """Decompose every distinct factor of ``blocks`` once, spread over ``shards``' ranks, and fill
+    the factors' shared caches: afterwards the blocks' ``inverse``, ``logdet``, ``eigen`` and
+    ``factor_inverse`` (and EKFAC's eigenbases) run no ``eigh``.
+
+    ``blocks``: Kronecker blocks (:class:`~curvops.Kronecker`, :class:`~curvops.Dense`,
+    :class:`~curvops.linalg.GroupedKronecker`) or operators holding them (a
+    :class:`~curvops.BlockDiagonal`, ``Permuted``, ``Cast``: searched through their
+    sub-operators); other operators are skipped. A :class:`~curvops.linalg.Factor` shared by several
+    blocks (KFAC's ``G`` in a layer's weight and bias blocks) is decomposed once, one already
+    decomposed or diagonal not at all, each in its own ``decomposition_dtype``. Every rank must
+    pass blocks with the same factors in the same order (what every builder gives once the
+    statistics are reduced); ``shards=None`` is this process alone (:meth:`Shards.decompose`).
+    Returns the number of factors decomposed.
+
+    Example:
+        >>> g = curvops.linalg.Factor(torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
+        >>> blocks = [curvops.Kronecker(g, torch.eye(2)), curvops.Dense(g)]
+        >>> decompose_blocks(blocks), decompose_blocks(blocks), g.decomposed  # G and I_2 once
+        (2, 0, True)
+    """
+    pending: dict[int, Factor] = {}
+    for factor in _factors_of(blocks):
+        if not factor.decomposed:
+            pending.setdefault(id(factor), factor)
+    factors = list(pending.values())
+    matrices, dtypes = [f.matrix for f in factors], [f.decomposition_dtype for f in factors]
+    results = (shards or Shards()).decompose(matrices, dtypes)
+    for factor, (e, q) in zip(factors, results, strict=True):
+        factor.fill(e, q)
+    return len(factors)
+
+
+def _factors_of(operators: Sequence[CurvatureOperator]) -> list[Factor]:
+    """The :class:`~curvops.linalg.Factor` objects of ``operators`` and their sub-operators, in order."""
+    found: list[Factor] = []
+    for op in operators:
+        found += getattr(op, "shared_factors", ())
+        found += _factors_of(op._state_children())
+    return found
 
 
 def assignment(costs: Sequence[float], ranks: int) -> list[int]:

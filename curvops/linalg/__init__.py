@@ -20,6 +20,7 @@ from .estimators import (
     ritz_pairs,
     slq_logdet,
 )
+from .factor import Factor
 from .grouped import GroupedKronecker, GroupedKroneckerEigen
 from .kronecker import Kronecker, KroneckerEigen
 from .linear_map import LinearMap, Transposed
@@ -39,6 +40,7 @@ __all__ = [
     "CurvatureOperator",
     "Dense",
     "Diagonal",
+    "Factor",
     "GroupedKronecker",
     "GroupedKroneckerEigen",
     "Identity",

@@ -23,7 +23,8 @@ from ..errors import SingularOperatorError
 from . import spectral
 from .base import CurvatureOperator
 from .checks import check_choice, check_damping, check_same_place
-from .kronecker import PI_BALANCES
+from .factor import Factor, shared_factors
+from .kronecker import DECOMPOSITION_SETTING, PI_BALANCES, decomposition_config, decomposition_dtype_of
 from .precision import is_widened, validation_eps
 from .state import StateSchema, TensorSpec
 from .tensor_products import kron
@@ -82,23 +83,20 @@ def _diagonals(matrices: Sequence[Tensor]) -> list[Tensor]:
     return [m.diagonal(dim1=-2, dim2=-1) for m in matrices]
 
 
-def _orthonormalised(q: Tensor) -> Tensor:
-    """Per group, the orthonormal matrix nearest ``q`` column by column (QR with ``diag(R) > 0``)."""
-    basis, r = torch.linalg.qr(q)
-    return basis * torch.where(r.diagonal(dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype).unsqueeze(-2)
-
-
 class GroupedKronecker(CurvatureOperator):
     """``diag_j(F_1^(j) ⊗ ... ⊗ F_k^(j))``: one :class:`~curvops.Kronecker` block per group.
 
     Every quantity is that of the block-diagonal of the groups' ``Kronecker`` blocks, rounding
     included (an eigenvalue counts as zero within the bound of its factor's rounding):
     ``tr = Σ_j Π_i tr F_i^(j)``, ``logdet(· + λI)`` and ``(· + λI)^p`` (a
-    :class:`GroupedKroneckerEigen`) from the batched eigendecompositions (float64, cached), and
+    :class:`GroupedKroneckerEigen`) from the batched eigendecompositions (in
+    ``decomposition_dtype``, cached in shared :class:`~curvops.linalg.Factor` objects), and
     the factored inverse with each group's own π-dampings (:meth:`pi_dampings`).
 
     Args:
-        *factors: ``[g, n_i, n_i]`` tensors, symmetric in every group, on one device and dtype.
+        *factors: ``[g, n_i, n_i]`` tensors (or :class:`~curvops.linalg.Factor` objects of them,
+            shared with other blocks), symmetric in every group, on one device and dtype.
+        decomposition_dtype: as for :class:`~curvops.Kronecker`.
 
     Example:
         >>> g, a = torch.stack([torch.eye(2), 2 * torch.eye(2)]), torch.ones(2, 1, 1)
@@ -109,14 +107,19 @@ class GroupedKronecker(CurvatureOperator):
         True
     """
 
-    def __init__(self, *factors: Tensor) -> None:
-        groups, dtype = _check_grouped(factors, "GroupedKronecker factor", symmetric=True)
+    def __init__(
+        self, *factors: Tensor | Factor, decomposition_dtype: torch.dtype = spectral.EIGH_DTYPE
+    ) -> None:
+        shared = shared_factors(factors, decomposition_dtype, "GroupedKronecker")
+        matrices = [f.matrix for f in shared]
+        groups, dtype = _check_grouped(matrices, "GroupedKronecker factor", symmetric=True)
         if is_widened(dtype):  # converted from a coarser dtype: symmetric to its precision only
-            factors = tuple(0.5 * (f + f.mT) for f in factors)
-        super().__init__(groups * math.prod(f.shape[-1] for f in factors), dtype, factors[0].device)
-        self.factors = tuple(factors)
-        self._eigen: list[tuple[Tensor, Tensor]] | None = None
-        self._noise: list[Tensor] | None = None
+            shared = tuple(Factor(0.5 * (m + m.mT), decomposition_dtype) for m in matrices)
+        super().__init__(groups * math.prod(m.shape[-1] for m in matrices), dtype, matrices[0].device)
+        self.shared_factors = shared
+        self.factors = tuple(f.matrix for f in shared)
+        self.decomposition_dtype = decomposition_dtype
+        self._eigen: list[tuple[Tensor, Tensor | None]] | None = None
 
     @property
     def groups(self) -> int:
@@ -130,21 +133,16 @@ class GroupedKronecker(CurvatureOperator):
 
     def eigendecompositions(self) -> list[tuple[Tensor, Tensor]]:
         """``[(e_i, Q_i)]``, ``[g, n_i]`` and ``[g, n_i, n_i]``: every group's ``F_i = Q_i diag(e_i)
-        Q_i^T``, by one batched ``eigh`` per factor in float64; cached."""
+        Q_i^T``, by one batched ``eigh`` per factor in ``decomposition_dtype``; cached in the
+        shared :class:`~curvops.linalg.Factor`."""
         if self._eigen is None:
-            self._eigen = [spectral.eigh(f) for f in self.factors]
+            self._eigen = [f.eigh() for f in self.shared_factors]
         return self._eigen
 
     def _factor_noise(self) -> list[Tensor]:
         """Per eigenvalue, how far rounding of its factor's entries can have moved it (as
         :meth:`~curvops.Kronecker._factor_noise`, per group)."""
-        if self._noise is None:
-            self._noise = []
-            for f, (e, q) in zip(self.factors, self.eigendecompositions(), strict=True):
-                n = f.shape[-1]
-                entries = torch.finfo(f.dtype).eps * n * ((f.abs() @ q.abs()) * q.abs()).sum(-2)
-                self._noise.append(entries + spectral.EIGH_EPS * n * e.abs().amax(-1, keepdim=True))
-        return self._noise
+        return [f.noise() for f in self.shared_factors]
 
     def _spectrum(self) -> Tensor:
         return _outer([e for e, _ in self.eigendecompositions()])
@@ -245,18 +243,25 @@ class GroupedKronecker(CurvatureOperator):
                 raise SingularOperatorError(f"Kronecker factor {i}: {error}") from error
             matrix = (q * inverse.unsqueeze(-2)) @ q.mT
             inverses.append(0.5 * (matrix + matrix.mT))
-        return GroupedKronecker(*inverses)
+        return GroupedKronecker(*inverses, decomposition_dtype=self.decomposition_dtype)
 
     def _state_tensors(self) -> dict[str, Tensor]:
         return {f"factor{i}": f for i, f in enumerate(self.factors)}
 
+    def _state_config(self) -> dict[str, str]:
+        return decomposition_config(self.decomposition_dtype)
+
     @classmethod
     def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
-        return StateSchema(tensors={f"factor{i}": _GROUPED for i in range(max(len(tensors), 1))})
+        return StateSchema(
+            tensors={f"factor{i}": _GROUPED for i in range(max(len(tensors), 1))},
+            config={"decomposition_dtype": DECOMPOSITION_SETTING},
+        )
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> GroupedKronecker:
-        return cls(*(tensors[f"factor{i}"] for i in range(len(tensors))))
+        factors = (tensors[f"factor{i}"] for i in range(len(tensors)))
+        return cls(*factors, decomposition_dtype=decomposition_dtype_of(config))
 
 
 class GroupedKroneckerEigen(CurvatureOperator):
@@ -279,7 +284,7 @@ class GroupedKroneckerEigen(CurvatureOperator):
         groups, dtype = _check_grouped(eigenvectors, "GroupedKroneckerEigen eigenvectors", symmetric=False)
         check_same_place([*eigenvectors, eigenvalues], "eigenvectors and eigenvalues")
         if is_widened(dtype):  # converted from a coarser dtype: orthonormal to its precision only
-            eigenvectors = tuple(_orthonormalised(q) for q in eigenvectors)
+            eigenvectors = tuple(spectral.orthonormalised(q) for q in eigenvectors)
         shape = (groups, *(q.shape[-1] for q in eigenvectors))
         if eigenvalues.shape not in ((math.prod(shape),), shape):
             raise ValueError(

@@ -24,27 +24,29 @@ from ..errors import SingularOperatorError
 from . import spectral
 from .base import CurvatureOperator
 from .checks import check_choice, check_damping, check_matrix, check_nonnegative, check_same_place
+from .factor import Factor, shared_factors
 from .precision import is_widened, validation_eps
-from .state import StateSchema, TensorSpec
+from .state import Setting, StateSchema, TensorSpec
 from .tensor_products import kron, mode_product, outer
 
 _MATRIX = TensorSpec((2,), square=True)
 _FACTOR = TensorSpec((1, 2), square=True)
 PI_BALANCES = ("mean", "trace")
+DECOMPOSITION_SETTING = Setting(
+    lambda v: v in ("float32", "float64"), "'float32' or 'float64'", optional=True
+)
+"""A block's ``decomposition_dtype`` in its state dict (absent: float64)."""
 
 
-def _rounding_bound(factor: Tensor, e: Tensor, q: Tensor) -> Tensor:
-    """``ε n |q_j|^T |F| |q_j| + ε_64 n max|e|`` per eigenpair ``(e_j, q_j)`` of ``F``: see
-    :meth:`Kronecker._factor_noise`."""
-    n = factor.shape[0]
-    entries = torch.finfo(factor.dtype).eps * n * ((factor.abs() @ q.abs()) * q.abs()).sum(0)
-    return entries + spectral.EIGH_EPS * n * e.abs().max()
+def decomposition_config(dtype: torch.dtype) -> dict[str, str]:
+    """The state dict setting of ``decomposition_dtype``: nothing for the default float64 (so
+    state dicts of float64 blocks are as before), ``{"decomposition_dtype": "float32"}`` else."""
+    return {} if dtype == spectral.EIGH_DTYPE else {"decomposition_dtype": str(dtype).removeprefix("torch.")}
 
 
-def _orthonormalised(q: Tensor) -> Tensor:
-    """The orthonormal matrix nearest ``q`` column by column (QR with ``diag(R) > 0``)."""
-    basis, r = torch.linalg.qr(q)
-    return basis * torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)
+def decomposition_dtype_of(config: dict[str, Any]) -> torch.dtype:
+    """The ``decomposition_dtype`` a state dict's ``config`` says (float64 if absent)."""
+    return getattr(torch, config.get("decomposition_dtype", "float64"))
 
 
 def _factor_diagonal(factor: Tensor) -> Tensor:
@@ -69,8 +71,10 @@ def _damped_inverse(index: int, e: Tensor, q: Tensor | None, noise: Tensor, damp
 class Kronecker(CurvatureOperator):
     """``F_1 ⊗ F_2 ⊗ ... ⊗ F_k`` for symmetric factors; KFAC's block is ``G ⊗ A``.
 
-    With eigendecompositions ``F_i = Q_i diag(e_i) Q_i^T`` (computed once, in float64, and
-    cached) every quantity is exact and cheap. The factors are taken as the exact matrices:
+    With eigendecompositions ``F_i = Q_i diag(e_i) Q_i^T`` (computed once, in
+    ``decomposition_dtype``, and cached; a factor given as a :class:`~curvops.linalg.Factor`
+    shares its decomposition with every other block built on it) every quantity is exact and
+    cheap. The factors are taken as the exact matrices:
     an eigenvalue counts as zero only within the bound that rounding of the factor's entries
     puts on it (see :meth:`_factor_noise`), so a diagonal matrix stored as a dense factor gives
     the same answers as :class:`~curvops.Diagonal`.
@@ -96,7 +100,12 @@ class Kronecker(CurvatureOperator):
 
     Args:
         *factors: on one device and dtype, finite, floating point: symmetric ``[n_i, n_i]``
-            matrices or 1-D ``[n_i]`` diagonals.
+            matrices or 1-D ``[n_i]`` diagonals, each a tensor or a :class:`~curvops.linalg.Factor`
+            (shared with other blocks: KFAC's ``G`` in a layer's weight and bias blocks).
+        decomposition_dtype: the dtype of ``eigh`` (:func:`~curvops.linalg.spectral.eigh`):
+            ``torch.float64``, or ``torch.float32`` (half the memory, faster; a factor whose
+            float32 ``eigh`` fails or is inaccurate is decomposed in float64). Kept in the
+            state dict.
 
     Example:
         >>> g = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
@@ -112,18 +121,24 @@ class Kronecker(CurvatureOperator):
         True
     """
 
-    def __init__(self, *factors: Tensor) -> None:
+    def __init__(
+        self, *factors: Tensor | Factor, decomposition_dtype: torch.dtype = spectral.EIGH_DTYPE
+    ) -> None:
         if not factors:
             raise ValueError("Kronecker needs at least one factor.")
-        for i, factor in enumerate(factors):
-            check_matrix(factor, f"{type(self).__name__} factor {i}", symmetric=True, allow_diagonal=True)
-        dtype, device = check_same_place(factors, "Kronecker factors")
+        shared = shared_factors(factors, decomposition_dtype, type(self).__name__)
+        for i, factor in enumerate(shared):
+            what = f"{type(self).__name__} factor {i}"
+            check_matrix(factor.matrix, what, symmetric=True, allow_diagonal=True)
+        dtype, device = check_same_place([f.matrix for f in shared], "Kronecker factors")
         if is_widened(dtype):  # converted from a coarser dtype: symmetric to its precision only
-            factors = [f if f.ndim == 1 else 0.5 * (f + f.T) for f in factors]
-        super().__init__(math.prod(f.shape[0] for f in factors), dtype, device)
-        self.factors = tuple(factors)
+            widened = [f.matrix if f.diagonal else 0.5 * (f.matrix + f.matrix.T) for f in shared]
+            shared = tuple(Factor(f, decomposition_dtype) for f in widened)
+        super().__init__(math.prod(f.matrix.shape[0] for f in shared), dtype, device)
+        self.shared_factors = shared
+        self.factors = tuple(f.matrix for f in shared)
+        self.decomposition_dtype = decomposition_dtype
         self._eigen: list[tuple[Tensor, Tensor | None]] | None = None
-        self._noise: list[Tensor] | None = None
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -131,13 +146,14 @@ class Kronecker(CurvatureOperator):
         return tuple(f.shape[0] for f in self.factors)
 
     def eigendecompositions(self) -> list[tuple[Tensor, Tensor | None]]:
-        """``[(e_i, Q_i)]`` with ``F_i = Q_i diag(e_i) Q_i^T``; computed once in float64, cached.
+        """``[(e_i, Q_i)]`` with ``F_i = Q_i diag(e_i) Q_i^T``; computed once in
+        ``decomposition_dtype`` and cached in the shared :class:`~curvops.linalg.Factor`.
 
         A diagonal (1-D) factor ``d`` gives ``(d, None)``: its eigenvalues are its entries, in
         their order, and ``None`` stands for the identity eigenvectors, which are never built.
         """
         if self._eigen is None:
-            self._eigen = [(f, None) if f.ndim == 1 else spectral.eigh(f) for f in self.factors]
+            self._eigen = [f.eigh() for f in self.shared_factors]
         return self._eigen
 
     def _spectrum(self) -> Tensor:
@@ -152,17 +168,13 @@ class Kronecker(CurvatureOperator):
 
         A factor's entries carry rounding errors ``|δF| <= ε n |F|`` (``ε`` of its dtype); to first
         order they move ``e_ij`` by ``|q_j^T δF q_j| <= ε n |q_j|^T |F| |q_j|``, and ``eigh`` (in
-        float64) adds ``ε_64 n max|e_i|``. So a small eigenvalue of a dense, well-mixed factor is
-        noise, while that of a diagonal matrix (``|q_j|^T |F| |q_j| = |e_ij|``) is resolved to its
-        dtype's relative precision, as :class:`~curvops.Diagonal` takes it. A 1-D (diagonal)
-        factor is exact: ``t = 0``.
+        ``decomposition_dtype``) adds ``ε_d n max|e_i|``. So a small eigenvalue of a dense,
+        well-mixed factor is noise, while that of a diagonal matrix (``|q_j|^T |F| |q_j| =
+        |e_ij|``) is resolved to its dtype's relative precision, as :class:`~curvops.Diagonal`
+        takes it. A 1-D (diagonal) factor is exact: ``t = 0``. Shared with the blocks that hold
+        the same :class:`~curvops.linalg.Factor`.
         """
-        if self._noise is None:
-            self._noise = [
-                torch.zeros_like(e) if q is None else _rounding_bound(f, e, q)
-                for f, (e, q) in zip(self.factors, self.eigendecompositions(), strict=True)
-            ]
-        return self._noise
+        return [f.noise() for f in self.shared_factors]
 
     def _spectrum_noise(self) -> Tensor:
         """``Π_i (|e_i| + t_i) - Π_i |e_i|``: how far the product's eigenvalues can have moved."""
@@ -284,18 +296,26 @@ class Kronecker(CurvatureOperator):
                 f"factor_inverse needs one damping per factor ({len(self.factors)}), got {len(dampings)}."
             )
         pairs = zip(self.eigendecompositions(), self._factor_noise(), dampings, strict=True)
-        return Kronecker(*(_damped_inverse(i, e, q, t, lam) for i, ((e, q), t, lam) in enumerate(pairs)))
+        inverses = (_damped_inverse(i, e, q, t, lam) for i, ((e, q), t, lam) in enumerate(pairs))
+        return Kronecker(*inverses, decomposition_dtype=self.decomposition_dtype)
 
     def _state_tensors(self) -> dict[str, Tensor]:
         return {f"factor{i}": f for i, f in enumerate(self.factors)}
 
+    def _state_config(self) -> dict[str, str]:
+        return decomposition_config(self.decomposition_dtype)
+
     @classmethod
     def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
-        return StateSchema(tensors={f"factor{i}": _FACTOR for i in range(max(len(tensors), 1))})
+        return StateSchema(
+            tensors={f"factor{i}": _FACTOR for i in range(max(len(tensors), 1))},
+            config={"decomposition_dtype": DECOMPOSITION_SETTING},
+        )
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> Kronecker:
-        return cls(*(tensors[f"factor{i}"] for i in range(len(tensors))))
+        factors = (tensors[f"factor{i}"] for i in range(len(tensors)))
+        return cls(*factors, decomposition_dtype=decomposition_dtype_of(config))
 
 
 class KroneckerEigen(CurvatureOperator):
@@ -344,7 +364,7 @@ class KroneckerEigen(CurvatureOperator):
         matrices = [q for q in eigenvectors if q is not None]
         dtype, device = check_same_place([*matrices, eigenvalues], "eigenvectors and eigenvalues")
         if is_widened(dtype):  # converted from a coarser dtype: orthonormal to its precision only
-            eigenvectors = tuple(None if q is None else _orthonormalised(q) for q in eigenvectors)
+            eigenvectors = tuple(None if q is None else spectral.orthonormalised(q) for q in eigenvectors)
         if len(matrices) < len(eigenvectors) and eigenvalues.ndim != len(eigenvectors):
             raise ValueError(
                 f"With None (identity) eigenvectors the eigenvalues must have one axis per factor, "

@@ -7,6 +7,7 @@ from .kfac import EKFAC, KFAC, TKFAC
 from .layers import LayerRule, register_layer_rule
 from .losses import LossAdapter
 from .mappings import MappingBatches, ModelInputs, mapping_batches
+from .memory_estimate import MemoryEstimate, MemoryRow, memory_estimate
 from .model import ModelData
 
 __all__ = [
@@ -23,10 +24,13 @@ __all__ = [
     "LayerRule",
     "LossAdapter",
     "MappingBatches",
+    "MemoryEstimate",
+    "MemoryRow",
     "ModelCurvature",
     "ModelData",
     "ModelInputs",
     "coverage",
     "mapping_batches",
+    "memory_estimate",
     "register_layer_rule",
 ]

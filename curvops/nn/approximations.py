@@ -29,12 +29,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from ..linalg import (
     CurvatureOperator,
     Dense,
     Diagonal,
+    Factor,
     GroupedKronecker,
     GroupedKroneckerEigen,
     Kronecker,
@@ -115,35 +117,49 @@ class KroneckerApproximation:
         bias = g if s.bias_trace is None else _scaled(s.bias_trace / _trace(g), g)
         return _scaled(s.trace, s.trace_output_factor), s.trace_input_factor, bias
 
-    def kronecker_blocks(self, statistics: LayerStatistics) -> list[CurvatureOperator]:
+    def kronecker_blocks(
+        self, statistics: LayerStatistics, decomposition_dtype: torch.dtype = torch.float64
+    ) -> list[CurvatureOperator]:
         """The uncorrected blocks of a layer: its weight's (with a joint bias), then a separate bias's
         (a layer with an exact block: :func:`exact_blocks`; a grouped layer's are ``GroupedKronecker``
-        blocks, one Kronecker block per group)."""
+        blocks, one Kronecker block per group). KFAC's weight block ``G ⊗ A`` and bias block ``G``
+        hold one :class:`~curvops.linalg.Factor` ``G``: one ``eigh`` (in ``decomposition_dtype``)
+        serves both."""
         layer = statistics.layer
         if layer.rule.exact:
-            return exact_blocks(statistics)
+            return exact_blocks(statistics, decomposition_dtype)
         output, input, bias = self.factors(statistics)
+        shared = Factor(output, decomposition_dtype)
+        bias_factor = shared if bias is output else Factor(bias, decomposition_dtype)
         blocks: list[CurvatureOperator] = []
         if layer.weight is not None:
-            blocks.append(_kronecker(layer)(*layer.kronecker_order(output, input)))
+            factors = layer.kronecker_order(shared, Factor(input, decomposition_dtype))
+            blocks.append(_kronecker(layer)(*factors, decomposition_dtype=decomposition_dtype))
         if layer.separate_bias:
-            blocks.append(Dense(bias) if layer.groups == 1 else GroupedKronecker(bias))
+            block = Dense if layer.groups == 1 else GroupedKronecker
+            blocks.append(block(bias_factor, decomposition_dtype=decomposition_dtype))
         return blocks
 
-    def eigenbasis(self, statistics: LayerStatistics) -> tuple[Basis, list[Tensor | None]]:
+    def eigenbasis(
+        self, statistics: LayerStatistics, blocks: list[CurvatureOperator] | None = None
+    ) -> tuple[Basis, list[Tensor | None]]:
         """The eigenbasis of the uncorrected blocks and their own eigenvalues there, ``[s_weight,
         s_bias]`` (``None`` for a block the layer does not have): where EKFAC starts. A grouped
-        layer's bases and eigenvalues have a leading group axis (batched ``eigh``)."""
-        layer, kronecker = statistics.layer, _kronecker(statistics.layer)
-        output, input, bias = self.factors(statistics)
-        weight = kronecker(*layer.kronecker_order(output, input))
-        (e_out, q_out), (_, q_in) = layer.kronecker_order(*weight.eigendecompositions())
-        e_bias, q_bias = kronecker(bias).eigendecompositions()[0] if self.trace_restricted else (e_out, q_out)
-        scales = [
-            weight.eigen().spectrum if layer.weight is not None else None,
-            e_bias if layer.separate_bias else None,
-        ]
-        return (q_out, q_in, q_bias), scales
+        layer's bases and eigenvalues have a leading group axis (batched ``eigh``).
+
+        ``blocks``: the layer's :meth:`kronecker_blocks` (default: made here, decomposed in
+        float64), whose cached decompositions it uses (filled beforehand, e.g. spread over ranks
+        by :func:`~curvops.distributed.decompose_blocks`, it needs no ``eigh``)."""
+        layer = statistics.layer
+        blocks = self.kronecker_blocks(statistics) if blocks is None else blocks
+        weight = blocks[0] if layer.weight is not None else None
+        e_bias, q_bias = blocks[-1].eigendecompositions()[0] if layer.separate_bias else (None, None)
+        if weight is None:
+            q_out, q_in = q_bias, None
+        else:
+            (_, q_out), (_, q_in) = layer.kronecker_order(*weight.eigendecompositions())
+        scales = [None if weight is None else weight.eigen().spectrum, e_bias]
+        return (q_out, q_in, q_bias if layer.separate_bias else q_out), scales
 
     def corrected_blocks(
         self, layer: KroneckerLayer, basis: Basis, corrections: Corrections
@@ -168,10 +184,12 @@ class KroneckerApproximation:
         return block.inverse(damping)
 
 
-def exact_blocks(statistics: LayerStatistics) -> list[CurvatureOperator]:
+def exact_blocks(
+    statistics: LayerStatistics, decomposition_dtype: torch.dtype = torch.float64
+) -> list[CurvatureOperator]:
     """The exact block ``B`` over ``[vec weight; bias]`` as the layer's blocks: ``B`` itself for a
-    joint bias, else its sub-blocks ``B[p, p]`` of each chosen parameter ``p``; ``Dense`` (symmetrised), or
-    ``Diagonal`` for a 1-D ``B``.
+    joint bias, else its sub-blocks ``B[p, p]`` of each chosen parameter ``p``; ``Dense`` (symmetrised,
+    decomposed in ``decomposition_dtype``), or ``Diagonal`` for a 1-D ``B``.
 
     Example:
         >>> from curvops.nn.layers import KroneckerLayer, LayerNormRule
@@ -194,7 +212,7 @@ def exact_blocks(statistics: LayerStatistics) -> list[CurvatureOperator]:
             blocks.append(Diagonal(block[part]))
         else:
             square = block[part, part]
-            blocks.append(Dense((square + square.T) / 2))
+            blocks.append(Dense((square + square.T) / 2, decomposition_dtype=decomposition_dtype))
     return blocks
 
 

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..distributed import Shards
+from ..distributed import Shards, decompose_blocks
 from ..linalg import CurvatureOperator, Diagonal
 from ..linalg.checks import check_bool, check_choice
+from ..linalg.spectral import check_decomposition_dtype
 from .assembly import Entry, Layout, assemble
 from .curvature import computation_copy, dense_operator
 from .kronecker_pass import KroneckerPass
@@ -37,6 +38,7 @@ def KFAC(
     unsupported: str = "error",
     check_deterministic: bool = False,
     group: Any = None,
+    decomposition_dtype: torch.dtype = torch.float64,
 ) -> CurvatureOperator:
     """KFAC of the Fisher / GGN of ``loss_fn`` over ``data``, as a structured operator.
 
@@ -76,7 +78,8 @@ def KFAC(
     :mod:`curvops.nn.layers.rule`). The same holds for EKFAC's corrections and TKFAC's traces.
 
     Precision: the statistics are accumulated in at least float32 and the factors decomposed in
-    float64; for a bfloat16 or float16 model every block is a :class:`~curvops.linalg.Cast` of
+    ``decomposition_dtype`` (float64, or float32 with a float64 fallback per factor); for a
+    bfloat16 or float16 model every block is a :class:`~curvops.linalg.Cast` of
     its float32 operator, so products (and the inverse's) take and give the model's dtype while
     the eigenvalues keep float32's resolution (see ``docs/conventions.rst``, "Precision").
 
@@ -112,6 +115,14 @@ def KFAC(
             group when torch.distributed is initialized); ``"local"`` keeps this process's data
             alone (:mod:`curvops.distributed`). Every rank gets the operator of the union of the
             shards; a rank's shard may be empty.
+        decomposition_dtype: the dtype of the factors' eigendecompositions (each factor is
+            decomposed once, lazily, and shared by the blocks that hold it: a layer's ``G``
+            serves its weight and bias blocks): ``torch.float64``, or ``torch.float32`` (half
+            the memory of ``eigh``, faster) where a factor whose float32 ``eigh`` fails or is
+            inaccurate is recomputed in float64 (:func:`curvops.linalg.spectral.eigh`). With
+            more than one rank the builder decomposes every factor, each on one rank
+            (:func:`curvops.distributed.decompose_blocks`), so ``inverse`` and ``logdet`` cost
+            no ``eigh`` afterwards.
 
     Example:
         >>> layers = [torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)]
@@ -123,7 +134,18 @@ def KFAC(
         >>> step = kfac.inverse(damping=1e-3) @ torch.ones(26, dtype=torch.float64)
     """
     options = KroneckerOptions.checked("kfac", fisher_type, kfac_approx, bias, mc_samples, seed)
-    return _build(options, model, loss_fn, data, params, progressbar, unsupported, check_deterministic, group)
+    return _build(
+        options,
+        model,
+        loss_fn,
+        data,
+        params,
+        progressbar,
+        unsupported,
+        check_deterministic,
+        group,
+        decomposition_dtype,
+    )
 
 
 def EKFAC(
@@ -141,6 +163,7 @@ def EKFAC(
     check_deterministic: bool = False,
     correction: str = "auto",
     group: Any = None,
+    decomposition_dtype: torch.dtype = torch.float64,
 ) -> CurvatureOperator:
     """EKFAC (George et al. 2018): KFAC's eigenbasis with corrected eigenvalues.
 
@@ -163,6 +186,8 @@ def EKFAC(
             group when torch.distributed is initialized); ``"local"`` keeps this process's data
             alone (:mod:`curvops.distributed`). Every rank gets the operator of the union of the
             shards; a rank's shard may be empty.
+        decomposition_dtype: as for :func:`~curvops.KFAC`; the eigenbases are computed (spread
+            over the ranks of a process group) before the correcting pass.
 
     Example:
         >>> layers = [torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)]
@@ -173,7 +198,18 @@ def EKFAC(
         'KroneckerEigen'
     """
     options = KroneckerOptions.checked("ekfac", fisher_type, kfac_approx, bias, mc_samples, seed, correction)
-    return _build(options, model, loss_fn, data, params, progressbar, unsupported, check_deterministic, group)
+    return _build(
+        options,
+        model,
+        loss_fn,
+        data,
+        params,
+        progressbar,
+        unsupported,
+        check_deterministic,
+        group,
+        decomposition_dtype,
+    )
 
 
 def TKFAC(
@@ -192,6 +228,7 @@ def TKFAC(
     eigenvalue_correction: bool = False,
     correction: str = "auto",
     group: Any = None,
+    decomposition_dtype: torch.dtype = torch.float64,
 ) -> CurvatureOperator:
     """TKFAC (Gao et al., AAAI 2021): a trace-restricted Kronecker factorisation.
 
@@ -206,7 +243,8 @@ def TKFAC(
     eigenvalues in TKFAC's eigenbasis ``Q_Ψ ⊗ Q_Φ`` (a second pass; ``correction`` as for
     :func:`~curvops.EKFAC`), never farther from the true block than TKFAC.
 
-    The other arguments are :func:`~curvops.KFAC`'s (``"forward-only"`` is refused).
+    The other arguments are :func:`~curvops.KFAC`'s (``"forward-only"`` is refused), and
+    ``decomposition_dtype`` is as for :func:`~curvops.KFAC`.
 
     Args:
         group: the process group whose ranks hold shards of ``data`` (``None``: the default
@@ -225,7 +263,18 @@ def TKFAC(
     """
     name = "tekfac" if check_bool(eigenvalue_correction, "eigenvalue_correction") else "tkfac"
     options = KroneckerOptions.checked(name, fisher_type, kfac_approx, bias, mc_samples, seed, correction)
-    return _build(options, model, loss_fn, data, params, progressbar, unsupported, check_deterministic, group)
+    return _build(
+        options,
+        model,
+        loss_fn,
+        data,
+        params,
+        progressbar,
+        unsupported,
+        check_deterministic,
+        group,
+        decomposition_dtype,
+    )
 
 
 BUILDERS = {"kfac": KFAC, "ekfac": EKFAC, "tkfac": TKFAC, "tekfac": TKFAC}
@@ -272,11 +321,13 @@ def _build(
     unsupported: str,
     check_deterministic: bool,
     group: Any,
+    decomposition_dtype: torch.dtype = torch.float64,
 ) -> CurvatureOperator:
     """One labelled block per layer parameter from the statistics of the union of ``group``'s
     shards, and exact blocks for the rest."""
     check_choice(unsupported, UNSUPPORTED_OPTIONS, "unsupported")
     shards = Shards.of(group)
+    check_decomposition_dtype(decomposition_dtype)
     loss = options.loss(loss_fn)
     model_data = ModelData(model, data, params, progressbar, check_deterministic, allow_empty=shards.active)
     layers, others = find_layers(model, model_data.params, options.bias, options.kfac_approx)
@@ -292,9 +343,9 @@ def _build(
     layout, device = Layout(model_data.params), model_data.device
     entries: list[Entry] = []
     if layers:
-        pairs = _kronecker_blocks(
-            options, model_data, loss, layers, shards
-        )  # attention follows its first call
+        pairs = _kronecker_blocks(  # attention follows its first call
+            options, model_data, loss, layers, shards, decomposition_dtype=decomposition_dtype
+        )
         layers = [layer for layer, _ in pairs]
         blocks = merged_ties(layers, [layer_blocks for _, layer_blocks in pairs])
         for layer, layer_blocks in zip(layers, blocks, strict=True):
@@ -305,26 +356,38 @@ def _build(
 
 
 def _kronecker_blocks(
-    options: KroneckerOptions, model_data: ModelData, loss, layers: list, shards: Shards
+    options: KroneckerOptions,
+    model_data: ModelData,
+    loss,
+    layers: list,
+    shards: Shards | None = None,
+    decomposition_dtype: torch.dtype = torch.float64,
 ) -> list[tuple[KroneckerLayer, list[CurvatureOperator]]]:
-    """Each layer and its blocks: one statistics pass over ``shards`` (the layers of an attention
-    module follow its first call), and for EKFAC/TEKFAC a correcting one (for the layers it
-    corrects: not those with exact blocks)."""
+    """Each layer and its blocks: one statistics pass (the layers of an attention module follow
+    its first call), and for EKFAC/TEKFAC a correcting one (for the layers it corrects: not those
+    with exact blocks) in the eigenbases of the factors, decomposed first, spread over
+    ``shards``' ranks (:func:`~curvops.distributed.decompose_blocks`; ``None``: this process
+    alone). KFAC's and TKFAC's factors are decomposed here only with more than one rank
+    (``shards.active``): every factor once, spread, so the operator's ``inverse`` and
+    ``logdet`` are free afterwards; alone they are decomposed lazily, by the first ``inverse``
+    or ``logdet``."""
     approximation = options.approximation
     passes = KroneckerPass(model_data, loss, layers, options, shards)
     statistics = passes.statistics()
-    bases = [approximation.eigenbasis(s)[0] if approximation.corrects(s.layer) else None for s in statistics]
-    if all(basis is None for basis in bases):
-        return [(s.layer, approximation.kronecker_blocks(s)) for s in statistics]
+    blocks = [approximation.kronecker_blocks(s, decomposition_dtype) for s in statistics]
+    corrects = [approximation.corrects(s.layer) for s in statistics]
+    spread = shards is not None and shards.active
+    decompose_blocks([b for bs, c in zip(blocks, corrects, strict=True) if c or spread for b in bs], shards)
+    if not any(corrects):
+        return [(s.layer, layer_blocks) for s, layer_blocks in zip(statistics, blocks, strict=True)]
+    bases = [
+        approximation.eigenbasis(s, layer_blocks)[0] if c else None
+        for s, layer_blocks, c in zip(statistics, blocks, corrects, strict=True)
+    ]
     corrections = passes.corrections(bases)
     return [
-        (
-            s.layer,
-            approximation.kronecker_blocks(s)
-            if basis is None
-            else approximation.corrected_blocks(s.layer, basis, c),
-        )
-        for s, basis, c in zip(statistics, bases, corrections, strict=True)
+        (s.layer, layer_blocks if basis is None else approximation.corrected_blocks(s.layer, basis, c))
+        for s, layer_blocks, basis, c in zip(statistics, blocks, bases, corrections, strict=True)
     ]
 
 

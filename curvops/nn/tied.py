@@ -109,8 +109,10 @@ def merged_ties(
     for group in tie_groups(layers):
         terms = [tuple(blocks[i][0].factors) for i in group]
         b, c = nearest_kronecker(terms)
-        dtype = blocks[group[0]][0].dtype
-        blocks[group[0]][0] = Kronecker(b.to(dtype), c.to(dtype))
+        first = blocks[group[0]][0]
+        blocks[group[0]][0] = Kronecker(
+            b.to(first.dtype), c.to(first.dtype), decomposition_dtype=first.decomposition_dtype
+        )
         for i in group[1:]:
             blocks[i][0] = None
     return blocks
