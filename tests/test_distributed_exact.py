@@ -87,7 +87,8 @@ def _union_errors(loss_name: str, quantities: bool) -> dict:
             errors[name, split] = _error(union.to_dense(), dense)
         if quantities:
             union = operator(model, loss_fn, _shard(batches, "alternate"))
-            damping = 1.0 - min(0.0, float(torch.linalg.eigvalsh(dense)[0]))  # H + λI > 0
+            spectrum = torch.linalg.eigvalsh(dense)
+            damping = float(1.0 - spectrum[0].clamp(max=0) + spectrum[-1] / 2)  # H + λI > 0, few CG steps
             errors[name, "quantities"] = max(
                 _error(union @ v, alone @ v),
                 _error(union.diagonal(), alone.diagonal()),

@@ -28,7 +28,7 @@ FINGERPRINT_MODULUS = 1_048_573
 """A prime below ``2**20``: fingerprints, their squares and their sums over ranks are exact in float64."""
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_WEIGHTS = 61  # rows and columns weighted by (index mod 61) + 1: swapped entries change the fingerprint
+_WEIGHTS = 61  # entry (d, k) weighted by (d mod 61) + 1 + 61 (k mod 61): moved entries change the fingerprint
 
 
 def fingerprint(x: Tensor) -> Tensor:
@@ -43,8 +43,8 @@ def fingerprint(x: Tensor) -> Tensor:
     matrix = x.detach().reshape(x.shape[0], -1).contiguous()
     bits = matrix.view(_BITS[matrix.element_size()]).to(torch.int64).remainder(FINGERPRINT_MODULUS)
     rows = torch.arange(matrix.shape[0], device=x.device).remainder(_WEIGHTS).add(1)
-    columns = torch.arange(matrix.shape[1], device=x.device).remainder(_WEIGHTS).add(1)
-    weighted = (bits * rows[:, None] * columns[None, :]).remainder(FINGERPRINT_MODULUS)
+    columns = torch.arange(matrix.shape[1], device=x.device).remainder(_WEIGHTS).mul(_WEIGHTS)
+    weighted = (bits * (rows[:, None] + columns[None, :])).remainder(FINGERPRINT_MODULUS)
     return weighted.sum().remainder(FINGERPRINT_MODULUS).to(torch.float64)
 
 
