@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import Shards
 from ..linalg import CurvatureOperator, Diagonal
 from ..linalg.checks import check_bool, check_choice
 from .assembly import Entry, Layout, assemble
@@ -35,6 +36,7 @@ def KFAC(
     bias: str = "separate",
     unsupported: str = "error",
     check_deterministic: bool = False,
+    group: Any = None,
 ) -> CurvatureOperator:
     """KFAC of the Fisher / GGN of ``loss_fn`` over ``data``, as a structured operator.
 
@@ -94,7 +96,9 @@ def KFAC(
             ``"forward-only"`` (``G = I``; a normalization layer's block is ``I``).
         mc_samples: labels drawn per datum for ``"mc"``.
         kfac_approx: ``"expand"`` or ``"reduce"`` for layers shared over positions.
-        seed: seed of the ``"mc"`` label draws.
+        seed: seed of the ``"mc"`` label draws (over several ranks, each draws its shard's
+            labels with a seed of its own from it, :meth:`~curvops.distributed.Shards.seed`; rank
+            0 with ``seed`` itself).
         progressbar: a tqdm bar on the pass over the data.
         bias: ``"separate"`` (a ``G`` block of its own) or ``"joint"`` (one block ``G ⊗ A`` with
             a constant 1 appended to the inputs) for layers whose weight and bias are both in
@@ -106,6 +110,10 @@ def KFAC(
             exact operator of the same ``fisher_type`` (GGN for ``"type-2"`` and
             ``"forward-only"``).
         check_deterministic: raise when the data or outputs differ between passes.
+        group: the process group whose ranks hold shards of ``data`` (``None``: the default
+            group when torch.distributed is initialized); ``"local"`` keeps this process's data
+            alone (:mod:`curvops.distributed`). Every rank gets the operator of the union of the
+            shards; a rank's shard may be empty.
 
     Example:
         >>> layers = [torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)]
@@ -117,7 +125,7 @@ def KFAC(
         >>> step = kfac.inverse(damping=1e-3) @ torch.ones(26, dtype=torch.float64)
     """
     options = KroneckerOptions.checked("kfac", fisher_type, kfac_approx, bias, mc_samples, seed)
-    return _build(options, model, loss_fn, data, params, progressbar, unsupported, check_deterministic)
+    return _build(options, model, loss_fn, data, params, progressbar, unsupported, check_deterministic, group)
 
 
 def EKFAC(
@@ -134,6 +142,7 @@ def EKFAC(
     unsupported: str = "error",
     check_deterministic: bool = False,
     correction: str = "auto",
+    group: Any = None,
 ) -> CurvatureOperator:
     """EKFAC (George et al. 2018): KFAC's eigenbasis with corrected eigenvalues.
 
@@ -152,6 +161,10 @@ def EKFAC(
             per batch), ``"gramian"`` (contract rotated Gramians over positions: memory
             ``N·S²·(n_out + n_in)``) or ``"auto"`` (the smaller, per layer and batch). Both give
             the same ``s``. An ``nn.Embedding`` sums its gradient rows by index instead.
+        group: the process group whose ranks hold shards of ``data`` (``None``: the default
+            group when torch.distributed is initialized); ``"local"`` keeps this process's data
+            alone (:mod:`curvops.distributed`). Every rank gets the operator of the union of the
+            shards; a rank's shard may be empty.
 
     Example:
         >>> layers = [torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)]
@@ -162,7 +175,7 @@ def EKFAC(
         'KroneckerEigen'
     """
     options = KroneckerOptions.checked("ekfac", fisher_type, kfac_approx, bias, mc_samples, seed, correction)
-    return _build(options, model, loss_fn, data, params, progressbar, unsupported, check_deterministic)
+    return _build(options, model, loss_fn, data, params, progressbar, unsupported, check_deterministic, group)
 
 
 def TKFAC(
@@ -180,6 +193,7 @@ def TKFAC(
     check_deterministic: bool = False,
     eigenvalue_correction: bool = False,
     correction: str = "auto",
+    group: Any = None,
 ) -> CurvatureOperator:
     """TKFAC (Gao et al., AAAI 2021): a trace-restricted Kronecker factorisation.
 
@@ -196,6 +210,12 @@ def TKFAC(
 
     The other arguments are :func:`~curvops.KFAC`'s (``"forward-only"`` is refused).
 
+    Args:
+        group: the process group whose ranks hold shards of ``data`` (``None``: the default
+            group when torch.distributed is initialized); ``"local"`` keeps this process's data
+            alone (:mod:`curvops.distributed`). Every rank gets the operator of the union of the
+            shards; a rank's shard may be empty.
+
     Example:
         >>> layers = [torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)]
         >>> model = torch.nn.Sequential(*layers).double()
@@ -207,7 +227,7 @@ def TKFAC(
     """
     name = "tekfac" if check_bool(eigenvalue_correction, "eigenvalue_correction") else "tkfac"
     options = KroneckerOptions.checked(name, fisher_type, kfac_approx, bias, mc_samples, seed, correction)
-    return _build(options, model, loss_fn, data, params, progressbar, unsupported, check_deterministic)
+    return _build(options, model, loss_fn, data, params, progressbar, unsupported, check_deterministic, group)
 
 
 BUILDERS = {"kfac": KFAC, "ekfac": EKFAC, "tkfac": TKFAC, "tekfac": TKFAC}
@@ -215,10 +235,21 @@ BUILDERS = {"kfac": KFAC, "ekfac": EKFAC, "tkfac": TKFAC, "tekfac": TKFAC}
 
 
 def kronecker_approximation(
-    name: str, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Iterable, **options: Any
+    name: str,
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    data: Iterable,
+    group: Any = None,
+    **options: Any,
 ) -> CurvatureOperator:
     """:func:`KFAC`, :func:`EKFAC`, :func:`TKFAC` or TEKFAC (``TKFAC(eigenvalue_correction=True)``)
     by name, for code that lets its users choose one; ``options`` go to the builder.
+
+    Args:
+        group: the process group whose ranks hold shards of ``data`` (``None``: the default
+            group when torch.distributed is initialized); ``"local"`` keeps this process's data
+            alone (:mod:`curvops.distributed`). Every rank gets the operator of the union of the
+            shards; a rank's shard may be empty.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
@@ -230,7 +261,7 @@ def kronecker_approximation(
     check_choice(name, tuple(BUILDERS), "Kronecker approximation")
     if name in ("tkfac", "tekfac"):
         options = {"eigenvalue_correction": name == "tekfac", **options}
-    return BUILDERS[name](model, loss_fn, data, **options)
+    return BUILDERS[name](model, loss_fn, data, group=group, **options)
 
 
 def _build(
@@ -242,19 +273,30 @@ def _build(
     progressbar: bool,
     unsupported: str,
     check_deterministic: bool,
+    group: Any,
 ) -> CurvatureOperator:
-    """One labelled block per layer parameter from the statistics, and exact blocks for the rest."""
+    """One labelled block per layer parameter from the statistics of the union of ``group``'s
+    shards, and exact blocks for the rest."""
     check_choice(unsupported, UNSUPPORTED_OPTIONS, "unsupported")
+    shards = Shards.of(group)
     loss = options.loss(loss_fn)
-    model_data = ModelData(model, data, params, progressbar, check_deterministic)
+    model_data = ModelData(model, data, params, progressbar, check_deterministic, allow_empty=shards.active)
     layers, others = find_layers(model, model_data.params, options.bias, options.kfac_approx)
     if others and unsupported == "error":
         raise unsupported_error(options.approximation.label, others, UNSUPPORTED_FIX)
+    if others and shards.active:
+        raise ValueError(
+            f"unsupported={unsupported!r} over {shards.size} ranks: the exact blocks of "
+            f"{[name for name, _, _ in others]} are not reduced over the ranks yet. Leave their parameters "
+            "out of params, or build with group='local' on all the data."
+        )
     check_ties(layers, options.approximation)
     layout, device = Layout(model_data.params), model_data.device
     entries: list[Entry] = []
     if layers:
-        pairs = _kronecker_blocks(options, model_data, loss, layers)  # attention follows its first call
+        pairs = _kronecker_blocks(
+            options, model_data, loss, layers, shards
+        )  # attention follows its first call
         layers = [layer for layer, _ in pairs]
         blocks = merged_ties(layers, [layer_blocks for _, layer_blocks in pairs])
         for layer, layer_blocks in zip(layers, blocks, strict=True):
@@ -265,13 +307,13 @@ def _build(
 
 
 def _kronecker_blocks(
-    options: KroneckerOptions, model_data: ModelData, loss, layers: list
+    options: KroneckerOptions, model_data: ModelData, loss, layers: list, shards: Shards
 ) -> list[tuple[KroneckerLayer, list[CurvatureOperator]]]:
-    """Each layer and its blocks: one statistics pass (the layers of an attention module follow
-    its first call), and for EKFAC/TEKFAC a correcting one (for the layers it corrects: not those
-    with exact blocks)."""
+    """Each layer and its blocks: one statistics pass over ``shards`` (the layers of an attention
+    module follow its first call), and for EKFAC/TEKFAC a correcting one (for the layers it
+    corrects: not those with exact blocks)."""
     approximation = options.approximation
-    passes = KroneckerPass(model_data, loss, layers, options)
+    passes = KroneckerPass(model_data, loss, layers, options, shards)
     statistics = passes.statistics()
     bases = [approximation.eigenbasis(s)[0] if approximation.corrects(s.layer) else None for s in statistics]
     if all(basis is None for basis in bases):
