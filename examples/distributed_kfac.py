@@ -1,4 +1,4 @@
-"""KFAC, EKFAC, a natural-gradient optimizer and a Laplace approximation over data shards.
+"""KFAC, EKFAC, natural-gradient training, a Laplace approximation and influence over data shards.
 
 Each process holds one shard of scikit-learn's digits (bundled with it: nothing is downloaded)
 and every curvops builder gets only its own shard; every rank then holds the operator of
@@ -10,6 +10,8 @@ the union of the shards, the same as one process on all the data. Run it on two 
 or on one, without a process group (everything stays in the process)::
 
     python examples/distributed_kfac.py
+
+``--epochs``, ``--steps`` (per epoch), ``--examples`` and ``--batch-size`` make it smaller.
 
 It prints, on rank 0:
 
