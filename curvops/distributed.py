@@ -187,8 +187,8 @@ class Shards:
         for rank in range(self.size):
             mine = [i for i, owner in enumerate(owners) if owner == rank]
             for i in mine:
-                if rank == self.rank:
-                    results[i] = spectral.eigh(factors[i])
+                if rank == self.rank:  # contiguous as the broadcast copies, so products round alike
+                    results[i] = tuple(t.contiguous() for t in spectral.eigh(factors[i]))
                 else:
                     f = factors[i]
                     results[i] = (f.new_empty(f.shape[:-1]), torch.empty_like(f))

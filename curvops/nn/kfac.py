@@ -96,7 +96,9 @@ def KFAC(
             ``"forward-only"`` (``G = I``; a normalization layer's block is ``I``).
         mc_samples: labels drawn per datum for ``"mc"``.
         kfac_approx: ``"expand"`` or ``"reduce"`` for layers shared over positions.
-        seed: seed of the ``"mc"`` label draws.
+        seed: seed of the ``"mc"`` label draws (over several ranks, each draws its shard's
+            labels with a seed of its own from it, :meth:`~curvops.distributed.Shards.seed`; rank
+            0 with ``seed`` itself).
         progressbar: a tqdm bar on the pass over the data.
         bias: ``"separate"`` (a ``G`` block of its own) or ``"joint"`` (one block ``G ⊗ A`` with
             a constant 1 appended to the inputs) for layers whose weight and bias are both in

@@ -245,7 +245,7 @@ class KroneckerPass:
         gathered = self.shards.gather((not self._first_batch, mine))
         seen = {rank: calls for rank, (ran, calls) in enumerate(gathered) if ran}
         for name in sorted({name for calls in seen.values() for name in calls}):
-            parts = {rank: calls.get(name, "the first call's default") for rank, calls in seen.items()}
+            parts = {rank: calls.get(name, "as before any call") for rank, calls in seen.items()}
             if len({str(p) for p in parts.values()}) > 1:
                 raise ValueError(
                     f"{name!r} is called differently on different ranks (parts per rank: {parts}: self- "
