@@ -105,23 +105,22 @@ def _laplace_errors(curvature: str, reduction: str, shards: str, padded: bool) -
     return errors
 
 
-def _all_laplace_errors(cases: list[tuple]) -> list[dict[str, float]]:
-    return [_laplace_errors(*case) for case in cases]
+LAPLACE_CASES = [
+    ("kfac", "mean", "alternate", False),
+    ("kfac", "sum", "empty", True),
+    ("ekfac", "sum", "alternate", False),
+    ("tkfac", "mean", "alternate", True),
+    ("diagonal", "mean", "alternate", True),
+    ("full", "sum", "empty", True),
+    ("kfac", "gaussian", "alternate", False),
+]
+"""(curvature, reduction or ``"gaussian"`` regression, shards, ignored targets)."""
 
 
-def test_laplace_over_shards_equals_one_process(ranks):
-    cases = [
-        ("kfac", "mean", "alternate", False),
-        ("kfac", "sum", "empty", True),
-        ("ekfac", "sum", "alternate", False),
-        ("tkfac", "mean", "alternate", True),
-        ("diagonal", "mean", "alternate", True),
-        ("full", "sum", "empty", True),
-        ("kfac", "gaussian", "alternate", False),
-    ]
-    for rank, results in enumerate(ranks.run(_all_laplace_errors, cases)):
-        for case, errors in zip(cases, results, strict=True):
-            assert max(errors.values()) < TOLERANCE, (rank, case, errors)
+@pytest.mark.parametrize("case", LAPLACE_CASES, ids=lambda case: "-".join(map(str, case)))
+def test_laplace_over_shards_equals_one_process(ranks, case):
+    for rank, errors in enumerate(ranks.run(_laplace_errors, *case)):
+        assert max(errors.values()) < TOLERANCE, (rank, errors)
 
 
 def test_group_is_an_argument_of_the_clients_not_a_curvature_option():
@@ -193,24 +192,23 @@ def _influence_errors(curvature: str, fisher_type: str, shards: str, variant: st
     }
 
 
-def _all_influence_errors(cases: list[tuple]) -> list[dict[str, float]]:
-    return [_influence_errors(*case) for case in cases]
+INFLUENCE_CASES = [
+    ("ekfac", "type-2", "alternate", "plain"),
+    ("kfac", "type-2", "empty", "padded"),
+    ("kfac", "empirical", "alternate", "weighted"),
+    ("ggn", "type-2", "alternate", "padded"),
+    ("ggn", "empirical", "empty", "sum"),
+    ("diagonal", "type-2", "empty", "weighted"),
+    ("diagonal", "empirical", "alternate", "padded"),
+    ("identity", "type-2", "empty", "plain"),
+]
+"""(curvature, fisher_type, shards, loss: plain, padded targets, class weights or a summed loss)."""
 
 
-def test_influence_over_shards_equals_one_process(ranks):
-    cases = [
-        ("ekfac", "type-2", "alternate", "plain"),
-        ("kfac", "type-2", "empty", "padded"),
-        ("kfac", "empirical", "alternate", "weighted"),
-        ("ggn", "type-2", "alternate", "padded"),
-        ("ggn", "empirical", "empty", "sum"),
-        ("diagonal", "type-2", "empty", "weighted"),
-        ("diagonal", "empirical", "alternate", "padded"),
-        ("identity", "type-2", "empty", "plain"),
-    ]
-    for rank, results in enumerate(ranks.run(_all_influence_errors, cases)):
-        for case, errors in zip(cases, results, strict=True):
-            assert max(errors.values()) < TOLERANCE, (rank, case, errors)
+@pytest.mark.parametrize("case", INFLUENCE_CASES, ids="-".join)
+def test_influence_over_shards_equals_one_process(ranks, case):
+    for rank, errors in enumerate(ranks.run(_influence_errors, *case)):
+        assert max(errors.values()) < TOLERANCE, (rank, errors)
 
 
 def _prebuilt_matrix_free() -> float:
