@@ -9,6 +9,7 @@ this rank's columns against the matching columns of one process's scores.
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -64,16 +65,26 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- Laplace
+def _laplace_problem(reduction: str, padded: bool) -> tuple[nn.Module, list, dict]:
+    """The loss, batches and Laplace arguments: classification (``padded``: with ignored targets),
+    or ``"gaussian"`` regression (``MSELoss`` with ``sigma_noise``)."""
+    if reduction != "gaussian":
+        return nn.CrossEntropyLoss(reduction=reduction), _batches(padded), {}
+    batches = [(x, torch.sin(x)) for x, _ in _batches(False)]
+    return nn.MSELoss(), batches, {"sigma_noise": 0.5}
+
+
 def _laplace_errors(curvature: str, reduction: str, shards: str, padded: bool) -> dict[str, float]:
     """The largest differences of the distributed Laplace from one process's on all the data."""
     rank = Shards.of().rank
-    model, batches = _model(), _batches(padded)
-    loss = nn.CrossEntropyLoss(reduction=reduction)
+    model = _model()
+    loss, batches, options = _laplace_problem(reduction, padded)
     test = torch.randn(6, 3, generator=torch.Generator().manual_seed(7), dtype=DOUBLE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # not trained: θ is not at a minimum
-        mine = Laplace(model, loss, _shard(batches, shards, rank), curvature, prior_precision=0.5)
-        alone = Laplace(model, loss, batches, curvature, prior_precision=0.5, group=LOCAL)
+        mine = Laplace(model, loss, _shard(batches, shards, rank), curvature, prior_precision=0.5, **options)
+        alone = Laplace(model, loss, batches, curvature, prior_precision=0.5, group=LOCAL, **options)
+    predictives = [torch.stack(list(torch.atleast_1d(la.predictive(test)))) for la in (mine, alone)]
     errors = {
         "loss": abs(float(mine.loss - alone.loss)),
         "terms": abs(mine.num_terms - alone.num_terms),
@@ -81,7 +92,8 @@ def _laplace_errors(curvature: str, reduction: str, shards: str, padded: bool) -
         "variance": _difference(
             mine.posterior_covariance.to_dense().diagonal(), alone.posterior_covariance.to_dense().diagonal()
         ),
-        "predictive": _difference(mine.predictive(test), alone.predictive(test)),
+        "predictive": _difference(*predictives),
+        "sample": _difference(*(la.sample(3, torch.Generator().manual_seed(2)) for la in (mine, alone))),
     }
     taus = [la.optimize_prior_precision("marglik", [1.0, 2.0, 1.0, 2.0], steps=20) for la in (mine, alone)]
     errors["marglik tau"] = _difference(*taus)
@@ -93,22 +105,34 @@ def _laplace_errors(curvature: str, reduction: str, shards: str, padded: bool) -
     return errors
 
 
-def _all_laplace_errors(cases: list[tuple]) -> list[dict[str, float]]:
-    return [_laplace_errors(*case) for case in cases]
+LAPLACE_CASES = [
+    ("kfac", "mean", "alternate", False),
+    ("kfac", "sum", "empty", True),
+    ("ekfac", "sum", "alternate", False),
+    ("tkfac", "mean", "alternate", True),
+    ("diagonal", "mean", "alternate", True),
+    ("full", "sum", "empty", True),
+    ("kfac", "gaussian", "alternate", False),
+]
+"""(curvature, reduction or ``"gaussian"`` regression, shards, ignored targets)."""
 
 
-def test_laplace_over_shards_equals_one_process(ranks):
-    cases = [
-        ("kfac", "mean", "alternate", False),
-        ("kfac", "sum", "empty", True),
-        ("ekfac", "sum", "alternate", False),
-        ("tkfac", "mean", "alternate", True),
-        ("diagonal", "mean", "alternate", True),
-        ("full", "sum", "empty", True),
-    ]
-    for rank, results in enumerate(ranks.run(_all_laplace_errors, cases)):
-        for case, errors in zip(cases, results, strict=True):
-            assert max(errors.values()) < TOLERANCE, (rank, case, errors)
+@pytest.mark.parametrize("case", LAPLACE_CASES, ids=lambda case: "-".join(map(str, case)))
+def test_laplace_over_shards_equals_one_process(ranks, case):
+    for rank, errors in enumerate(ranks.run(_laplace_errors, *case)):
+        assert max(errors.values()) < TOLERANCE, (rank, errors)
+
+
+def test_group_is_an_argument_of_the_clients_not_a_curvature_option():
+    model, batches = _model(), _batches(False)
+    with pytest.raises(ValueError, match=r"curvature_options\['group'\]: pass group= to Laplace"):
+        Laplace(model, nn.CrossEntropyLoss(), batches, curvature_options={"group": LOCAL})
+    with pytest.raises(ValueError, match=r"curvature_options\['group'\] sets an argument .* pass group="):
+        influence_scores(
+            model, nn.CrossEntropyLoss(), batches, batches, "kfac", curvature_options={"group": LOCAL}
+        )
+    with pytest.raises(ValueError, match=r"group must be a torch\.distributed ProcessGroup"):
+        self_influence(model, nn.CrossEntropyLoss(), batches, "kfac", group="world")
 
 
 def _laplace_without_terms() -> str:
@@ -168,24 +192,23 @@ def _influence_errors(curvature: str, fisher_type: str, shards: str, variant: st
     }
 
 
-def _all_influence_errors(cases: list[tuple]) -> list[dict[str, float]]:
-    return [_influence_errors(*case) for case in cases]
+INFLUENCE_CASES = [
+    ("ekfac", "type-2", "alternate", "plain"),
+    ("kfac", "type-2", "empty", "padded"),
+    ("kfac", "empirical", "alternate", "weighted"),
+    ("ggn", "type-2", "alternate", "padded"),
+    ("ggn", "empirical", "empty", "sum"),
+    ("diagonal", "type-2", "empty", "weighted"),
+    ("diagonal", "empirical", "alternate", "padded"),
+    ("identity", "type-2", "empty", "plain"),
+]
+"""(curvature, fisher_type, shards, loss: plain, padded targets, class weights or a summed loss)."""
 
 
-def test_influence_over_shards_equals_one_process(ranks):
-    cases = [
-        ("ekfac", "type-2", "alternate", "plain"),
-        ("kfac", "type-2", "empty", "padded"),
-        ("kfac", "empirical", "alternate", "weighted"),
-        ("ggn", "type-2", "alternate", "padded"),
-        ("ggn", "empirical", "empty", "sum"),
-        ("diagonal", "type-2", "empty", "weighted"),
-        ("diagonal", "empirical", "alternate", "padded"),
-        ("identity", "type-2", "empty", "plain"),
-    ]
-    for rank, results in enumerate(ranks.run(_all_influence_errors, cases)):
-        for case, errors in zip(cases, results, strict=True):
-            assert max(errors.values()) < TOLERANCE, (rank, case, errors)
+@pytest.mark.parametrize("case", INFLUENCE_CASES, ids="-".join)
+def test_influence_over_shards_equals_one_process(ranks, case):
+    for rank, errors in enumerate(ranks.run(_influence_errors, *case)):
+        assert max(errors.values()) < TOLERANCE, (rank, errors)
 
 
 def _prebuilt_matrix_free() -> float:
