@@ -14,6 +14,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "distributed_kfac.py"
+sys.path.insert(0, str(EXAMPLE.parent))
+
+from distributed_kfac import Shard  # noqa: E402
+
 TINY = ["--epochs", "2", "--steps", "3", "--examples", "301", "--batch-size", "32"]
 TIMEOUT = 90
 NUMBER = r"(-?\d+\.\d+(?:e[-+]\d+)?)"
@@ -102,3 +106,13 @@ def test_one_process_runs_without_a_process_group(one_process):
     assert "over 1 shard(s)" in one_process and "KFACOptimizer on one process" in one_process
     assert "one process on all the data" not in one_process
     assert "N = 301" in one_process and len(_values(one_process, rf"log marginal likelihood {NUMBER}")) == 1
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_the_shards_hold_every_example_once(size, shuffle):
+    data = list(range(11))
+    shards = [list(Shard(data, num_replicas=size, rank=rank, shuffle=shuffle)) for rank in range(size)]
+    assert sorted(i for shard in shards for i in shard) == data
+    assert [len(shard) for shard in shards] == [len(range(r, 11, size)) for r in range(size)]
+    assert [len(Shard(data, num_replicas=size, rank=r)) for r in range(size)] == [len(s) for s in shards]
