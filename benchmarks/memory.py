@@ -13,6 +13,7 @@ its inverse's own tensors.
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import time
 
@@ -67,7 +68,7 @@ def main() -> None:
     torch.manual_seed(0)
     sizes = args.sizes
     layers: list[nn.Module] = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+    for n_in, n_out in itertools.pairwise(sizes):
         layers += [nn.Linear(n_in, n_out), nn.ReLU()]
     model = nn.Sequential(*layers[:-1])
     data = [
@@ -75,7 +76,9 @@ def main() -> None:
         for _ in range(args.examples // args.batch)
     ]
     numel = sum(p.numel() for p in model.parameters())
-    print(f"MLP {'-'.join(map(str, sizes))}: {numel / 1e6:.1f}M parameters, float32, {args.examples} examples")
+    print(
+        f"MLP {'-'.join(map(str, sizes))}: {numel / 1e6:.1f}M parameters, float32, {args.examples} examples"
+    )
     print(f"decompositions in {decomposition_dtype}; {torch.get_num_threads()} threads\n")
     estimate = curvops.memory_estimate(model, decomposition_dtype=decomposition_dtype)
     print(estimate, "\n")
