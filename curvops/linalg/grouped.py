@@ -150,7 +150,7 @@ class GroupedKronecker(CurvatureOperator):
     def _spectrum_noise(self) -> Tensor:
         eigen, noise = self.eigendecompositions(), self._factor_noise()
         widened = _outer([e.abs() + t for (e, _), t in zip(eigen, noise, strict=True)])
-        return widened - _outer([e.abs() for e, _ in eigen])
+        return widened.sub_(_outer([e.abs() for e, _ in eigen]))
 
     def _matmat(self, x: Tensor) -> Tensor:
         return _mode_product(self.factors, x.reshape(self.groups, *self.sizes, -1)).reshape(x.shape)
@@ -179,7 +179,7 @@ class GroupedKronecker(CurvatureOperator):
 
     def _power(self, p: float, damping: float) -> GroupedKroneckerEigen:
         values = spectral.power_eigenvalues(self._spectrum(), p, damping, 1.0, self._spectrum_noise())
-        return GroupedKroneckerEigen([q for _, q in self.eigendecompositions()], values)
+        return GroupedKroneckerEigen._of_eigh([q for _, q in self.eigendecompositions()], values)
 
     def eigen(self) -> GroupedKroneckerEigen:
         """The same matrix in its eigenbasis, with the ``[g, n_1, ..., n_k]`` spectrum: EKFAC's start.
@@ -189,7 +189,7 @@ class GroupedKronecker(CurvatureOperator):
             >>> op.eigen().spectrum.tolist()
             [[1.0, 1.0], [3.0, 3.0]]
         """
-        return GroupedKroneckerEigen([q for _, q in self.eigendecompositions()], self._spectrum())
+        return GroupedKroneckerEigen._of_eigh([q for _, q in self.eigendecompositions()], self._spectrum())
 
     def pi_dampings(self, damping: float, balance: str = "mean") -> Tensor:
         """Each group's per-factor dampings, ``[g, k]``: :meth:`~curvops.Kronecker.pi_dampings` of
@@ -296,6 +296,17 @@ class GroupedKroneckerEigen(CurvatureOperator):
         super().__init__(math.prod(shape), dtype, eigenvalues.device)
         self.eigenvectors = eigenvectors
         self.spectrum = eigenvalues.reshape(shape)
+
+    @classmethod
+    def _of_eigh(cls, eigenvectors: Sequence[Tensor], eigenvalues: Tensor) -> GroupedKroneckerEigen:
+        """The operator on eigenvectors from a batched ``eigh`` (a :class:`GroupedKronecker` block's
+        own) and ``[g, n_1, ..., n_k]`` eigenvalues, without the orthonormality check."""
+        if not bool(torch.isfinite(eigenvalues).all()):
+            raise ValueError("GroupedKroneckerEigen eigenvalues contain NaN or inf.")
+        op = cls.__new__(cls)
+        CurvatureOperator.__init__(op, eigenvalues.numel(), eigenvalues.dtype, eigenvalues.device)
+        op.eigenvectors, op.spectrum = tuple(eigenvectors), eigenvalues
+        return op
 
     def _matmat(self, x: Tensor) -> Tensor:
         rotated = _mode_product(self.eigenvectors, x.reshape(*self.spectrum.shape, -1), transpose=True)

@@ -180,7 +180,7 @@ class Kronecker(CurvatureOperator):
         """``Π_i (|e_i| + t_i) - Π_i |e_i|``: how far the product's eigenvalues can have moved."""
         eigen, noise = self.eigendecompositions(), self._factor_noise()
         widened = outer([e.abs() + t for (e, _), t in zip(eigen, noise, strict=True)])
-        return widened - outer([e.abs() for e, _ in eigen])
+        return widened.sub_(outer([e.abs() for e, _ in eigen]))
 
     def _matmat(self, x: Tensor) -> Tensor:
         return mode_product(self.factors, x.reshape(*self.sizes, -1)).reshape(x.shape)
@@ -206,7 +206,7 @@ class Kronecker(CurvatureOperator):
 
     def _power(self, p: float, damping: float) -> KroneckerEigen:
         values = spectral.power_eigenvalues(self._spectrum(), p, damping, 1.0, self._spectrum_noise())
-        return KroneckerEigen([q for _, q in self.eigendecompositions()], values)
+        return KroneckerEigen._of_eigh([q for _, q in self.eigendecompositions()], values)
 
     def _factored_inverse(self, damping: float) -> Kronecker:
         return self.factor_inverse(self.pi_dampings(damping))
@@ -225,7 +225,7 @@ class Kronecker(CurvatureOperator):
             >>> eigen.spectrum.tolist(), torch.allclose(eigen.to_dense(), op.to_dense(), atol=1e-6)
             ([[1.0, 3.0], [3.0, 9.0]], True)
         """
-        return KroneckerEigen([q for _, q in self.eigendecompositions()], self._spectrum())
+        return KroneckerEigen._of_eigh([q for _, q in self.eigendecompositions()], self._spectrum())
 
     def pi_dampings(self, damping: float, balance: str = "mean") -> list[float]:
         """Per-factor dampings ``λ_i = π_i λ^{1/k}`` that split ``λ`` over the ``k`` factors.
@@ -381,6 +381,18 @@ class KroneckerEigen(CurvatureOperator):
         super().__init__(math.prod(sizes), dtype, device)
         self.eigenvectors = eigenvectors
         self.spectrum = eigenvalues.reshape(sizes)
+
+    @classmethod
+    def _of_eigh(cls, eigenvectors: Sequence[Tensor | None], eigenvalues: Tensor) -> KroneckerEigen:
+        """The operator on eigenvectors from ``eigh`` (a :class:`Kronecker` block's own) and
+        ``[n_1, ..., n_k]`` eigenvalues, without the ``O(n³)`` orthonormality check and its
+        ``n x n`` temporaries."""
+        if not bool(torch.isfinite(eigenvalues).all()):
+            raise ValueError("KroneckerEigen eigenvalues contain NaN or inf.")
+        op = cls.__new__(cls)
+        CurvatureOperator.__init__(op, eigenvalues.numel(), eigenvalues.dtype, eigenvalues.device)
+        op.eigenvectors, op.spectrum = tuple(eigenvectors), eigenvalues
+        return op
 
     @property
     def sizes(self) -> tuple[int, ...]:

@@ -20,6 +20,8 @@ EIGH_EPS = torch.finfo(EIGH_DTYPE).eps
 DECOMPOSITION_DTYPES = (torch.float64, torch.float32)
 """The dtypes an eigendecomposition may run in (``decomposition_dtype=``): float64, or float32 with
 a float64 fallback (:func:`eigh`)."""
+LOGDET_CHUNK = 2**22
+"""Eigenvalues per float64 chunk of a log-determinant's sum (its temporaries stay small)."""
 EIGH_CHECK_RTOL = 100.0
 """A float32 ``eigh`` is accepted within ``EIGH_CHECK_RTOL · ε_32 · √n`` (:func:`accurate_eigh`)."""
 
@@ -137,10 +139,13 @@ def damped_eigenvalues(
     """
     if eigenvalues.numel() == 0:
         return eigenvalues + damping, eigenvalues.new_zeros(0, dtype=torch.bool)
-    tol = rtol * (eigenvalues.abs().max() if scale is None else scale)
-    cleaned = torch.where(eigenvalues.abs() <= tol, 0, eigenvalues)
-    values = cleaned + damping
-    singular = (values == 0) | ((cleaned < 0) & (values.abs() <= tol))
+    tol = eigenvalues.abs().max() if scale is None else scale
+    tol = tol if rtol == 1.0 else rtol * tol
+    values = eigenvalues.masked_fill(eigenvalues.abs() <= tol, 0)  # in place from here: few copies of e
+    negative = values < 0
+    values += damping
+    singular = values == 0
+    singular |= negative & (values.abs() <= tol)
     return values, singular
 
 
@@ -158,13 +163,22 @@ def logdet_from_eigenvalues(
         >>> round(logdet_from_eigenvalues(torch.tensor([1.0, 3.0]), 1.0, 0.0).item(), 4)  # log 8
         2.0794
     """
-    values, singular = damped_eigenvalues(eigenvalues.to(torch.float64), damping, rtol, scale)
-    if bool(((values < 0) & ~singular).any()):
-        raise NotPositiveDefiniteError(
-            f"logdet needs a positive semi-definite operator, but an eigenvalue of op + {damping}*I "
-            f"is {values.min().item():.3e}; logdet is undefined (use a larger damping)."
-        )
-    if bool(singular.any()):
+    eigenvalues, total, singular = eigenvalues.flatten(), 0.0, False
+    if scale is None and eigenvalues.numel():
+        scale = eigenvalues.abs().max()
+    for start in range(0, eigenvalues.numel(), LOGDET_CHUNK):  # float64 copies of a chunk at a time
+        part = slice(start, start + LOGDET_CHUNK)
+        chunk_scale = scale.flatten()[part] if isinstance(scale, Tensor) and scale.numel() > 1 else scale
+        values, zeros = damped_eigenvalues(eigenvalues[part].to(torch.float64), damping, rtol, chunk_scale)
+        if bool(((values < 0) & ~zeros).any()):
+            raise NotPositiveDefiniteError(
+                f"logdet needs a positive semi-definite operator, but an eigenvalue of op + {damping}*I "
+                f"is {values.min().item():.3e}; logdet is undefined (use a larger damping)."
+            )
+        singular = singular or bool(zeros.any())
+        if not singular:
+            total = total + values.log_().sum()
+    if singular:
         warnings.warn(
             "logdet of a singular operator is -inf; pass damping > 0 "
             "for a finite, exact log-determinant of op + damping*I.",
@@ -172,7 +186,7 @@ def logdet_from_eigenvalues(
             stacklevel=3,
         )
         return torch.tensor(-torch.inf, dtype=eigenvalues.dtype, device=eigenvalues.device)
-    return values.log().sum().to(eigenvalues.dtype)
+    return torch.as_tensor(total, dtype=torch.float64, device=eigenvalues.device).to(eigenvalues.dtype)
 
 
 def power_eigenvalues(
@@ -202,7 +216,7 @@ def power_eigenvalues(
             f"op + {damping}*I has a negative eigenvalue {values.min().item():.3e} (it is indefinite), so "
             f"(op + {damping}*I)^{p:g} is not real; pass a larger damping or an integer power."
         )
-    return torch.where(singular, 0, values).pow(p)
+    return values.masked_fill_(singular, 0).pow_(p)
 
 
 def inverse_eigenvalues(
