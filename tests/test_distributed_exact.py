@@ -22,7 +22,7 @@ IGNORE = -100
 SPLITS = {
     "alternate": lambda rank: list(range(rank, len(SIZES), 2)),  # 3 batches (9 data) against 2 (3)
     "uneven": lambda rank: [0, 1, 2, 3] if rank == 0 else [4],
-    "padding only": lambda rank: [0, 2, 3, 4] if rank == 0 else [1],  # batch 1 has no loss terms
+    "padding only": lambda rank: [0, 2, 3, 4] if rank == 0 else [1],  # with padding, no loss terms on rank 1
     "empty": lambda rank: list(range(len(SIZES))) if rank == 0 else [],
     "empty rank 0": lambda rank: [] if rank == 0 else list(range(len(SIZES))),
 }
@@ -60,7 +60,7 @@ def _problem(loss_name: str) -> tuple[nn.Module, nn.Module, list]:
 
 
 def _halves(batches: list) -> list:
-    """The five batches as two (9 and 3 data): one per rank, for tests of many products."""
+    """The five batches as two (8 and 4 data): one per rank, for tests of many products."""
     return [tuple(torch.cat(parts) for parts in zip(*batches[a:b], strict=True)) for a, b in ((0, 3), (3, 5))]
 
 
