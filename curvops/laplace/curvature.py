@@ -1,5 +1,7 @@
 """The pass over the training data at ``θ*``, and the curvature ``K`` of the summed negative
-log-likelihood: a named curvature built here, or a prebuilt operator checked."""
+log-likelihood: a named curvature built here, or a prebuilt operator checked. Over shards
+(``group``) both are the union's: the pass's sums are reduced over the ranks, and the builders
+get the group."""
 
 from __future__ import annotations
 
