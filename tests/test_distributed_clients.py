@@ -250,6 +250,45 @@ def _mismatched_queries() -> str:
     return ""
 
 
+def _nan_on_one_rank() -> str:
+    scores = torch.full((2, 4), float("nan") if Shards.of().rank == 1 else 1.0, dtype=DOUBLE)
+    try:
+        top_influences(scores, 3)
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def _bad_batch_on_one_rank() -> str:
+    batches = (
+        _batches(False)[:2] if Shards.of().rank == 0 else [(torch.randn(3, 5, dtype=DOUBLE), torch.zeros(3))]
+    )
+    try:
+        Laplace(_model(), nn.CrossEntropyLoss(), batches, "diagonal")
+    except (ValueError, RuntimeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
+def _bad_train_batch_on_one_rank() -> str:
+    bad = [(torch.randn(3, 5, dtype=DOUBLE), torch.zeros(3, dtype=torch.long))]
+    batches = _batches(False)[:2] if Shards.of().rank == 0 else bad
+    try:
+        self_influence(_model(), nn.CrossEntropyLoss(), batches, "identity")
+    except (ValueError, RuntimeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return ""
+
+
+def test_an_error_on_one_rank_is_raised_on_every_rank(ranks):
+    first, second = ranks.run(_nan_on_one_rank)
+    assert first == "rank 1: The scores contain NaN or inf." and second == "The scores contain NaN or inf."
+    for function in (_bad_batch_on_one_rank, _bad_train_batch_on_one_rank):
+        first, second = ranks.run(function)
+        assert first.startswith("RuntimeError:") and "other rank(s) of 2 raised an error" in first
+        assert "shape" in second and "other rank" not in second  # its own error
+
+
 def test_clear_errors_over_shards(ranks):
     for message in ranks.run(_empty_everywhere):
         assert "train_data holds no examples on any rank" in message

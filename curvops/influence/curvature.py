@@ -22,6 +22,7 @@ from ..nn.curvature import computation_copy, dense_operator
 from ..nn.kfac import BUILDERS, kronecker_approximation
 from ..nn.layers import find_layers
 from ..nn.options import unsupported_error
+from ..nn.shard_sums import Part
 from ..nn.staleness import check_built_from, mark_built_from
 from .examples import _Examples, _Losses
 
@@ -172,10 +173,17 @@ def _empirical_diagonal(train: _Examples, batch_size: int) -> Tensor:
     """``diag((1/Z) Σ_n ∇ℓ_n ∇ℓ_n^T)`` from one pass of per-example gradients (the squares
     summed over the ranks)."""
     model_data = train.model_data
-    squares = torch.zeros(model_data.size, dtype=model_data.dtype, device=model_data.device)
-    for block in train.columns(batch_size):
-        squares = squares + block.square().sum(dim=1)
-    (squares,) = train.shards.sum([squares])
+
+    def zeros() -> Part:
+        return [torch.zeros(model_data.size, dtype=model_data.dtype, device=model_data.device)], []
+
+    def local() -> Part:
+        (squares,), _ = zeros()
+        for block in train.columns(batch_size):
+            squares = squares + block.square().sum(dim=1)
+        return [squares], []
+
+    (squares,), _ = train.union(local, zeros, "empirical Fisher diagonal")
     return squares / train.totals().terms
 
 

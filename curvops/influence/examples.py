@@ -24,6 +24,7 @@ from ..errors import NonDeterministicDataError
 from ..nn import LossAdapter, ModelData
 from ..nn.batches import as_batches
 from ..nn.forward_checks import check_batch_statistics, fixed_forward
+from ..nn.shard_sums import Part, union_sums
 
 _INPUT_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError)
 """What a model or loss raises on inputs it cannot take (torch.func's decompositions assert)."""
@@ -131,13 +132,24 @@ class _Examples:
         """
         if next(iter(self.data), None) is None and not self.shards.active:
             raise ValueError(f"{self.what} is empty: it yielded no batches.")
-        count = 0
-        for index, x, y in self.batches():
-            if len(y) and not count:
-                self._diagnose(index, x, y)
-            count += len(y)
-        if self.shards.active and not self.shards.sum_numbers([count], self.model_data.device)[0]:
+
+        def local() -> Part:
+            count = 0
+            for index, x, y in self.batches():
+                if len(y) and not count:
+                    self._diagnose(index, x, y)
+                count += len(y)
+            return [], [count]
+
+        _, (count,) = self.union(local, lambda: ([], [0.0]), "checking")
+        if not count:
             raise ValueError(f"{self.what} holds no examples on any rank.")
+
+    def union(self, local: Callable[[], Part], empty: Callable[[], Part], what: str) -> Part:
+        """``local()``'s sums over the ranks (:func:`~curvops.nn.shard_sums.union_sums`: an error
+        on one rank is raised on every rank)."""
+        device = self.model_data.device
+        return union_sums(self.shards, local, empty, device, what=f"{self.what}: {what}")
 
     def _diagnose(self, index: int, x: Any, y: Tensor) -> None:
         """Raise a ``ValueError`` naming the shapes if the model or the loss fails on ``(x, y)``."""
@@ -212,25 +224,34 @@ class _Examples:
 
     def totals(self) -> _Totals:
         """The number of data ``N`` and of the terms ``Z`` the mean loss divides by, over the
-        union, and where this rank's examples start in it (one collective over shards)."""
-        total, terms = 0, 0.0
-        for _, _, y in self.batches():
-            total, terms = total + len(y), terms + self.losses.counter.count(y)
-        counts = self.shards.gather((total, terms))
-        before = counts[: self.shards.rank]
-        return _Totals(sum(c[0] for c in counts), sum(c[1] for c in counts), sum(c[0] for c in before))
+        union, and where this rank's examples start in it (one reduction over shards)."""
+        size, rank = self.shards.size, self.shards.rank
+
+        def local() -> Part:
+            counts, terms = [0.0] * size, 0.0  # every rank's number of data: this rank's here
+            for _, _, y in self.batches():
+                counts[rank], terms = counts[rank] + len(y), terms + self.losses.counter.count(y)
+            return [], [*counts, terms]
+
+        _, (*counts, terms) = self.union(local, lambda: ([], [0.0] * (size + 1)), "counting")
+        return _Totals(int(sum(counts)), terms, int(sum(counts[:rank])))
 
     def datum_terms(self, indices: Sequence[int], start: int) -> dict[int, float]:
         """``{n: z_n}``: the terms of the mean loss that datum ``n`` of the union holds
         (``0 <= n < N``; this rank's examples are ``start, start + 1, ...``), from its rank."""
-        terms, offset = dict.fromkeys(indices, 0.0), start
-        for _, _, y in self.batches():
-            for n in indices:
-                if offset <= n < offset + len(y):
-                    terms[n] = self.losses.counter.count(y[n - offset : n - offset + 1])
-            offset += len(y)
-        summed = self.shards.sum_numbers(list(terms.values()), self.model_data.device)
-        return dict(zip(terms, summed, strict=True))
+        keys = list(dict.fromkeys(indices))
+
+        def local() -> Part:
+            terms, offset = dict.fromkeys(keys, 0.0), start
+            for _, _, y in self.batches():
+                for n in keys:
+                    if offset <= n < offset + len(y):
+                        terms[n] = self.losses.counter.count(y[n - offset : n - offset + 1])
+                offset += len(y)
+            return [], list(terms.values())
+
+        _, terms = self.union(local, lambda: ([], [0.0] * len(keys)), "counting")
+        return dict(zip(keys, terms, strict=True))
 
 
 def _check_mode(model: nn.Module) -> None:

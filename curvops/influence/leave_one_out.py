@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..linalg import CurvatureOperator, LowRankUpdate
 from ..linalg.checks import check_bool
+from ..nn.shard_sums import Part
 from .curvature import _damped, _inverse
 from .problem import _Problem
 
@@ -139,14 +140,20 @@ def _train_gradients(problem: _Problem, indices: list[int], start: int) -> dict[
     every rank gets every removed example's gradient from the rank that holds it."""
     model_data = problem.train.model_data
     keys = list(dict.fromkeys(indices))
-    gradients = torch.zeros(model_data.size, len(keys), dtype=model_data.dtype, device=model_data.device)
-    offset = start
-    for block in problem.train.columns(problem.train_batch_size):
-        for column, n in enumerate(keys):
-            if offset <= n < offset + block.shape[1]:
-                gradients[:, column] = block[:, n - offset]
-        offset += block.shape[1]
-    (gradients,) = problem.train.shards.sum([gradients])
+
+    def zeros() -> Part:
+        return [torch.zeros(model_data.size, len(keys), dtype=model_data.dtype, device=model_data.device)], []
+
+    def local() -> Part:
+        (gradients,), offset = zeros()[0], start
+        for block in problem.train.columns(problem.train_batch_size):
+            for column, n in enumerate(keys):
+                if offset <= n < offset + block.shape[1]:
+                    gradients[:, column] = block[:, n - offset]
+            offset += block.shape[1]
+        return [gradients], []
+
+    (gradients,), _ = problem.train.union(local, zeros, "removed examples' gradients")
     return dict(zip(keys, gradients.unbind(1), strict=True))
 
 

@@ -193,12 +193,12 @@ def top_influences(scores: Tensor, k: int, group: Any = None) -> TopInfluences:
         >>> top.helpful.tolist(), top.helpful_scores.tolist(), top.harmful.tolist()
         ([[2, 0]], [[3.0, 0.5]], [[1, 3]])
     """
-    if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.ndim == 0:
-        raise ValueError("top_influences takes a floating-point tensor of scores with at least one axis.")
-    if not bool(torch.isfinite(scores).all()):
-        raise ValueError("The scores contain NaN or inf.")
     shards = Shards.of(group)
-    shapes = shards.gather(tuple(scores.shape))
+    error = _scores_error(scores)
+    reports = shards.gather((error, None if error else tuple(scores.shape)))  # errors raised everywhere
+    if error or any(e for e, _ in reports):
+        raise ValueError(error or next(f"rank {r}: {e}" for r, (e, _) in enumerate(reports) if e))
+    shapes = [shape for _, shape in reports]
     if len(set(shape[:-1] for shape in shapes)) > 1:
         raise ValueError(
             f"The ranks' scores have the leading shapes {[list(s[:-1]) for s in shapes]}: pass the "
@@ -209,6 +209,15 @@ def top_influences(scores: Tensor, k: int, group: Any = None) -> TopInfluences:
     if shards.active:
         return _union_top(scores, k, shards, counts)
     return _top(scores, k)
+
+
+def _scores_error(scores: Any) -> str | None:
+    """Why ``scores`` are no scores ``top_influences`` takes, or ``None``."""
+    if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.ndim == 0:
+        return "top_influences takes a floating-point tensor of scores with at least one axis."
+    if not bool(torch.isfinite(scores).all()):
+        return "The scores contain NaN or inf."
+    return None
 
 
 def _check_k(k: int, count: int) -> None:

@@ -1,5 +1,7 @@
 """The pass over the training data at ``θ*``, and the curvature ``K`` of the summed negative
-log-likelihood: a named curvature built here, or a prebuilt operator checked."""
+log-likelihood: a named curvature built here, or a prebuilt operator checked. Over shards
+(``group``) both are the union's: the pass's sums are reduced over the ranks, and the builders
+get the group."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from ..nn.forward_checks import fixed_forward
 from ..nn.kfac import kronecker_approximation
 from ..nn.losses import LossAdapter
 from ..nn.model import ModelData
+from ..nn.shard_sums import Part, union_sums
 from ..nn.staleness import check_built_from
 
 CURVATURES = (*KRONECKER_APPROXIMATIONS, "diagonal", "full")
@@ -54,39 +57,37 @@ def likelihood_of(loss_fn: Any) -> str:
 
 def read_data(model: ModelData, loss: LossAdapter, theta: dict[str, Tensor], shards: Shards) -> DataFit:
     """``L_sum(θ*)``, ``∇L_sum(θ*)``, ``N`` and the output shape, in one pass over the data: this
-    rank's sums, then summed over the ranks of ``shards`` (a rank without loss terms adds zeros)."""
-    total = torch.zeros((), dtype=model.dtype, device=model.device)
-    gradient = torch.zeros(model.size, dtype=model.dtype, device=model.device)
-    count, first = 0.0, None
-    for index, inputs, targets in model.batches("Laplace: loss at the trained parameters"):
-        batch_count = loss.count(targets)
-        if not batch_count:
-            continue
-        value, grads, output = _batch_loss(model, loss, theta, index, inputs, targets, batch_count)
-        if first is None:
-            first = (tuple(output.shape[1:]), tuple(inputs.shape) if isinstance(inputs, Tensor) else None)
-        total = total + value
-        gradient = gradient + torch.cat([grads[name].reshape(-1) for name in model.names])
-        count += batch_count
-    if shards.active:
-        total, gradient, count, first = _summed_over_ranks(shards, total, gradient, count, first)
+    rank's sums, then summed over the ranks of ``shards`` (a rank without loss terms adds zeros;
+    an error on one rank is raised on every rank)."""
+    shapes: list[tuple] = []  # of this rank's first batch with loss terms
+
+    def zeros() -> Part:
+        place = {"dtype": model.dtype, "device": model.device}
+        return [torch.zeros((), **place), torch.zeros(model.size, **place)], [0.0]
+
+    def local() -> Part:
+        (total, gradient), (count,) = zeros()
+        for index, inputs, targets in model.batches("Laplace: loss at the trained parameters"):
+            batch_count = loss.count(targets)
+            if not batch_count:
+                continue
+            value, grads, output = _batch_loss(model, loss, theta, index, inputs, targets, batch_count)
+            if not shapes:
+                shapes.append(
+                    (tuple(output.shape[1:]), tuple(inputs.shape) if isinstance(inputs, Tensor) else None)
+                )
+            total = total + value
+            gradient = gradient + torch.cat([grads[name].reshape(-1) for name in model.names])
+            count += batch_count
+        return [total, gradient], [count]
+
+    (total, gradient), (count,) = union_sums(shards, local, zeros, model.device, what="Laplace: the data fit")
     if not count:
         where = " on any rank" if shards.active else ""
         raise ValueError(f"The data has no loss terms{where} (every target is ignored).")
-    return DataFit(total, gradient, count, *first)
-
-
-def _summed_over_ranks(
-    shards: Shards, total: Tensor, gradient: Tensor, count: float, first: tuple | None
-) -> tuple[Tensor, Tensor, float, tuple | None]:
-    """This rank's loss, gradient and count summed over the ranks; the shapes of this rank's
-    first batch with loss terms, or of the first rank's that has one."""
-    total, gradient = shards.sum([total, gradient])
-    (count,) = shards.sum_numbers([count], gradient.device)
-    others = shards.gather(first)
-    if first is None:
-        first = next((shapes for shapes in others if shapes is not None), None)
-    return total, gradient, count, first
+    own = shapes[0] if shapes else None
+    ranks = shards.gather(own)  # every rank joins: a rank without loss terms takes another's
+    return DataFit(total, gradient, count, *(own or next(s for s in ranks if s is not None)))
 
 
 def _batch_loss(
