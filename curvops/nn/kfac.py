@@ -284,25 +284,17 @@ def _build(
     layers, others = find_layers(model, model_data.params, options.bias, options.kfac_approx)
     if others and unsupported == "error":
         raise unsupported_error(options.approximation.label, others, UNSUPPORTED_FIX)
-    if others and shards.active:
-        raise ValueError(
-            f"unsupported={unsupported!r} over {shards.size} ranks: the exact blocks of "
-            f"{[name for name, _, _ in others]} are not reduced over the ranks yet. Leave their parameters "
-            "out of params, or build with group='local' on all the data."
-        )
     check_ties(layers, options.approximation)
     layout, device = Layout(model_data.params), model_data.device
     entries: list[Entry] = []
     if layers:
-        pairs = _kronecker_blocks(
-            options, model_data, loss, layers, shards
-        )  # attention follows its first call
+        pairs = _kronecker_blocks(options, model_data, loss, layers, shards)  # attention follows its call
         layers = [layer for layer, _ in pairs]
         blocks = merged_ties(layers, [layer_blocks for _, layer_blocks in pairs])
         for layer, layer_blocks in zip(layers, blocks, strict=True):
             entries += layout.place(layer, layer_blocks, device)
     if others:
-        entries += _exact_blocks(options, model_data, loss_fn, others, unsupported, layout)
+        entries += _exact_blocks(options, model_data, loss_fn, others, unsupported, layout, group)
     return mark_built_from(assemble(entries, model_data.dtype), model_data)
 
 
@@ -331,17 +323,30 @@ def _kronecker_blocks(
 
 
 def _exact_blocks(
-    options: KroneckerOptions, model_data: ModelData, loss_fn, others: list, unsupported: str, layout: Layout
+    options: KroneckerOptions,
+    model_data: ModelData,
+    loss_fn,
+    others: list,
+    unsupported: str,
+    layout: Layout,
+    group: Any,
 ) -> list[Entry]:
     """Exact dense or diagonal blocks of the modules without a Kronecker rule, from the exact
-    operator of the Fisher type on the model in its computation dtype (a float32 copy of a bf16 one)."""
+    operator of the Fisher type on the model in its computation dtype (a float32 copy of a bf16 one),
+    over ``group``'s shards."""
     exact_model, exact_params = computation_copy(model_data)
     twin = {id(p): q for p, q in zip(model_data.params, exact_params, strict=True)}
     entries = []
     for module_name, module, chosen in others:
         checked = model_data.checked_data(f"{options.approximation.label} exact block of {module_name!r}")
         exact = options.fisher.exact_operator(
-            exact_model, loss_fn, checked, [twin[id(p)] for p in chosen], options.mc_samples, options.seed
+            exact_model,
+            loss_fn,
+            checked,
+            [twin[id(p)] for p in chosen],
+            options.mc_samples,
+            options.seed,
+            group=group,
         )
         block = dense_operator(exact) if unsupported == "dense" else Diagonal(exact.diagonal())
         where = torch.cat([layout.indices(p, model_data.device) for p in chosen])
