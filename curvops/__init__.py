@@ -73,6 +73,7 @@ __all__ = [
     "StateDictError",
     "Sum",
     "compare",
+    "distributed",
     "from_state_dict",
     "influence",
     "laplace",

@@ -116,7 +116,9 @@ def compare(
         k: how many top eigenpairs, ``1 <= k < D``.
         exact: exact or estimated metrics (default: exact for ``D <= 2048``).
         num_samples: probes of the estimates (``exact=False``).
-        generator: random source of the default vectors and the estimators' probes.
+        generator: random source of the default vectors and the estimators' probes. For
+            operators over :mod:`curvops.distributed` shards pass one seeded the same on every
+            rank: every rank then multiplies the same vectors and gets the same comparison.
 
     Returns:
         A :class:`Comparison` of Python floats.

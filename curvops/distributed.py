@@ -195,8 +195,8 @@ class Shards:
         owners = assignment([f.shape[-1] ** 3 * (f.numel() // f.shape[-1] ** 2) for f in factors], self.size)
         results: list[tuple[Tensor, Tensor] | None] = [None] * len(factors)
         for i, owner in enumerate(owners):  # every rank decomposes its own first, all at once
-            if owner == self.rank:
-                results[i] = spectral.eigh(factors[i], dtypes[i])
+            if owner == self.rank:  # contiguous as the broadcast copies, so products round alike
+                results[i] = tuple(t.contiguous() for t in spectral.eigh(factors[i], dtypes[i]))
         for i, owner in enumerate(owners):
             if owner != self.rank:
                 f = factors[i]

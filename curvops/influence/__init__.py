@@ -40,6 +40,21 @@ preconditioned ``query_batch_size`` columns at a time (``(F + Λ)^-1`` applied t
 ``D · (query_batch_size + train_batch_size)`` numbers; the training gradients are
 computed once per query block and never held all at once.
 
+Over shards (:mod:`curvops.distributed`): with a process group (``group=``; by default the
+default group when ``torch.distributed`` is initialized, ``group="local"`` for this process
+alone), ``train_data`` is this rank's shard of the training set (it may be empty on a rank,
+not on all). ``F`` is the union's, built by the builders over every shard, so ``Z``, the
+dampings and ``(F + Λ)^-1`` are the same on every rank. The scores are between the queries
+given on this rank (usually the same on every rank) and **this rank's training examples**:
+:func:`influence_scores` returns ``[M, N_r]`` in the order of the rank's shard, and
+:func:`self_influence` ``[N_r]``; gathering the ranks' columns in rank order gives the scores
+of one process on the concatenated shards. :func:`leave_one_out_scores` takes ``removed`` as
+indices of that concatenation (the same on every rank; a removed example's gradient comes from
+its rank), and :func:`top_influences` ranks the union's columns with indices of it. The
+training gradients never leave their rank: each rank scores its own shard, the work split as
+the data is. A matrix-free prebuilt operator is made dense once, so that every rank's solves
+are its own.
+
 Train mode: per-example gradients need a deterministic model that treats each datum on its
 own. Batch normalisation in train mode is refused (it would normalise each datum alone and
 update its running statistics); dropout in train mode gets a warning, and curvops then

@@ -11,6 +11,7 @@ import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..linalg import BlockDiagonal, CurvatureOperator, Diagonal, Identity, block_layout
@@ -21,6 +22,7 @@ from ..nn.curvature import computation_copy, dense_operator
 from ..nn.kfac import BUILDERS, kronecker_approximation
 from ..nn.layers import find_layers
 from ..nn.options import unsupported_error
+from ..nn.shard_sums import Part
 from ..nn.staleness import check_built_from, mark_built_from
 from .examples import _Examples, _Losses
 
@@ -45,6 +47,7 @@ OWN_ARGUMENTS = {
     "fisher_type": "fisher_type",
     "bias": "bias",
     "progressbar": "progressbar",
+    "group": "group",
 }
 """Builder arguments that the influence functions set from their own: builder name -> argument."""
 
@@ -134,9 +137,10 @@ def _build(
     progressbar: bool,
     batch_size: int,
     options: dict[str, Any],
+    group: Any,
 ) -> CurvatureOperator:
-    """The operator called ``curvature`` of the mean loss over the training data, its builder
-    given ``options`` (checked by :func:`_check_options`)."""
+    """The operator called ``curvature`` of the mean loss over the training data of every shard
+    of ``group``, its builder given ``options`` (checked by :func:`_check_options`)."""
     model_data = train.model_data
     data, mean = model_data.checked_data("train_data curvature"), losses.mean
     if curvature == "identity":
@@ -151,6 +155,7 @@ def _build(
             fisher_type=fisher_type,
             bias=bias,
             progressbar=progressbar,
+            group=group,
             **options,
         )
     if curvature == "diagonal" and fisher_type == "empirical":
@@ -158,16 +163,28 @@ def _build(
     builder = fisher.FISHER_TYPES[fisher_type].exact
     if curvature == "ggn":
         model, params = computation_copy(model_data)
-        exact = builder(model, mean, data, params=params, progressbar=progressbar, **options)
+        exact = builder(model, mean, data, params=params, progressbar=progressbar, group=group, **options)
         return mark_built_from(dense_operator(exact, model_data.dtype), model_data)
-    exact = builder(model, mean, data, params=params, progressbar=progressbar, **options)
+    exact = builder(model, mean, data, params=params, progressbar=progressbar, group=group, **options)
     return _diagonal_blocks(exact.diagonal(), model_data)
 
 
 def _empirical_diagonal(train: _Examples, batch_size: int) -> Tensor:
-    """``diag((1/Z) Σ_n ∇ℓ_n ∇ℓ_n^T)`` from one pass of per-example gradients."""
-    squares = sum(block.square().sum(dim=1) for block in train.columns(batch_size))
-    return squares / train.totals()[1]
+    """``diag((1/Z) Σ_n ∇ℓ_n ∇ℓ_n^T)`` from one pass of per-example gradients (the squares
+    summed over the ranks)."""
+    model_data = train.model_data
+
+    def zeros() -> Part:
+        return [torch.zeros(model_data.size, dtype=model_data.dtype, device=model_data.device)], []
+
+    def local() -> Part:
+        (squares,), _ = zeros()
+        for block in train.columns(batch_size):
+            squares = squares + block.square().sum(dim=1)
+        return [squares], []
+
+    (squares,), _ = train.union(local, zeros, "empirical Fisher diagonal")
+    return squares / train.totals().terms
 
 
 def _diagonal_blocks(diagonal: Tensor, model_data: ModelData) -> CurvatureOperator:

@@ -3,7 +3,8 @@
 ``_Losses`` holds the per-datum loss ``ℓ_n`` and the mean loss whose curvature ``F`` is;
 ``_Examples`` streams the per-example gradients of a labelled data set as ``[D, K]`` columns
 (``torch.func.vmap(grad(...))`` over ``functional_call``), in data order, and counts its data
-and loss terms.
+and loss terms. Over shards (:mod:`curvops.distributed`) its data is this rank's shard: the
+columns are this rank's, the counts the union's, whose examples are numbered rank after rank.
 """
 
 from __future__ import annotations
@@ -11,17 +12,19 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
+from ..distributed import Shards
 from ..errors import NonDeterministicDataError
 from ..nn import LossAdapter, ModelData
 from ..nn.batches import as_batches
 from ..nn.forward_checks import check_batch_statistics, fixed_forward
+from ..nn.shard_sums import Part, union_sums
 
 _INPUT_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError)
 """What a model or loss raises on inputs it cannot take (torch.func's decompositions assert)."""
@@ -56,8 +59,22 @@ class _Losses:
         self.datum = LossAdapter(_with_reduction(loss_fn, "sum"))
 
 
+class _Totals(NamedTuple):
+    """The counts of a data set over the union of its shards."""
+
+    data: int
+    """``N``: the examples."""
+    terms: float
+    """``Z``: the terms the mean loss divides by."""
+    start: int
+    """The union's index of this rank's first example (``0`` alone)."""
+
+
 class _Examples:
-    """A labelled data set: per-example loss gradients, ``[D, K]`` columns at a time."""
+    """A labelled data set: per-example loss gradients, ``[D, K]`` columns at a time.
+
+    With ``shards`` active the data is this rank's shard, and may be empty.
+    """
 
     def __init__(
         self,
@@ -67,6 +84,7 @@ class _Examples:
         losses: _Losses,
         what: str,
         progressbar: bool,
+        shards: Shards,
     ) -> None:
         self.data = as_batches(data)
         try:
@@ -79,7 +97,10 @@ class _Examples:
                 f"tensors (X, y), got {type(data).__name__}; one-shot iterators and generators cannot be "
                 "passed over more than once."
             )
-        self.model_data = ModelData(model, self.data, params, progressbar, label=what)
+        self.shards = shards
+        self.model_data = ModelData(
+            model, self.data, params, progressbar, label=what, allow_empty=shards.active
+        )
         self.losses = losses
         self.what = what
 
@@ -98,7 +119,7 @@ class _Examples:
                     )
             total += len(y)
             yield index, x, y
-        if total == 0:
+        if total == 0 and not self.shards.active:
             raise ValueError(f"{self.what} holds no examples.")
 
     def check(self) -> None:
@@ -107,14 +128,28 @@ class _Examples:
         A complete pass, so that it is the first pass every later one is compared with, batch
         by batch: the scores are by position, so a reshuffled pass raises
         :class:`~curvops.errors.NonDeterministicDataError` (the model runs on one batch only).
+        Over shards a rank's data may be empty, but not every rank's.
         """
-        if next(iter(self.data), None) is None:
+        if next(iter(self.data), None) is None and not self.shards.active:
             raise ValueError(f"{self.what} is empty: it yielded no batches.")
-        diagnosed = False
-        for index, x, y in self.batches():
-            if len(y) and not diagnosed:
-                self._diagnose(index, x, y)
-                diagnosed = True
+
+        def local() -> Part:
+            count = 0
+            for index, x, y in self.batches():
+                if len(y) and not count:
+                    self._diagnose(index, x, y)
+                count += len(y)
+            return [], [count]
+
+        _, (count,) = self.union(local, lambda: ([], [0.0]), "checking")
+        if not count:
+            raise ValueError(f"{self.what} holds no examples on any rank.")
+
+    def union(self, local: Callable[[], Part], empty: Callable[[], Part], what: str) -> Part:
+        """``local()``'s sums over the ranks (:func:`~curvops.nn.shard_sums.union_sums`: an error
+        on one rank is raised on every rank)."""
+        device = self.model_data.device
+        return union_sums(self.shards, local, empty, device, what=f"{self.what}: {what}")
 
     def _diagnose(self, index: int, x: Any, y: Tensor) -> None:
         """Raise a ``ValueError`` naming the shapes if the model or the loss fails on ``(x, y)``."""
@@ -187,22 +222,36 @@ class _Examples:
         if parts:
             yield torch.cat(parts, dim=1)
 
-    def totals(self) -> tuple[int, float]:
-        """``(N, Z)``: the number of data and of the terms the mean loss divides by."""
-        total, terms = 0, 0.0
-        for _, _, y in self.batches():
-            total, terms = total + len(y), terms + self.losses.counter.count(y)
-        return total, terms
+    def totals(self) -> _Totals:
+        """The number of data ``N`` and of the terms ``Z`` the mean loss divides by, over the
+        union, and where this rank's examples start in it (one reduction over shards)."""
+        size, rank = self.shards.size, self.shards.rank
 
-    def datum_terms(self, indices: Sequence[int]) -> dict[int, float]:
-        """``{n: z_n}``: the terms of the mean loss that datum ``n`` holds (``0 <= n < N``)."""
-        terms, offset = {}, 0
-        for _, _, y in self.batches():
-            for n in indices:
-                if offset <= n < offset + len(y):
-                    terms[n] = self.losses.counter.count(y[n - offset : n - offset + 1])
-            offset += len(y)
-        return terms
+        def local() -> Part:
+            counts, terms = [0.0] * size, 0.0  # every rank's number of data: this rank's here
+            for _, _, y in self.batches():
+                counts[rank], terms = counts[rank] + len(y), terms + self.losses.counter.count(y)
+            return [], [*counts, terms]
+
+        _, (*counts, terms) = self.union(local, lambda: ([], [0.0] * (size + 1)), "counting")
+        return _Totals(int(sum(counts)), terms, int(sum(counts[:rank])))
+
+    def datum_terms(self, indices: Sequence[int], start: int) -> dict[int, float]:
+        """``{n: z_n}``: the terms of the mean loss that datum ``n`` of the union holds
+        (``0 <= n < N``; this rank's examples are ``start, start + 1, ...``), from its rank."""
+        keys = list(dict.fromkeys(indices))
+
+        def local() -> Part:
+            terms, offset = dict.fromkeys(keys, 0.0), start
+            for _, _, y in self.batches():
+                for n in keys:
+                    if offset <= n < offset + len(y):
+                        terms[n] = self.losses.counter.count(y[n - offset : n - offset + 1])
+                offset += len(y)
+            return [], list(terms.values())
+
+        _, terms = self.union(local, lambda: ([], [0.0] * len(keys)), "counting")
+        return dict(zip(keys, terms, strict=True))
 
 
 def _check_mode(model: nn.Module) -> None:

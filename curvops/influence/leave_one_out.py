@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..linalg import CurvatureOperator, LowRankUpdate
 from ..linalg.checks import check_bool
+from ..nn.shard_sums import Part
 from .curvature import _damped, _inverse
 from .problem import _Problem
 
@@ -35,6 +36,7 @@ def leave_one_out_scores(
     query_batch_size: int = 128,
     progressbar: bool = False,
     curvature_options: Mapping[str, Any] | None = None,
+    group: Any = None,
 ) -> Tensor:
     """Influence scores re-computed with one training example's curvature removed.
 
@@ -59,11 +61,16 @@ def leave_one_out_scores(
 
     Args:
         removed: a training index, or a sequence (or 1-D integer tensor) of them, each removed on
-            its own; negative indices count from the end.
+            its own; negative indices count from the end. Over shards an index of the union,
+            whose examples are numbered rank after rank (rank 0's first), the same on every rank.
         renormalize: divide by the remaining data's ``Z - z_r`` instead of ``Z``.
+        group: the process group whose ranks hold shards of ``train_data`` (see
+            :func:`influence_scores`): ``F``, ``Z`` and the removed examples are the union's,
+            the columns this rank's examples.
 
     Returns:
-        ``[M, N]`` scores for an ``int`` ``removed``, ``[R, M, N]`` for a sequence of ``R``.
+        ``[M, N]`` scores for an ``int`` ``removed``, ``[R, M, N]`` for a sequence of ``R``
+        (``N`` this rank's examples over shards).
         Each block holds ``D · R · query_batch_size`` numbers.
 
     Example:
@@ -80,17 +87,18 @@ def leave_one_out_scores(
     check_bool(renormalize, "renormalize")
     problem = _Problem(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
-        train_batch_size, query_batch_size, progressbar, curvature_options,
+        train_batch_size, query_batch_size, progressbar, curvature_options, group,
     )  # fmt: skip
     query = problem.examples(query_data, "query_data")
     problem.train.check()
-    total, terms = problem.train.totals()
-    indices = _checked_indices(indices, total)
-    datum_terms = problem.train.datum_terms(indices)
+    totals = problem.train.totals()
+    indices = _checked_indices(indices, totals.data)
+    datum_terms = problem.train.datum_terms(indices, totals.start)
     problem.build()
-    gradients = _train_gradients(problem, indices)
+    gradients = _train_gradients(problem, indices, totals.start)
     inverses = [
-        _downdated_inverse(problem, n, gradients[n], terms, datum_terms[n], renormalize) for n in indices
+        _downdated_inverse(problem, n, gradients[n], totals.terms, datum_terms[n], renormalize)
+        for n in indices
     ]
     blocks = []
     for q in query.columns(problem.query_batch_size):
@@ -126,15 +134,27 @@ def _checked_indices(indices: list[int], total: int) -> list[int]:
     return [n % total for n in indices]
 
 
-def _train_gradients(problem: _Problem, indices: list[int]) -> dict[int, Tensor]:
-    """``{n: ∇ℓ_n}`` for the training data at ``indices``, from one pass of training gradients."""
-    gradients, offset = {}, 0
-    for block in problem.train.columns(problem.train_batch_size):
-        for n in indices:
-            if offset <= n < offset + block.shape[1]:
-                gradients[n] = block[:, n - offset]
-        offset += block.shape[1]
-    return gradients
+def _train_gradients(problem: _Problem, indices: list[int], start: int) -> dict[int, Tensor]:
+    """``{n: ∇ℓ_n}`` for the training data at ``indices`` of the union, from one pass of this
+    rank's training gradients (its examples numbered from ``start``), summed over the ranks:
+    every rank gets every removed example's gradient from the rank that holds it."""
+    model_data = problem.train.model_data
+    keys = list(dict.fromkeys(indices))
+
+    def zeros() -> Part:
+        return [torch.zeros(model_data.size, len(keys), dtype=model_data.dtype, device=model_data.device)], []
+
+    def local() -> Part:
+        (gradients,), offset = zeros()[0], start
+        for block in problem.train.columns(problem.train_batch_size):
+            for column, n in enumerate(keys):
+                if offset <= n < offset + block.shape[1]:
+                    gradients[:, column] = block[:, n - offset]
+            offset += block.shape[1]
+        return [gradients], []
+
+    (gradients,), _ = problem.train.union(local, zeros, "removed examples' gradients")
+    return dict(zip(keys, gradients.unbind(1), strict=True))
 
 
 def _downdated_inverse(

@@ -14,10 +14,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import LOCAL, Shards
 from ..linalg import CurvatureOperator
 from ..linalg.checks import check_choice, check_positive_int
+from ..nn.curvature import dense_operator
 from ..nn.fisher import fisher_type as nn_fisher_type
 from ..nn.options import BIAS_OPTIONS, check_curvature
+from ..nn.staleness import mark_built_from
 from .curvature import (
     CURVATURES,
     Damping,
@@ -50,8 +53,10 @@ class _Problem:
         query_batch_size: int,
         progressbar: bool,
         curvature_options: Mapping[str, Any] | None,
+        group: Any,
     ) -> None:
         check_curvature(curvature, CURVATURES)
+        self.group, shards = group, Shards.of(group)
         nn_fisher_type(fisher_type, backward=True)
         check_choice(bias, BIAS_OPTIONS, "bias")
         self.options = _check_options(curvature_options, curvature, fisher_type)
@@ -61,7 +66,7 @@ class _Problem:
         _check_mode(model)
         self.model, self.params, self.progressbar = model, params, progressbar
         self.losses = _Losses(loss_fn)
-        self.train = _Examples(model, train_data, params, self.losses, "train_data", progressbar)
+        self.train = _Examples(model, train_data, params, self.losses, "train_data", progressbar, shards)
         if isinstance(curvature, CurvatureOperator):
             _check_operator(curvature, self.train.model_data)
         else:
@@ -70,18 +75,27 @@ class _Problem:
 
     def examples(self, data: Any, what: str) -> _Examples:
         """``data`` as checked examples of the same model, parameters and losses."""
-        examples = _Examples(self.model, data, self.params, self.losses, what, self.progressbar)
+        examples = _Examples(
+            self.model, data, self.params, self.losses, what, self.progressbar, Shards.of(LOCAL)
+        )
         examples.check()
         return examples
 
     def operator(self) -> CurvatureOperator:
-        """``F``: the prebuilt operator, or the named curvature built over the training data."""
+        """``F``: the prebuilt operator, or the named curvature built over the training data.
+
+        Over shards a matrix-free operator is made dense once: its products are collectives,
+        and the solves with each rank's own right-hand sides (its training gradients) must be
+        local.
+        """
         self.train.check()
         if isinstance(self.curvature, CurvatureOperator):
+            if self.train.shards.active and self.curvature.matrix_free:
+                return mark_built_from(dense_operator(self.curvature), self.train.model_data)
             return self.curvature
         return _build(
             self.model, self.losses, self.train, self.curvature, self.fisher_type, self.bias,
-            self.params, self.progressbar, self.train_batch_size, self.options,
+            self.params, self.progressbar, self.train_batch_size, self.options, self.group,
         )  # fmt: skip
 
     def build(self) -> None:
@@ -91,8 +105,10 @@ class _Problem:
         self.inverse = _inverse(_damped(self.op, self.dampings), self.op)
 
     def scores(self, preconditioned: Tensor) -> Tensor:
-        """``P^T [∇ℓ_1, ..., ∇ℓ_N]`` for preconditioned query columns ``P``, streaming the train data."""
-        return torch.cat([preconditioned.T @ g for g in self.train.columns(self.train_batch_size)], dim=1)
+        """``P^T [∇ℓ_1, ..., ∇ℓ_N]`` for preconditioned query columns ``P``, streaming the train data
+        (``N = 0`` columns for a rank's empty shard)."""
+        blocks = [preconditioned.T @ g for g in self.train.columns(self.train_batch_size)]
+        return torch.cat([preconditioned.new_zeros(preconditioned.shape[1], 0), *blocks], dim=1)
 
 
 def influence_curvature(
@@ -105,6 +121,7 @@ def influence_curvature(
     params: Sequence[nn.Parameter] | None = None,
     progressbar: bool = False,
     curvature_options: Mapping[str, Any] | None = None,
+    group: Any = None,
 ) -> CurvatureOperator:
     """The curvature ``F`` of the mean loss over ``train_data`` that the influence functions use.
 
@@ -149,6 +166,10 @@ def influence_curvature(
             the exact operator of ``fisher_type`` (``check_deterministic``; ``mc_samples`` and
             ``seed`` for ``"mc"``). A key the builder does not take, or one that is an argument
             above (``fisher_type``, ``bias``, ``params``, ...), raises a ``ValueError``.
+        group: the process group whose ranks hold shards of ``train_data`` (``None``: the
+            default group when ``torch.distributed`` is initialized); ``"local"`` keeps this
+            process's data alone. Every rank gets the ``F`` of the union (see
+            :mod:`curvops.influence`).
 
     Example:
         >>> from curvops.influence import influence_curvature
@@ -173,6 +194,6 @@ def influence_curvature(
     check_choice(curvature, CURVATURES, "curvature")
     problem = _Problem(
         model, loss_fn, train_data, curvature, 0.0, fisher_type, bias, params, 32, 1, progressbar,
-        curvature_options,
+        curvature_options, group,
     )  # fmt: skip
     return problem.operator()

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..distributed import Shards
 from ..linalg import CurvatureOperator
 from .problem import _Problem
 
@@ -49,6 +50,7 @@ def influence_scores(
     query_batch_size: int = 128,
     progressbar: bool = False,
     curvature_options: Mapping[str, Any] | None = None,
+    group: Any = None,
 ) -> Tensor:
     """Influence of every training example on every query: ``∇ℓ_t^T (F + Λ)^-1 ∇ℓ_n``.
 
@@ -84,9 +86,14 @@ def influence_scores(
             ``{"unsupported": "dense"}`` for a model with a module without a rule (``nn.PReLU``)
             and a Kronecker curvature
             (see :func:`influence_curvature`); none with a prebuilt operator.
+        group: the process group whose ranks hold shards of ``train_data`` (``None``: the
+            default group when ``torch.distributed`` is initialized); ``"local"`` keeps this
+            process's data alone. ``F`` is the union's; the columns are this rank's examples
+            (see :mod:`curvops.influence`).
 
     Returns:
-        ``[M, N]`` scores, query ``t`` by training example ``n``, in data order.
+        ``[M, N]`` scores, query ``t`` by training example ``n``, in data order (over shards
+        ``N`` is this rank's number of examples).
 
     Example:
         >>> from curvops.influence import influence_scores
@@ -106,7 +113,7 @@ def influence_scores(
     """
     problem = _Problem(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
-        train_batch_size, query_batch_size, progressbar, curvature_options,
+        train_batch_size, query_batch_size, progressbar, curvature_options, group,
     )  # fmt: skip
     query = problem.examples(query_data, "query_data")
     problem.build()
@@ -126,16 +133,18 @@ def self_influence(
     train_batch_size: int = 32,
     progressbar: bool = False,
     curvature_options: Mapping[str, Any] | None = None,
+    group: Any = None,
 ) -> Tensor:
     """Self-influence ``∇ℓ_n^T (F + Λ)^-1 ∇ℓ_n`` of every training example (``>= 0``).
 
     The diagonal of ``influence_scores(train_data, train_data)`` at the cost of one pass of
     training gradients: each ``[D, b]`` block is preconditioned and dotted with itself. Large
     values flag examples the model has to bend most to fit (often mislabelled or atypical):
-    sort with :func:`top_influences`. Arguments as for :func:`influence_scores`.
+    sort with :func:`top_influences`. Arguments as for :func:`influence_scores`; over shards
+    (``group``) the scores of this rank's examples, with the union's ``F``.
 
     Returns:
-        ``[N]`` scores in data order.
+        ``[N]`` scores in data order (this rank's ``N`` over shards).
 
     Example:
         >>> from curvops.influence import influence_scores, self_influence
@@ -149,22 +158,30 @@ def self_influence(
     """
     problem = _Problem(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
-        train_batch_size, 1, progressbar, curvature_options,
+        train_batch_size, 1, progressbar, curvature_options, group,
     )  # fmt: skip
     problem.build()
     parts = [(g * (problem.inverse @ g)).sum(dim=0) for g in problem.train.columns(problem.train_batch_size)]
-    return torch.cat(parts)
+    model_data = problem.train.model_data
+    return torch.cat([torch.zeros(0, dtype=model_data.dtype, device=model_data.device), *parts])
 
 
-def top_influences(scores: Tensor, k: int) -> TopInfluences:
+def top_influences(scores: Tensor, k: int, group: Any = None) -> TopInfluences:
     """The ``k`` most helpful (largest) and most harmful (smallest) scores along the last axis.
 
     Works on ``[M, N]`` :func:`influence_scores` (per query) and on ``[N]``
     :func:`self_influence` scores. Ties come in no particular order.
 
+    Over shards (``group``) ``scores`` are this rank's columns (its training examples, as the
+    influence functions return them; the same leading shape on every rank), and the result is
+    the union's, on every rank: indices of the union, whose examples are numbered rank after
+    rank (rank 0's first). Each rank sends its own top ``k`` (one gather).
+
     Args:
         scores: ``[..., N]`` finite floating-point scores.
-        k: ``1 <= k <= N``.
+        k: ``1 <= k <= N`` (``N`` of the union over shards).
+        group: the process group whose ranks hold the columns (``None``: the default group when
+            ``torch.distributed`` is initialized); ``"local"`` takes ``scores`` alone.
 
     Returns:
         :class:`TopInfluences` of ``[..., k]`` tensors: ``helpful`` and ``helpful_scores``
@@ -176,15 +193,61 @@ def top_influences(scores: Tensor, k: int) -> TopInfluences:
         >>> top.helpful.tolist(), top.helpful_scores.tolist(), top.harmful.tolist()
         ([[2, 0]], [[3.0, 0.5]], [[1, 3]])
     """
+    shards = Shards.of(group)
+    error = _scores_error(scores)
+    reports = shards.gather((error, None if error else tuple(scores.shape)))  # errors raised everywhere
+    if error or any(e for e, _ in reports):
+        raise ValueError(error or next(f"rank {r}: {e}" for r, (e, _) in enumerate(reports) if e))
+    shapes = [shape for _, shape in reports]
+    if len(set(shape[:-1] for shape in shapes)) > 1:
+        raise ValueError(
+            f"The ranks' scores have the leading shapes {[list(s[:-1]) for s in shapes]}: pass the "
+            "same queries on every rank."
+        )
+    counts = [shape[-1] for shape in shapes]
+    _check_k(k, sum(counts))
+    if shards.active:
+        return _union_top(scores, k, shards, counts)
+    return _top(scores, k)
+
+
+def _scores_error(scores: Any) -> str | None:
+    """Why ``scores`` are no scores ``top_influences`` takes, or ``None``."""
     if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.ndim == 0:
-        raise ValueError("top_influences takes a floating-point tensor of scores with at least one axis.")
+        return "top_influences takes a floating-point tensor of scores with at least one axis."
     if not bool(torch.isfinite(scores).all()):
-        raise ValueError("The scores contain NaN or inf.")
-    count = scores.shape[-1]
+        return "The scores contain NaN or inf."
+    return None
+
+
+def _check_k(k: int, count: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= count:
         raise ValueError(
             f"k must be an integer in [1, {count}] (the number of training examples), got {k!r}."
         )
+
+
+def _top(scores: Tensor, k: int) -> TopInfluences:
+    """The ``k`` largest and smallest scores along the last axis, with their indices."""
     helpful = torch.topk(scores, k, dim=-1, largest=True, sorted=True)
     harmful = torch.topk(scores, k, dim=-1, largest=False, sorted=True)
     return TopInfluences(helpful.indices, helpful.values, harmful.indices, harmful.values)
+
+
+def _union_top(scores: Tensor, k: int, shards: Shards, counts: list[int]) -> TopInfluences:
+    """The union's top ``k`` from every rank's own (sent on the CPU); ``counts``: every rank's
+    number of columns, whose indices follow rank after rank."""
+    own = _top(scores, min(k, scores.shape[-1]))
+    ranks = shards.gather([t.cpu() for t in own])
+    starts = [sum(counts[:r]) for r in range(len(counts))]
+    helpful = _merged([(t[0] + s, t[1]) for t, s in zip(ranks, starts, strict=True)], k, True)
+    harmful = _merged([(t[2] + s, t[3]) for t, s in zip(ranks, starts, strict=True)], k, False)
+    return TopInfluences(*(t.to(scores.device) for t in (*helpful, *harmful)))
+
+
+def _merged(candidates: list[tuple[Tensor, Tensor]], k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """``(indices, values)`` of the ``k`` largest (smallest) among the ranks' candidates."""
+    indices = torch.cat([i for i, _ in candidates], dim=-1)
+    values = torch.cat([v for _, v in candidates], dim=-1)
+    best = torch.topk(values, k, dim=-1, largest=largest, sorted=True)
+    return indices.gather(-1, best.indices), best.values

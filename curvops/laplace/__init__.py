@@ -21,6 +21,10 @@ exact through each block's eigenvalues, and the eigenvalues are computed once wh
 optimised. A block that mixes two prior precisions (a joint weight-and-bias KFAC block, or
 the whole ``"full"`` GGN, with one ``τ`` per parameter tensor) is handled densely.
 
+Over :mod:`curvops.distributed` shards (``group=``) each rank passes its shard of the
+training data; ``K``, ``L_sum(θ*)``, its gradient and ``N`` are the union's, so every rank
+holds the posterior of all the data (see :class:`Laplace`).
+
 This follows the conventions of ``laplace-torch`` (Daxberger et al., 2021) for the
 marginal likelihood and the predictives.
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import Shards
 from ..linalg import CurvatureOperator
 from ..linalg.checks import check_choice, check_generator, check_positive, check_positive_int
 from ..nn.batches import data_count
@@ -55,6 +56,14 @@ class Laplace:
     the quadratic model lies more than ``√D`` posterior standard deviations from ``θ*``.
     Train longer (the approximation expands the loss around a minimum).
 
+    Over shards (:mod:`curvops.distributed`): with a process group, ``data`` is this rank's
+    shard of the training data (it may be empty). ``K`` is the union's (the builders get
+    ``group``), and ``L_sum(θ*)``, ``∇L_sum(θ*)`` and ``N`` are summed over the ranks, so the
+    posterior, the evidence, the tuned ``τ``, samples from one generator seed and the
+    predictives are those of one process on all the data, on every rank. A prebuilt
+    ``curvature`` must be the union's itself (built with the same ``group``). The predictives
+    are computed on each rank's own test inputs, without collectives.
+
     Args:
         model: the trained network; in eval mode if it has dropout or batch norm.
         loss_fn: ``nn.CrossEntropyLoss`` (classification, softmax), ``nn.BCEWithLogitsLoss``
@@ -77,12 +86,14 @@ class Laplace:
         sigma_noise: ``σ > 0`` of a Gaussian likelihood, with ``MSELoss`` only (see above).
         curvature_options: keyword arguments for the Kronecker builders (``fisher_type``,
             default ``"type-2"``; ``bias``, ``kfac_approx``, ``unsupported``, ...).
+        group: the process group whose ranks hold shards of ``data`` (``None``: the default group
+            when ``torch.distributed`` is initialized); ``"local"`` keeps this process's data alone.
 
     Attributes:
         mean: ``θ*``, ``[D]``.
         curvature: ``K``, the operator of the summed negative log-likelihood (``[D, D]``).
         loss: ``L_sum(θ*)``, a 0-dim tensor.
-        num_terms: ``N``, the number of loss terms in the data.
+        num_terms: ``N``, the number of loss terms in the data (of every shard).
         param_names: the names of the parameter tensors, in the order of ``θ``.
         likelihood: ``"classification"`` (softmax), ``"binary"`` (sigmoid) or ``"regression"``.
 
@@ -109,26 +120,28 @@ class Laplace:
         params: Sequence[nn.Parameter] | None = None,
         sigma_noise: float | None = None,
         curvature_options: dict[str, Any] | None = None,
+        group: Any = None,
     ) -> None:
         check_curvature(curvature, CURVATURES)
+        shards = Shards.of(group)
         self._loss_adapter = LossAdapter(loss_fn, likelihood=True, what="Laplace")
         self._loss_adapter.check_sampling("Laplace")
         self.loss_fn = loss_fn
         self.likelihood = likelihood_of(loss_fn)
         self.sigma_noise = self._check_sigma_noise(sigma_noise)
         self.model = model
-        self._model = ModelData(model, data, params)
+        self._model = ModelData(model, data, params, allow_empty=shards.active)
         self.param_names = list(self._model.names)
         self._theta = {name: p.detach().clone() for name, p in self._model.param_dict().items()}
         self.mean = torch.cat([t.reshape(-1) for t in self._theta.values()])
         self._prior_precision = self._check_prior_precision(prior_precision)
         self._temperature = check_positive(temperature, "temperature")
 
-        fit = read_data(self._model, self._loss_adapter, self._theta)
+        fit = read_data(self._model, self._loss_adapter, self._theta, shards)
         self.num_terms = fit.num_terms
         self.loss = summed_negative_log_likelihood(fit, sigma_noise)
         self._network = Network(self._model, self._theta, fit.output_shape, fit.input_example)
-        op = build_curvature(curvature, self._model, self._loss_adapter, curvature_options)
+        op = build_curvature(curvature, self._model, self._loss_adapter, curvature_options, group)
         scale = curvature_scale(curvature, self._loss_adapter, self.num_terms, sigma_noise)
         self._posterior = Posterior(op, scale, self._theta, self.loss)
         self.curvature = self._posterior.curvature

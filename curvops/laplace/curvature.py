@@ -1,5 +1,7 @@
 """The pass over the training data at ``θ*``, and the curvature ``K`` of the summed negative
-log-likelihood: a named curvature built here, or a prebuilt operator checked."""
+log-likelihood: a named curvature built here, or a prebuilt operator checked. Over shards
+(``group``) both are the union's: the pass's sums are reduced over the ranks, and the builders
+get the group."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad_and_value
 
+from ..distributed import Shards
 from ..linalg import CurvatureOperator, computation_dtype
 from ..nn.approximations import KRONECKER_APPROXIMATIONS
 from ..nn.curvature import GGN, computation_copy, dense_operator
@@ -19,6 +22,7 @@ from ..nn.forward_checks import fixed_forward
 from ..nn.kfac import kronecker_approximation
 from ..nn.losses import LossAdapter
 from ..nn.model import ModelData
+from ..nn.shard_sums import Part, union_sums
 from ..nn.staleness import check_built_from
 
 CURVATURES = (*KRONECKER_APPROXIMATIONS, "diagonal", "full")
@@ -26,7 +30,8 @@ CURVATURES = (*KRONECKER_APPROXIMATIONS, "diagonal", "full")
 
 @dataclass(frozen=True)
 class DataFit:
-    """One pass over the training data at ``θ*`` with the loss as given (``σ`` not applied).
+    """One pass over the training data at ``θ*`` with the loss as given (``σ`` not applied), over
+    the union of the shards (:func:`read_data`).
 
     Attributes:
         loss: ``L_sum(θ*) = Σ_n ℓ_n``, a 0-dim tensor.
@@ -50,23 +55,39 @@ def likelihood_of(loss_fn: Any) -> str:
     return "classification" if isinstance(loss_fn, nn.CrossEntropyLoss) else "binary"
 
 
-def read_data(model: ModelData, loss: LossAdapter, theta: dict[str, Tensor]) -> DataFit:
-    """``L_sum(θ*)``, ``∇L_sum(θ*)``, ``N`` and the output shape, in one pass over the data."""
-    total, count, gradient, first = None, 0.0, None, None
-    for index, inputs, targets in model.batches("Laplace: loss at the trained parameters"):
-        batch_count = loss.count(targets)
-        if not batch_count:
-            continue
-        value, grads, output = _batch_loss(model, loss, theta, index, inputs, targets, batch_count)
-        if first is None:
-            first = (tuple(output.shape[1:]), tuple(inputs.shape) if isinstance(inputs, Tensor) else None)
-        flat = torch.cat([grads[name].reshape(-1) for name in model.names])
-        total = value if total is None else total + value
-        gradient = flat if gradient is None else gradient + flat
-        count += batch_count
-    if total is None:
-        raise ValueError("The data has no loss terms (every target is ignored).")
-    return DataFit(total, gradient, count, *first)
+def read_data(model: ModelData, loss: LossAdapter, theta: dict[str, Tensor], shards: Shards) -> DataFit:
+    """``L_sum(θ*)``, ``∇L_sum(θ*)``, ``N`` and the output shape, in one pass over the data: this
+    rank's sums, then summed over the ranks of ``shards`` (a rank without loss terms adds zeros;
+    an error on one rank is raised on every rank)."""
+    shapes: list[tuple] = []  # of this rank's first batch with loss terms
+
+    def zeros() -> Part:
+        place = {"dtype": model.dtype, "device": model.device}
+        return [torch.zeros((), **place), torch.zeros(model.size, **place)], [0.0]
+
+    def local() -> Part:
+        (total, gradient), (count,) = zeros()
+        for index, inputs, targets in model.batches("Laplace: loss at the trained parameters"):
+            batch_count = loss.count(targets)
+            if not batch_count:
+                continue
+            value, grads, output = _batch_loss(model, loss, theta, index, inputs, targets, batch_count)
+            if not shapes:
+                shapes.append(
+                    (tuple(output.shape[1:]), tuple(inputs.shape) if isinstance(inputs, Tensor) else None)
+                )
+            total = total + value
+            gradient = gradient + torch.cat([grads[name].reshape(-1) for name in model.names])
+            count += batch_count
+        return [total, gradient], [count]
+
+    (total, gradient), (count,) = union_sums(shards, local, zeros, model.device, what="Laplace: the data fit")
+    if not count:
+        where = " on any rank" if shards.active else ""
+        raise ValueError(f"The data has no loss terms{where} (every target is ignored).")
+    own = shapes[0] if shapes else None
+    ranks = shards.gather(own)  # every rank joins: a rank without loss terms takes another's
+    return DataFit(total, gradient, count, *(own or next(s for s in ranks if s is not None)))
 
 
 def _batch_loss(
@@ -115,15 +136,21 @@ def curvature_scale(
 
 
 def build_curvature(
-    curvature: str | CurvatureOperator, model: ModelData, loss: LossAdapter, options: dict[str, Any] | None
+    curvature: str | CurvatureOperator,
+    model: ModelData,
+    loss: LossAdapter,
+    options: dict[str, Any] | None,
+    group: Any,
 ) -> CurvatureOperator:
-    """The curvature operator of ``loss_fn`` (as it reduces), or the summed GGN's diagonal; checked
-    to match the parameters (size, dtype, device)."""
+    """The curvature operator of ``loss_fn`` (as it reduces), or the summed GGN's diagonal, over
+    the union of the shards of ``group``; checked to match the parameters (size, dtype, device)."""
     options = dict(options or {})
+    if "group" in options:
+        raise ValueError("curvature_options['group']: pass group= to Laplace itself.")
     if not isinstance(curvature, str):
         op = _prebuilt(curvature, options)
     else:
-        op = _named(curvature, model, loss, options)
+        op = _named(curvature, model, loss, options, group)
     if op.shape[0] != model.size:
         raise ValueError(
             f"The curvature operator has size {op.shape[0]}, but the parameters have {model.size} "
@@ -153,15 +180,20 @@ def _prebuilt(curvature: CurvatureOperator, options: dict[str, Any]) -> Curvatur
     return dense_operator(curvature)
 
 
-def _named(curvature: str, model: ModelData, loss: LossAdapter, options: dict[str, Any]) -> CurvatureOperator:
-    """One of :data:`CURVATURES`, over the data of ``model`` (its passes checked against the first)."""
+def _named(
+    curvature: str, model: ModelData, loss: LossAdapter, options: dict[str, Any], group: Any
+) -> CurvatureOperator:
+    """One of :data:`CURVATURES`, over the data of ``model`` (its passes checked against the first)
+    and of the other ranks of ``group``."""
     if curvature in ("diagonal", "full") and options:
         raise ValueError(f"curvature={curvature!r} takes no curvature_options (it is the exact GGN's).")
     if curvature == "diagonal":
-        return summed_ggn_diagonal(model, loss)
+        return summed_ggn_diagonal(model, loss, group=group)
     data = model.checked_data("Laplace curvature")
     if curvature == "full":
         copy, params = computation_copy(model)
-        return dense_operator(GGN(copy, loss.loss_fn, data, params=params), model.dtype)
+        return dense_operator(GGN(copy, loss.loss_fn, data, params=params, group=group), model.dtype)
     options.setdefault("fisher_type", "type-2")
-    return kronecker_approximation(curvature, model.model, loss.loss_fn, data, params=model.params, **options)
+    return kronecker_approximation(
+        curvature, model.model, loss.loss_fn, data, params=model.params, group=group, **options
+    )

@@ -16,6 +16,14 @@ batch a forward pass with ``vjp``, ``J V`` for all ``K`` columns at once (``vmap
 forward pass. The Hessian records one forward and backward pass per batch and differentiates
 the gradient once per column (reverse-over-reverse): memory does not grow with ``K``, and
 on a CPU it measured up to 2x faster than forward-over-reverse for convolutions.
+
+Over :mod:`curvops.distributed` shards (``group=``), ``data`` is this rank's shard: every rank
+adds its own batches' parts of a product, and the ``[D, K]`` sum and the loss-term count are
+all-reduced once per product (:func:`~curvops.nn.shard_sums.union_sums`) before dividing by
+the union's normaliser, so every rank gets the union's product ``(Σ_ranks Σ_b P_b) / Z``.
+Everything built on products (``to_dense``, ``diagonal``, ``trace``, CG, SLQ, Lanczos) then
+follows one iteration on every rank, as long as every rank multiplies the same vectors: the
+estimators' probes are rank 0's draws, and other vectors that differ between ranks raise.
 """
 
 from __future__ import annotations
@@ -23,18 +31,22 @@ from __future__ import annotations
 import copy
 from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
+from ..distributed import Shards
 from ..linalg import Cast, Dense, computation_dtype
 from ..linalg.base import CurvatureOperator
 from ..linalg.checks import check_positive_int, check_seed
+from ..linalg.estimators import Sampler
 from .forward_checks import fixed_forward
 from .jacobian_products import add_trees, pull_back, push_forward
 from .losses import LossAdapter
 from .model import ModelData
+from .shard_sums import union_sums
 
 Tree = dict[str, Tensor]
 
@@ -56,6 +68,10 @@ class ModelCurvature(CurvatureOperator):
             the model's trainable ones, in order).
         progressbar: a tqdm bar on every pass over the data.
         check_deterministic: raise when a pass sees other data or outputs than the first.
+        group: the process group whose ranks hold shards of ``data`` (``None``: the default
+            group when torch.distributed is initialized); ``"local"`` keeps this process's data
+            alone. Every rank then builds the operator at the same time and gets the operator
+            of the union of the shards; a rank's shard may have no batches.
     """
 
     _inverse_method = "cg"
@@ -73,14 +89,26 @@ class ModelCurvature(CurvatureOperator):
         params: Sequence[nn.Parameter] | None = None,
         progressbar: bool = False,
         check_deterministic: bool = False,
+        group: Any = None,
     ) -> None:
         name = type(self).__name__
+        self._shards = Shards.of(group)
         self._loss = LossAdapter(loss_fn, likelihood=self._needs_likelihood, what=name)
-        self._model = ModelData(model, data, params, progressbar, check_deterministic)
+        self._model = ModelData(
+            model, data, params, progressbar, check_deterministic, allow_empty=self._shards.active
+        )
         super().__init__(self._model.size, self._model.dtype, self._model.device)
         passing = self._model.batches(f"{name}: reading data", any_order=self._any_order)
-        if sum(self._loss.count(y) for _, _, y in passing) == 0:
-            raise ValueError("The data has no loss terms (every target is ignored).")
+        _, (terms,) = union_sums(
+            self._shards,
+            lambda: ([], [sum(self._loss.count(y) for _, _, y in passing)]),
+            lambda: ([], [0.0]),
+            self.device,
+            what=f"{name}: reading data",
+        )
+        if terms == 0:
+            where = " on any rank" if self._shards.active else ""
+            raise ValueError(f"The data has no loss terms{where} (every target is ignored).")
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -89,19 +117,49 @@ class ModelCurvature(CurvatureOperator):
 
     def _matmat(self, x: Tensor) -> Tensor:
         """``(1/Z) Σ_b ∇²_θ (s_b · loss_b) V``: each batch's count ``z_b`` (and ``s_b``) from its own
-        targets, the normaliser ``Z = Σ_b z_b`` from this pass, so any batch order gives one matrix."""
+        targets, the normaliser ``Z = Σ_b z_b`` from this pass, so any batch order gives one matrix;
+        over shards the sums over the batches of every rank (one reduction per product)."""
+        what = f"{type(self).__name__} product"
+        (total,), (terms,) = union_sums(
+            self._shards,
+            lambda: self._local_product(x, what),
+            lambda: ([self._zeros(x.shape[1])], [0.0]),
+            self.device,
+            inputs=x,
+            what=what,
+        )
+        return total / self._loss.batch_scale(terms)
+
+    def _zeros(self, columns: int) -> Tensor:
+        return torch.zeros(self.shape[0], columns, dtype=self.dtype, device=self.device)
+
+    def _local_product(self, x: Tensor, what: str) -> tuple[list[Tensor], list[float]]:
+        """``([Σ_b ∇²_θ (s_b · loss_b) V], [Σ_b z_b])`` over this process's batches."""
         tree = self._model.to_tree(x)
         params = self._model.param_dict()
         total, terms = None, 0.0
-        passing = self._model.batches(f"{type(self).__name__} product", any_order=self._any_order)
-        for index, inputs, targets in passing:
+        for index, inputs, targets in self._model.batches(what, any_order=self._any_order):
             count = self._loss.count(targets)
             terms += count
             if count:
                 with fixed_forward():
                     part = self._batch_product(index, count, params, inputs, targets, tree)
                 total = add_trees(total, part)
-        return self._model.from_tree(total) / self._loss.batch_scale(terms)
+        product = self._zeros(x.shape[1]) if total is None else self._model.from_tree(total)
+        return [product], [terms]
+
+    def _probes(self, generator: torch.Generator | None) -> Sampler:
+        """Rademacher probes drawn on every rank (each rank's generator advances alike) and rank
+        0's used everywhere, so every rank's estimator multiplies the same vectors."""
+        sample = super()._probes(generator)
+        if not self._shards.active:
+            return sample
+
+        def rank_zero_probes(count: int) -> Tensor:
+            probes = sample(count)
+            return self._shards.sum([probes if self._shards.rank == 0 else torch.zeros_like(probes)])[0]
+
+        return rank_zero_probes
 
     @abstractmethod
     def _batch_product(
@@ -236,11 +294,14 @@ class FisherMC(_OutputCurvature):
     generator seeded with ``(seed, b)``, so the operator is one fixed matrix: every product,
     and every operator built with the same ``seed``, uses the same labels. The batches must
     therefore come in the same order on every pass (``shuffle=False``); a reshuffled pass
-    raises :class:`~curvops.errors.NonDeterministicDataError`.
+    raises :class:`~curvops.errors.NonDeterministicDataError`. Over shards (``group=``) rank
+    ``r`` draws with its own seed ``Shards.seed(seed)`` (``seed`` itself on rank 0), so the
+    shards' labels are independent and the union is one fixed matrix.
 
     Args:
         mc_samples: ``M``, labels drawn per datum.
         seed: seed of the label draws.
+        group: see :class:`ModelCurvature`.
 
     Example:
         >>> model = torch.nn.Linear(3, 2).double()
@@ -264,17 +325,20 @@ class FisherMC(_OutputCurvature):
         seed: int = 0,
         progressbar: bool = False,
         check_deterministic: bool = False,
+        group: Any = None,
     ) -> None:
         check_positive_int(mc_samples, "mc_samples")
         check_seed(seed)
-        super().__init__(model, loss_fn, data, params, progressbar, check_deterministic)
+        super().__init__(model, loss_fn, data, params, progressbar, check_deterministic, group)
         self._loss.check_sampling(type(self).__name__)
         self.mc_samples = mc_samples
         self.seed = seed
+        self._rank_seed = self._shards.seed(seed)
 
     def sample_targets(self, index: int, output: Tensor, targets: Tensor) -> Tensor:
-        """The ``[M, *targets.shape]`` labels this operator draws for batch ``index``."""
-        return self._loss.sample_batch(output, targets, self.mc_samples, self.seed, index)
+        """The ``[M, *targets.shape]`` labels this operator draws for batch ``index`` (of this
+        rank's shard, with this rank's seed)."""
+        return self._loss.sample_batch(output, targets, self.mc_samples, self._rank_seed, index)
 
     def _apply_output_curvature(self, index, count, output, targets, tangents):
         sampled = self.sample_targets(index, output, targets)

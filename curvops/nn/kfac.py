@@ -37,6 +37,7 @@ def KFAC(
     bias: str = "separate",
     unsupported: str = "error",
     check_deterministic: bool = False,
+    group: Any = None,
     decomposition_dtype: torch.dtype = torch.float64,
 ) -> CurvatureOperator:
     """KFAC of the Fisher / GGN of ``loss_fn`` over ``data``, as a structured operator.
@@ -98,7 +99,9 @@ def KFAC(
             ``"forward-only"`` (``G = I``; a normalization layer's block is ``I``).
         mc_samples: labels drawn per datum for ``"mc"``.
         kfac_approx: ``"expand"`` or ``"reduce"`` for layers shared over positions.
-        seed: seed of the ``"mc"`` label draws.
+        seed: seed of the ``"mc"`` label draws (over several ranks, each draws its shard's
+            labels with a seed of its own from it, :meth:`~curvops.distributed.Shards.seed`; rank
+            0 with ``seed`` itself).
         progressbar: a tqdm bar on the pass over the data.
         bias: ``"separate"`` (a ``G`` block of its own) or ``"joint"`` (one block ``G ⊗ A`` with
             a constant 1 appended to the inputs) for layers whose weight and bias are both in
@@ -110,6 +113,10 @@ def KFAC(
             exact operator of the same ``fisher_type`` (GGN for ``"type-2"`` and
             ``"forward-only"``).
         check_deterministic: raise when the data or outputs differ between passes.
+        group: the process group whose ranks hold shards of ``data`` (``None``: the default
+            group when torch.distributed is initialized); ``"local"`` keeps this process's data
+            alone (:mod:`curvops.distributed`). Every rank gets the operator of the union of the
+            shards; a rank's shard may be empty.
         decomposition_dtype: the dtype of the factors' eigendecompositions (each factor is
             decomposed once, lazily, and shared by the blocks that hold it: a layer's ``G``
             serves its weight and bias blocks): ``torch.float64``, or ``torch.float32`` (half
@@ -138,6 +145,7 @@ def KFAC(
         progressbar,
         unsupported,
         check_deterministic,
+        group,
         decomposition_dtype,
     )
 
@@ -156,6 +164,7 @@ def EKFAC(
     unsupported: str = "error",
     check_deterministic: bool = False,
     correction: str = "auto",
+    group: Any = None,
     decomposition_dtype: torch.dtype = torch.float64,
 ) -> CurvatureOperator:
     """EKFAC (George et al. 2018): KFAC's eigenbasis with corrected eigenvalues.
@@ -177,6 +186,10 @@ def EKFAC(
             the same ``s``. An ``nn.Embedding`` sums its gradient rows by index instead.
         decomposition_dtype: as for :func:`~curvops.KFAC`; the eigenbases are computed (spread
             over the ranks of a process group) before the correcting pass.
+        group: the process group whose ranks hold shards of ``data`` (``None``: the default
+            group when torch.distributed is initialized); ``"local"`` keeps this process's data
+            alone (:mod:`curvops.distributed`). Every rank gets the operator of the union of the
+            shards; a rank's shard may be empty.
 
     Example:
         >>> layers = [torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)]
@@ -196,6 +209,7 @@ def EKFAC(
         progressbar,
         unsupported,
         check_deterministic,
+        group,
         decomposition_dtype,
     )
 
@@ -215,6 +229,7 @@ def TKFAC(
     check_deterministic: bool = False,
     eigenvalue_correction: bool = False,
     correction: str = "auto",
+    group: Any = None,
     decomposition_dtype: torch.dtype = torch.float64,
 ) -> CurvatureOperator:
     """TKFAC (Gao et al., AAAI 2021): a trace-restricted Kronecker factorisation.
@@ -232,6 +247,12 @@ def TKFAC(
 
     The other arguments are :func:`~curvops.KFAC`'s (``"forward-only"`` is refused), and
     ``decomposition_dtype`` is as for :func:`~curvops.KFAC`.
+
+    Args:
+        group: the process group whose ranks hold shards of ``data`` (``None``: the default
+            group when torch.distributed is initialized); ``"local"`` keeps this process's data
+            alone (:mod:`curvops.distributed`). Every rank gets the operator of the union of the
+            shards; a rank's shard may be empty.
 
     Example:
         >>> layers = [torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)]
@@ -253,6 +274,7 @@ def TKFAC(
         progressbar,
         unsupported,
         check_deterministic,
+        group,
         decomposition_dtype,
     )
 
@@ -262,10 +284,21 @@ BUILDERS = {"kfac": KFAC, "ekfac": EKFAC, "tkfac": TKFAC, "tekfac": TKFAC}
 
 
 def kronecker_approximation(
-    name: str, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], data: Iterable, **options: Any
+    name: str,
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    data: Iterable,
+    group: Any = None,
+    **options: Any,
 ) -> CurvatureOperator:
     """:func:`KFAC`, :func:`EKFAC`, :func:`TKFAC` or TEKFAC (``TKFAC(eigenvalue_correction=True)``)
     by name, for code that lets its users choose one; ``options`` go to the builder.
+
+    Args:
+        group: the process group whose ranks hold shards of ``data`` (``None``: the default
+            group when torch.distributed is initialized); ``"local"`` keeps this process's data
+            alone (:mod:`curvops.distributed`). Every rank gets the operator of the union of the
+            shards; a rank's shard may be empty.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
@@ -277,7 +310,7 @@ def kronecker_approximation(
     check_choice(name, tuple(BUILDERS), "Kronecker approximation")
     if name in ("tkfac", "tekfac"):
         options = {"eigenvalue_correction": name == "tekfac", **options}
-    return BUILDERS[name](model, loss_fn, data, **options)
+    return BUILDERS[name](model, loss_fn, data, group=group, **options)
 
 
 def _build(
@@ -289,13 +322,16 @@ def _build(
     progressbar: bool,
     unsupported: str,
     check_deterministic: bool,
+    group: Any,
     decomposition_dtype: torch.dtype = torch.float64,
 ) -> CurvatureOperator:
-    """One labelled block per layer parameter from the statistics, and exact blocks for the rest."""
+    """One labelled block per layer parameter from the statistics of the union of ``group``'s
+    shards, and exact blocks for the rest."""
     check_choice(unsupported, UNSUPPORTED_OPTIONS, "unsupported")
     check_decomposition_dtype(decomposition_dtype)
+    shards = Shards.of(group)
     loss = options.loss(loss_fn)
-    model_data = ModelData(model, data, params, progressbar, check_deterministic)
+    model_data = ModelData(model, data, params, progressbar, check_deterministic, allow_empty=shards.active)
     layers, others = find_layers(model, model_data.params, options.bias, options.kfac_approx)
     if others and unsupported == "error":
         raise unsupported_error(options.approximation.label, others, UNSUPPORTED_FIX)
@@ -303,15 +339,15 @@ def _build(
     layout, device = Layout(model_data.params), model_data.device
     entries: list[Entry] = []
     if layers:
-        pairs = _kronecker_blocks(  # attention follows its first call
-            options, model_data, loss, layers, decomposition_dtype=decomposition_dtype
+        pairs = _kronecker_blocks(  # attention follows its call
+            options, model_data, loss, layers, shards, decomposition_dtype
         )
         layers = [layer for layer, _ in pairs]
         blocks = merged_ties(layers, [layer_blocks for _, layer_blocks in pairs])
         for layer, layer_blocks in zip(layers, blocks, strict=True):
             entries += layout.place(layer, layer_blocks, device)
     if others:
-        entries += _exact_blocks(options, model_data, loss_fn, others, unsupported, layout)
+        entries += _exact_blocks(options, model_data, loss_fn, others, unsupported, layout, group)
     return mark_built_from(assemble(entries, model_data.dtype), model_data)
 
 
@@ -323,21 +359,23 @@ def _kronecker_blocks(
     shards: Shards | None = None,
     decomposition_dtype: torch.dtype = torch.float64,
 ) -> list[tuple[KroneckerLayer, list[CurvatureOperator]]]:
-    """Each layer and its blocks: one statistics pass (the layers of an attention module follow
-    its first call), and for EKFAC/TEKFAC a correcting one (for the layers it corrects: not those
-    with exact blocks) in the eigenbases of the factors, decomposed first, spread over
-    ``shards``' ranks (:func:`~curvops.distributed.decompose_blocks`; ``None``: this process
-    alone). KFAC's and TKFAC's factors are decomposed here only with more than one rank
-    (``shards.active``): every factor once, spread, so the operator's ``inverse`` and
-    ``logdet`` are free afterwards; alone they are decomposed lazily, by the first ``inverse``
-    or ``logdet``."""
+    """Each layer and its blocks: one statistics pass over ``shards`` (``None``: this process
+    alone; the layers of an attention module follow its first call), and for EKFAC/TEKFAC a
+    correcting one (for the layers it corrects: not those with exact blocks) in the eigenbases
+    of the factors, decomposed first, spread over the ranks
+    (:func:`~curvops.distributed.decompose_blocks`). KFAC's and TKFAC's factors are decomposed
+    here only with more than one rank (``shards.active``): every factor once, spread, so the
+    operator's ``inverse`` and ``logdet`` are free afterwards; alone they are decomposed
+    lazily, by the first ``inverse`` or ``logdet``."""
     approximation = options.approximation
-    passes = KroneckerPass(model_data, loss, layers, options)
+    shards = shards or Shards()
+    passes = KroneckerPass(model_data, loss, layers, options, shards)
     statistics = passes.statistics()
     blocks = [approximation.kronecker_blocks(s, decomposition_dtype) for s in statistics]
     corrects = [approximation.corrects(s.layer) for s in statistics]
-    spread = shards is not None and shards.active
-    decompose_blocks([b for bs, c in zip(blocks, corrects, strict=True) if c or spread for b in bs], shards)
+    decompose_blocks(
+        [b for bs, c in zip(blocks, corrects, strict=True) if c or shards.active for b in bs], shards
+    )
     if not any(corrects):
         return [(s.layer, layer_blocks) for s, layer_blocks in zip(statistics, blocks, strict=True)]
     bases = [
@@ -352,17 +390,30 @@ def _kronecker_blocks(
 
 
 def _exact_blocks(
-    options: KroneckerOptions, model_data: ModelData, loss_fn, others: list, unsupported: str, layout: Layout
+    options: KroneckerOptions,
+    model_data: ModelData,
+    loss_fn,
+    others: list,
+    unsupported: str,
+    layout: Layout,
+    group: Any,
 ) -> list[Entry]:
     """Exact dense or diagonal blocks of the modules without a Kronecker rule, from the exact
-    operator of the Fisher type on the model in its computation dtype (a float32 copy of a bf16 one)."""
+    operator of the Fisher type on the model in its computation dtype (a float32 copy of a bf16 one),
+    over ``group``'s shards."""
     exact_model, exact_params = computation_copy(model_data)
     twin = {id(p): q for p, q in zip(model_data.params, exact_params, strict=True)}
     entries = []
     for module_name, module, chosen in others:
         checked = model_data.checked_data(f"{options.approximation.label} exact block of {module_name!r}")
         exact = options.fisher.exact_operator(
-            exact_model, loss_fn, checked, [twin[id(p)] for p in chosen], options.mc_samples, options.seed
+            exact_model,
+            loss_fn,
+            checked,
+            [twin[id(p)] for p in chosen],
+            options.mc_samples,
+            options.seed,
+            group=group,
         )
         block = dense_operator(exact) if unsupported == "dense" else Diagonal(exact.diagonal())
         where = torch.cat([layout.indices(p, model_data.device) for p in chosen])

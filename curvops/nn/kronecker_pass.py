@@ -5,6 +5,11 @@ Every pass runs the model with forward hooks on the layers' modules (what each k
 the Fisher type's output-space columns to the layer outputs in one batched backward pass, and
 hands each layer's inputs and output gradients to its rule. The per-batch functions here are
 shared with :class:`~curvops.optim.KFACOptimizer`, which sees the batches of a training loop.
+
+Over :mod:`curvops.distributed` shards every rank sums its own batches, and each pass reduces
+once at its end: the layers' sums (:meth:`~curvops.distributed.Shards.sum_statistics`, or
+EKFAC's :meth:`~curvops.distributed.Shards.sum_corrections`) and the count of loss terms, so
+the factors are those of the union, ``(Σ_ranks Σ_batches s) / (Σ_ranks Z)``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import Shards
 from ..linalg import computation_dtype
 from .approximations import Basis
 from .batches import is_empty
@@ -156,20 +162,30 @@ class KroneckerPass:
         loss: the loss (:class:`~curvops.nn.losses.LossAdapter`).
         layers: the layers to collect for.
         options: the checked options (Fisher type, ``kfac_approx``, samples, seed, ...).
+        shards: the ranks whose data shards make the data set (:class:`~curvops.distributed.Shards`;
+            by default this process alone): sums and counts are reduced over them once per pass,
+            and ``"mc"`` labels drawn with this rank's seed (:meth:`~curvops.distributed.Shards.seed`).
     """
 
     def __init__(
-        self, model: ModelData, loss: LossAdapter, layers: list[KroneckerLayer], options: KroneckerOptions
+        self,
+        model: ModelData,
+        loss: LossAdapter,
+        layers: list[KroneckerLayer],
+        options: KroneckerOptions,
+        shards: Shards | None = None,
     ) -> None:
         self.model, self.loss, self.layers, self.options = model, loss, layers, options
+        self.shards = Shards() if shards is None else shards
         self.dtype = computation_dtype(model.dtype)
         self._calls: dict[int, frozenset] = {}  # the parts of modules whose parts follow the call
         self._first_batch = True
 
     def statistics(self) -> list[LayerStatistics]:
         """One pass: every layer's normalised statistics (TKFAC's terms if the approximation needs
-        them). The layers of a module whose parts depend on the call (``nn.MultiheadAttention``:
-        self- or cross-attention) follow its call in the first batch: :attr:`layers` after the pass."""
+        them), of the union of the shards. The layers of a module whose parts depend on the call
+        (``nn.MultiheadAttention``: self- or cross-attention) follow its call in the first batch
+        (a rank without batches takes the other ranks'): :attr:`layers` after the pass."""
         totals: dict[int, LayerStatistics] = {}
 
         def consume(i: int, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None, valid) -> None:
@@ -177,9 +193,13 @@ class KroneckerPass:
             statistics = batch_statistics(layer, inputs, gradients, self.options, self.dtype, valid=valid)
             totals[i] = start + statistics
 
-        scale = self._pass("KFAC statistics", consume)
-        fisher = self.options.fisher
-        return [fisher.finished(totals[i].normalised(scale)) for i in range(len(self.layers))]
+        count = self._pass("KFAC statistics", consume)
+        self._agree_on_calls()
+        sums = self.shards.sum_statistics(
+            [totals.get(i, LayerStatistics(layer)) for i, layer in enumerate(self.layers)]
+        )
+        scale = self._scale(count)
+        return [self.options.fisher.finished(s.normalised(scale)) for s in sums]
 
     def corrections(self, bases: list[Basis | None]) -> list[Corrections]:
         """EKFAC's eigenvalues ``s = E[(Q_out^T ∇_W ℓ_n Q_in)²]`` in each layer's eigenbasis
@@ -200,8 +220,51 @@ class KroneckerPass:
                 )
 
         any_order = not self.options.fisher.sampled  # the labels must be those of the first pass
-        scale = self._pass("EKFAC eigenvalue correction", consume, any_order)
-        return [total / scale for total in sums]
+        count = self._pass("EKFAC eigenvalue correction", consume, any_order)
+        summed = self.shards.sum_corrections(sums, [layer.name for layer in self.layers])
+        scale = self._scale(count)
+        return [total / scale for total in summed]
+
+    def _scale(self, count: float) -> float:
+        """What a pass's sums are divided by, from this rank's ``count`` of loss terms: the Fisher
+        type's scale of the loss's :meth:`~curvops.nn.losses.LossAdapter.batch_scale` of the count
+        over all ranks. Raises ``ValueError`` if no rank has a loss term."""
+        (total,) = self.shards.sum_numbers([count], self.model.device)
+        if total == 0:
+            raise ValueError("The data has no loss terms (every target is ignored).")
+        return self.options.fisher.scale(self.loss.batch_scale(total), self.options.mc_samples)
+
+    def _agree_on_calls(self) -> None:
+        """Make every rank's layers of the modules whose parts follow their first call those of
+        the ranks that called them: a rank without batches takes them, and ranks that called a
+        module differently raise ``ValueError`` naming it (nothing to agree on alone)."""
+        if not self.shards.active or not any(layer.rule.parts_depend_on_call for layer in self.layers):
+            return
+        names = {id(module): name for name, module in self.model.model.named_modules()}
+        mine = {names[key]: sorted(parts) for key, parts in self._calls.items()}
+        gathered = self.shards.gather((not self._first_batch, mine))
+        seen = {rank: calls for rank, (ran, calls) in enumerate(gathered) if ran}
+        for name in sorted({name for calls in seen.values() for name in calls}):
+            parts = {rank: calls.get(name, "as before any call") for rank, calls in seen.items()}
+            if len({str(p) for p in parts.values()}) > 1:
+                raise ValueError(
+                    f"{name!r} is called differently on different ranks (parts per rank: {parts}: self- "
+                    "against cross-attention), and its blocks follow the first call. Call it the same way "
+                    "on every rank's data, or register "
+                    "curvops.nn.layers.AttentionRule(in_projection='separate')."
+                )
+        if seen and self._first_batch:
+            modules = dict(self.model.model.named_modules())
+            first = next(iter(seen.values()))
+            self._calls = {id(modules[name]): frozenset(parts) for name, parts in first.items()}
+            self._remake_layers()
+
+    def _remake_layers(self) -> None:
+        """:attr:`layers` for the parts of the modules' calls so far (:attr:`_calls`)."""
+        model, options = self.model, self.options
+        self.layers, _ = find_layers(
+            model.model, model.params, options.bias, options.kfac_approx, self._calls
+        )
 
     def _pass(self, description: str, consume: Callable, any_order: bool = True) -> float:
         """One pass over the data; ``consume(i, layer, inputs, gradients, valid)`` per layer and batch
@@ -211,7 +274,7 @@ class KroneckerPass:
         ``consume`` no gradients (``None``), and where every target is ignored its inputs enter
         ``A`` nowhere (see :mod:`curvops.nn.layers.rule`). ``any_order``: the pass's sums do not depend on
         the order of the batches (not so for ``"mc"`` labels, drawn per batch index, once a pass
-        must match an earlier one). Returns the scale ``G``'s sums are divided by.
+        must match an earlier one). Returns this rank's count of loss terms.
         """
         total = 0.0
         for index, inputs, targets in self.model.batches(description, any_order=any_order):
@@ -222,9 +285,7 @@ class KroneckerPass:
             valid = self.loss.valid_terms(targets)
             for i, (layer, layer_input, gradients) in enumerate(self._batch(index, inputs, targets, count)):
                 consume(i, layer, layer_input, gradients, valid)
-        if total == 0:
-            raise ValueError("The data has no loss terms (every target is ignored).")
-        return self.options.fisher.scale(self.loss.batch_scale(total), self.options.mc_samples)
+        return total
 
     def _follow_call(self, name: str, module: nn.Module, parts: frozenset) -> None:
         """Remake the layers if ``module``'s call gives other parts than its layers' (only in the
@@ -234,10 +295,7 @@ class KroneckerPass:
         if not self._first_batch:
             raise changed_call_error(name, parts)
         self._calls[id(module)] = parts
-        model, options = self.model, self.options
-        self.layers, _ = find_layers(
-            model.model, model.params, options.bias, options.kfac_approx, self._calls
-        )
+        self._remake_layers()
 
     def _batch(self, index: int, inputs, targets: Tensor, count: float) -> list[tuple]:
         """``(layer, its input, its output gradients [K, N, S, n_out] or None)`` for one batch."""
@@ -267,8 +325,9 @@ class KroneckerPass:
         fisher = self.options.fisher
         if not fisher.backward or not count:
             return [(layer, x, None) for layer, x in zip(self.layers, layer_inputs, strict=True)]
+        seed = self.shards.seed(self.options.seed)
         columns = fisher.columns(
-            self.loss, output.detach(), targets, count, self.options.mc_samples, self.options.seed, index
+            self.loss, output.detach(), targets, count, self.options.mc_samples, seed, index
         )
         layer_outputs = [outputs for _, outputs in calls]
         gradients = output_gradients(self.layers, output, layer_outputs, columns)

@@ -49,12 +49,15 @@ class CapturedBatch:
     its loss terms: ``c`` is the gradient that reached its loss value (``1`` for
     ``loss.backward()``, ``1/K`` for ``(loss / K).backward()``), ``Z`` the loss's normaliser (its
     loss terms for a mean, 1 for a sum); ``valid``, its targets' mask of loss terms (``None``: all;
-    padding is left out of the statistics)."""
+    padding is left out of the statistics); ``scale``, ``c``; ``position``, its place among the
+    losses backpropagated since the last clear (an index of :attr:`BatchCapture.counts`)."""
 
     inputs: list[Any]
     gradients: list[Tensor | None]
     weight: float
     valid: Tensor | None = None
+    scale: float = 1.0
+    position: int = 0
 
 
 class InertHook:
@@ -94,6 +97,8 @@ class BatchCapture:
 
     Attributes:
         batches: the micro-batches backpropagated since the last :meth:`clear`.
+        counts: the loss terms of every finite loss backpropagated since then, in order (those
+            without terms, or with ``c = 0``, included: they have no entry in ``batches``).
         nonfinite_loss: whether one of them had a non-finite loss (it is then not in ``batches``).
     """
 
@@ -112,6 +117,7 @@ class BatchCapture:
         self.loss, self.fisher, self.mc_samples = loss, fisher, mc_samples
         self.active, self.draw, self.relayer = active, draw, relayer
         self.batches: list[CapturedBatch] = []
+        self.counts: list[float] = []
         self.nonfinite_loss, self._losses = False, 0  # _losses: loss values hooked since clear
         self._busy = False  # inside our own backward pass, which calls the loss
         self._weights = {id(p) for layer in layers for p in layer.module.parameters()}
@@ -138,7 +144,7 @@ class BatchCapture:
     def clear(self, pending: bool = False) -> None:
         """Forget the captured micro-batches and the non-finite flag; with ``pending``, also the
         layer tensors (and their graphs) of a forward pass whose loss was not computed."""
-        self.batches, self.nonfinite_loss, self._losses = [], False, 0
+        self.batches, self.counts, self.nonfinite_loss, self._losses = [], [], False, 0
         if pending:
             self._pending = None
 
@@ -223,12 +229,13 @@ class BatchCapture:
                 "(-loss).backward()); the Fisher of a negated loss is not a curvature. Backpropagate "
                 "the loss itself, or a positive multiple of it."
             )
-        count = self.loss.count(targets)
+        count, position = self.loss.count(targets), len(self.counts)
+        self.counts.append(count)
         if not count or not c:
             return
         batch_weight, valid = c / self.loss.batch_scale(count), self.loss.valid_terms(targets)
         if not self.fisher.backward:
-            self.batches.append(CapturedBatch(inputs, [None] * len(inputs), batch_weight, valid))
+            self.batches.append(CapturedBatch(inputs, [None] * len(inputs), batch_weight, valid, c, position))
             return
         seed, step = self.draw()
         self._busy = True
@@ -239,7 +246,9 @@ class BatchCapture:
             gradients = output_gradients(self.layers, output, layer_outputs, columns)
         finally:
             self._busy = False
-        self.batches.append(CapturedBatch(inputs, [g.detach() for g in gradients], batch_weight, valid))
+        self.batches.append(
+            CapturedBatch(inputs, [g.detach() for g in gradients], batch_weight, valid, c, position)
+        )
 
 
 def graph_origin(output: Tensor, forward_nodes: set[Any], weights: set[int]) -> str:

@@ -20,19 +20,29 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import Shards
 from ..linalg import CurvatureOperator, computation_dtype
 from ..linalg.checks import check_bool, check_nonnegative, check_positive, check_positive_int
 from ..nn.approximations import Basis
 from ..nn.assembly import Layout, assemble
-from ..nn.kronecker_pass import batch_corrections, batch_statistics, changed_call_error
+from ..nn.kronecker_pass import changed_call_error
 from ..nn.layers import KroneckerLayer, calls_from_names, find_layers
 from ..nn.options import KroneckerOptions
 from ..nn.parameters import as_parameter_list
-from ..nn.statistics import Corrections, LayerStatistics, all_usable
+from ..nn.statistics import Corrections, LayerStatistics
 from ..nn.tied import check_ties, merged_ties
 from .capture import BatchCapture, CapturedBatch
 from .kfac_state import check_momentum, check_running_state, load_curvature_state
-from .schedule import Schedule, all_finite, check_fraction, check_schedule, evaluate
+from .kfac_steps import (
+    agree,
+    decompose_blocks,
+    eigenbases,
+    step_corrections,
+    step_statistics,
+    step_weights,
+    unwrapped,
+)
+from .schedule import Schedule, check_fraction, check_schedule, evaluate
 
 CURVATURES = ("kfac", "ekfac", "tkfac", "tekfac")
 
@@ -94,6 +104,12 @@ class KFACOptimizer(torch.optim.Optimizer):
     TKFAC's ``δ = 0``: the step then uses the previous preconditioner). ``state_dict`` holds the
     running statistics and the preconditioner, so training resumes bit for bit.
 
+    Distributed training: ``model`` may be a ``DistributedDataParallel`` wrapper (or its module).
+    Every rank's batch is a shard; each statistics step sums the statistics over the ranks once,
+    each ``w_k`` normalised by the loss terms of all ranks. Each factor is decomposed on one rank
+    (:mod:`curvops.optim.kfac_steps`). Every rank then takes the same step, that of one process on
+    the global batch for a mean loss over equal shards (``no_sync`` accumulation included).
+
     The hooks never tie the model to the optimizer: ``copy.deepcopy(model)`` and
     ``torch.save(model)`` work at any point of the loop, and the copy (an EMA model, a
     checkpoint) carries inert hooks: it captures nothing and trains like any model (attach a
@@ -121,12 +137,16 @@ class KFACOptimizer(torch.optim.Optimizer):
         T_inv: steps between preconditioner rebuilds, a multiple of ``T_stats``.
         fisher_type: ``"mc"``, ``"type-2"``, ``"empirical"`` (or ``"forward-only"``, KFAC only).
         mc_samples: labels drawn per datum for ``"mc"``; the draws of step ``t`` are seeded
-            with ``(seed, t)`` (micro-batch ``m`` of an accumulated step: ``(seed, t + m·2²⁰)``).
+            with ``(seed, t)`` (micro-batch ``m`` of an accumulated step: ``(seed, t + m·2²⁰)``;
+            every rank but rank 0 of a group its own seed, :meth:`~curvops.distributed.Shards.seed`).
         kl_clip: ``κ > 0``, or ``None`` for no clipping.
         factored: the factored damping instead of the exact damped inverse, for every curvature:
             KFAC's π-damping, TKFAC's per-factor damping of Gao et al.; EKFAC (whose damped
             inverse is exact and cheap) refuses it.
         kfac_approx, bias, correction, seed: as for :func:`~curvops.KFAC` / :func:`~curvops.EKFAC`.
+        group: the process group whose ranks hold shards of each step's batch (``None``: a
+            ``DistributedDataParallel`` model's group, else the default group when
+            torch.distributed is initialized); ``"local"`` keeps this process's data alone.
 
     Attributes:
         curvature_params: the preconditioned parameters (those of layers with a rule), in order.
@@ -174,9 +194,12 @@ class KFACOptimizer(torch.optim.Optimizer):
         bias: str = "separate",
         correction: str = "auto",
         seed: int = 0,
+        group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
+        model, model_group = unwrapped(model)
+        self._shards = Shards.of(model_group if group is None else group)
         self.options = KroneckerOptions.checked(
             curvature, fisher_type, kfac_approx, bias, mc_samples, seed, correction, CURVATURES, "curvature"
         )
@@ -239,7 +262,7 @@ class KFACOptimizer(torch.optim.Optimizer):
             self.options.fisher,
             mc_samples,
             active=lambda: self.steps % self.T_stats == 0,
-            draw=lambda: (seed, self.steps),
+            draw=lambda: (self._shards.seed(seed), self.steps),
             relayer=self._relayer,
         )
         self.steps = 0
@@ -280,9 +303,10 @@ class KFACOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
-        batches, nonfinite_loss = self._capture.batches, self._capture.nonfinite_loss
+        batches = self._capture.batches
+        agreed = agree(self._shards, self._capture, [p.grad for p in group["params"] if p.grad is not None])
         self._capture.clear(pending=True)
-        if nonfinite_loss or not all_finite([p.grad for p in group["params"] if p.grad is not None]):
+        if agreed.skip:
             warnings.warn(
                 f"KFACOptimizer step {self.steps}: non-finite loss or gradient; the step is skipped "
                 "(parameters and running statistics unchanged).",
@@ -293,13 +317,13 @@ class KFACOptimizer(torch.optim.Optimizer):
         group["lr"] = lr = evaluate(self._lr, self.steps, "lr", group["lr"])
         group["damping"] = damping = evaluate(self._damping, self.steps, "damping", group["damping"])
         if self.steps % self.T_stats == 0:
-            if not batches:
+            if not agreed.batches:
                 raise RuntimeError(
                     "KFACOptimizer saw no forward and backward pass through its loss_fn since the last "
                     "step or zero_grad: compute the loss with the loss_fn module passed to the optimizer "
                     "and call backward() on it."
                 )
-            self._update(batches, damping)
+            self._update(batches, step_weights(batches, agreed.totals, self._capture.loss), damping)
         if self.preconditioner is None:
             warnings.warn(
                 f"KFACOptimizer step {self.steps}: no curvature statistics yet; the step is skipped.",
@@ -385,17 +409,23 @@ class KFACOptimizer(torch.optim.Optimizer):
         ]
         return assemble(entries, self.curvature_params[0].dtype)
 
-    def _update(self, batches: list[CapturedBatch], damping: float) -> None:
-        """Fold the step's micro-batches into the running statistics and rebuild what depends on them."""
-        if not self._average(batches):
+    def _update(self, batches: list[CapturedBatch], weights: list[float], damping: float) -> None:
+        """Fold the step's micro-batches (``weights``: their ``w_k``) into the running statistics
+        and rebuild what depends on them."""
+        if not self._average(batches, weights):
             return
         rebuild = self.steps % self.T_inv == 0 or self.preconditioner is None
         if self.approximation.corrected:
             if rebuild:
-                self._new_eigenbases()
-            self._correct(batches)
+                for name, (basis, scales) in eigenbases(
+                    self.approximation, self.layers, self._shards
+                ).items():
+                    self.bases[name], self.scales[name] = basis, scales
+            self._correct(batches, weights)
             rebuild = True
         if rebuild:
+            blocks = self._blocks()
+            decompose_blocks([block for layer_blocks in blocks for block in layer_blocks], self._shards)
             damped = [
                 [
                     None
@@ -403,25 +433,15 @@ class KFACOptimizer(torch.optim.Optimizer):
                     else self.approximation.damped_inverse(block, damping, self.factored)
                     for block in layer_blocks
                 ]
-                for layer_blocks in self._blocks()
+                for layer_blocks in blocks
             ]
             self.preconditioner = self._assemble(damped)
 
-    def _average(self, batches: list[CapturedBatch]) -> bool:
+    def _average(self, batches: list[CapturedBatch], weights: list[float]) -> bool:
         """``S ← β S + (1 - β) S_step`` for every statistic; ``False`` (and a warning) when the
         step's statistics are unusable, which leaves the averages untouched."""
-        options, fisher = self.options, self.options.fisher
-        step = [LayerStatistics(s.layer) for s in self.layers]
-        for batch in batches:
-            for i, (inputs, gradients) in enumerate(zip(batch.inputs, batch.gradients, strict=True)):
-                step[i] = step[i] + batch_statistics(
-                    step[i].layer, inputs, gradients, options, self._dtype, batch.weight, batch.valid
-                )
-        usable = all_usable(step)
-        if usable:  # the weights w_k = c_k / Z_k hold the normalisation
-            step = [fisher.finished(s.normalised(fisher.scale(1.0, options.mc_samples))) for s in step]
-            usable = all_usable(step)
-        if not usable:
+        step = step_statistics(self.layers, batches, weights, self.options, self._dtype, self._shards)
+        if step is None:
             warnings.warn(
                 f"KFACOptimizer step {self.steps}: non-finite curvature statistics (or TKFAC's δ = 0); "
                 "they are left out of the running averages.",
@@ -432,31 +452,10 @@ class KFACOptimizer(torch.optim.Optimizer):
         self.layers = [old.average(new, self.ema_decay) for old, new in zip(self.layers, step, strict=True)]
         return True
 
-    def _new_eigenbases(self) -> None:
-        """EKFAC: the eigenbasis of the running ``G ⊗ A``, with ``s`` restarted from its eigenvalues
-        (not for exact blocks)."""
-        for s in filter(lambda s: self.approximation.corrects(s.layer), self.layers):
-            self.bases[s.layer.name], self.scales[s.layer.name] = self.approximation.eigenbasis(s)
-
-    def _correct(self, batches: list[CapturedBatch]) -> None:
+    def _correct(self, batches: list[CapturedBatch], weights: list[float]) -> None:
         """EKFAC: the step's eigenvalues in the current basis, ``Σ_k w_k s_k``, enter the running ``s``."""
-        scale = self.options.fisher.scale(1.0, self.options.mc_samples)
-        for index, s in enumerate(self.layers):
-            name = s.layer.name
-            if name not in self.bases:  # an exact block: nothing to correct
-                continue
-            step = Corrections()
-            for batch in batches:
-                parts = batch_corrections(
-                    s.layer,
-                    batch.inputs[index],
-                    batch.gradients[index],
-                    self.bases[name],
-                    self.options.correction,
-                    batch.valid,
-                )
-                step = step + parts * batch.weight
-            step = step / scale
+        corrections = step_corrections(self.layers, self.bases, batches, weights, self.options, self._shards)
+        for name, step in corrections.items():
             running = self.scales[name]
             for i, new in enumerate((step.weight, step.bias)):
                 if new is not None:
