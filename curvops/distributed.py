@@ -186,21 +186,23 @@ class Shards:
         results are in the factors' dtypes either way, so the broadcast does not depend on it).
 
         Factors go largest first (cost ``g·n³``) to the rank with the least work so far (KAISA's
-        assignment by size); each rank then broadcasts its results in one collective per bucket.
+        assignment by size); every rank decomposes its share, then each broadcasts its results in
+        one collective per bucket.
         """
         dtypes = [dtypes] * len(factors) if isinstance(dtypes, torch.dtype) else list(dtypes)
         if not self.active:
             return [spectral.eigh(f, dtype) for f, dtype in zip(factors, dtypes, strict=True)]
         owners = assignment([f.shape[-1] ** 3 * (f.numel() // f.shape[-1] ** 2) for f in factors], self.size)
         results: list[tuple[Tensor, Tensor] | None] = [None] * len(factors)
+        for i, owner in enumerate(owners):  # every rank decomposes its own first, all at once
+            if owner == self.rank:  # contiguous as the broadcast copies, so products round alike
+                results[i] = tuple(t.contiguous() for t in spectral.eigh(factors[i], dtypes[i]))
+        for i, owner in enumerate(owners):
+            if owner != self.rank:
+                f = factors[i]
+                results[i] = (f.new_empty(f.shape[:-1]), torch.empty_like(f))
         for rank in range(self.size):
             mine = [i for i, owner in enumerate(owners) if owner == rank]
-            for i in mine:
-                if rank == self.rank:  # contiguous as the broadcast copies, so products round alike
-                    results[i] = tuple(t.contiguous() for t in spectral.eigh(factors[i], dtypes[i]))
-                else:
-                    f = factors[i]
-                    results[i] = (f.new_empty(f.shape[:-1]), torch.empty_like(f))
             parts = [t for i in mine for t in results[i]]
             for indices in _buckets(parts):
                 flat = torch.cat([parts[i].reshape(-1) for i in indices])

@@ -300,3 +300,13 @@ def test_decompose_blocks_alone_and_on_other_operators():
         assert decompose_blocks([diagonal, embedding]) == 1
     assert len(calls) == 1
     assert decompose_blocks([embedding.to(dtype=torch.bfloat16)]) == 1  # through a Cast: a new copy
+
+
+def test_a_cache_filled_from_outside_fills_the_shared_factor():
+    """Code that decomposes blocks itself and sets their cache (the optimizer's) shares it too."""
+    g = Factor(torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64))
+    weight, bias = curvops.Kronecker(g, torch.ones(2, dtype=torch.float64)), curvops.Dense(g)
+    weight._eigen = [spectral.eigh(g.matrix), (weight.factors[1], None)]
+    with counted_eigh() as calls:
+        bias.logdet(damping=1.0), weight.inverse(damping=1.0)
+    assert not calls and g.decomposed

@@ -313,14 +313,21 @@ def test_the_loss_terms_are_counted_over_all_ranks(ranks):
         ranks.run(_no_loss_terms, None)
 
 
-def _exact_blocks_over_ranks() -> None:
-    model = nn.Sequential(nn.Linear(4, 3), nn.PReLU()).double()
-    curvops.KFAC(model, nn.MSELoss(), _data("mse")[:2], fisher_type="type-2", unsupported="dense")
+def _exact_blocks_over_ranks(unsupported: str, split: str) -> float:
+    """KFAC with an exact block for a module without a rule (``nn.PReLU``), over shards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.PReLU(), nn.Linear(3, 3)).double()
+    data = _data("mse")
+    shard = _shard(data, split, dist.get_rank())
+    options = {"fisher_type": "type-2", "unsupported": unsupported}
+    union = curvops.KFAC(model, nn.MSELoss(), shard, **options)
+    return _difference(union, curvops.KFAC(model, nn.MSELoss(), data, group="local", **options))
 
 
-def test_unsupported_exact_blocks_over_ranks_are_refused_for_now(ranks):
-    with pytest.raises(AssertionError, match="are not reduced over the ranks yet"):
-        ranks.run(_exact_blocks_over_ranks)
+@pytest.mark.parametrize("unsupported", ["dense", "diagonal"])
+@pytest.mark.parametrize("split", ["strided", "empty"])
+def test_exact_blocks_of_unsupported_modules_are_the_union(ranks, unsupported, split):
+    assert max(ranks.run(_exact_blocks_over_ranks, unsupported, split)) < TOLERANCE
 
 
 def test_group_is_checked_before_any_pass():

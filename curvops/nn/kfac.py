@@ -184,12 +184,12 @@ def EKFAC(
             per batch), ``"gramian"`` (contract rotated Gramians over positions: memory
             ``N·S²·(n_out + n_in)``) or ``"auto"`` (the smaller, per layer and batch). Both give
             the same ``s``. An ``nn.Embedding`` sums its gradient rows by index instead.
+        decomposition_dtype: as for :func:`~curvops.KFAC`; the eigenbases are computed (spread
+            over the ranks of a process group) before the correcting pass.
         group: the process group whose ranks hold shards of ``data`` (``None``: the default
             group when torch.distributed is initialized); ``"local"`` keeps this process's data
             alone (:mod:`curvops.distributed`). Every rank gets the operator of the union of the
             shards; a rank's shard may be empty.
-        decomposition_dtype: as for :func:`~curvops.KFAC`; the eigenbases are computed (spread
-            over the ranks of a process group) before the correcting pass.
 
     Example:
         >>> layers = [torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)]
@@ -328,32 +328,26 @@ def _build(
     """One labelled block per layer parameter from the statistics of the union of ``group``'s
     shards, and exact blocks for the rest."""
     check_choice(unsupported, UNSUPPORTED_OPTIONS, "unsupported")
-    shards = Shards.of(group)
     check_decomposition_dtype(decomposition_dtype)
+    shards = Shards.of(group)
     loss = options.loss(loss_fn)
     model_data = ModelData(model, data, params, progressbar, check_deterministic, allow_empty=shards.active)
     layers, others = find_layers(model, model_data.params, options.bias, options.kfac_approx)
     if others and unsupported == "error":
         raise unsupported_error(options.approximation.label, others, UNSUPPORTED_FIX)
-    if others and shards.active:
-        raise ValueError(
-            f"unsupported={unsupported!r} over {shards.size} ranks: the exact blocks of "
-            f"{[name for name, _, _ in others]} are not reduced over the ranks yet. Leave their parameters "
-            "out of params, or build with group='local' on all the data."
-        )
     check_ties(layers, options.approximation)
     layout, device = Layout(model_data.params), model_data.device
     entries: list[Entry] = []
     if layers:
-        pairs = _kronecker_blocks(  # attention follows its first call
-            options, model_data, loss, layers, shards, decomposition_dtype=decomposition_dtype
+        pairs = _kronecker_blocks(  # attention follows its call
+            options, model_data, loss, layers, shards, decomposition_dtype
         )
         layers = [layer for layer, _ in pairs]
         blocks = merged_ties(layers, [layer_blocks for _, layer_blocks in pairs])
         for layer, layer_blocks in zip(layers, blocks, strict=True):
             entries += layout.place(layer, layer_blocks, device)
     if others:
-        entries += _exact_blocks(options, model_data, loss_fn, others, unsupported, layout)
+        entries += _exact_blocks(options, model_data, loss_fn, others, unsupported, layout, group)
     return mark_built_from(assemble(entries, model_data.dtype), model_data)
 
 
@@ -365,21 +359,23 @@ def _kronecker_blocks(
     shards: Shards | None = None,
     decomposition_dtype: torch.dtype = torch.float64,
 ) -> list[tuple[KroneckerLayer, list[CurvatureOperator]]]:
-    """Each layer and its blocks: one statistics pass (the layers of an attention module follow
-    its first call), and for EKFAC/TEKFAC a correcting one (for the layers it corrects: not those
-    with exact blocks) in the eigenbases of the factors, decomposed first, spread over
-    ``shards``' ranks (:func:`~curvops.distributed.decompose_blocks`; ``None``: this process
-    alone). KFAC's and TKFAC's factors are decomposed here only with more than one rank
-    (``shards.active``): every factor once, spread, so the operator's ``inverse`` and
-    ``logdet`` are free afterwards; alone they are decomposed lazily, by the first ``inverse``
-    or ``logdet``."""
+    """Each layer and its blocks: one statistics pass over ``shards`` (``None``: this process
+    alone; the layers of an attention module follow its first call), and for EKFAC/TEKFAC a
+    correcting one (for the layers it corrects: not those with exact blocks) in the eigenbases
+    of the factors, decomposed first, spread over the ranks
+    (:func:`~curvops.distributed.decompose_blocks`). KFAC's and TKFAC's factors are decomposed
+    here only with more than one rank (``shards.active``): every factor once, spread, so the
+    operator's ``inverse`` and ``logdet`` are free afterwards; alone they are decomposed
+    lazily, by the first ``inverse`` or ``logdet``."""
     approximation = options.approximation
+    shards = shards or Shards()
     passes = KroneckerPass(model_data, loss, layers, options, shards)
     statistics = passes.statistics()
     blocks = [approximation.kronecker_blocks(s, decomposition_dtype) for s in statistics]
     corrects = [approximation.corrects(s.layer) for s in statistics]
-    spread = shards is not None and shards.active
-    decompose_blocks([b for bs, c in zip(blocks, corrects, strict=True) if c or spread for b in bs], shards)
+    decompose_blocks(
+        [b for bs, c in zip(blocks, corrects, strict=True) if c or shards.active for b in bs], shards
+    )
     if not any(corrects):
         return [(s.layer, layer_blocks) for s, layer_blocks in zip(statistics, blocks, strict=True)]
     bases = [
@@ -394,17 +390,30 @@ def _kronecker_blocks(
 
 
 def _exact_blocks(
-    options: KroneckerOptions, model_data: ModelData, loss_fn, others: list, unsupported: str, layout: Layout
+    options: KroneckerOptions,
+    model_data: ModelData,
+    loss_fn,
+    others: list,
+    unsupported: str,
+    layout: Layout,
+    group: Any,
 ) -> list[Entry]:
     """Exact dense or diagonal blocks of the modules without a Kronecker rule, from the exact
-    operator of the Fisher type on the model in its computation dtype (a float32 copy of a bf16 one)."""
+    operator of the Fisher type on the model in its computation dtype (a float32 copy of a bf16 one),
+    over ``group``'s shards."""
     exact_model, exact_params = computation_copy(model_data)
     twin = {id(p): q for p, q in zip(model_data.params, exact_params, strict=True)}
     entries = []
     for module_name, module, chosen in others:
         checked = model_data.checked_data(f"{options.approximation.label} exact block of {module_name!r}")
         exact = options.fisher.exact_operator(
-            exact_model, loss_fn, checked, [twin[id(p)] for p in chosen], options.mc_samples, options.seed
+            exact_model,
+            loss_fn,
+            checked,
+            [twin[id(p)] for p in chosen],
+            options.mc_samples,
+            options.seed,
+            group=group,
         )
         block = dense_operator(exact) if unsupported == "dense" else Diagonal(exact.diagonal())
         where = torch.cat([layout.indices(p, model_data.device) for p in chosen])
