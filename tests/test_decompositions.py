@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import train_steps
 from torch import nn
 
 import curvops
@@ -302,11 +303,14 @@ def test_decompose_blocks_alone_and_on_other_operators():
     assert decompose_blocks([embedding.to(dtype=torch.bfloat16)]) == 1  # through a Cast: a new copy
 
 
-def test_a_cache_filled_from_outside_fills_the_shared_factor():
-    """Code that decomposes blocks itself and sets their cache (the optimizer's) shares it too."""
-    g = Factor(torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=torch.float64))
-    weight, bias = curvops.Kronecker(g, torch.ones(2, dtype=torch.float64)), curvops.Dense(g)
-    weight._eigen = [spectral.eigh(g.matrix), (weight.factors[1], None)]
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac"])
+def test_the_optimizer_decomposes_each_factor_once_per_rebuild(curvature):
+    """Per rebuild, one eigh per distinct factor: A_1, G_1, A_2, G_2 (the biases share G)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = curvops.optim.KFACOptimizer(model, loss_fn, curvature=curvature, fisher_type="type-2")
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
     with counted_eigh() as calls:
-        bias.logdet(damping=1.0), weight.inverse(damping=1.0)
-    assert not calls and g.decomposed
+        train_steps(model, optimizer, loss_fn, [(x, y)])
+    assert len(calls) == 4

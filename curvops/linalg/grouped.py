@@ -119,7 +119,6 @@ class GroupedKronecker(CurvatureOperator):
         self.shared_factors = shared
         self.factors = tuple(f.matrix for f in shared)
         self.decomposition_dtype = decomposition_dtype
-        self._eigen = None
 
     @property
     def groups(self) -> int:
@@ -131,26 +130,11 @@ class GroupedKronecker(CurvatureOperator):
         """The factors' sizes ``(n_1, ..., n_k)`` (in every group)."""
         return tuple(f.shape[-1] for f in self.factors)
 
-    @property
-    def _eigen(self) -> list[tuple[Tensor, Tensor | None]] | None:
-        """The block's cached decompositions; setting them (as code that decomposes blocks itself
-        does) fills its shared :class:`~curvops.linalg.Factor` objects too."""
-        return self._decompositions
-
-    @_eigen.setter
-    def _eigen(self, value: list[tuple[Tensor, Tensor | None]] | None) -> None:
-        self._decompositions = value
-        for factor, (e, q) in zip(self.shared_factors, value or [], strict=value is not None):
-            if q is not None and not factor.decomposed:
-                factor.fill(e, q)
-
     def eigendecompositions(self) -> list[tuple[Tensor, Tensor]]:
         """``[(e_i, Q_i)]``, ``[g, n_i]`` and ``[g, n_i, n_i]``: every group's ``F_i = Q_i diag(e_i)
         Q_i^T``, by one batched ``eigh`` per factor in ``decomposition_dtype``; cached in the
         shared :class:`~curvops.linalg.Factor`."""
-        if self._eigen is None:
-            self._eigen = [f.eigh() for f in self.shared_factors]
-        return self._eigen
+        return [f.eigh() for f in self.shared_factors]
 
     def _factor_noise(self) -> list[Tensor]:
         """Per eigenvalue, how far rounding of its factor's entries can have moved it (as

@@ -138,25 +138,11 @@ class Kronecker(CurvatureOperator):
         self.shared_factors = shared
         self.factors = tuple(f.matrix for f in shared)
         self.decomposition_dtype = decomposition_dtype
-        self._eigen = None
 
     @property
     def sizes(self) -> tuple[int, ...]:
         """The factors' sizes ``(n_1, ..., n_k)``."""
         return tuple(f.shape[0] for f in self.factors)
-
-    @property
-    def _eigen(self) -> list[tuple[Tensor, Tensor | None]] | None:
-        """The block's cached decompositions; setting them (as code that decomposes blocks itself
-        does) fills its shared :class:`~curvops.linalg.Factor` objects too."""
-        return self._decompositions
-
-    @_eigen.setter
-    def _eigen(self, value: list[tuple[Tensor, Tensor | None]] | None) -> None:
-        self._decompositions = value
-        for factor, (e, q) in zip(self.shared_factors, value or [], strict=value is not None):
-            if q is not None and not factor.decomposed:
-                factor.fill(e, q)
 
     def eigendecompositions(self) -> list[tuple[Tensor, Tensor | None]]:
         """``[(e_i, Q_i)]`` with ``F_i = Q_i diag(e_i) Q_i^T``; computed once in
@@ -165,9 +151,7 @@ class Kronecker(CurvatureOperator):
         A diagonal (1-D) factor ``d`` gives ``(d, None)``: its eigenvalues are its entries, in
         their order, and ``None`` stands for the identity eigenvectors, which are never built.
         """
-        if self._eigen is None:
-            self._eigen = [f.eigh() for f in self.shared_factors]
-        return self._eigen
+        return [f.eigh() for f in self.shared_factors]
 
     def _spectrum(self) -> Tensor:
         """The ``D`` eigenvalues ``e_1 ∘ ... ∘ e_k``, ``[n_1, ..., n_k]``, in the eigenbasis' order."""

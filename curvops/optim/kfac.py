@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..distributed import Shards
+from ..distributed import Shards, decompose_blocks
 from ..linalg import CurvatureOperator, computation_dtype
 from ..linalg.checks import check_bool, check_nonnegative, check_positive, check_positive_int
 from ..nn.approximations import Basis
@@ -35,7 +35,6 @@ from .capture import BatchCapture, CapturedBatch
 from .kfac_state import check_momentum, check_running_state, load_curvature_state
 from .kfac_steps import (
     agree,
-    decompose_blocks,
     eigenbases,
     step_corrections,
     step_statistics,
@@ -425,7 +424,9 @@ class KFACOptimizer(torch.optim.Optimizer):
             rebuild = True
         if rebuild:
             blocks = self._blocks()
-            decompose_blocks([block for layer_blocks in blocks for block in layer_blocks], self._shards)
+            decompose_blocks(
+                [b for layer_blocks in blocks for b in layer_blocks if b is not None], self._shards
+            )
             damped = [
                 [
                     None

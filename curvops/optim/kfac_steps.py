@@ -9,7 +9,7 @@ and one reduction per statistics step adds them up over the ranks
 (:meth:`~curvops.distributed.Shards.sum_statistics`; EKFAC's step corrections likewise,
 :meth:`~curvops.distributed.Shards.sum_corrections`). So every rank holds one process's
 statistics on the global batch. It also holds the same preconditioner: each distinct factor is
-decomposed on one rank (:meth:`~curvops.distributed.Shards.decompose`), and every rank builds
+decomposed on one rank (:func:`~curvops.distributed.decompose_blocks`), and every rank builds
 the damped inverses from the results. Every decision that depends on the data (skip a
 non-finite step, :func:`agree`) is taken from values reduced over the ranks, and so is KL
 clipping (from DDP's reduced gradient and the common preconditioner). So the ranks' parameters
@@ -24,7 +24,7 @@ sum's divided by the ``R`` ranks, and the curvature is the global sum's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +32,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..distributed import Shards
-from ..linalg import CurvatureOperator, GroupedKronecker, Kronecker
+from ..distributed import Shards, decompose_blocks
 from ..nn.approximations import Basis, KroneckerApproximation
 from ..nn.kronecker_pass import batch_corrections, batch_statistics
-from ..nn.layers import KroneckerLayer
 from ..nn.losses import LossAdapter
 from ..nn.options import KroneckerOptions
 from ..nn.statistics import Corrections, LayerStatistics, all_usable
@@ -160,52 +158,16 @@ def step_corrections(
     return {name: c / scale for name, c in zip(names, shards.sum_corrections(sums, names), strict=True)}
 
 
-def decompose_blocks(blocks: Iterable[CurvatureOperator | None], shards: Shards) -> None:
-    """Fill the eigendecomposition cache of every ``Kronecker`` (``Dense``) and ``GroupedKronecker``
-    block, each distinct factor decomposed on one rank (:meth:`Shards.decompose`); alone, the
-    blocks decompose themselves when asked."""
-    if not shards.active:
-        return
-    pending = [b for b in blocks if isinstance(b, (Kronecker, GroupedKronecker)) and b._eigen is None]
-    factors = {id(f): f for b in pending for f in b.factors if f.ndim > 1}
-    results = shards.decompose(list(factors.values()))
-    # one memory layout on every rank (eigh's owner holds a column-major Q): the same rounding after
-    decomposed = {key: (e.contiguous(), q.contiguous()) for key, (e, q) in zip(factors, results, strict=True)}
-    for block in pending:
-        block._eigen = [(f, None) if f.ndim == 1 else decomposed[id(f)] for f in block.factors]
-
-
 def eigenbases(
     approximation: KroneckerApproximation, layers: Sequence[LayerStatistics], shards: Shards
 ) -> dict[str, tuple[Basis, list[Tensor | None]]]:
     """EKFAC's eigenbasis and starting eigenvalues of every corrected layer, by name
-    (:meth:`~curvops.nn.approximations.KroneckerApproximation.eigenbasis`), the factors
-    decomposed over the ranks."""
+    (:meth:`~curvops.nn.approximations.KroneckerApproximation.eigenbasis`), every factor
+    decomposed once, spread over the ranks (:func:`~curvops.distributed.decompose_blocks`)."""
     corrected = [s for s in layers if approximation.corrects(s.layer)]
-    if not shards.active:
-        return {s.layer.name: approximation.eigenbasis(s) for s in corrected}
-    weights, biases = [], []
-    for s in corrected:
-        output, input, bias = approximation.factors(s)
-        kronecker = Kronecker if s.layer.groups == 1 else GroupedKronecker
-        weights.append(kronecker(*s.layer.kronecker_order(output, input)))
-        biases.append(kronecker(bias) if approximation.trace_restricted else None)
-    decompose_blocks([*weights, *biases], shards)
+    blocks = [approximation.kronecker_blocks(s) for s in corrected]
+    decompose_blocks([block for layer_blocks in blocks for block in layer_blocks], shards)
     return {
-        s.layer.name: _eigenbasis(s.layer, weight, bias)
-        for s, weight, bias in zip(corrected, weights, biases, strict=True)
+        s.layer.name: approximation.eigenbasis(s, layer_blocks)
+        for s, layer_blocks in zip(corrected, blocks, strict=True)
     }
-
-
-def _eigenbasis(
-    layer: KroneckerLayer, weight: Kronecker | GroupedKronecker, bias: Kronecker | GroupedKronecker | None
-) -> tuple[Basis, list[Tensor | None]]:
-    """The eigenbasis of a layer's decomposed weight block (and TKFAC's bias block, else the weight's
-    output factor's), with the blocks' own eigenvalues there, as ``eigenbasis`` gives them."""
-    (e_out, q_out), (_, q_in) = layer.kronecker_order(*weight.eigendecompositions())
-    e_bias, q_bias = (e_out, q_out) if bias is None else bias.eigendecompositions()[0]
-    scales = [
-        weight.eigen().spectrum if layer.weight is not None else None,
-        e_bias if layer.separate_bias else None,
-    ]
-    return (q_out, q_in, q_bias), scales
