@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import curvops
-from curvops.distributed import _factors_of
+from curvops.linalg.factor import factors_of
 from curvops.linalg.memory import _readable
 
 MiB = 2**20
@@ -51,7 +51,7 @@ def state_tensors(state: dict) -> list[torch.Tensor]:
 
 
 def decompositions(op: curvops.CurvatureOperator) -> list[torch.Tensor]:
-    factors = {id(f): f for f in _factors_of([op]) if not f.diagonal and f.decomposed}
+    factors = {id(f): f for f in factors_of([op]) if not f.diagonal and f.decomposed}
     return [t for f in factors.values() for t in (*f.eigh(), f.noise())]
 
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .linalg import CurvatureOperator, Factor, spectral
+from .linalg.factor import factors_of
 
 if TYPE_CHECKING:
     from .nn.statistics import Corrections, LayerStatistics
@@ -234,7 +235,7 @@ def decompose_blocks(blocks: Sequence[CurvatureOperator], shards: Shards | None 
         (2, 0, True)
     """
     pending: dict[int, Factor] = {}
-    for factor in _factors_of(blocks):
+    for factor in factors_of(blocks):
         if not factor.decomposed:
             pending.setdefault(id(factor), factor)
     factors = list(pending.values())
@@ -243,15 +244,6 @@ def decompose_blocks(blocks: Sequence[CurvatureOperator], shards: Shards | None 
     for factor, (e, q) in zip(factors, results, strict=True):
         factor.fill(e, q)
     return len(factors)
-
-
-def _factors_of(operators: Sequence[CurvatureOperator]) -> list[Factor]:
-    """The :class:`~curvops.linalg.Factor` objects of ``operators`` and their sub-operators, in order."""
-    found: list[Factor] = []
-    for op in operators:
-        found += getattr(op, "shared_factors", ())
-        found += _factors_of(op._state_children())
-    return found
 
 
 def assignment(costs: Sequence[float], ranks: int) -> list[int]:

@@ -13,6 +13,7 @@ import curvops
 from curvops.distributed import Shards, decompose_blocks
 from curvops.errors import StateDictError
 from curvops.linalg import Factor, spectral
+from curvops.linalg.factor import factors_of
 from curvops.nn.kfac import _kronecker_blocks
 from curvops.nn.layers import find_layers
 from curvops.nn.model import ModelData
@@ -161,14 +162,14 @@ def test_a_failing_or_inaccurate_float32_eigh_falls_back(monkeypatch):
     factor, original = x @ x.T, torch.linalg.eigh
     truth = tuple(t.float() for t in original(factor.double()))
 
-    def failing(matrix):
+    def failing(matrix, **kwargs):
         if matrix.dtype == torch.float32:
             raise torch.linalg.LinAlgError("did not converge")
-        return original(matrix)
+        return original(matrix, **kwargs)
 
-    def inaccurate(matrix):
-        e, q = original(matrix)
-        return (e * (1 + 1e-3), q) if matrix.dtype == torch.float32 else (e, q)
+    def inaccurate(matrix, **kwargs):
+        e, q = original(matrix, **kwargs)
+        return (e.mul_(1 + 1e-3), q) if matrix.dtype == torch.float32 else (e, q)
 
     for fake in (failing, inaccurate):
         monkeypatch.setattr(torch.linalg, "eigh", fake)
@@ -314,3 +315,30 @@ def test_the_optimizer_decomposes_each_factor_once_per_rebuild(curvature):
     with counted_eigh() as calls:
         train_steps(model, optimizer, loss_fn, [(x, y)])
     assert len(calls) == 4
+
+
+def test_eigh_in_place_gives_torchs_numbers_bit_for_bit():
+    """The copy made straight into LAPACK's buffer changes no number (one matrix and a batch)."""
+    g = torch.Generator().manual_seed(4)
+    for shape in [(7, 7), (3, 5, 5)]:
+        x = torch.randn(*shape, generator=g)
+        factor = x @ x.mT
+        e, q = spectral.eigh(factor)
+        truth = torch.linalg.eigh(factor.double())
+        assert torch.equal(e, truth[0].float()) and torch.equal(q, truth[1].float())
+
+
+def test_a_block_diagonal_decomposes_every_factor_before_inverting_a_block(monkeypatch):
+    """So no eigh's transient meets a block inverse's temporaries."""
+    model = mlp()
+    op = curvops.KFAC(model, nn.CrossEntropyLoss(), batches(), fisher_type="type-2")
+    factors = [f for f in factors_of([op]) if not f.diagonal]
+    original, seen = curvops.Kronecker._inverse, []
+
+    def inverse(self, damping, factored):
+        seen.append(all(f.decomposed for f in factors))
+        return original(self, damping, factored)
+
+    monkeypatch.setattr(curvops.Kronecker, "_inverse", inverse)
+    op.inverse(damping=DAMPING)
+    assert seen and all(seen)

@@ -13,6 +13,7 @@ from torch import Tensor
 from .base import CurvatureOperator
 from .checks import _scalar
 from .diagonal import Identity
+from .factor import decompose_factors
 from .state import LABELS, REAL, StateSchema
 
 
@@ -289,12 +290,15 @@ class BlockDiagonal(CurvatureOperator):
         return torch.stack([b._trace() for b in self.blocks]).sum()
 
     def _logdet(self, damping: float) -> Tensor:
+        decompose_factors(self.blocks)
         return torch.stack([b._logdet(damping) for b in self.blocks]).sum()
 
     def _inverse(self, damping: float, factored: bool) -> BlockDiagonal:
+        decompose_factors(self.blocks)  # every eigh first: no transient of one meets a block's inverse
         return BlockDiagonal([b._inverse(damping, factored) for b in self.blocks], self.labels)
 
     def _power(self, p: float, damping: float) -> BlockDiagonal:
+        decompose_factors(self.blocks)
         return BlockDiagonal([b._power(p, damping) for b in self.blocks], self.labels)
 
     def _eigenvalues(self) -> Tensor:

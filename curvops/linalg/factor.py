@@ -10,6 +10,7 @@ the caches of many blocks' factors at once, spread over the ranks of a process g
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -124,3 +125,34 @@ def shared_factors(
                 "a Factor of the block's."
             )
     return holders
+
+
+def factors_of(operators: Sequence[Any]) -> list[Factor]:
+    """The :class:`Factor` objects of ``operators`` and of their sub-operators (a
+    ``BlockDiagonal``'s blocks, a ``Cast``'s or ``Permuted``'s operator), in order.
+
+    Example:
+        >>> g = Factor(torch.eye(2))
+        >>> len(factors_of([curvops.BlockDiagonal([curvops.Kronecker(g, torch.eye(3)), curvops.Dense(g)])]))
+        3
+    """
+    found: list[Factor] = []
+    for op in operators:
+        found += getattr(op, "shared_factors", ())
+        found += factors_of(op._state_children())
+    return found
+
+
+def decompose_factors(operators: Sequence[Any]) -> None:
+    """Decompose every factor of ``operators`` (:func:`factors_of`) not yet decomposed. An operator
+    made of blocks calls it before inverting any block, so that no ``eigh``'s transient
+    (a float64 copy, its result and LAPACK's ``2n²`` workspace) meets a block inverse's.
+
+    Example:
+        >>> g = Factor(torch.eye(2))
+        >>> decompose_factors([curvops.Dense(g)]); g.decomposed
+        True
+    """
+    for factor in factors_of(operators):
+        if not factor.decomposed:
+            factor.eigh()

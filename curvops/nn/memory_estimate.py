@@ -46,8 +46,9 @@ class MemoryRow:
         corrected: EKFAC's or TEKFAC's corrected block (the operator keeps its eigenbases, not
             its factors).
         decomposition: the largest transient of one ``eigh`` of the layer's factors beyond the
-            factor and its result: the copy in the decomposition dtype, LAPACK's ``syevd``
-            workspace (``2n² + 6n + 1`` numbers) and the result before its cast.
+            factor and its result: LAPACK's ``syevd`` workspace (``2n² + 6n + 1`` numbers) and the
+            result in the decomposition dtype before its cast, which on the CPU is the factor's
+            copy too (on a GPU the copy comes on top: ``n²`` numbers more).
 
     Not counted: a joint bias's index permutation (one integer per parameter of the layer).
     """
@@ -185,10 +186,10 @@ def memory_estimate(
         >>> print(estimate)  # doctest: +NORMALIZE_WHITESPACE
         KFAC memory (torch.float32, eigh in torch.float64)
         layer  block      factors  eigenbases  inverse   eigh peak
-        0      kronecker  5.0 MiB  5.0 MiB     2.0 MiB   32.1 MiB
-        2      kronecker  1.0 MiB  1.0 MiB     20.0 KiB  8.0 MiB
-        total             6.0 MiB  6.0 MiB     2.0 MiB   32.1 MiB
-        operator 12.0 MiB, peak 46.1 MiB
+        0      kronecker  5.0 MiB  5.0 MiB     2.0 MiB   24.1 MiB
+        2      kronecker  1.0 MiB  1.0 MiB     20.0 KiB  6.0 MiB
+        total             6.0 MiB  6.0 MiB     2.0 MiB   24.1 MiB
+        operator 12.0 MiB, peak 38.1 MiB
     """
     options = KroneckerOptions.checked(approximation, "type-2", kfac_approx, bias)
     spectral.check_decomposition_dtype(decomposition_dtype)
@@ -198,7 +199,8 @@ def memory_estimate(
     factor_dtype = computation_dtype(dtype or (chosen[0].dtype if chosen else torch.float32))
     layers, others = find_layers(model, chosen, options.bias, options.kfac_approx) if chosen else ([], [])
     size = torch.empty((), dtype=factor_dtype).element_size()
-    rows = tuple(_row(layer, options, size, decomposition_dtype, inverse) for layer in layers)
+    cpu = not chosen or chosen[0].device.type != "cuda"  # a meta-device model counts as on the CPU
+    rows = tuple(_row(layer, options, size, decomposition_dtype, inverse, cpu) for layer in layers)
     return MemoryEstimate(
         options.approximation.label,
         factor_dtype,
@@ -214,6 +216,7 @@ def _row(
     size: int,
     decomposition_dtype: torch.dtype,
     inverse: bool,
+    cpu: bool,
 ) -> MemoryRow:
     """One layer's bytes from the shapes of its factors (``[g, n, n]``, or ``[n]`` for a diagonal)."""
     corrected = options.approximation.corrects(layer)
@@ -231,7 +234,7 @@ def _row(
         eigenbases = sum(g * n * n for g, n in distinct) + sum(spectra)
     else:
         eigenbases = sum(g * (n * n + 2 * n) for g, n in distinct) if decomposed else 0
-    peak = max((_eigh_transient(g, n, size, decomposition_dtype) for g, n in distinct), default=0)
+    peak = max((_eigh_transient(g, n, size, decomposition_dtype, cpu) for g, n in distinct), default=0)
     return MemoryRow(
         layer.name,
         block,
@@ -274,15 +277,16 @@ def _exact_factors(layer: KroneckerLayer) -> tuple[list, list, list]:
     return [(1, n) for n in sizes], [], sizes
 
 
-def _eigh_transient(groups: int, n: int, size: int, decomposition_dtype: torch.dtype) -> int:
+def _eigh_transient(groups: int, n: int, size: int, decomposition_dtype: torch.dtype, cpu: bool) -> int:
     """Bytes the decomposition of a ``[g, n, n]`` factor of ``size``-byte entries allocates beyond
-    the factor and its result: in ``eigh``, the copy in the decomposition dtype (none if it is the
-    factor's), LAPACK ``syevd``'s workspace and the result before its cast back; then QR's two
+    the factor and its result: in ``eigh``, LAPACK ``syevd``'s workspace and the result before its
+    cast back (none if in the factor's dtype), which on the CPU is the factor's copy too (a GPU's
+    ``eigh`` copies the factor first: :func:`~curvops.linalg.spectral.eigh`); then QR's two
     matrices to orthonormalise float32 eigenvectors of a float64 factor, and ``|Q|`` with its row
     chunks for the rounding bounds (:meth:`~curvops.linalg.Factor.noise`)."""
     d = torch.empty((), dtype=decomposition_dtype).element_size()
     matrix = groups * n * n
-    copy, result = (matrix * d, groups * (n * n + n) * d) if d != size else (0, 0)
+    copy, result = (0 if cpu else matrix * d, groups * (n * n + n) * d) if d != size else (0, 0)
     during = copy + (2 * n * n + 6 * n + 1) * d + result
     widening = 2 * matrix * size if d < size else 0
     rows = min(n, max(1, NOISE_CHUNK // max(n, 1)))
