@@ -24,7 +24,7 @@ from . import spectral
 from .base import CurvatureOperator
 from .checks import check_choice, check_damping, check_same_place
 from .factor import Factor, shared_factors
-from .kronecker import DECOMPOSITION_SETTING, PI_BALANCES, decomposition_config, decomposition_dtype_of
+from .kronecker import PI_BALANCES, FactorState
 from .precision import is_widened, validation_eps
 from .state import StateSchema, TensorSpec
 from .tensor_products import kron
@@ -83,7 +83,7 @@ def _diagonals(matrices: Sequence[Tensor]) -> list[Tensor]:
     return [m.diagonal(dim1=-2, dim2=-1) for m in matrices]
 
 
-class GroupedKronecker(CurvatureOperator):
+class GroupedKronecker(FactorState, CurvatureOperator):
     """``diag_j(F_1^(j) ⊗ ... ⊗ F_k^(j))``: one :class:`~curvops.Kronecker` block per group.
 
     Every quantity is that of the block-diagonal of the groups' ``Kronecker`` blocks, rounding
@@ -106,6 +106,8 @@ class GroupedKronecker(CurvatureOperator):
         >>> torch.equal(op.to_dense(), torch.block_diag(torch.kron(g[0], a[0]), torch.kron(g[1], a[1])))
         True
     """
+
+    factor_spec = _GROUPED
 
     def __init__(
         self, *factors: Tensor | Factor, decomposition_dtype: torch.dtype = spectral.EIGH_DTYPE
@@ -241,24 +243,6 @@ class GroupedKronecker(CurvatureOperator):
             matrix = (q * inverse.unsqueeze(-2)) @ q.mT
             inverses.append(0.5 * (matrix + matrix.mT))
         return GroupedKronecker(*inverses, decomposition_dtype=self.decomposition_dtype)
-
-    def _state_tensors(self) -> dict[str, Tensor]:
-        return {f"factor{i}": f for i, f in enumerate(self.factors)}
-
-    def _state_config(self) -> dict[str, str]:
-        return decomposition_config(self.decomposition_dtype)
-
-    @classmethod
-    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
-        return StateSchema(
-            tensors={f"factor{i}": _GROUPED for i in range(max(len(tensors), 1))},
-            config={"decomposition_dtype": DECOMPOSITION_SETTING},
-        )
-
-    @classmethod
-    def _from_state(cls, tensors, children, config, dtype, device) -> GroupedKronecker:
-        factors = (tensors[f"factor{i}"] for i in range(len(tensors)))
-        return cls(*factors, decomposition_dtype=decomposition_dtype_of(config))
 
 
 class GroupedKroneckerEigen(CurvatureOperator):

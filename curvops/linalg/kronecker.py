@@ -68,7 +68,33 @@ def _damped_inverse(index: int, e: Tensor, q: Tensor | None, noise: Tensor, damp
     return 0.5 * (matrix + matrix.T)
 
 
-class Kronecker(CurvatureOperator):
+class FactorState:
+    """The state dict of an operator on Kronecker factors (:class:`Kronecker`,
+    :class:`~curvops.linalg.GroupedKronecker`): its ``factors`` as ``"factor{i}"`` of the
+    :attr:`factor_spec` shape, and its ``decomposition_dtype``."""
+
+    factor_spec: TensorSpec = _FACTOR
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        return {f"factor{i}": f for i, f in enumerate(self.factors)}
+
+    def _state_config(self) -> dict[str, str]:
+        return decomposition_config(self.decomposition_dtype)
+
+    @classmethod
+    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
+        return StateSchema(
+            tensors={f"factor{i}": cls.factor_spec for i in range(max(len(tensors), 1))},
+            config={"decomposition_dtype": DECOMPOSITION_SETTING},
+        )
+
+    @classmethod
+    def _from_state(cls, tensors, children, config, dtype, device) -> CurvatureOperator:
+        factors = (tensors[f"factor{i}"] for i in range(len(tensors)))
+        return cls(*factors, decomposition_dtype=decomposition_dtype_of(config))
+
+
+class Kronecker(FactorState, CurvatureOperator):
     """``F_1 ⊗ F_2 ⊗ ... ⊗ F_k`` for symmetric factors; KFAC's block is ``G ⊗ A``.
 
     With eigendecompositions ``F_i = Q_i diag(e_i) Q_i^T`` (computed once, in
@@ -295,24 +321,6 @@ class Kronecker(CurvatureOperator):
         pairs = zip(self.eigendecompositions(), self._factor_noise(), dampings, strict=True)
         inverses = (_damped_inverse(i, e, q, t, lam) for i, ((e, q), t, lam) in enumerate(pairs))
         return Kronecker(*inverses, decomposition_dtype=self.decomposition_dtype)
-
-    def _state_tensors(self) -> dict[str, Tensor]:
-        return {f"factor{i}": f for i, f in enumerate(self.factors)}
-
-    def _state_config(self) -> dict[str, str]:
-        return decomposition_config(self.decomposition_dtype)
-
-    @classmethod
-    def _state_schema(cls, tensors: dict[str, Any]) -> StateSchema:
-        return StateSchema(
-            tensors={f"factor{i}": _FACTOR for i in range(max(len(tensors), 1))},
-            config={"decomposition_dtype": DECOMPOSITION_SETTING},
-        )
-
-    @classmethod
-    def _from_state(cls, tensors, children, config, dtype, device) -> Kronecker:
-        factors = (tensors[f"factor{i}"] for i in range(len(tensors)))
-        return cls(*factors, decomposition_dtype=decomposition_dtype_of(config))
 
 
 class KroneckerEigen(CurvatureOperator):
