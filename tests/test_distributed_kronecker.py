@@ -16,6 +16,7 @@ from torch import nn
 
 import curvops
 from curvops.distributed import Shards
+from curvops.errors import NonDeterministicDataError
 from curvops.nn.kfac import kronecker_approximation
 
 DOUBLE = torch.float64
@@ -333,3 +334,56 @@ def test_exact_blocks_of_unsupported_modules_are_the_union(ranks, unsupported, s
 def test_group_is_checked_before_any_pass():
     with pytest.raises(ValueError, match=r"group must be a torch\.distributed ProcessGroup"):
         curvops.KFAC(_model("ce"), _loss("ce"), _data("ce"), group="world")
+
+
+class SharedTokenModel(nn.Module):
+    """A token-wise model with dropout, a LayerNorm and one ``nn.Linear`` called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.shared = nn.Linear(3, 4), nn.Linear(4, 4)
+        self.norm, self.dropout, self.head = nn.LayerNorm(4), nn.Dropout(0.5), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.shared(torch.tanh(self.shared(torch.tanh(self.first(x)))))
+        return self.head(self.dropout(self.norm(h))).movedim(-1, 1)
+
+
+def _pipeline_over_shards(name: str, dtype: torch.dtype) -> list:
+    """A shuffled DataLoader over this rank's padded token examples (uneven batches), a shared
+    module, a LayerNorm and dropout in eval mode, in ``dtype``: the union equals one process on all
+    the examples, the model and its buffers are untouched and no graph leaves the operator; in train
+    mode the dropout is refused on every rank."""
+    torch.manual_seed(0)
+    model = SharedTokenModel().to(dtype).eval()
+    g = _generator(7)
+    x, y = torch.randn(22, 5, 3, generator=g).to(dtype), torch.randint(0, 3, (22, 5), generator=g)
+    y[torch.rand(22, 5, generator=g) < 0.3] = IGNORE
+    rank = dist.get_rank()
+    mine = torch.utils.data.TensorDataset(x[rank::2], y[rank::2])
+    loader = torch.utils.data.DataLoader(mine, batch_size=4, shuffle=True, generator=_generator(rank))
+    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = list(model.parameters())
+    union = kronecker_approximation(name, model, loss_fn, loader, fisher_type="type-2")
+    alone = kronecker_approximation(name, model, loss_fn, [(x, y)], fisher_type="type-2", group="local")
+    dense, truth = union.to_dense().double(), alone.to_dense().double()
+    unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    same_objects = all(p is q for p, q in zip(params, model.parameters(), strict=True))
+    no_graph = not union.to_dense().requires_grad and all(p.grad is None for p in params)
+    model.train()
+    try:
+        kronecker_approximation(name, model, loss_fn, loader, fisher_type="type-2")
+        refused = ""
+    except NonDeterministicDataError as error:
+        refused = str(error)
+    return [float((dense - truth).norm() / truth.norm()), unchanged and same_objects and no_graph, refused]
+
+
+@pytest.mark.parametrize("dtype", [DOUBLE, torch.bfloat16])
+@pytest.mark.parametrize("name", ["kfac", "ekfac"])
+def test_a_real_pipeline_over_shards_is_one_process_on_all_the_data(ranks, name, dtype):
+    tolerance = TOLERANCE if dtype == DOUBLE else 1e-5  # bf16: float32 statistics summed in other orders
+    for error, untouched, refused in ranks.run(_pipeline_over_shards, name, dtype):
+        assert error < tolerance and untouched
+        assert "dropout" in refused and "model.eval()" in refused
