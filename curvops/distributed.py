@@ -20,7 +20,7 @@ their ``inverse``, ``logdet`` and EKFAC's eigenbases need no ``eigh`` afterwards
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +122,32 @@ class Shards:
             return [float(n) for n in numbers]
         total = self.sum([torch.tensor([float(n) for n in numbers], dtype=torch.float64, device=device)])[0]
         return total.tolist()
+
+    def together(self, run: Callable[[], Any], device: torch.device | str, what: str) -> Any:
+        """``run()``'s result, with a failure on any rank raised on every rank: a rank whose ``run``
+        raises still joins one small reduction that tells the others, which raise
+        ``RuntimeError`` naming ``what``, so no rank waits in a later collective for it.
+
+        Example:
+            >>> Shards.of("local").together(lambda: 3, "cpu", "a pass")
+            3
+        """
+        if not self.active:
+            return run()
+        failure = None
+        try:
+            result = run()
+        except Exception as error:  # joins the reduction, then raises it
+            failure, result = error, None
+        (failed,) = self.sum_numbers([float(failure is not None)], device)
+        if failure is not None:
+            raise failure
+        if failed:
+            raise RuntimeError(
+                f"{what}: {int(failed)} other rank(s) of {self.size} raised an error; see the error on "
+                "those ranks."
+            )
+        return result
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's picklable ``value``, in rank order (``[value]`` alone)."""

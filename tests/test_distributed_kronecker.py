@@ -387,3 +387,21 @@ def test_a_real_pipeline_over_shards_is_one_process_on_all_the_data(ranks, name,
     for error, untouched, refused in ranks.run(_pipeline_over_shards, name, dtype):
         assert error < tolerance and untouched
         assert "dropout" in refused and "model.eval()" in refused
+
+
+def _one_rank_fails(layout: str, name: str) -> None:
+    """Rank 0's first batch holds a NaN; rank 1 has data too (``"strided"``) or none (``"empty"``)."""
+    data = _data("ce")
+    data[0] = (torch.full_like(data[0][0], float("nan")), data[0][1])
+    _build(name, "ce", _shard(data, layout, dist.get_rank()), fisher_type="type-2")
+
+
+@pytest.mark.parametrize("layout", ["strided", "empty"])
+@pytest.mark.parametrize("name", ["kfac", "ekfac"])
+def test_an_error_on_one_rank_is_raised_on_every_rank(ranks, name, layout):
+    """The failing rank names the batch; the others raise instead of waiting in the reduction."""
+    with pytest.raises(AssertionError) as failed:
+        ranks.run(_one_rank_fails, layout, name, timeout=60.0)
+    message = str(failed.value)
+    assert "rank 0:" in message and "Batch 0: X contains NaN or inf" in message
+    assert "rank 1:" in message and "KFAC statistics: 1 other rank(s) of 2 raised an error" in message

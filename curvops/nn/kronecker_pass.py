@@ -193,7 +193,9 @@ class KroneckerPass:
             statistics = batch_statistics(layer, inputs, gradients, self.options, self.dtype, valid=valid)
             totals[i] = start + statistics
 
-        count = self._pass("KFAC statistics", consume)
+        count = self.shards.together(
+            lambda: self._pass("KFAC statistics", consume), self.model.device, "KFAC statistics"
+        )
         self._agree_on_calls()
         sums = self.shards.sum_statistics(
             [totals.get(i, LayerStatistics(layer)) for i, layer in enumerate(self.layers)]
@@ -220,7 +222,10 @@ class KroneckerPass:
                 )
 
         any_order = not self.options.fisher.sampled  # the labels must be those of the first pass
-        count = self._pass("EKFAC eigenvalue correction", consume, any_order)
+        description = "EKFAC eigenvalue correction"
+        count = self.shards.together(
+            lambda: self._pass(description, consume, any_order), self.model.device, description
+        )
         summed = self.shards.sum_corrections(sums, [layer.name for layer in self.layers])
         scale = self._scale(count)
         return [total / scale for total in summed]
