@@ -69,3 +69,18 @@ def test_optimizer_benchmark_quick_mode_runs():
 def test_transformer_benchmark_quick_mode_runs():
     out = _quick("transformer.py")
     assert "GPT: 2 layers" in out and "EKFAC" in out and out.count("x; forward+backward") == 3
+
+
+def test_peers_benchmark_quick_mode_runs():
+    """Runs with or without curvlinops (the optional [bench] extra); the floor is printed either way."""
+    out = _quick("peers.py", "--workloads", "tokens")
+    assert "floor of the statistics pass" in out and "KFAC build" in out and "GGN @ v" in out
+    assert out.count("x ") >= 5
+
+
+def test_peers_benchmark_saves_and_compares_products(tmp_path):
+    saved = tmp_path / "before.pt"
+    _quick("peers.py", "--workloads", "tokens", "--save", str(saved))
+    out = _quick("peers.py", "--workloads", "tokens", "--compare", str(saved))
+    differences = [float(x) for x in re.findall(r"tokens/\S+\s+(\S+)", out)]
+    assert len(differences) == 4 and max(differences) == 0.0

@@ -125,7 +125,7 @@ def test_a_large_normalization_layer_and_the_inverse_flag():
 
 def test_the_table_and_the_decomposition_peaks():
     model = nn.Sequential(nn.Linear(100, 200), nn.PReLU(), nn.Linear(200, 10))
-    double = curvops.memory_estimate(model)
+    double = curvops.memory_estimate(model, decomposition_dtype=torch.float64)
     single = curvops.memory_estimate(model, decomposition_dtype=torch.float32)
     # float64: the result (on the CPU also the factor's copy) and syevd's 2n² workspace; float32 on a
     # float32 factor: no copy, and

@@ -97,6 +97,20 @@ def check_choice(value: str, allowed: tuple[str, ...], what: str) -> None:
         raise ValueError(f"Unknown {what} {value!r}; choose one of {allowed}.")
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """Whether every entry of ``tensor`` is finite: its sum is finite only if they all are (NaN
+    and ±inf propagate), so one reduction answers, and only a sum of finite entries that overflows
+    needs the entry-wise look (and its ``numel`` booleans).
+
+    Example:
+        >>> all_finite(torch.tensor([1.0, 2.0])), all_finite(torch.tensor([1.0, float("nan")]))
+        (True, False)
+        >>> all_finite(torch.full((4,), 3e38))  # the sum overflows; the entries are finite
+        True
+    """
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
+
+
 def check_matrix(matrix: Any, name: str, symmetric: bool, allow_diagonal: bool = False) -> None:
     """Raise a clear error unless ``matrix`` is a finite, square, floating-point ``[n, n]`` tensor.
 
@@ -115,7 +129,7 @@ def check_matrix(matrix: Any, name: str, symmetric: bool, allow_diagonal: bool =
         raise ValueError(f"{name} must be {expected}, got {shape}.")
     if not matrix.is_floating_point():
         raise TypeError(f"{name} must be floating point, got {matrix.dtype}.")
-    if not bool(torch.isfinite(matrix).all()):
+    if not all_finite(matrix):
         raise ValueError(f"{name} contains NaN or inf.")
     if symmetric and not vector and matrix.numel():
         tol = math.sqrt(validation_eps(matrix.dtype)) * matrix.abs().max()

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from . import spectral
 from .factor import Factor
-from .kronecker import DECOMPOSITION_SETTING, Kronecker, decomposition_dtype_of
+from .kronecker import DECOMPOSITION_SETTING, Kronecker, decomposition_dtype_of, restored_factor
 from .state import StateSchema, TensorSpec
 
 _MATRIX = TensorSpec((2,), square=True)
@@ -58,4 +58,5 @@ class Dense(Kronecker):
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> Dense:
-        return cls(tensors["matrix"], decomposition_dtype=decomposition_dtype_of(config))
+        factor = restored_factor(tensors["matrix"], config)
+        return cls(factor, decomposition_dtype=decomposition_dtype_of(config))

@@ -30,6 +30,8 @@ class Factor:
     Args:
         matrix: the factor (checked by the blocks that take it).
         decomposition_dtype: ``torch.float64`` or ``torch.float32``.
+        symmetric: ``matrix`` is symmetric by construction (a builder's second moment ``Σ x xᵀ``):
+            the blocks then check only that it is finite, not its ``n²`` symmetry.
 
     Example:
         >>> g = curvops.linalg.Factor(torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
@@ -40,8 +42,11 @@ class Factor:
         True
     """
 
-    def __init__(self, matrix: Tensor, decomposition_dtype: torch.dtype = spectral.EIGH_DTYPE) -> None:
+    def __init__(
+        self, matrix: Tensor, decomposition_dtype: torch.dtype = spectral.EIGH_DTYPE, symmetric: bool = False
+    ) -> None:
         self.matrix = matrix
+        self.symmetric = symmetric
         self.decomposition_dtype = spectral.check_decomposition_dtype(decomposition_dtype)
         self._eigen: tuple[Tensor, Tensor] | None = None
         self._noise: Tensor | None = None

@@ -22,7 +22,7 @@ from torch import Tensor
 from ..errors import SingularOperatorError
 from . import spectral
 from .base import CurvatureOperator
-from .checks import check_choice, check_damping, check_same_place
+from .checks import all_finite, check_choice, check_damping, check_same_place
 from .factor import Factor, shared_factors
 from .kronecker import PI_BALANCES, FactorState
 from .precision import is_widened, validation_eps
@@ -41,7 +41,7 @@ def _check_grouped(matrices: Sequence[Tensor], what: str, symmetric: bool) -> tu
         if not isinstance(m, Tensor) or m.ndim != 3 or m.shape[1] != m.shape[2]:
             shape = list(m.shape) if isinstance(m, Tensor) else type(m).__name__
             raise ValueError(f"{what} {i} must be a [g, n, n] tensor (one matrix per group), got {shape}.")
-        if not m.is_floating_point() or not bool(torch.isfinite(m).all()):
+        if not m.is_floating_point() or not all_finite(m):
             raise ValueError(f"{what} {i} must be finite and floating point.")
     groups = {m.shape[0] for m in matrices}
     if len(groups) > 1:

@@ -26,7 +26,7 @@ from .base import CurvatureOperator
 from .checks import check_choice, check_damping, check_matrix, check_nonnegative, check_same_place
 from .factor import Factor, shared_factors
 from .precision import is_widened, validation_eps
-from .state import Setting, StateSchema, TensorSpec
+from .state import Setting, StateSchema, TensorSpec, restored_once
 from .tensor_products import kron, mode_product, outer
 
 _MATRIX = TensorSpec((2,), square=True)
@@ -90,8 +90,16 @@ class FactorState:
 
     @classmethod
     def _from_state(cls, tensors, children, config, dtype, device) -> CurvatureOperator:
-        factors = (tensors[f"factor{i}"] for i in range(len(tensors)))
+        factors = (restored_factor(tensors[f"factor{i}"], config) for i in range(len(tensors)))
         return cls(*factors, decomposition_dtype=decomposition_dtype_of(config))
+
+
+def restored_factor(matrix: Tensor, config: dict[str, Any]) -> Factor:
+    """A state dict's factor as a :class:`~curvops.linalg.Factor` decomposing as ``config`` says,
+    one object for one stored tensor (:func:`~curvops.linalg.state.restored_once`): a layer's
+    weight and bias blocks share their ``G`` again."""
+    decomposition_dtype = decomposition_dtype_of(config)
+    return restored_once(matrix, lambda m: Factor(m, decomposition_dtype), f"factor in {decomposition_dtype}")
 
 
 class Kronecker(FactorState, CurvatureOperator):
@@ -155,7 +163,7 @@ class Kronecker(FactorState, CurvatureOperator):
         shared = shared_factors(factors, decomposition_dtype, type(self).__name__)
         for i, factor in enumerate(shared):
             what = f"{type(self).__name__} factor {i}"
-            check_matrix(factor.matrix, what, symmetric=True, allow_diagonal=True)
+            check_matrix(factor.matrix, what, symmetric=not factor.symmetric, allow_diagonal=True)
         dtype, device = check_same_place([f.matrix for f in shared], "Kronecker factors")
         if is_widened(dtype):  # converted from a coarser dtype: symmetric to its precision only
             widened = [f.matrix if f.diagonal else 0.5 * (f.matrix + f.matrix.T) for f in shared]

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..errors import NotPositiveDefiniteError, SingularOperatorError, SingularOperatorWarning
+from .checks import all_finite
 
 EIGH_DTYPE = torch.float64
 """The dtype eigendecompositions run in by default, whatever the operator's dtype."""
@@ -120,7 +121,7 @@ def accurate_eigh(matrix: Tensor, e: Tensor, q: Tensor, probes: int = 4) -> bool
         >>> accurate_eigh(f, e, q), accurate_eigh(f, e + 1e-3, q)
         (True, False)
     """
-    if not (bool(torch.isfinite(e).all()) and bool(torch.isfinite(q).all())):
+    if not (all_finite(e) and all_finite(q)):
         return False
     n = matrix.shape[-1]
     generator = torch.Generator(matrix.device).manual_seed(0)

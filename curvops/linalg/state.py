@@ -16,7 +16,9 @@ of the nested one (``"BlockDiagonal.children[1].tensors['factor0']"``) and the k
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import TYPE_CHECKING, Any
@@ -248,6 +250,47 @@ def _child_paths(state: dict[str, Any], where: str) -> list[str]:
     return [f"{where}.children[{label!r}]" for label in labels]
 
 
+_RESTORED: ContextVar[dict | None] = ContextVar("curvops_restored_tensors", default=None)
+"""While :func:`from_state_dict` runs: its converted tensors by stored storage, and the objects
+(:class:`~curvops.linalg.Factor`) made of them, so that what was one tensor stays one object."""
+
+
+@contextmanager
+def _restoring() -> Iterator[dict]:
+    """The registry of one :func:`from_state_dict` call (the outermost one's, if nested)."""
+    registry = _RESTORED.get()
+    if registry is not None:
+        yield registry
+        return
+    token = _RESTORED.set({})
+    try:
+        yield _RESTORED.get()
+    finally:
+        _RESTORED.reset(token)
+
+
+def _storage_key(tensor: Tensor) -> tuple:
+    """What identifies a stored tensor's numbers: storage, offset, shape, strides and dtype (one
+    tensor saved twice, in memory or through ``torch.save``, has one key)."""
+    storage = tensor.untyped_storage()
+    place = storage.data_ptr(), storage.device, tensor.storage_offset()
+    return (*place, tensor.shape, tensor.stride(), tensor.dtype)
+
+
+def restored_once(tensor: Tensor, make: Callable[[Tensor], Any], kind: str) -> Any:
+    """``make(tensor)``, made once per tensor object and ``kind`` within one :func:`from_state_dict`
+    call (outside one: always anew). A state dict stores the ``G`` of a layer's weight and bias
+    blocks as one tensor; restored through this, they share one
+    :class:`~curvops.linalg.Factor` again, and so one eigendecomposition."""
+    registry = _RESTORED.get()
+    if registry is None:
+        return make(tensor)
+    key = (kind, id(tensor))
+    if key not in registry:
+        registry[key] = (tensor, make(tensor))  # the tensor is kept, so its id is not reused
+    return registry[key][1]
+
+
 def rebuild(
     state: Any, device: torch.device | str | None, dtype: torch.dtype | None, where: str
 ) -> CurvatureOperator:
@@ -255,9 +298,16 @@ def rebuild(
     cls, stored_dtype = check_state(state, where)
     target_dtype = dtype or stored_dtype
     tensors = {}
+    registry = _RESTORED.get()
     for name, tensor in state["tensors"].items():
+        key = _storage_key(tensor)
+        if registry is not None and key in registry:  # stored twice: converted once
+            tensors[name] = registry[key]
+            continue
         tensor = tensor.to(device) if device is not None else tensor
         tensors[name] = tensor.to(target_dtype) if tensor.is_floating_point() else tensor
+        if registry is not None:
+            registry[key] = tensors[name]
     paths = _child_paths(state, where)
     children = [
         rebuild(child, device, dtype, path) for child, path in zip(state["children"], paths, strict=True)
@@ -311,9 +361,10 @@ def from_state_dict(
         and has unexpected ['factor0', 'factor1'].
     """
     name = state.get("type") if isinstance(state, dict) else None
-    return rebuild(
-        state, device, dtype, name if isinstance(name, str) and name in _REGISTRY else "state dict"
-    )
+    with _restoring():
+        return rebuild(
+            state, device, dtype, name if isinstance(name, str) and name in _REGISTRY else "state dict"
+        )
 
 
 def _plain(value: Any) -> Any:

@@ -129,11 +129,11 @@ class KroneckerApproximation:
         if layer.rule.exact:
             return exact_blocks(statistics, decomposition_dtype)
         output, input, bias = self.factors(statistics)
-        shared = Factor(output, decomposition_dtype)
-        bias_factor = shared if bias is output else Factor(bias, decomposition_dtype)
+        shared = Factor(output, decomposition_dtype, symmetric=True)  # second moments Σ x xᵀ
+        bias_factor = shared if bias is output else Factor(bias, decomposition_dtype, symmetric=True)
         blocks: list[CurvatureOperator] = []
         if layer.weight is not None:
-            factors = layer.kronecker_order(shared, Factor(input, decomposition_dtype))
+            factors = layer.kronecker_order(shared, Factor(input, decomposition_dtype, symmetric=True))
             blocks.append(_kronecker(layer)(*factors, decomposition_dtype=decomposition_dtype))
         if layer.separate_bias:
             block = Dense if layer.groups == 1 else GroupedKronecker
@@ -165,14 +165,15 @@ class KroneckerApproximation:
         self, layer: KroneckerLayer, basis: Basis, corrections: Corrections
     ) -> list[CurvatureOperator]:
         """EKFAC's blocks: ``KroneckerEigen`` in ``basis`` with the corrected eigenvalues
-        (``GroupedKroneckerEigen`` for a grouped layer)."""
+        (``GroupedKroneckerEigen`` for a grouped layer). The basis is the factors' own ``eigh``
+        (:meth:`eigenbasis`), so its ``O(n³)`` orthonormality check is skipped."""
         q_out, q_in, q_bias = basis
         eigen = _kronecker_eigen(layer)
         blocks: list[CurvatureOperator] = []
         if corrections.weight is not None:
-            blocks.append(eigen(layer.kronecker_order(q_out, q_in), corrections.weight))
+            blocks.append(eigen._of_eigh(layer.kronecker_order(q_out, q_in), corrections.weight))
         if corrections.bias is not None:
-            blocks.append(eigen([q_bias], corrections.bias))
+            blocks.append(eigen._of_eigh([q_bias], corrections.bias))
         return blocks
 
     def damped_inverse(self, block: CurvatureOperator, damping: float, factored: bool) -> CurvatureOperator:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from ..linalg.checks import all_finite
 from .tensor_sums import tensor_leaves
 
 
@@ -82,7 +83,7 @@ def _placed(tensor: Any, what: str, where: str, device: torch.device, dtype: tor
     if not tensor.is_floating_point():
         return tensor.to(device)
     tensor = tensor.to(device=device, dtype=dtype)
-    if not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise ValueError(f"{where}: {what} contains NaN or inf.")
     return tensor
 

@@ -43,7 +43,7 @@ from ..linalg.base import CurvatureOperator
 from ..linalg.checks import check_positive_int, check_seed
 from ..linalg.estimators import Sampler
 from .forward_checks import fixed_forward
-from .jacobian_products import add_trees, pull_back, push_forward
+from .jacobian_products import add_trees, linearized, pull_back
 from .losses import LossAdapter
 from .model import ModelData
 from .shard_sums import union_sums
@@ -219,13 +219,12 @@ class _OutputCurvature(ModelCurvature):
 
     def _batch_product(self, index, count, params, inputs, targets, tree):
         forward = lambda p: self._model.forward(p, inputs)  # noqa: E731
-        output, pullback = vjp(forward, params)
+        output, tangents, pullback = linearized(forward, params, tree)
         output = output.detach()
         self._loss.check_target(output, targets, index)
         self._check_loss(index, output, targets)
-        _, tangents = push_forward(forward, params, tree)
         cotangents = self._apply_output_curvature(index, count, output, targets, tangents)
-        return pull_back(pullback, cotangents)
+        return pullback(cotangents)
 
     @abstractmethod
     def _apply_output_curvature(
@@ -342,7 +341,7 @@ class FisherMC(_OutputCurvature):
 
     def _apply_output_curvature(self, index, count, output, targets, tangents):
         sampled = self.sample_targets(index, output, targets)
-        gradients = vmap(lambda t: self._loss.datum_gradients(output, t, count))(sampled)
+        gradients = self._loss.datum_gradients(output, sampled, count, draws=True)
         return _outer_products(gradients, tangents)
 
 

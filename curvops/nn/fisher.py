@@ -122,7 +122,7 @@ def _empirical(loss, output, targets, count, mc_samples, seed, index) -> Tensor:
 
 def _sampled(loss, output, targets, count, mc_samples, seed, index) -> Tensor:
     sampled = loss.sample_batch(output, targets, mc_samples, seed, index)
-    return torch.func.vmap(lambda t: loss.datum_gradients(output, t, count))(sampled)
+    return loss.datum_gradients(output, sampled, count, draws=True)
 
 
 def _hessian_factor(loss, output, targets, count, mc_samples, seed, index) -> Tensor:

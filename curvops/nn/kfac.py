@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import Shards, decompose_blocks
-from ..linalg import CurvatureOperator, Diagonal
+from ..linalg import CurvatureOperator, Diagonal, computation_dtype
 from ..linalg.checks import check_bool, check_choice
 from ..linalg.spectral import check_decomposition_dtype
 from .assembly import Entry, Layout, assemble
@@ -38,7 +38,7 @@ def KFAC(
     unsupported: str = "error",
     check_deterministic: bool = False,
     group: Any = None,
-    decomposition_dtype: torch.dtype = torch.float64,
+    decomposition_dtype: torch.dtype | None = None,
 ) -> CurvatureOperator:
     """KFAC of the Fisher / GGN of ``loss_fn`` over ``data``, as a structured operator.
 
@@ -78,7 +78,8 @@ def KFAC(
     :mod:`curvops.nn.layers.rule`). The same holds for EKFAC's corrections and TKFAC's traces.
 
     Precision: the statistics are accumulated in at least float32 and the factors decomposed in
-    ``decomposition_dtype`` (float64, or float32 with a float64 fallback per factor); for a
+    ``decomposition_dtype`` (by default the factors' dtype; float32 with a float64 fallback per
+    factor); for a
     bfloat16 or float16 model every block is a :class:`~curvops.linalg.Cast` of
     its float32 operator, so products (and the inverse's) take and give the model's dtype while
     the eigenvalues keep float32's resolution (see ``docs/conventions.rst``, "Precision").
@@ -120,8 +121,11 @@ def KFAC(
         decomposition_dtype: the dtype of the factors' eigendecompositions (each factor is
             decomposed once, lazily, and shared by the blocks that hold it: a layer's ``G``
             serves its weight and bias blocks): ``torch.float64``, or ``torch.float32`` (half
-            the memory of ``eigh``, faster) where a factor whose float32 ``eigh`` fails or is
-            inaccurate is recomputed in float64 (:func:`curvops.linalg.spectral.eigh`). With
+            the memory of ``eigh``, about twice as fast) where a factor whose float32 ``eigh``
+            fails or is inaccurate is recomputed in float64 (:func:`curvops.linalg.spectral.eigh`).
+            ``None`` (default): the factors' own dtype, float32 for a float32, bfloat16 or
+            float16 model and float64 for a float64 one (a float32 factor carries float32's
+            rounding already, which a float64 ``eigh`` does not remove). With
             more than one rank the builder decomposes every factor, each on one rank
             (:func:`curvops.distributed.decompose_blocks`), so ``inverse`` and ``logdet`` cost
             no ``eigh`` afterwards.
@@ -165,7 +169,7 @@ def EKFAC(
     check_deterministic: bool = False,
     correction: str = "auto",
     group: Any = None,
-    decomposition_dtype: torch.dtype = torch.float64,
+    decomposition_dtype: torch.dtype | None = None,
 ) -> CurvatureOperator:
     """EKFAC (George et al. 2018): KFAC's eigenbasis with corrected eigenvalues.
 
@@ -230,7 +234,7 @@ def TKFAC(
     eigenvalue_correction: bool = False,
     correction: str = "auto",
     group: Any = None,
-    decomposition_dtype: torch.dtype = torch.float64,
+    decomposition_dtype: torch.dtype | None = None,
 ) -> CurvatureOperator:
     """TKFAC (Gao et al., AAAI 2021): a trace-restricted Kronecker factorisation.
 
@@ -323,15 +327,18 @@ def _build(
     unsupported: str,
     check_deterministic: bool,
     group: Any,
-    decomposition_dtype: torch.dtype = torch.float64,
+    decomposition_dtype: torch.dtype | None = None,
 ) -> CurvatureOperator:
     """One labelled block per layer parameter from the statistics of the union of ``group``'s
     shards, and exact blocks for the rest."""
     check_choice(unsupported, UNSUPPORTED_OPTIONS, "unsupported")
-    check_decomposition_dtype(decomposition_dtype)
+    if decomposition_dtype is not None:
+        check_decomposition_dtype(decomposition_dtype)
     shards = Shards.of(group)
     loss = options.loss(loss_fn)
     model_data = ModelData(model, data, params, progressbar, check_deterministic, allow_empty=shards.active)
+    if decomposition_dtype is None:
+        decomposition_dtype = computation_dtype(model_data.dtype)
     layers, others = find_layers(model, model_data.params, options.bias, options.kfac_approx)
     if others and unsupported == "error":
         raise unsupported_error(options.approximation.label, others, UNSUPPORTED_FIX)

@@ -189,9 +189,8 @@ class KroneckerPass:
         totals: dict[int, LayerStatistics] = {}
 
         def consume(i: int, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None, valid) -> None:
-            start = totals.get(i, LayerStatistics(layer))
             statistics = batch_statistics(layer, inputs, gradients, self.options, self.dtype, valid=valid)
-            totals[i] = start + statistics
+            totals[i] = totals[i].accumulate(statistics) if i in totals else statistics
 
         count = self.shards.together(
             lambda: self._pass("KFAC statistics", consume), self.model.device, "KFAC statistics"

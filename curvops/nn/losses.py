@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .loss_gradients import mean_divisor, summed_loss_gradient
 from .loss_hessians import generic_hessian_factor
 
 LIKELIHOOD_LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss)
@@ -191,10 +192,25 @@ class LossAdapter:
         """``s`` with ``s · loss(f(X_b), y_b) = Σ_{n in b} ℓ_n`` for a batch of ``count`` loss terms."""
         return count if self.reduction == "mean" else 1.0
 
-    def datum_gradients(self, output: Tensor, target: Tensor, count: float) -> Tensor:
-        """``∇_f ℓ_n`` for every datum of a batch: the gradient of its summed loss w.r.t. ``output``."""
+    def datum_gradients(self, output: Tensor, target: Tensor, count: float, draws: bool = False) -> Tensor:
+        """``∇_f ℓ_n`` for every datum of a batch: the gradient of its summed loss w.r.t. ``output``,
+        ``s ∇_f loss(f, y)`` with ``s`` the :meth:`batch_scale` of ``count`` loss terms. ``draws``:
+        ``target`` carries a leading axis of drawn labels (``[M, *target_shape]``, ``"mc"``), and so
+        does the result (``[M, *output.shape]``).
+
+        In closed form for the likelihood losses (:mod:`curvops.nn.loss_gradients`), else by autodiff.
+        """
         scale = self.batch_scale(count)
-        return torch.func.grad(lambda o: scale * self(o, target))(output)
+        closed = summed_loss_gradient(self.loss_fn, output, target)
+        if closed is not None:
+            if self.reduction == "sum":
+                return closed * scale
+            divisor = mean_divisor(self.loss_fn, output, target)  # no terms: torch's mean is nan
+            return closed * (scale / divisor) if isinstance(divisor, float) else closed * scale / divisor
+        gradient = torch.func.grad(lambda o, t: scale * self(o, t))
+        if draws:
+            return torch.func.vmap(gradient, in_dims=(None, 0))(output, target)
+        return gradient(output, target)
 
     def count(self, target: Tensor) -> float:
         """The number of terms the ``mean`` reduction divides a batch's summed loss by (see the

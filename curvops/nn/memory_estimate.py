@@ -162,7 +162,7 @@ def memory_estimate(
     bias: str = "separate",
     kfac_approx: str = "expand",
     dtype: torch.dtype | None = None,
-    decomposition_dtype: torch.dtype = torch.float64,
+    decomposition_dtype: torch.dtype | None = None,
     inverse: bool = True,
 ) -> MemoryEstimate:
     """The bytes of :func:`~curvops.KFAC`'s (``approximation``: ``"ekfac"``, ``"tkfac"``,
@@ -172,7 +172,8 @@ def memory_estimate(
     Args:
         model: the network.
         approximation: ``"kfac"``, ``"ekfac"``, ``"tkfac"`` or ``"tekfac"``.
-        params, bias, kfac_approx, decomposition_dtype: the builders' options.
+        params, bias, kfac_approx, decomposition_dtype: the builders' options (``None``: the
+            factors' dtype, as the builders decompose).
         dtype: the model's dtype (default: its parameters'); the factors are in its
             computation dtype (float32 for bfloat16 and float16).
         inverse: count the eigendecompositions and the exact damped inverse (``inverse`` or
@@ -184,19 +185,21 @@ def memory_estimate(
         >>> estimate["0"].factors == 4 * (512**2 + 1024**2)  # G and A in float32; the bias shares G
         True
         >>> print(estimate)  # doctest: +NORMALIZE_WHITESPACE
-        KFAC memory (torch.float32, eigh in torch.float64)
+        KFAC memory (torch.float32, eigh in torch.float32)
         layer  block      factors  eigenbases  inverse   eigh peak
-        0      kronecker  5.0 MiB  5.0 MiB     2.0 MiB   24.1 MiB
-        2      kronecker  1.0 MiB  1.0 MiB     20.0 KiB  6.0 MiB
-        total             6.0 MiB  6.0 MiB     2.0 MiB   24.1 MiB
-        operator 12.0 MiB, peak 38.1 MiB
+        0      kronecker  5.0 MiB  5.0 MiB     2.0 MiB   16.0 MiB
+        2      kronecker  1.0 MiB  1.0 MiB     20.0 KiB  4.0 MiB
+        total             6.0 MiB  6.0 MiB     2.0 MiB   16.0 MiB
+        operator 12.0 MiB, peak 30.0 MiB
     """
     options = KroneckerOptions.checked(approximation, "type-2", kfac_approx, bias)
-    spectral.check_decomposition_dtype(decomposition_dtype)
+    if decomposition_dtype is not None:
+        spectral.check_decomposition_dtype(decomposition_dtype)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
     chosen, _ = chosen_parameters(model, params)
     factor_dtype = computation_dtype(dtype or (chosen[0].dtype if chosen else torch.float32))
+    decomposition_dtype = decomposition_dtype or factor_dtype
     layers, others = find_layers(model, chosen, options.bias, options.kfac_approx) if chosen else ([], [])
     size = torch.empty((), dtype=factor_dtype).element_size()
     cpu = not chosen or chosen[0].device.type != "cuda"  # a meta-device model counts as on the CPU

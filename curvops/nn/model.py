@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..linalg.checks import check_bool
+from ..linalg.checks import all_finite, check_bool
 from .batches import as_batches, check_reiterable, checked_batch
 from .forward_checks import check_batch_statistics
 from .mappings import ModelInputs, call_model
@@ -201,7 +201,7 @@ class ModelData:
 
     def check_output(self, index: int, output: Tensor) -> None:
         """Raise on a non-finite model output; compare it with the first pass if asked."""
-        if not bool(torch.isfinite(output).all()):
+        if not all_finite(output):
             cause = self.non_finite_tensors()
             raise ValueError(f"Batch {index}: the model output contains NaN or inf.{cause}")
         self._passes.check_batch("output", index, [("output", output)])

@@ -106,6 +106,17 @@ class LayerStatistics:
         sums = {name: _sum(getattr(self, name), getattr(other, name)) for name in STATISTICS}
         return LayerStatistics(self.layer, input_count=self.input_count + other.input_count, **sums)
 
+    def accumulate(self, other: LayerStatistics) -> LayerStatistics:
+        """``self + other`` with ``other``'s tensors added into ``self``'s in place (no new
+        ``n x n`` buffers per batch): for a running total, which owns its tensors."""
+        if other.layer is not self.layer:
+            raise ValueError("Statistics of different layers do not add.")
+        sums = {}
+        for name in STATISTICS:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            sums[name] = theirs if mine is None else mine if theirs is None else mine.add_(theirs)
+        return LayerStatistics(self.layer, input_count=self.input_count + other.input_count, **sums)
+
     def replace(self, **tensors: Tensor | None) -> LayerStatistics:
         """The same statistics with some tensors replaced."""
         return dataclasses.replace(self, **tensors)

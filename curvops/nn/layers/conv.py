@@ -40,6 +40,10 @@ def im2col(
     ``[N, S, C · k_1 ··· k_d]``, positions row-major, entries in the order of a weight
     ``[C_out, C, k_1, ..., k_d]`` flattened, so ``y_ns = W.flatten(1) @ a_ns``.
 
+    One copy of the input's strided windows into a contiguous ``[N, C · k, S]`` (of which the
+    result is the transposed view): the layout whose per-datum Gram matrices batch well, and a
+    faster copy than ``F.unfold``'s (2-3x on 3x3 kernels on a CPU).
+
     Example:
         >>> x = torch.randn(2, 3, 6, 7)
         >>> patches = im2col(x, (3, 2), (2, 1), (1, 2))
@@ -50,8 +54,8 @@ def im2col(
     windows = inputs
     for axis, (k, s, d) in enumerate(zip(kernel_size, stride, dilation, strict=True)):
         windows = windows.unfold(2 + axis, d * (k - 1) + 1, s)[..., ::d]  # a strided view
-    positions_first = windows.permute(0, *range(2, 2 + dims), 1, *range(2 + dims, 2 + 2 * dims))
-    return positions_first.reshape(data, -1, channels * math.prod(kernel_size))
+    kernel_first = windows.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
+    return kernel_first.reshape(data, channels * math.prod(kernel_size), -1).transpose(1, 2)
 
 
 class ConvRule(DenseInputRule):
@@ -86,20 +90,12 @@ class ConvRule(DenseInputRule):
 
     def _patches(self, module: nn.Module, inputs: Tensor) -> Tensor:
         """``[N, S, C_in · kernel size]``, channels first (so each group's are a range)."""
-        paddings = _paddings(module)
         kernel_size, stride, dilation = (
             tuple(module.kernel_size),
             tuple(module.stride),
             tuple(module.dilation),
         )
-        if len(kernel_size) != 2:
-            return im2col(_pad(module, inputs, paddings), kernel_size, stride, dilation)
-        # images: F.unfold is faster, and pads symmetric zeros itself
-        symmetric_zeros = module.padding_mode == "zeros" and all(b == a for b, a in paddings)
-        images = inputs if symmetric_zeros else _pad(module, inputs, paddings)
-        padding = tuple(before for before, _ in paddings) if symmetric_zeros else 0
-        patches = F.unfold(images, kernel_size, dilation=dilation, padding=padding, stride=stride)
-        return patches.transpose(1, 2)
+        return im2col(_pad(module, inputs, _paddings(module)), kernel_size, stride, dilation)
 
     def output_gradients(self, module: nn.Module, gradients: Tensor) -> Tensor:
         """``[K, N, C_out, *spatial]`` (any number of spatial axes) as ``[K, N, S, C_out]``, or

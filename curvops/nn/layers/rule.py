@@ -304,6 +304,12 @@ def rotate(rows: Tensor, basis: Tensor) -> Tensor:
     return rows @ basis if basis.ndim == 2 else torch.einsum("...gi,gij->...gj", rows, basis)
 
 
+def _input_rotated(gradients: Tensor, q_in: Tensor) -> Tensor:
+    """Per-datum weight gradients ``[K, N, n_out, n_in]`` times ``Q_in`` (``[K, N, g, n_out, n_in]``
+    times every group's ``[g, n_in, n_in]``)."""
+    return gradients @ q_in if q_in.ndim == 2 else torch.einsum("kngoi,gij->kngoj", gradients, q_in)
+
+
 def correction_strategy(
     correction: str, columns: int, data: int, positions: int, outputs: int, inputs: int
 ) -> str:
@@ -418,7 +424,8 @@ class DenseInputRule(LayerRule):
             features = _position_means(features, kept)
             gradients = None if gradients is None else gradients.sum(dim=2, keepdim=True)
             kept = None if kept is None else kept.any(dim=1, keepdim=True)
-        terms["input_factor"] = weight * second_moment(features, grouped)
+        moment = second_moment(features, grouped)
+        terms["input_factor"] = moment if weight == 1.0 else weight * moment
         count = weight * (math.prod(features.shape[:2]) if kept is None else float(kept.sum()))
         if gradients is not None:
             terms["output_factor"] = second_moment(gradients, grouped)
@@ -441,10 +448,15 @@ class DenseInputRule(LayerRule):
     ) -> Tensor:
         trailing = 2 if layer.groups > 1 else 1
         features = self._features(layer, inputs, q_in.dtype)
-        features = rotate(masked(features, kept_positions(valid, *features.shape[:2]), trailing), q_in)
+        features = masked(features, kept_positions(valid, *features.shape[:2]), trailing)
         columns, data, positions, outputs = *rotated.shape[:3], rotated.shape[-1]
         groups, size = math.prod(rotated.shape[3:-1]), features.shape[-1]
         strategy = correction_strategy(correction, columns, data, positions, outputs, size)
+        # per example, Q_in can act on the positions' inputs (S·n_in² per datum) or on the datum's
+        # gradient once its positions are summed (n_out·n_in²): the cheaper of the two
+        rotate_gradients = strategy == "per-example" and outputs < positions
+        if not rotate_gradients:
+            features = rotate(features, q_in)
         per_datum = columns * outputs * size if strategy == "per-example" else positions**2 * (outputs + size)
         per_datum *= groups
         total = None
@@ -452,10 +464,13 @@ class DenseInputRule(LayerRule):
             stop = start + max(1, CORRECTION_CHUNK // per_datum)
             g, a = rotated[:, start:stop], features[start:stop]
             if strategy == "per-example":
-                part = torch.einsum("kns...o,ns...i->kn...oi", g, a).square().sum(dim=(0, 1))
+                gradients = torch.einsum("kns...o,ns...i->kn...oi", g, a)
+                if rotate_gradients:
+                    gradients = _input_rotated(gradients, q_in)
+                part = gradients.square().sum(dim=(0, 1))
             else:
                 output_gram = torch.einsum("kns...o,knt...o->nst...o", g, g)
                 input_gram = torch.einsum("ns...i,nt...i->nst...i", a, a)
                 part = torch.einsum("nst...o,nst...i->...oi", output_gram, input_gram)
-            total = part if total is None else total + part
+            total = part if total is None else total.add_(part)
         return total.mT if self.transposed else total
