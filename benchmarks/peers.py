@@ -294,7 +294,8 @@ def report(name: str, examples: int, device: torch.device, runs: int) -> None:
     print(f"{name}: D = {kfac.shape[0]:,}, {examples} examples; forward+backward {1e3 * fwd_bwd:.1f} ms")
     print(
         f"  floor of the statistics pass: {1e3 * floor_total:.1f} ms = forward {1e3 * forward:.1f} "
-        f"+ backward to the layer outputs {1e3 * backward:.1f} + factor products {1e3 * median['products']:.1f}"
+        f"+ backward to the layer outputs {1e3 * backward:.1f} "
+        f"+ factor products {1e3 * median['products']:.1f}"
     )
     if curvlinops is not None:
         print(f"  curvops vs curvlinops, type-2, float64, relative: {agreement(name, device)}")

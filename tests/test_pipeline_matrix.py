@@ -330,8 +330,14 @@ class Truncated:
 SINGLE_PASS = ["KFAC", "TKFAC", "KFAC mc"]  # one pass: the matrix of the data it saw
 
 
+@pytest.fixture
+def second_correction_pass(monkeypatch):
+    """EKFAC's corrections pass over the data again (the statistics pass keeps nothing for them)."""
+    monkeypatch.setattr("curvops.nn.kronecker_pass.CORRECTION_CACHE_BYTES", 0)
+
+
 @pytest.mark.parametrize("entry", [name for name in ENTRIES if name not in SINGLE_PASS])
-def test_fewer_batches_on_a_later_pass_raise(entry):
+def test_fewer_batches_on_a_later_pass_raise(entry, second_correction_pass):
     x, y = labelled(n=24, ignored=0)
     with pytest.raises(curvops.NonDeterministicDataError, match=r"yielded \d+ batches.*on the first"):
         ENTRIES[entry](mlp(), nn.CrossEntropyLoss(), Truncated(batches_of(x, y, 6)))
@@ -361,10 +367,40 @@ MC_ENTRIES = {
 
 
 @pytest.mark.parametrize("entry", list(MC_ENTRIES))
-def test_monte_carlo_labels_refuse_a_reshuffled_loader(entry):
+def test_monte_carlo_labels_refuse_a_reshuffled_loader(entry, second_correction_pass):
     x, y = labelled(ignored=0)
     with pytest.raises(curvops.NonDeterministicDataError, match=r"batch 0 differs.*shuffle=False"):
         MC_ENTRIES[entry](mlp(), nn.CrossEntropyLoss(), shuffled(x, y))
+
+
+class Recorded:
+    """Re-iterable data that records the batches of each of its passes."""
+
+    def __init__(self, data):
+        self.data, self.passes = data, []
+
+    def __iter__(self):
+        self.passes.append([])
+        for batch in self.data:
+            self.passes[-1].append(batch)
+            yield batch
+
+
+@pytest.mark.parametrize("name", ["ekfac", "tekfac"])
+@pytest.mark.parametrize("data", ["shuffled", "fewer batches"])
+def test_corrections_from_the_kept_statistics_pass_need_one_pass(name, data):
+    """Data whose inputs and output gradients fit in CORRECTION_CACHE_BYTES are corrected from what
+    the statistics pass kept: no pass more than KFAC's, so a reshuffling loader (with "mc" labels)
+    or data that change on a later pass give the operator of the batches the statistics pass saw."""
+    x, y = labelled(ignored=5)
+    given = Recorded(shuffled(x, y) if data == "shuffled" else Truncated(batches_of(x, y, 6)))
+    build = kron(name, fisher_type="mc")
+    kept = operator_answers(build(mlp(), nn.CrossEntropyLoss(), given))
+    kfac_passes = Recorded(batches_of(x, y, 6))
+    curvops.KFAC(mlp(), nn.CrossEntropyLoss(), kfac_passes)
+    assert len(given.passes) == len(kfac_passes.passes)
+    seen = given.passes[-1]
+    assert_same_answers(kept, operator_answers(build(mlp(), nn.CrossEntropyLoss(), seen)))
 
 
 # ------------------------------------------------------------------ case 3: dropout in train mode

@@ -166,7 +166,7 @@ def batches_of(x, y, size=10):
     return list(zip(x.split(size), y.split(size), strict=True))
 
 
-def test_fewer_batches_on_a_later_pass_raise():
+def test_fewer_batches_on_a_later_pass_raise(monkeypatch):
     model, loss_fn = mlp(), LOSSES["ignore_index"]()
     x, y = labelled()
     ggn = curvops.GGN(model, loss_fn, Shrinking(batches_of(x, y)))  # the type check takes a pass
@@ -175,6 +175,11 @@ def test_fewer_batches_on_a_later_pass_raise():
         match=r"GGN product: data yielded 2 batches.*3 on the first.*shuffle=False",
     ):
         ggn @ torch.ones(ggn.shape[0], dtype=DOUBLE)
+    # EKFAC corrects from the batches its statistics pass kept: no second pass over the data
+    kept = curvops.EKFAC(model, loss_fn, Shrinking(batches_of(x, y)))
+    seen = batches_of(x, y)[:-1]  # a first look at the data, then the statistics pass
+    assert torch.allclose(kept.to_dense(), curvops.EKFAC(model, loss_fn, seen).to_dense())
+    monkeypatch.setattr("curvops.nn.kronecker_pass.CORRECTION_CACHE_BYTES", 0)  # too large to keep
     with pytest.raises(
         curvops.NonDeterministicDataError, match=r"EKFAC eigenvalue correction: data yielded 2 batches"
     ):
@@ -227,7 +232,7 @@ def test_jacobian_refuses_other_batch_shapes_before_using_them():
         jac.T @ torch.ones(jac.shape[0], dtype=DOUBLE)
 
 
-def test_order_dependent_operators_refuse_a_reshuffled_pass():
+def test_order_dependent_operators_refuse_a_reshuffled_pass(monkeypatch):
     model, loss_fn = mlp(), nn.CrossEntropyLoss()
     x, y = labelled()
     y[:15] = 0
@@ -240,6 +245,8 @@ def test_order_dependent_operators_refuse_a_reshuffled_pass():
     jac = curvops.Jacobian(model, loader)
     with pytest.raises(curvops.NonDeterministicDataError, match=r"Jacobian product: batch 0 differs"):
         jac @ torch.ones(jac.shape[1], dtype=DOUBLE)
+    curvops.EKFAC(model, loss_fn, loader, fisher_type="mc")  # corrected from the one pass it kept
+    monkeypatch.setattr("curvops.nn.kronecker_pass.CORRECTION_CACHE_BYTES", 0)  # a second pass
     with pytest.raises(
         curvops.NonDeterministicDataError, match=r"EKFAC eigenvalue correction: batch 0 differs"
     ):

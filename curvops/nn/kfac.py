@@ -179,8 +179,11 @@ def EKFAC(
     ``∇_W ℓ_nc = Σ_s g_nsc a_ns^T`` (summed over positions, columns ``c`` as for ``fisher_type``):
     the diagonal of the true block in KFAC's eigenbasis, so EKFAC is never farther from the
     true block (Frobenius) than KFAC. A :class:`~curvops.KroneckerEigen` per block, so the
-    damped inverse and logdet are exact from ``s + λ``. Two passes over the data: KFAC's
-    statistics, then the correction. The other arguments are :func:`~curvops.KFAC`'s
+    damped inverse and logdet are exact from ``s + λ``. KFAC's statistics pass over the data
+    keeps the layer inputs and output gradients for the correction where they fit in
+    :data:`~curvops.nn.kronecker_pass.CORRECTION_CACHE_BYTES` (256 MiB): one pass; larger data
+    is passed over twice, and must then be the same both times (a fixed loader for ``"mc"``,
+    whose labels are drawn per batch). The other arguments are :func:`~curvops.KFAC`'s
     (``fisher_type="forward-only"`` has no gradients to correct with and is refused).
 
     Args:

@@ -34,6 +34,18 @@ from .model import ModelData
 from .options import KroneckerOptions
 from .statistics import Corrections, LayerStatistics
 
+CORRECTION_CACHE_BYTES = 2**28
+"""The most bytes of layer inputs and output gradients a statistics pass keeps for EKFAC's (and
+TEKFAC's) corrections: what fits is corrected without a second pass over the data (no second
+forward and backward pass); larger data passes again."""
+
+
+def _bytes(value: Any) -> int:
+    """The bytes of a tensor, or of the tensors of a list (a shared module's calls), or 0 (``None``)."""
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    return sum(_bytes(v) for v in value) if isinstance(value, (list, tuple)) else 0
+
 
 def joined_calls(layer: KroneckerLayer, calls: list[tuple[Tensor, Tensor]]) -> tuple[Any, list[Tensor]]:
     """A layer's ``(input, output)`` of every call in one forward pass as its rule's one input
@@ -117,17 +129,27 @@ def batch_statistics(
     dtype: torch.dtype,
     weight: float = 1.0,
     valid: Tensor | None = None,
+    total: LayerStatistics | None = None,
 ) -> LayerStatistics:
     """One batch's sums of a layer (:meth:`~curvops.nn.layers.rule.LayerRule.statistics`), each of
     its terms times ``weight`` (``A`` becomes the weighted mean of its inputs' ``a a^T``), in ``dtype``,
     over the positions of loss terms (``valid``, the batch's mask of them:
-    :meth:`~curvops.nn.losses.LossAdapter.valid_terms`)."""
+    :meth:`~curvops.nn.losses.LossAdapter.valid_terms`); added into ``total``'s tensors in place
+    and returned as the new total where one is given."""
     gradients = None if gradients is None else gradients.to(dtype)
     if gradients is not None and weight != 1.0:
         gradients = gradients * math.sqrt(weight)  # every gradient statistic is quadratic in g
     trace_restricted = options.approximation.trace_restricted
     return layer.rule.statistics(
-        layer, inputs, gradients, weight, options.kfac_approx, trace_restricted, dtype, valid=valid
+        layer,
+        inputs,
+        gradients,
+        weight,
+        options.kfac_approx,
+        trace_restricted,
+        dtype,
+        valid=valid,
+        total=total,
     )
 
 
@@ -144,13 +166,18 @@ def batch_corrections(
     positions of loss terms (``valid``, as for :func:`batch_statistics`)."""
     q_out, q_in, q_bias = basis
     gradients = gradients.to(q_out.dtype)
-    weight = bias = None
+    weight = bias = rotated = None
     if layer.weight is not None:
-        weight = layer.rule.correction(layer, inputs, rotate(gradients, q_out), q_in, correction, valid=valid)
+        rotated = rotate(gradients, q_out)
+        weight = layer.rule.correction(layer, inputs, rotated, q_in, correction, valid=valid)
     if layer.separate_bias:
         trailing = 2 if layer.groups > 1 else 1
-        kept = masked(gradients, kept_positions(valid, *gradients.shape[1:3]), trailing)
-        bias = rotate(kept.sum(dim=2), q_bias).square().sum(dim=(0, 1))
+        kept = kept_positions(valid, *gradients.shape[1:3])
+        if rotated is not None and q_bias is q_out:  # KFAC's bias shares G: Σ_s (g_s Q) = (Σ_s g_s) Q
+            summed = masked(rotated, kept, trailing).sum(dim=2)
+        else:
+            summed = rotate(masked(gradients, kept, trailing).sum(dim=2), q_bias)
+        bias = summed.square().sum(dim=(0, 1))
     return Corrections(weight, bias)
 
 
@@ -180,6 +207,8 @@ class KroneckerPass:
         self.dtype = computation_dtype(model.dtype)
         self._calls: dict[int, frozenset] = {}  # the parts of modules whose parts follow the call
         self._first_batch = True
+        self._kept: list[tuple] | None = None  # the statistics pass's batches, for the corrections
+        self._kept_count = 0.0
 
     def statistics(self) -> list[LayerStatistics]:
         """One pass: every layer's normalised statistics (TKFAC's terms if the approximation needs
@@ -187,14 +216,24 @@ class KroneckerPass:
         (``nn.MultiheadAttention``: self- or cross-attention) follow its call in the first batch
         (a rank without batches takes the other ranks'): :attr:`layers` after the pass."""
         totals: dict[int, LayerStatistics] = {}
+        kept: list[tuple] | None = [] if self.options.approximation.corrected else None
+        kept_bytes = 0
 
         def consume(i: int, layer: KroneckerLayer, inputs: Tensor, gradients: Tensor | None, valid) -> None:
-            statistics = batch_statistics(layer, inputs, gradients, self.options, self.dtype, valid=valid)
-            totals[i] = totals[i].accumulate(statistics) if i in totals else statistics
+            nonlocal kept, kept_bytes
+            totals[i] = batch_statistics(
+                layer, inputs, gradients, self.options, self.dtype, valid=valid, total=totals.get(i)
+            )
+            if kept is not None:
+                kept_bytes += _bytes(inputs) + _bytes(gradients)
+                kept.append((i, layer, inputs, gradients, valid))
+                if kept_bytes > CORRECTION_CACHE_BYTES:  # too large: the corrections pass again
+                    kept = None
 
         count = self.shards.together(
             lambda: self._pass("KFAC statistics", consume), self.model.device, "KFAC statistics"
         )
+        self._kept, self._kept_count = kept, count
         self._agree_on_calls()
         sums = self.shards.sum_statistics(
             [totals.get(i, LayerStatistics(layer)) for i, layer in enumerate(self.layers)]
@@ -206,7 +245,8 @@ class KroneckerPass:
         """EKFAC's eigenvalues ``s = E[(Q_out^T ∇_W ℓ_n Q_in)²]`` in each layer's eigenbasis
         (none for a layer whose basis is ``None``: an exact block).
 
-        One more pass over the data. ``∇_W ℓ_n = Σ_s g_ns a_ns^T`` is each datum's (and
+        One more pass over the data, unless the statistics pass kept its layer inputs and output
+        gradients (at most :data:`CORRECTION_CACHE_BYTES`). ``∇_W ℓ_n = Σ_s g_ns a_ns^T`` is each datum's (and
         output-space column's) gradient, summed over positions whatever ``kfac_approx`` is,
         so ``s`` is exactly the diagonal of the true block in the basis ``Q_out ⊗ Q_in``.
         ``correction`` (an option) picks per-example gradients or position Gramians
@@ -222,9 +262,16 @@ class KroneckerPass:
 
         any_order = not self.options.fisher.sampled  # the labels must be those of the first pass
         description = "EKFAC eigenvalue correction"
-        count = self.shards.together(
-            lambda: self._pass(description, consume, any_order), self.model.device, description
-        )
+        kept, self._kept = self._kept, None
+
+        def correcting_pass() -> float:
+            if kept is None:
+                return self._pass(description, consume, any_order)
+            for entry in kept:  # the statistics pass's batches: no second pass over the data
+                consume(*entry)
+            return self._kept_count
+
+        count = self.shards.together(correcting_pass, self.model.device, description)
         summed = self.shards.sum_corrections(sums, [layer.name for layer in self.layers])
         scale = self._scale(count)
         return [total / scale for total in summed]

@@ -108,13 +108,18 @@ class LayerStatistics:
 
     def accumulate(self, other: LayerStatistics) -> LayerStatistics:
         """``self + other`` with ``other``'s tensors added into ``self``'s in place (no new
-        ``n x n`` buffers per batch): for a running total, which owns its tensors."""
+        ``n x n`` buffers per batch): for a running total, which owns its tensors. A tensor
+        ``other`` shares with ``self`` has been added into already (a rule's
+        :func:`~curvops.nn.layers.rule.second_moment` with ``out``)."""
         if other.layer is not self.layer:
             raise ValueError("Statistics of different layers do not add.")
         sums = {}
         for name in STATISTICS:
             mine, theirs = getattr(self, name), getattr(other, name)
-            sums[name] = theirs if mine is None else mine if theirs is None else mine.add_(theirs)
+            if mine is None or theirs is None or mine is theirs:
+                sums[name] = theirs if mine is None else mine
+            else:
+                sums[name] = mine.add_(theirs)
         return LayerStatistics(self.layer, input_count=self.input_count + other.input_count, **sums)
 
     def replace(self, **tensors: Tensor | None) -> LayerStatistics:

@@ -50,6 +50,7 @@ class EmbeddingRule(LayerRule):
         trace_restricted: bool,
         dtype: torch.dtype,
         valid: Tensor | None = None,
+        total: LayerStatistics | None = None,
     ) -> LayerStatistics:
         module = layer.module
         indices = inputs.flatten()
@@ -64,7 +65,8 @@ class EmbeddingRule(LayerRule):
             terms["output_factor"] = second_moment(gradients)
             if trace_restricted:
                 terms.update(self._trace_terms(inputs, gradients, present, zeros))
-        return LayerStatistics(layer, input_count=count, **terms)
+        batch = LayerStatistics(layer, input_count=count, **terms)
+        return batch if total is None else total.accumulate(batch)
 
     @staticmethod
     def _kept(inputs: Tensor, valid: Tensor | None) -> Tensor | None:

@@ -91,13 +91,15 @@ class NormRule(LayerRule):
         trace_restricted: bool,
         dtype: torch.dtype,
         valid: Tensor | None = None,
+        total: LayerStatistics | None = None,
     ) -> LayerStatistics:
         """``Σ_{n,c} v_nc v_nc^T`` (its diagonal above ``dense_limit``), ``v = [vec ∇_γ; ∇_β]``; a
         zero block without gradients (no loss terms, or ``"forward-only"``). ``valid`` needs no
         mask here: the output gradients at positions without loss terms are zero."""
         shape = self.block_shape(layer)
         if gradients is None:
-            return LayerStatistics(layer, exact_block=inputs.new_zeros(shape, dtype=dtype))
+            batch = LayerStatistics(layer, exact_block=inputs.new_zeros(shape, dtype=dtype))
+            return batch if total is None else total.accumulate(batch)
         normalised = self.normalised(layer.module, inputs.to(dtype))
         parts = []
         if layer.weight is not None:
@@ -106,7 +108,8 @@ class NormRule(LayerRule):
             parts.append(gradients.sum(dim=2))
         vectors = torch.cat(parts, dim=-1).flatten(0, 1)  # [K·N, D]
         block = vectors.square().sum(0) if len(shape) == 1 else vectors.T @ vectors
-        return LayerStatistics(layer, exact_block=block)
+        batch = LayerStatistics(layer, exact_block=block)
+        return batch if total is None else total.accumulate(batch)
 
     def correction(
         self,

@@ -60,9 +60,10 @@ from .padding import kept_positions, masked
 
 T = TypeVar("T")
 
-CORRECTION_CHUNK = 2**26
+CORRECTION_CHUNK = 2**22
 """Numbers per intermediate of a gradient-norm sum or an eigenvalue correction: data are
-processed in chunks below it."""
+processed in chunks below it (16 MiB in float32: bounded memory, and on a CPU twice as fast
+as chunks of 2**26 numbers, which leave the cache)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -234,12 +235,15 @@ class LayerRule(ABC):
         trace_restricted: bool,
         dtype: torch.dtype,
         valid: Tensor | None = None,
+        total: LayerStatistics | None = None,
     ) -> LayerStatistics:
         """One batch's sums: ``Σ w a a^T`` and its count, ``Σ g g^T`` (gradients already carry
         ``√w``) and, with ``trace_restricted``, TKFAC's ``Σ ‖∇_W ℓ‖²``, ``Σ tr(gg^T) aa^T``,
         ``Σ tr(aa^T) gg^T`` and a separate bias's ``Σ ‖∇_b ℓ‖²``, all in ``dtype``, over the
         positions :func:`~curvops.nn.layers.padding.kept_positions` keeps for the mask ``valid``
-        of the batch's loss terms (``None``: all)."""
+        of the batch's loss terms (``None``: all). With ``total`` (a running total of earlier
+        batches, which owns its tensors): ``total`` plus this batch, added into ``total``'s
+        tensors in place (:meth:`~curvops.nn.statistics.LayerStatistics.accumulate`)."""
 
     @abstractmethod
     def correction(
@@ -268,9 +272,13 @@ def differentiable(output: Tensor) -> Tensor:
     return output if output.requires_grad else output.detach().requires_grad_(True)
 
 
-def second_moment(rows: Tensor, grouped: bool = False) -> Tensor:
-    """``Σ x x^T`` over the vectors ``x = rows[..., :]`` (all leading axes summed); ``grouped``:
-    per group, for rows ``[..., g, n]``, as ``[g, n, n]``.
+def second_moment(
+    rows: Tensor, grouped: bool = False, out: Tensor | None = None, alpha: float = 1.0
+) -> Tensor:
+    """``α Σ x x^T`` over the vectors ``x = rows[..., :]`` (all leading axes summed); ``grouped``:
+    per group, for rows ``[..., g, n]``, as ``[g, n, n]``. With ``out`` (a running sum) the
+    product is added into it in place, in the matrix product itself where the rows allow
+    (``addmm``, ``baddbmm``), and ``out`` is returned.
 
     Contiguous rows take one matrix product; rows that are a transposed view (unfolded
     convolution patches, convolution output gradients) take a batched product over their
@@ -282,15 +290,26 @@ def second_moment(rows: Tensor, grouped: bool = False) -> Tensor:
         True
         >>> torch.allclose(second_moment(rows, grouped=True)[1], rows[:, 1].T @ rows[:, 1])
         True
+        >>> total = second_moment(rows)
+        >>> torch.allclose(second_moment(rows, out=total.clone(), alpha=0.5), 1.5 * total)
+        True
     """
     if grouped:
         per_group = rows.reshape(-1, *rows.shape[-2:]).transpose(0, 1)  # [g, M, n]
-        return torch.bmm(per_group.transpose(1, 2), per_group)
-    if rows.is_contiguous():
+        if out is not None:
+            return torch.baddbmm(out, per_group.transpose(1, 2), per_group, alpha=alpha, out=out)
+        product = torch.bmm(per_group.transpose(1, 2), per_group)
+    elif rows.is_contiguous():
         flat = rows.reshape(-1, rows.shape[-1])
-        return flat.T @ flat
-    batched = rows.reshape(-1, *rows.shape[-2:])
-    return torch.bmm(batched.transpose(1, 2), batched).sum(0)
+        if out is not None:
+            return torch.addmm(out, flat.T, flat, alpha=alpha, out=out)
+        product = flat.T @ flat
+    else:
+        batched = rows.reshape(-1, *rows.shape[-2:])
+        product = torch.bmm(batched.transpose(1, 2), batched).sum(0)
+    if out is not None:
+        return out.add_(product, alpha=alpha)
+    return product if alpha == 1.0 else alpha * product
 
 
 def rotate(rows: Tensor, basis: Tensor) -> Tensor:
@@ -410,9 +429,14 @@ class DenseInputRule(LayerRule):
         trace_restricted: bool,
         dtype: torch.dtype,
         valid: Tensor | None = None,
+        total: LayerStatistics | None = None,
     ) -> LayerStatistics:
         features = self._features(layer, inputs, dtype)
         grouped, terms = layer.groups > 1, {}
+
+        def moment(name: str, rows: Tensor, alpha: float = 1.0) -> Tensor:  # into total's, if any
+            return second_moment(rows, grouped, None if total is None else getattr(total, name), alpha)
+
         kept = kept_positions(valid, *features.shape[:2])
         trailing = 2 if grouped else 1
         features, gradients = masked(features, kept, trailing), masked(gradients, kept, trailing)
@@ -424,18 +448,18 @@ class DenseInputRule(LayerRule):
             features = _position_means(features, kept)
             gradients = None if gradients is None else gradients.sum(dim=2, keepdim=True)
             kept = None if kept is None else kept.any(dim=1, keepdim=True)
-        moment = second_moment(features, grouped)
-        terms["input_factor"] = moment if weight == 1.0 else weight * moment
+        terms["input_factor"] = moment("input_factor", features, weight)
         count = weight * (math.prod(features.shape[:2]) if kept is None else float(kept.sum()))
         if gradients is not None:
-            terms["output_factor"] = second_moment(gradients, grouped)
+            terms["output_factor"] = moment("output_factor", gradients)
             if trace_restricted:
                 input_norms, output_norms = features.square().sum(-1), gradients.square().sum(-1)
                 weighted_inputs = features * output_norms.sum(0).sqrt().unsqueeze(-1)
                 weighted_outputs = gradients * input_norms.sqrt().unsqueeze(-1)
-                terms["trace_input_factor"] = second_moment(weighted_inputs, grouped)
-                terms["trace_output_factor"] = second_moment(weighted_outputs, grouped)
-        return LayerStatistics(layer, input_count=count, **terms)
+                terms["trace_input_factor"] = moment("trace_input_factor", weighted_inputs)
+                terms["trace_output_factor"] = moment("trace_output_factor", weighted_outputs)
+        batch = LayerStatistics(layer, input_count=count, **terms)
+        return batch if total is None else total.accumulate(batch)
 
     def correction(
         self,
