@@ -75,7 +75,7 @@ def test_peers_benchmark_quick_mode_runs():
     """Runs with or without curvlinops (the optional [bench] extra); the floor is printed either way."""
     out = _quick("peers.py", "--workloads", "tokens")
     assert "floor of the statistics pass" in out and "KFAC build" in out and "GGN @ v" in out
-    assert out.count("x ") >= 5
+    assert out.count("x ") >= 6
 
 
 def test_peers_benchmark_saves_and_compares_products(tmp_path):

@@ -215,11 +215,14 @@ def _passes(builder, model, data, params=None):
     return counted.passes
 
 
-def test_exact_blocks_take_no_correcting_pass():
+def test_exact_blocks_take_no_correcting_pass(monkeypatch):
     model, data = _setup("layernorm")
     norm = list(model[1].parameters())
     kfac = _passes(curvops.KFAC, model, data)
     assert _passes(curvops.EKFAC, model, data, norm) == _passes(curvops.KFAC, model, data, norm) == kfac
+    assert _passes(curvops.EKFAC, model, data) == kfac  # corrected from the statistics pass's kept batches
+    monkeypatch.setattr("curvops.nn.kronecker_pass.CORRECTION_CACHE_BYTES", 0)  # nothing kept
+    assert _passes(curvops.EKFAC, model, data, norm) == kfac
     assert _passes(curvops.EKFAC, model, data) == kfac + 1  # the Linear layers' correction
 
 

@@ -130,11 +130,12 @@ def _batches(dtype, count=3):
 
 @pytest.mark.parametrize("builder", ["kfac", "ekfac", "tkfac", "tekfac"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_builders_decompose_in_the_factors_dtype_by_default(builder, dtype):
+def test_ekfac_decomposes_in_the_factors_dtype_and_kfac_in_float64_by_default(builder, dtype):
     from curvops.linalg.factor import factors_of
 
     op = kronecker_approximation(builder, _mlp(dtype), nn.CrossEntropyLoss(), _batches(dtype))
-    expected = torch.float64 if dtype == torch.float64 else torch.float32
+    eigenbasis_only = builder in ("ekfac", "tekfac")
+    expected = torch.float32 if eigenbasis_only and dtype != torch.float64 else torch.float64
     factors = factors_of([op])
     if builder in ("kfac", "tkfac"):
         assert factors and {f.decomposition_dtype for f in factors} == {expected}
@@ -146,11 +147,12 @@ def test_builders_decompose_in_the_factors_dtype_by_default(builder, dtype):
     assert {f.decomposition_dtype for f in factors_of([restored])} == {f.decomposition_dtype for f in factors}
 
 
-def test_float32_kfac_inverse_and_logdet_match_the_float64_truth():
-    """The float32 default: within float32's accuracy of the dense float64 damped inverse/logdet."""
-    op = curvops.KFAC(
-        _mlp(torch.float32), nn.CrossEntropyLoss(), _batches(torch.float32), fisher_type="type-2"
-    )
+@pytest.mark.parametrize("builder", ["kfac", "ekfac"])
+def test_float32_inverse_and_logdet_match_the_float64_truth(builder):
+    """Either default (EKFAC's float32 eigenbasis, KFAC's float64 eigh): within float32's accuracy
+    of the dense float64 damped inverse and logdet of the same operator."""
+    model, data = _mlp(torch.float32), _batches(torch.float32)
+    op = kronecker_approximation(builder, model, nn.CrossEntropyLoss(), data, fisher_type="type-2")
     damped = op.to_dense().double() + 0.01 * torch.eye(op.shape[0], dtype=D)
     inverse = op.inverse(0.01).to_dense().double()
     assert float((inverse - torch.linalg.inv(damped)).norm() / torch.linalg.inv(damped).norm()) < 1e-5
@@ -161,8 +163,9 @@ def test_float32_kfac_inverse_and_logdet_match_the_float64_truth():
 
 def test_memory_estimate_follows_the_default_decomposition_dtype():
     model = _mlp(torch.float32)
-    assert curvops.memory_estimate(model).decomposition_dtype == torch.float32
-    assert curvops.memory_estimate(model.double()).decomposition_dtype == torch.float64
+    assert curvops.memory_estimate(model).decomposition_dtype == torch.float64
+    assert curvops.memory_estimate(model, "ekfac").decomposition_dtype == torch.float32
+    assert curvops.memory_estimate(model.double(), "tekfac").decomposition_dtype == torch.float64
 
 
 # ------------------------------------------------------------ restored operators share their factors

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import Shards, decompose_blocks
-from ..linalg import CurvatureOperator, Diagonal, computation_dtype
+from ..linalg import CurvatureOperator, Diagonal
 from ..linalg.checks import check_bool, check_choice
 from ..linalg.spectral import check_decomposition_dtype
 from .assembly import Entry, Layout, assemble
@@ -78,8 +78,7 @@ def KFAC(
     :mod:`curvops.nn.layers.rule`). The same holds for EKFAC's corrections and TKFAC's traces.
 
     Precision: the statistics are accumulated in at least float32 and the factors decomposed in
-    ``decomposition_dtype`` (by default the factors' dtype; float32 with a float64 fallback per
-    factor); for a
+    ``decomposition_dtype`` (float64 by default; float32 with a float64 fallback per factor); for a
     bfloat16 or float16 model every block is a :class:`~curvops.linalg.Cast` of
     its float32 operator, so products (and the inverse's) take and give the model's dtype while
     the eigenvalues keep float32's resolution (see ``docs/conventions.rst``, "Precision").
@@ -123,9 +122,9 @@ def KFAC(
             serves its weight and bias blocks): ``torch.float64``, or ``torch.float32`` (half
             the memory of ``eigh``, about twice as fast) where a factor whose float32 ``eigh``
             fails or is inaccurate is recomputed in float64 (:func:`curvops.linalg.spectral.eigh`).
-            ``None`` (default): the factors' own dtype, float32 for a float32, bfloat16 or
-            float16 model and float64 for a float64 one (a float32 factor carries float32's
-            rounding already, which a float64 ``eigh`` does not remove). With
+            ``None`` (default): float64 here and for TKFAC; for EKFAC and TEKFAC, which use
+            only the eigenbasis, the factors' own dtype (float32 for a float32, bfloat16 or
+            float16 model). With
             more than one rank the builder decomposes every factor, each on one rank
             (:func:`curvops.distributed.decompose_blocks`), so ``inverse`` and ``logdet`` cost
             no ``eigh`` afterwards.
@@ -341,7 +340,7 @@ def _build(
     loss = options.loss(loss_fn)
     model_data = ModelData(model, data, params, progressbar, check_deterministic, allow_empty=shards.active)
     if decomposition_dtype is None:
-        decomposition_dtype = computation_dtype(model_data.dtype)
+        decomposition_dtype = options.approximation.default_decomposition_dtype(model_data.dtype)
     layers, others = find_layers(model, model_data.params, options.bias, options.kfac_approx)
     if others and unsupported == "error":
         raise unsupported_error(options.approximation.label, others, UNSUPPORTED_FIX)

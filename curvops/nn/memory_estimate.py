@@ -172,8 +172,8 @@ def memory_estimate(
     Args:
         model: the network.
         approximation: ``"kfac"``, ``"ekfac"``, ``"tkfac"`` or ``"tekfac"``.
-        params, bias, kfac_approx, decomposition_dtype: the builders' options (``None``: the
-            factors' dtype, as the builders decompose).
+        params, bias, kfac_approx, decomposition_dtype: the builders' options (``None``: as the
+            builders decompose, float64 but for EKFAC's eigenbases).
         dtype: the model's dtype (default: its parameters'); the factors are in its
             computation dtype (float32 for bfloat16 and float16).
         inverse: count the eigendecompositions and the exact damped inverse (``inverse`` or
@@ -185,12 +185,12 @@ def memory_estimate(
         >>> estimate["0"].factors == 4 * (512**2 + 1024**2)  # G and A in float32; the bias shares G
         True
         >>> print(estimate)  # doctest: +NORMALIZE_WHITESPACE
-        KFAC memory (torch.float32, eigh in torch.float32)
+        KFAC memory (torch.float32, eigh in torch.float64)
         layer  block      factors  eigenbases  inverse   eigh peak
-        0      kronecker  5.0 MiB  5.0 MiB     2.0 MiB   16.0 MiB
-        2      kronecker  1.0 MiB  1.0 MiB     20.0 KiB  4.0 MiB
-        total             6.0 MiB  6.0 MiB     2.0 MiB   16.0 MiB
-        operator 12.0 MiB, peak 30.0 MiB
+        0      kronecker  5.0 MiB  5.0 MiB     2.0 MiB   24.1 MiB
+        2      kronecker  1.0 MiB  1.0 MiB     20.0 KiB  6.0 MiB
+        total             6.0 MiB  6.0 MiB     2.0 MiB   24.1 MiB
+        operator 12.0 MiB, peak 38.1 MiB
     """
     options = KroneckerOptions.checked(approximation, "type-2", kfac_approx, bias)
     if decomposition_dtype is not None:
@@ -199,7 +199,9 @@ def memory_estimate(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}.")
     chosen, _ = chosen_parameters(model, params)
     factor_dtype = computation_dtype(dtype or (chosen[0].dtype if chosen else torch.float32))
-    decomposition_dtype = decomposition_dtype or factor_dtype
+    decomposition_dtype = decomposition_dtype or options.approximation.default_decomposition_dtype(
+        factor_dtype
+    )
     layers, others = find_layers(model, chosen, options.bias, options.kfac_approx) if chosen else ([], [])
     size = torch.empty((), dtype=factor_dtype).element_size()
     cpu = not chosen or chosen[0].device.type != "cuda"  # a meta-device model counts as on the CPU
