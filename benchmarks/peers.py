@@ -43,7 +43,7 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from common import TokenModel, device_name, timed
+from common import device_name, timed, workload
 from torch import Tensor, nn
 
 import curvops
@@ -61,26 +61,20 @@ SAME_STEP = {"  with float32 eigh": "KFAC inverse, first @ v"}
 
 
 def make_workload(name: str, examples: int, batch: int, device: torch.device, dtype: torch.dtype):
-    """A model and its ``(X, y)`` batches, seeded."""
+    """A model and its ``(X, y)`` batches, seeded: ``benchmarks/common.py``'s MLP and token model,
+    and its CNN with a hidden linear layer of 128 more (``Linear(2048→128)-ReLU-Linear(128→10)``)."""
+    if name != "cnn":
+        model, data = workload(name, examples, batch, device)
+        return model.to(dtype), [(x.to(dtype), y) for x, y in data]
     torch.manual_seed(0)
-    if name == "mlp":
-        model = nn.Sequential(
-            nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
-        )
-        x, y = torch.randn(examples, 784), torch.randint(0, 10, (examples,))
-    elif name == "cnn":
-        model = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
-        )  # fmt: skip
-        x, y = torch.randn(examples, 3, 32, 32), torch.randint(0, 10, (examples,))
-    else:
-        model = TokenModel()
-        x, y = torch.randn(examples, 64, 256), torch.randint(0, 10, (examples, 64))
-    model = model.to(device, dtype)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
+    )  # fmt: skip
+    x, y = torch.randn(examples, 3, 32, 32), torch.randint(0, 10, (examples,))
     batches = zip(x.split(batch), y.split(batch), strict=True)
-    return model, [(xb.to(device, dtype), yb.to(device)) for xb, yb in batches]
+    return model.to(device, dtype), [(xb.to(device, dtype), yb.to(device)) for xb, yb in batches]
 
 
 class Flat(nn.Module):
