@@ -9,7 +9,7 @@ from test_kfac import ConvNet, Tokens, _batches, _block_diagonal, _deep_linear, 
 from torch import nn
 
 import curvops
-from curvops.nn.layers.rule import correction_strategy
+from curvops.nn.layers.per_datum import correction_strategy
 
 APPROXIMATIONS = {
     "kfac": lambda *args, **kwargs: curvops.KFAC(*args, **kwargs),

@@ -324,3 +324,46 @@ def test_a_users_asymmetric_factor_is_still_refused():
         curvops.Kronecker(torch.tensor([[1.0, 2.0], [0.0, 1.0]]), torch.eye(2))
     with pytest.raises(ValueError, match="NaN or inf"):
         curvops.Kronecker(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]), torch.eye(2))
+
+
+# ------------------------------------------------------------ convolution statistics in chunks of data
+class _TwiceConv(nn.Module):
+    """A conv applied twice (its calls' positions joined), a grouped conv, then a classifier per pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Conv2d(3, 3, 3, padding=1)
+        self.grouped = nn.Conv2d(3, 6, 3, padding=1, groups=3)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.grouped(torch.tanh(self.shared(torch.tanh(self.shared(x)))))))
+
+
+@pytest.mark.parametrize("builder", ["kfac", "tkfac", "ekfac"])
+@pytest.mark.parametrize("kfac_approx", ["expand", "reduce"])
+@pytest.mark.parametrize("bias", ["separate", "joint"])
+def test_convolution_statistics_in_chunks_of_data_equal_one_chunk(monkeypatch, builder, kfac_approx, bias):
+    """ConvRule.feature_chunk sums the patches of a few data at a time: the same factors, TKFAC
+    traces and EKFAC corrections as the whole batch at once, with per-pixel targets some of which
+    are ignore_index (and a datum of only padding), a shared conv and a grouped conv."""
+    from curvops.nn.layers.conv import ConvRule
+
+    if builder == "ekfac" and kfac_approx == "reduce":
+        pytest.skip("reduce's A has rank <= 7 < 27 here: EKFAC's basis of its null space is arbitrary")
+    torch.manual_seed(6)
+    model = _TwiceConv().double()
+    x, y = torch.randn(7, 3, 5, 5, dtype=D), torch.randint(0, 4, (7, 5, 5))
+    y[1, :2] = -100
+    y[4] = -100
+    data = [(x[:5], y[:5]), (x[5:], y[5:])]
+    options = {"fisher_type": "type-2", "kfac_approx": kfac_approx, "bias": bias}
+    whole = kronecker_approximation(builder, model, nn.CrossEntropyLoss(), data, **options).to_dense()
+    monkeypatch.setattr(ConvRule, "feature_chunk", 60)  # 1 datum's patches a chunk
+    chunked = kronecker_approximation(builder, model, nn.CrossEntropyLoss(), data, **options).to_dense()
+    assert torch.allclose(chunked, whole, rtol=1e-11, atol=1e-14)
+    if builder == "kfac" and kfac_approx == "expand" and bias == "separate":
+        monkeypatch.setattr(ConvRule, "feature_chunk", None)
+        assert torch.allclose(
+            kronecker_approximation(builder, model, nn.CrossEntropyLoss(), data, **options).to_dense(), whole
+        )

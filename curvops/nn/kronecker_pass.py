@@ -250,7 +250,7 @@ class KroneckerPass:
         output-space column's) gradient, summed over positions whatever ``kfac_approx`` is,
         so ``s`` is exactly the diagonal of the true block in the basis ``Q_out ⊗ Q_in``.
         ``correction`` (an option) picks per-example gradients or position Gramians
-        (:func:`~curvops.nn.layers.rule.correction_strategy`).
+        (:func:`~curvops.nn.layers.per_datum.correction_strategy`).
         """
         sums = [Corrections() for _ in self.layers]
 

@@ -81,6 +81,8 @@ class ConvRule(DenseInputRule):
         (torch.Size([2, 9, 4, 9]), (2, 9))
     """
 
+    feature_chunk = 2**20  # patches of ~1M numbers at a time: 1.4-1.7x faster than a batch's at once
+
     def groups(self, module: nn.Module) -> int:
         return module.groups
 

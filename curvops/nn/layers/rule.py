@@ -55,15 +55,12 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ..batches import data_rows
 from ..statistics import LayerStatistics
 from .padding import kept_positions, masked
+from .per_datum import CORRECTION_CHUNK, chunks, correction_strategy, gradient_norms, input_rotated
 
 T = TypeVar("T")
-
-CORRECTION_CHUNK = 2**22
-"""Numbers per intermediate of a gradient-norm sum or an eigenvalue correction: data are
-processed in chunks below it (16 MiB in float32: bounded memory, and on a CPU twice as fast
-as chunks of 2**26 numbers, which leave the cache)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -323,69 +320,6 @@ def rotate(rows: Tensor, basis: Tensor) -> Tensor:
     return rows @ basis if basis.ndim == 2 else torch.einsum("...gi,gij->...gj", rows, basis)
 
 
-def _input_rotated(gradients: Tensor, q_in: Tensor) -> Tensor:
-    """Per-datum weight gradients ``[K, N, n_out, n_in]`` times ``Q_in`` (``[K, N, g, n_out, n_in]``
-    times every group's ``[g, n_in, n_in]``)."""
-    return gradients @ q_in if q_in.ndim == 2 else torch.einsum("kngoi,gij->kngoj", gradients, q_in)
-
-
-def correction_strategy(
-    correction: str, columns: int, data: int, positions: int, outputs: int, inputs: int
-) -> str:
-    """``"per-example"`` or ``"gramian"``: ``"auto"`` picks the one with less memory.
-
-    Per-example rotated gradients take ``K·N·n_out·n_in`` numbers for ``K`` columns and ``N``
-    data; the Gramians ``N·S²·(n_out + n_in)`` for ``S`` positions.
-
-    Example:
-        >>> correction_strategy("auto", 1, 512, 1, 1024, 1024)  # no weight sharing: tiny Gramians
-        'gramian'
-        >>> correction_strategy("auto", 1, 8, 64, 256, 256)  # 64 tokens per datum
-        'per-example'
-    """
-    if correction != "auto":
-        return correction
-    per_example = columns * data * outputs * inputs
-    gramian = data * positions * positions * (outputs + inputs)
-    return "per-example" if per_example <= gramian else "gramian"
-
-
-def _chunks(data: int, per_datum: int) -> range:
-    return range(0, data, max(1, CORRECTION_CHUNK // per_datum))
-
-
-def gradient_norms(gradients: Tensor, features: Tensor) -> Tensor:
-    """``Σ_{k,n} ‖Σ_s g_kns a_ns^T‖_F²``: the squared norms of every datum's (and column's)
-    weight gradient, from ``[K, N, S, n_out]`` output gradients and ``[N, S, n_in]`` inputs;
-    per group (``[g]``) for ``[K, N, S, g, n_out]`` and ``[N, S, g, n_in]``.
-
-    TKFAC's ``δ`` is their mean, so its block's trace is the true block's, with or without
-    weight sharing. The gradients are formed explicitly or through position Gramians,
-    ``Σ_{s,t} (g_kns · g_knt)(a_ns · a_nt)``, whichever takes less memory
-    (:func:`correction_strategy`), in chunks of data.
-
-    Example:
-        >>> g, a = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 6, dtype=torch.float64)
-        >>> truth = torch.einsum("knso,nsi->knoi", g, a).square().sum()
-        >>> torch.allclose(gradient_norms(g, a), truth)
-        True
-    """
-    columns, data, positions, outputs = *gradients.shape[:3], gradients.shape[-1]
-    groups = math.prod(gradients.shape[3:-1])
-    strategy = correction_strategy("auto", columns, data, positions, outputs, features.shape[-1])
-    per_datum = columns * outputs * features.shape[-1] if strategy == "per-example" else positions * positions
-    total = gradients.new_zeros(gradients.shape[3:-1])
-    for start in _chunks(data, per_datum * groups):
-        stop = start + max(1, CORRECTION_CHUNK // (per_datum * groups))
-        g, a = gradients[:, start:stop], features[start:stop]
-        if strategy == "per-example":
-            total = total + torch.einsum("kns...o,ns...i->kn...oi", g, a).square().sum(dim=(0, 1, -2, -1))
-        else:
-            output_gram = torch.einsum("kns...o,knt...o->n...st", g, g)
-            total = total + (output_gram * torch.einsum("ns...i,nt...i->n...st", a, a)).sum(dim=(0, -2, -1))
-    return total
-
-
 def _position_means(features: Tensor, kept: Tensor | None) -> Tensor:
     """``â_n``, ``[N, 1, n_in]`` (``[N, 1, g, n_in]`` grouped): each datum's mean input over its
     kept positions (zero for none)."""
@@ -399,7 +333,15 @@ class DenseInputRule(LayerRule):
     """A layer with vector inputs ``a_ns``: subclasses say how the captured input becomes
     ``[N, S, n_in]`` (:meth:`features`; ``[N, S, g, n_in]`` for ``g > 1`` groups, with output
     gradients ``[K, N, S, g, n_out]``); the factor sums, TKFAC's terms and EKFAC's corrections
-    follow from them."""
+    follow from them.
+
+    Attributes:
+        feature_chunk: for a rule whose features are a copy of its input (a convolution's patches),
+            how many numbers of features :meth:`statistics` makes and sums at a time, in chunks of
+            data that stay in cache (``None``: the whole batch at once).
+    """
+
+    feature_chunk: ClassVar[int | None] = None
 
     @abstractmethod
     def features(self, module: nn.Module, inputs: Tensor) -> Tensor:
@@ -431,13 +373,41 @@ class DenseInputRule(LayerRule):
         valid: Tensor | None = None,
         total: LayerStatistics | None = None,
     ) -> LayerStatistics:
-        features = self._features(layer, inputs, dtype)
+        data = (inputs[0] if isinstance(inputs, list) else inputs).shape[0]
+        first = self._features(layer, data_rows(inputs, 0, 1), dtype) if self.feature_chunk else None
+        rows = data if first is None else max(1, self.feature_chunk // max(first.numel(), 1))
+        options = (weight, kfac_approx, trace_restricted)
+        if rows >= data:
+            features = self._features(layer, inputs, dtype)
+            kept = kept_positions(valid, *features.shape[:2])
+            return self._sums(layer, features, gradients, kept, *options, total)
+        kept = kept_positions(valid, data, first.shape[1])
+        for start in range(0, data, rows):  # the same sums, chunk by chunk of data
+            block = slice(start, start + rows)
+            features = self._features(layer, data_rows(inputs, start, start + rows), dtype)
+            chunk_gradients = None if gradients is None else gradients[:, block]
+            total = self._sums(
+                layer, features, chunk_gradients, None if kept is None else kept[block], *options, total
+            )
+        return total
+
+    def _sums(
+        self,
+        layer: KroneckerLayer,
+        features: Tensor,
+        gradients: Tensor | None,
+        kept: Tensor | None,
+        weight: float,
+        kfac_approx: str,
+        trace_restricted: bool,
+        total: LayerStatistics | None,
+    ) -> LayerStatistics:
+        """:meth:`statistics` of data with ``features`` and the mask ``kept`` of their positions."""
         grouped, terms = layer.groups > 1, {}
 
         def moment(name: str, rows: Tensor, alpha: float = 1.0) -> Tensor:  # into total's, if any
             return second_moment(rows, grouped, None if total is None else getattr(total, name), alpha)
 
-        kept = kept_positions(valid, *features.shape[:2])
         trailing = 2 if grouped else 1
         features, gradients = masked(features, kept, trailing), masked(gradients, kept, trailing)
         if trace_restricted and gradients is not None:
@@ -484,13 +454,13 @@ class DenseInputRule(LayerRule):
         per_datum = columns * outputs * size if strategy == "per-example" else positions**2 * (outputs + size)
         per_datum *= groups
         total = None
-        for start in _chunks(data, per_datum):  # bounded memory
+        for start in chunks(data, per_datum):  # bounded memory
             stop = start + max(1, CORRECTION_CHUNK // per_datum)
             g, a = rotated[:, start:stop], features[start:stop]
             if strategy == "per-example":
                 gradients = torch.einsum("kns...o,ns...i->kn...oi", g, a)
                 if rotate_gradients:
-                    gradients = _input_rotated(gradients, q_in)
+                    gradients = input_rotated(gradients, q_in)
                 part = gradients.square().sum(dim=(0, 1))
             else:
                 output_gram = torch.einsum("kns...o,knt...o->nst...o", g, g)
