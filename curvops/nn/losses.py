@@ -205,8 +205,7 @@ class LossAdapter:
         if closed is not None:
             if self.reduction == "sum":
                 return closed * scale
-            divisor = mean_divisor(self.loss_fn, output, target)  # no terms: torch's mean is nan
-            return closed * (scale / divisor) if isinstance(divisor, float) else closed * scale / divisor
+            return closed * (scale / mean_divisor(self.loss_fn, output, target))
         gradient = torch.func.grad(lambda o, t: scale * self(o, t))
         if draws:
             return torch.func.vmap(gradient, in_dims=(None, 0))(output, target)

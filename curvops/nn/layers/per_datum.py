@@ -42,10 +42,16 @@ def correction_strategy(
     return "per-example" if per_example <= gramian else "gramian"
 
 
-def chunks(data: int, per_datum: int) -> range:
-    """The first rows of the chunks of ``data`` data of ``per_datum`` numbers each that stay below
-    :data:`CORRECTION_CHUNK` numbers (at least one datum a chunk)."""
-    return range(0, data, max(1, CORRECTION_CHUNK // per_datum))
+def chunks(data: int, per_datum: int, limit: int = CORRECTION_CHUNK) -> list[slice]:
+    """The rows of ``data`` data of ``per_datum`` numbers each in chunks of at most ``limit``
+    numbers (at least one datum a chunk).
+
+    Example:
+        >>> chunks(5, 3, limit=6)
+        [slice(0, 2, None), slice(2, 4, None), slice(4, 6, None)]
+    """
+    rows = max(1, limit // max(per_datum, 1))
+    return [slice(start, start + rows) for start in range(0, data, rows)]
 
 
 def gradient_norms(gradients: Tensor, features: Tensor) -> Tensor:
@@ -69,9 +75,8 @@ def gradient_norms(gradients: Tensor, features: Tensor) -> Tensor:
     strategy = correction_strategy("auto", columns, data, positions, outputs, features.shape[-1])
     per_datum = columns * outputs * features.shape[-1] if strategy == "per-example" else positions * positions
     total = gradients.new_zeros(gradients.shape[3:-1])
-    for start in chunks(data, per_datum * groups):
-        stop = start + max(1, CORRECTION_CHUNK // (per_datum * groups))
-        g, a = gradients[:, start:stop], features[start:stop]
+    for block in chunks(data, per_datum * groups):
+        g, a = gradients[:, block], features[block]
         if strategy == "per-example":
             total = total + torch.einsum("kns...o,ns...i->kn...oi", g, a).square().sum(dim=(0, 1, -2, -1))
         else:

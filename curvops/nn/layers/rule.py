@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from ..batches import data_rows
 from ..statistics import LayerStatistics
 from .padding import kept_positions, masked
-from .per_datum import CORRECTION_CHUNK, chunks, correction_strategy, gradient_norms, input_rotated
+from .per_datum import chunks, correction_strategy, gradient_norms, input_rotated
 
 T = TypeVar("T")
 
@@ -375,16 +375,15 @@ class DenseInputRule(LayerRule):
     ) -> LayerStatistics:
         data = (inputs[0] if isinstance(inputs, list) else inputs).shape[0]
         first = self._features(layer, data_rows(inputs, 0, 1), dtype) if self.feature_chunk else None
-        rows = data if first is None else max(1, self.feature_chunk // max(first.numel(), 1))
+        blocks = [slice(0, data)] if first is None else chunks(data, first.numel(), self.feature_chunk)
         options = (weight, kfac_approx, trace_restricted)
-        if rows >= data:
+        if len(blocks) == 1:
             features = self._features(layer, inputs, dtype)
             kept = kept_positions(valid, *features.shape[:2])
             return self._sums(layer, features, gradients, kept, *options, total)
         kept = kept_positions(valid, data, first.shape[1])
-        for start in range(0, data, rows):  # the same sums, chunk by chunk of data
-            block = slice(start, start + rows)
-            features = self._features(layer, data_rows(inputs, start, start + rows), dtype)
+        for block in blocks:  # the same sums, chunk by chunk of data
+            features = self._features(layer, data_rows(inputs, block.start, block.stop), dtype)
             chunk_gradients = None if gradients is None else gradients[:, block]
             total = self._sums(
                 layer, features, chunk_gradients, None if kept is None else kept[block], *options, total
@@ -454,9 +453,8 @@ class DenseInputRule(LayerRule):
         per_datum = columns * outputs * size if strategy == "per-example" else positions**2 * (outputs + size)
         per_datum *= groups
         total = None
-        for start in chunks(data, per_datum):  # bounded memory
-            stop = start + max(1, CORRECTION_CHUNK // per_datum)
-            g, a = rotated[:, start:stop], features[start:stop]
+        for block in chunks(data, per_datum):  # bounded memory
+            g, a = rotated[:, block], features[block]
             if strategy == "per-example":
                 gradients = torch.einsum("kns...o,ns...i->kn...oi", g, a)
                 if rotate_gradients:
