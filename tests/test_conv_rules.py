@@ -81,6 +81,12 @@ def test_one_datum_one_position_is_the_ggn(dims, mode, case, bias, build):
     torch.manual_seed(case)
     model = nn.Sequential(_conv(dims, padding_mode=mode, **options))  # a named layer: "0"
     x = torch.randn(1, 2, *(width,) * dims, generator=generator(0), dtype=DOUBLE)
+    assert_one_position_is_the_ggn(model, x, bias, build)
+
+
+def assert_one_position_is_the_ggn(model, x, bias, build):
+    """KFAC or EKFAC of a one-convolution ``model`` on one datum ``x`` with one output position:
+    the dense GGN's block diagonal (float64, MSE)."""
     with torch.no_grad():
         y = torch.randn(model(x).shape, generator=generator(1), dtype=DOUBLE)
     assert y[0, 0].numel() == 1
