@@ -275,6 +275,41 @@ def test_ggn_products_equal_the_two_pass_reference(kind):
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+class _Branches(nn.Module):
+    """The raw input into three first layers: a Linear called with its bias by keyword, a
+    bias-free Linear, and a strided grouped Conv1d with reflect padding; then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 4), nn.Linear(6, 4, bias=False)
+        self.conv = nn.Conv1d(2, 4, 3, stride=2, groups=2, padding=1, padding_mode="reflect")
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        a = nn.functional.linear(x, self.a.weight, bias=self.a.bias)
+        c = self.conv(x.reshape(-1, 2, 3)).mean(-1)
+        return self.head(torch.tanh(torch.cat([a, self.b(x), c], -1)))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_first_layers_of_the_one_forward_product_take_the_input_as_constant(frozen):
+    """The single-pass product computes a first layer's tangent from its weight's and bias's
+    alone: equal to ``torch.func``'s reference, and, with a frozen first weight (its bias
+    trained), to the several-column path."""
+    torch.manual_seed(8)
+    model = _Branches().double()
+    x, y = torch.randn(9, 6, dtype=D), torch.randint(0, 3, (9,))
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    params = [p for name, p in model.named_parameters() if not (frozen and name == "a.weight")]
+    ggn = curvops.GGN(model, nn.CrossEntropyLoss(), batches, params=params)
+    v = torch.randn(ggn.shape[0], dtype=D)
+    single, columns = ggn @ v, ggn @ torch.stack([v, -v], dim=1)
+    assert torch.allclose(columns, torch.stack([single, -single], dim=1), rtol=1e-10, atol=1e-13)
+    if not frozen:
+        truth = _reference_ggn_product(model, nn.CrossEntropyLoss(), batches, v)
+        assert torch.allclose(single, truth, rtol=1e-10, atol=1e-13)
+
+
 def test_a_model_without_forward_mode_derivatives_falls_back():
     """``nn.MultiheadAttention`` in eval mode takes a fused kernel without forward-mode derivatives:
     the product falls back to reverse over reverse and still equals the dense GGN's."""
