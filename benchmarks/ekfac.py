@@ -3,11 +3,12 @@
 On the workloads of ``benchmarks/common.py`` (MLP, CNN, token model; float32, 4096 examples
 in batches of 512, cross-entropy, ``fisher_type="mc"`` with one sample) it times, in one run:
 a plain forward+backward pass over the data (the reference); KFAC's statistics pass; the
-factors' eigendecompositions; EKFAC end to end for each correction strategy asked for
-(default ``auto``; forcing ``gramian`` on the CNN's 1024-position first layer, or
-``per-example`` on the wide MLP, is slow by design) and the correction pass alone (EKFAC
-minus statistics minus eigendecompositions); TKFAC (one pass) and TEKFAC. On a GPU it prints
-each strategy's peak memory.
+factors' eigendecompositions (in the factors' dtype, as EKFAC's); EKFAC end to end for each
+correction strategy asked for (default ``auto``; forcing ``gramian`` on the CNN's 1024-position
+first layer, or ``per-example`` on the wide MLP, is slow by design) and the corrections alone
+(EKFAC minus statistics minus eigendecompositions: from the statistics pass's kept inputs and
+output gradients where they fit in ``CORRECTION_CACHE_BYTES``, else a second pass); TKFAC (one
+pass) and TEKFAC. On a GPU it prints each strategy's peak memory.
 
 Usage: ``python benchmarks/ekfac.py [--device cuda] [--workloads mlp cnn tokens]
 [--strategies auto per-example gramian] [--quick]``.
@@ -29,7 +30,7 @@ def report(
     model, data = workload(name, examples, batch, device)
     loss_fn = nn.CrossEntropyLoss()
     reference = seconds(lambda: forward_backward(model, loss_fn, data), min_run_time)
-    kfac = curvops.KFAC(model, loss_fn, data)
+    kfac = curvops.KFAC(model, loss_fn, data, decomposition_dtype=torch.float32)  # EKFAC's: the factors'
 
     def eigendecompositions() -> None:
         for block in kfac.blocks:
@@ -42,7 +43,7 @@ def report(
         total = seconds(lambda: curvops.EKFAC(model, loss_fn, data, correction=strategy), min_run_time)  # noqa: B023
         rows += [
             (f"EKFAC ({strategy})", total),
-            (f"  correction pass ({strategy})", total - statistics - eigh),
+            (f"  corrections ({strategy})", total - statistics - eigh),
         ]
     rows.append(("TKFAC", seconds(lambda: curvops.TKFAC(model, loss_fn, data), min_run_time)))
     tekfac = seconds(lambda: curvops.TKFAC(model, loss_fn, data, eigenvalue_correction=True), min_run_time)

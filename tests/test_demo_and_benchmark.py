@@ -58,7 +58,7 @@ def test_kfac_benchmark_quick_mode_runs():
 
 def test_ekfac_benchmark_quick_mode_runs():
     out = _quick("ekfac.py", "--workloads", "tokens")
-    assert "correction pass (auto)" in out and "TEKFAC" in out
+    assert "corrections (auto)" in out and "TEKFAC" in out
 
 
 def test_optimizer_benchmark_quick_mode_runs():

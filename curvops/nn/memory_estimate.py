@@ -7,6 +7,10 @@ block), the eigendecompositions of the distinct factors, the damped inverse's ow
 the largest transient of one ``eigh``. The factors' shapes follow from the layer alone:
 ``G`` is ``[g, n_out, n_out]`` (``g`` groups; no group axis for ``g = 1``), ``A`` is
 ``[g, n_in, n_in]`` (``n_in`` counting a joint bias's 1; a 1-D ``[n_in]`` for an embedding).
+
+Not counted, as it depends on the data: during an EKFAC or TEKFAC build, the statistics pass's
+layer inputs and output gradients kept for the corrections, at most
+:data:`~curvops.nn.kronecker_pass.CORRECTION_CACHE_BYTES` (256 MiB; larger data pass twice).
 """
 
 from __future__ import annotations
