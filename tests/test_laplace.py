@@ -480,7 +480,7 @@ def test_bad_arguments(classification):
     with pytest.raises(ValueError, match="predictive method"):
         lap.predictive(x, method="laplace")
     with pytest.raises(ValueError, match="link approximation"):
-        lap.predictive(x, link_approx="bridge")
+        lap.predictive(x, link_approx="laplace")
     with pytest.raises(ValueError, match="n_samples"):
         lap.predictive(x, n_samples=0)
     with pytest.raises(ValueError, match="batch_size"):

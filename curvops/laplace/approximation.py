@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..distributed import Shards
 from ..linalg import CurvatureOperator
 from ..linalg.checks import check_choice, check_generator, check_positive, check_positive_int
-from ..nn.batches import data_count
+from ..nn.batches import as_batches
 from ..nn.losses import LossAdapter
 from ..nn.model import ModelData
 from ..nn.options import check_curvature
@@ -25,12 +25,20 @@ from .curvature import (
     summed_negative_log_likelihood,
 )
 from .network import Network
+from .noise import GaussianNoise
 from .posterior import Posterior, check_prior_precision, warn_unless_minimum
-from .predictive import check_predictive_arguments, glm_covariances, glm_predictive, sampled_predictive
-from .tuning import PRIOR_METHODS, check_grid, grid_search, maximize_marglik
+from .predictive import Predictives
+from .tuning import (
+    PRIOR_METHODS,
+    check_grid,
+    check_tuning_arguments,
+    grid_search,
+    maximize,
+    validation_negative_log_likelihood,
+)
 
 
-class Laplace:
+class Laplace(Predictives):
     """The Laplace approximation ``N(θ*, P^-1)``, ``P = K/T + τ I``, of a trained network.
 
     ``θ*`` are the parameters' values now (they are copied: training on afterwards does not
@@ -140,6 +148,10 @@ class Laplace:
         fit = read_data(self._model, self._loss_adapter, self._theta, shards)
         self.num_terms = fit.num_terms
         self.loss = summed_negative_log_likelihood(fit, sigma_noise)
+        self._noise = (
+            GaussianNoise(fit.loss, fit.num_terms, sigma_noise) if self.likelihood == "regression" else None
+        )
+        self._noise_ratio: float = 1.0  # σ²/σ₀² once σ is learned: K is divided by it
         self._network = Network(self._model, self._theta, fit.output_shape, fit.input_example)
         op = build_curvature(curvature, self._model, self._loss_adapter, curvature_options, group)
         scale = curvature_scale(curvature, self._loss_adapter, self.num_terms, sigma_noise)
@@ -211,6 +223,11 @@ class Laplace:
         self._temperature = check_positive(value, "temperature")
 
     @property
+    def _curvature_temperature(self) -> float:
+        """What ``K`` as built is divided by: ``T``, times ``σ²/σ₀²`` once ``σ`` is learned."""
+        return self._temperature * self._noise_ratio
+
+    @property
     def posterior_precision(self) -> CurvatureOperator:
         """``P = K/T + τ I`` as a structured operator (``[D, D]``), damped block by block.
 
@@ -226,7 +243,7 @@ class Laplace:
             >>> torch.allclose(p, la.curvature.to_dense() + 2.0 * torch.eye(6, dtype=torch.float64))
             True
         """
-        return self._posterior.precision(self._prior_precision, self._temperature)
+        return self._posterior.precision(self._prior_precision, self._curvature_temperature)
 
     @property
     def posterior_covariance(self) -> CurvatureOperator:
@@ -240,11 +257,13 @@ class Laplace:
             >>> torch.allclose(la.posterior_covariance @ la.posterior_precision.to_dense(), eye)
             True
         """
-        return self._posterior.covariance(self._prior_precision, self._temperature)
+        return self._posterior.covariance(self._prior_precision, self._curvature_temperature)
 
     # ----------------------------------------------------------------- evidence
     def log_marginal_likelihood(
-        self, prior_precision: float | Sequence[float] | Tensor | None = None
+        self,
+        prior_precision: float | Sequence[float] | Tensor | None = None,
+        sigma_noise: float | None = None,
     ) -> Tensor:
         """Laplace's log evidence: ``log p(D) ≈ -L_sum(θ*)/T - ½ (logdet P - Σ_l D_l log τ_l)
         - ½ Σ_l τ_l ‖θ*_l‖²``.
@@ -254,11 +273,13 @@ class Laplace:
         over the eigenvalues ``λ_bi`` of each block of ``K`` (computed once and cached), or a
         Cholesky factorisation for a block that mixes several ``τ``. The constant
         ``-(D/2) log 2π`` of the Gaussian integral cancels against the prior's normaliser and
-        does not appear.
+        does not appear. At another ``σ`` of a Gaussian likelihood (``MSELoss``),
+        ``L_sum = E/(2σ²) + (N/2) log(2πσ²)`` and ``K = K_MSE/(2σ²)`` (:mod:`curvops.laplace.noise`).
 
         Args:
             prior_precision: ``τ`` to evaluate at (default: :attr:`prior_precision`); a number
                 or one per parameter tensor.
+            sigma_noise: ``σ > 0`` to evaluate at (``MSELoss`` only; default: the likelihood's own).
 
         Returns:
             A 0-dim tensor.
@@ -276,8 +297,20 @@ class Laplace:
         prior_precision = (
             self._prior_precision if prior_precision is None else self._check_prior_precision(prior_precision)
         )
+        if sigma_noise is not None:
+            if self._noise is None:
+                raise ValueError("sigma_noise is the noise of a Gaussian likelihood; it needs nn.MSELoss.")
+            sigma_noise = check_positive(sigma_noise, "sigma_noise")
         with torch.no_grad():
-            return self._posterior.log_marginal_likelihood(prior_precision, self._temperature)
+            return self._evidence(prior_precision, sigma_noise)
+
+    def _evidence(self, prior_precision: Tensor, sigma_noise: float | Tensor | None = None) -> Tensor:
+        """The log evidence at ``τ`` and ``σ`` (default: the current ``σ``), differentiable in both."""
+        if sigma_noise is None:
+            ratio, loss = self._noise_ratio, self.loss
+        else:
+            ratio, loss = self._noise.ratio(sigma_noise), self._noise.loss(sigma_noise)
+        return self._posterior.log_marginal_likelihood(prior_precision, self._temperature, ratio, loss)
 
     def optimize_prior_precision(
         self,
@@ -286,25 +319,41 @@ class Laplace:
         steps: int = 300,
         lr: float = 0.1,
         grid: Tensor | None = None,
+        val_data: Iterable | None = None,
+        learn_sigma_noise: bool = False,
+        predictive_options: dict[str, Any] | None = None,
     ) -> Tensor:
-        """Choose ``τ`` by the log marginal likelihood; set :attr:`prior_precision` and return it.
+        """Choose ``τ`` (and a Gaussian's ``σ``); set :attr:`prior_precision` and return it.
 
         - ``"marglik"``: Adam on ``log τ`` (``steps`` steps, learning rate ``lr`` annealed to
           zero on a cosine schedule) maximising :meth:`log_marginal_likelihood`. Every step
           costs ``O(D)``: ``logdet P = Σ_i log(λ_i / T + τ_l)`` reuses the eigenvalues of ``K``'s
           blocks, computed once (a block that mixes several ``τ`` is refactorised per step).
           The shape of ``τ`` — one number, or one per parameter tensor — is that of the start,
-          ``prior_precision`` (default: the current :attr:`prior_precision`).
+          ``prior_precision`` (default: the current :attr:`prior_precision`). With
+          ``learn_sigma_noise=True`` (``MSELoss``) Adam runs on ``log σ`` too, from the current
+          ``σ`` (or the maximum-likelihood ``sqrt(E/N)`` where there is none), and sets
+          :attr:`sigma_noise`: ``K = K_MSE/(2σ²)`` and ``L_sum`` follow it, and the regression
+          predictives add ``σ²``.
         - ``"grid"``: the value of ``grid`` (default ``torch.logspace(-4, 4, 100)``) with the
           largest log marginal likelihood. For a per-parameter ``τ`` every parameter tensor gets
           the same grid value.
+        - ``"nll"``: the value of ``grid`` whose :meth:`predictive` gives ``val_data`` the lowest
+          mean negative log-likelihood per target (``-log p_y`` of the class probabilities, the
+          Bernoulli's for ``BCEWithLogitsLoss``, the Gaussian's ``½ log(2πv) + (y - μ)²/(2v)`` of
+          the predictive mean and variance for ``MSELoss``; ``ignore_index`` targets left out),
+          as ``laplace-torch``'s grid search; ``predictive_options`` go to :meth:`predictive`
+          (``method``, ``link_approx``, ``n_samples``, ``generator``, ``batch_size``).
 
         Args:
-            method: ``"marglik"`` or ``"grid"``.
-            prior_precision: the start (marglik) or the shape (grid) of ``τ``.
+            method: ``"marglik"``, ``"grid"`` or ``"nll"``.
+            prior_precision: the start (marglik) or the shape (grid, nll) of ``τ``.
             steps: Adam steps.
             lr: Adam's initial learning rate on ``log τ``.
             grid: 1-D positive candidate values of ``τ``.
+            val_data: ``(X, y)`` validation batches, or one pair (``"nll"`` only).
+            learn_sigma_noise: learn ``σ`` with ``τ`` (``"marglik"``, ``MSELoss`` only).
+            predictive_options: keyword arguments of :meth:`predictive` (``"nll"`` only).
 
         Returns:
             The new ``τ``, 0-dim or ``[G]``.
@@ -317,20 +366,50 @@ class Laplace:
             >>> tau = la.optimize_prior_precision()
             >>> bool(la.log_marginal_likelihood() >= before), bool(tau > 0)
             (True, True)
+            >>> val = (torch.randn(6, 2, dtype=torch.float64), torch.randint(0, 2, (6,)))
+            >>> bool(la.optimize_prior_precision("nll", val_data=val, grid=[0.1, 1.0, 10.0]) > 0)
+            True
         """
         check_choice(method, PRIOR_METHODS, "prior precision method")
         check_positive_int(steps, "steps")
         check_positive(lr, "lr")
+        check_tuning_arguments(
+            method, self._noise is not None, val_data, learn_sigma_noise, predictive_options
+        )
         grid = check_grid(grid, {"dtype": self.mean.dtype, "device": self.mean.device})
         start = (
             self._prior_precision if prior_precision is None else self._check_prior_precision(prior_precision)
         )
         if method == "grid":
-            self._prior_precision = grid_search(self._posterior, start, self._temperature, grid)
+            tau = grid_search(self._evidence, start, grid)
+        elif method == "nll":
+            tau = grid_search(
+                lambda t: -self._validation_nll(t, val_data, predictive_options or {}), start, grid
+            )
+        elif learn_sigma_noise:
+            sigma = self.sigma_noise or self._noise.maximum_likelihood()
+            tau, sigma = maximize(self._evidence, [start, start.new_tensor(sigma)], steps, lr)
+            self._set_sigma_noise(float(sigma))
         else:
-            tau = maximize_marglik(self._posterior, start, self._temperature, steps, lr)
-            self._prior_precision = self._check_prior_precision(tau)
+            (tau,) = maximize(self._evidence, [start], steps, lr)
+        self._prior_precision = self._check_prior_precision(tau)
         return self._prior_precision
+
+    def _set_sigma_noise(self, sigma: float) -> None:
+        """The Gaussian likelihood's ``σ`` from now on: ``L_sum``, ``K``'s scale and the predictives'."""
+        self.sigma_noise = sigma
+        self._noise_ratio = float(self._noise.ratio(sigma))
+        self.loss = self._noise.loss(sigma)
+
+    def _validation_nll(self, prior_precision: Tensor, val_data: Iterable, options: dict[str, Any]) -> float:
+        """The mean validation negative log-likelihood of :meth:`predictive` at ``τ``."""
+        saved, self._prior_precision = self._prior_precision, prior_precision
+        try:
+            predict = lambda x: self.predictive(x, **options)  # noqa: E731
+            ignore = getattr(self.loss_fn, "ignore_index", None)
+            return validation_negative_log_likelihood(predict, as_batches(val_data), self.likelihood, ignore)
+        finally:
+            self._prior_precision = saved
 
     # ----------------------------------------------------------------- sampling
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -352,99 +431,8 @@ class Laplace:
         """
         check_positive_int(n, "n")
         check_generator(generator)
-        root = self._posterior.power(-0.5, self._prior_precision, self._temperature)
+        root = self._posterior.power(-0.5, self._prior_precision, self._curvature_temperature)
         noise = torch.randn(
             n, self.mean.numel(), generator=generator, dtype=self.mean.dtype, device=self.mean.device
         )
         return (self.mean.unsqueeze(1) + root @ noise.T).T
-
-    # ----------------------------------------------------------------- predictives
-    def glm_distribution(self, x: Tensor, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
-        """The linearised network's Gaussian over the outputs: ``f(x_b) ~ N(f*(x_b), J_b P^-1 J_b^T)``.
-
-        Per chunk of ``batch_size`` test points: the per-datum Jacobians ``J_b`` (``[C, D]``
-        each, by ``vmap`` of reverse mode over the data), ``P^-1`` applied to their ``B·C``
-        rows at once, and ``Σ_b = J_b (P^-1 J_b^T)``. Never the Jacobian of all test points
-        at once: memory ``O(B C D)`` per chunk (default ``B`` keeps it near 2^22 entries).
-
-        Args:
-            x: test inputs ``[B, ...]`` shaped like the training inputs.
-            batch_size: test points per chunk.
-
-        Returns:
-            The pair ``(mean, covariance)`` of ``f*(x)`` flattened to ``[B, C]`` and the
-            ``[B, C, C]`` covariances.
-
-        Example:
-            >>> model = torch.nn.Linear(2, 3).double()
-            >>> data = [(torch.randn(8, 2, dtype=torch.float64), torch.randint(0, 3, (8,)))]
-            >>> la = curvops.laplace.Laplace(model, torch.nn.CrossEntropyLoss(), data)
-            >>> mean, cov = la.glm_distribution(torch.randn(4, 2, dtype=torch.float64))
-            >>> mean.shape, cov.shape
-            (torch.Size([4, 3]), torch.Size([4, 3, 3]))
-        """
-        x = self._network.prepare_inputs(x)
-        mean = self._network.forward(self._theta, x).detach().reshape(data_count(x), -1)
-        return mean, glm_covariances(self._network, self.posterior_covariance, x, batch_size)
-
-    def predictive(
-        self,
-        x: Tensor,
-        method: str = "glm",
-        link_approx: str = "probit",
-        n_samples: int = 100,
-        generator: torch.Generator | None = None,
-        batch_size: int | None = None,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        """The posterior predictive at test inputs ``x``.
-
-        Classification (``CrossEntropyLoss``): class probabilities ``[B, C]``. With
-        ``method="glm"`` the logits are ``N(μ_b, Σ_b)`` (:meth:`glm_distribution`) and
-
-        - ``link_approx="probit"``: ``softmax(μ_b / sqrt(1 + (π/8) diag Σ_b))``;
-        - ``link_approx="mc"``: the mean of ``softmax(μ_b + L_b ε)`` over ``n_samples`` draws,
-          ``L_b L_b^T = Σ_b``.
-
-        With ``method="mc"`` the mean of ``softmax(f(x, θ_s))`` over ``n_samples`` posterior
-        samples ``θ_s`` (:meth:`sample`). ``BCEWithLogitsLoss`` likewise with the elementwise
-        ``sigmoid`` (probit: ``sigmoid(μ / sqrt(1 + (π/8) σ²))``), probabilities of the output's
-        shape.
-
-        Regression (``MSELoss``): ``(mean, variance)``, each of the output's shape: with
-        ``"glm"`` ``f*(x)`` and ``diag Σ_b`` (``link_approx`` is not used), with ``"mc"`` the
-        mean and variance of ``f(x, θ_s)`` over the samples; ``σ²`` added to the variance when
-        ``sigma_noise`` was given.
-
-        Args:
-            x: test inputs ``[B, ...]`` shaped like the training inputs.
-            method: ``"glm"`` or ``"mc"``.
-            link_approx: ``"probit"`` or ``"mc"`` (GLM classification).
-            n_samples: Monte-Carlo draws (logits for the ``"mc"`` link, weights for ``"mc"``).
-            generator: the random source of the draws.
-            batch_size: test points per Jacobian chunk (see :meth:`glm_distribution`).
-
-        Example:
-            >>> model = torch.nn.Linear(2, 3).double()
-            >>> data = [(torch.randn(8, 2, dtype=torch.float64), torch.randint(0, 3, (8,)))]
-            >>> la = curvops.laplace.Laplace(model, torch.nn.CrossEntropyLoss(), data)
-            >>> probabilities = la.predictive(torch.randn(4, 2, dtype=torch.float64))
-            >>> probabilities.shape, torch.allclose(probabilities.sum(1), torch.ones(4, dtype=torch.float64))
-            (torch.Size([4, 3]), True)
-        """
-        check_predictive_arguments(method, link_approx, n_samples, generator, batch_size)
-        x = self._network.prepare_inputs(x)
-        output_shape = self._network.output_shape
-        if self.likelihood == "classification" and len(output_shape) != 1:
-            raise ValueError(
-                "predictive needs CrossEntropyLoss outputs of shape [B, C] (classes on axis 1), got "
-                f"[B, {', '.join(map(str, output_shape))}]."
-            )
-        noise = 0.0 if self.sigma_noise is None else self.sigma_noise**2
-        if method == "mc":
-            outputs = self._network.sampled_outputs(self.sample(n_samples, generator), x)  # [S, B, ...]
-            return sampled_predictive(outputs, self.likelihood, noise)
-        mean, covariance = self.glm_distribution(x, batch_size)
-        shape = (data_count(x), *output_shape)
-        return glm_predictive(
-            mean, covariance, shape, self.likelihood, link_approx, n_samples, generator, noise
-        )

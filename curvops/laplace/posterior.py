@@ -206,14 +206,22 @@ class Posterior:
                 total = total + Diagonal(block.eigenvalues() / temperature + taus[block.group]).logdet()
         return total
 
-    def log_marginal_likelihood(self, prior_precision: Tensor, temperature: float) -> Tensor:
+    def log_marginal_likelihood(
+        self,
+        prior_precision: Tensor,
+        temperature: float,
+        noise_ratio: float | Tensor = 1.0,
+        loss: Tensor | None = None,
+    ) -> Tensor:
         """``-L_sum/T - ½ (logdet P - Σ_l D_l log τ_l) - ½ Σ_l τ_l ‖θ*_l‖²``, differentiable in
-        ``prior_precision`` (0-dim or ``[G]``)."""
+        ``prior_precision`` (0-dim or ``[G]``), ``noise_ratio`` (``K`` divided by it: a Gaussian's
+        ``σ²/σ₀²``, :mod:`curvops.laplace.noise`) and ``loss`` (``L_sum``; default the one given)."""
         taus = self._taus(prior_precision)
-        logdet = self.logdet(prior_precision, temperature)
+        logdet = self.logdet(prior_precision, temperature * noise_ratio)
         log_prior = (self._group_sizes * taus.log()).sum()
         penalty = (taus * self._group_squares).sum()
-        return -self.loss / temperature - 0.5 * (logdet - log_prior) - 0.5 * penalty
+        data = self.loss if loss is None else loss
+        return -data / temperature - 0.5 * (logdet - log_prior) - 0.5 * penalty
 
 
 def _cholesky_logdet(matrix: Tensor) -> Tensor:
