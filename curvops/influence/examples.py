@@ -85,7 +85,13 @@ class _Examples:
         what: str,
         progressbar: bool,
         shards: Shards,
+        measurement: Callable[[Tensor, Tensor], Tensor] | None = None,
     ) -> None:
+        if measurement is not None and not callable(measurement):
+            raise TypeError(
+                f"measurement must be a callable (output, target) -> Tensor[n], got {measurement!r}."
+            )
+        self.measurement = measurement
         self.data = as_batches(data)
         try:
             reiterable = iter(self.data) is not self.data
@@ -165,6 +171,9 @@ class _Examples:
                     f"{self.what} batch {index}: the model cannot take inputs of shape {shape} "
                     f"(first axis: data): {error}"
                 ) from error
+        if self.measurement is not None:
+            self._check_measurement(index, output, y)
+            return
         try:
             self.losses.datum.check_target(output, y, index)
             self.losses.datum(output, y)
@@ -175,12 +184,30 @@ class _Examples:
                 f"{error}"
             ) from error
 
+    def _check_measurement(self, index: int, output: Tensor, y: Tensor) -> None:
+        """Raise a ``ValueError`` naming the batch unless ``measurement(output, y)`` is ``[n]``."""
+        try:
+            value = self.measurement(output, y)
+        except _INPUT_ERRORS as error:
+            raise ValueError(
+                f"{self.what} batch {index}: measurement failed on outputs of shape {list(output.shape)} "
+                f"and targets of shape {list(y.shape)}: {error}"
+            ) from error
+        if not isinstance(value, Tensor) or tuple(value.shape) != (len(y),):
+            shape = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(
+                f"{self.what} batch {index}: measurement must return one value per example, a Tensor "
+                f"of shape [{len(y)}]; got {shape}. Reduce over everything but the data axis."
+            )
+
     def _gradients(self, index: int, params: dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
-        """``[D, b]``: the columns ``∇ℓ_n`` of the ``b`` data in ``(x, y)``."""
-        model_data, datum = self.model_data, self.losses.datum
+        """``[D, b]``: the columns ``∇ℓ_n`` (``∇m_n`` with a measurement) of the ``b`` data in ``(x, y)``."""
+        model_data, datum, measurement = self.model_data, self.losses.datum, self.measurement
 
         def datum_loss(p: dict[str, Tensor], xn: Any, yn: Tensor) -> tuple[Tensor, Tensor]:
             output = model_data.forward(p, tree_map(lambda t: t.unsqueeze(0), xn))
+            if measurement is not None:
+                return measurement(output, yn.unsqueeze(0)).reshape(()), output
             return datum(output, yn.unsqueeze(0)), output
 
         try:
@@ -192,7 +219,8 @@ class _Examples:
             self._diagnose(index, x, y)
             raise
         try:
-            datum.check_target(outputs.flatten(0, 1), y, index)  # [b, 1, ...]: one output per datum
+            if measurement is None:
+                datum.check_target(outputs.flatten(0, 1), y, index)  # [b, 1, ...]: one output per datum
         except ValueError:
             self._diagnose(index, x, y)  # the same error, with the shapes of the inputs
             raise

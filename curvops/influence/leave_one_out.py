@@ -37,6 +37,7 @@ def leave_one_out_scores(
     progressbar: bool = False,
     curvature_options: Mapping[str, Any] | None = None,
     group: Any = None,
+    measurement: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Influence scores re-computed with one training example's curvature removed.
 
@@ -67,6 +68,8 @@ def leave_one_out_scores(
         group: the process group whose ranks hold shards of ``train_data`` (see
             :func:`influence_scores`): ``F``, ``Z`` and the removed examples are the union's,
             the columns this rank's examples.
+        measurement: the query measurement ``(output, target) -> Tensor[n]`` in place of the
+            query loss (see :func:`influence_scores`).
 
     Returns:
         ``[M, N]`` scores for an ``int`` ``removed``, ``[R, M, N]`` for a sequence of ``R``
@@ -89,7 +92,7 @@ def leave_one_out_scores(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
         train_batch_size, query_batch_size, progressbar, curvature_options, group,
     )  # fmt: skip
-    query = problem.examples(query_data, "query_data")
+    query = problem.examples(query_data, "query_data", measurement)
     problem.train.check()
     totals = problem.train.totals()
     indices = _checked_indices(indices, totals.data)

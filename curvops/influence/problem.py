@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import LOCAL, Shards
-from ..linalg import CurvatureOperator
+from ..linalg import CurvatureOperator, block_layout
 from ..linalg.checks import check_choice, check_positive_int
 from ..nn.curvature import dense_operator
 from ..nn.fisher import fisher_type as nn_fisher_type
@@ -73,10 +73,11 @@ class _Problem:
             _check_supported(model, self.train.model_data, curvature, bias, self.options)
         self.curvature, self.fisher_type, self.bias = curvature, fisher_type, bias
 
-    def examples(self, data: Any, what: str) -> _Examples:
-        """``data`` as checked examples of the same model, parameters and losses."""
+    def examples(self, data: Any, what: str, measurement: Callable | None = None) -> _Examples:
+        """``data`` as checked examples of the same model, parameters and losses (gradients of
+        ``measurement`` instead of the loss, where given)."""
         examples = _Examples(
-            self.model, data, self.params, self.losses, what, self.progressbar, Shards.of(LOCAL)
+            self.model, data, self.params, self.losses, what, self.progressbar, Shards.of(LOCAL), measurement
         )
         examples.check()
         return examples
@@ -104,11 +105,40 @@ class _Problem:
         self.dampings = _block_dampings(self.op, self.damping)
         self.inverse = _inverse(_damped(self.op, self.dampings), self.op)
 
-    def scores(self, preconditioned: Tensor) -> Tensor:
+    def scores(self, preconditioned: Tensor, parts: list[Tensor] | None = None) -> Tensor:
         """``P^T [∇ℓ_1, ..., ∇ℓ_N]`` for preconditioned query columns ``P``, streaming the train data
-        (``N = 0`` columns for a rank's empty shard)."""
-        blocks = [preconditioned.T @ g for g in self.train.columns(self.train_batch_size)]
-        return torch.cat([preconditioned.new_zeros(preconditioned.shape[1], 0), *blocks], dim=1)
+        (``N = 0`` columns for a rank's empty shard): ``[K, N]``; with ``parts`` (flat parameter
+        indices per part) ``[parts, K, N]``, the products over each part's coordinates."""
+        if parts is None:
+            blocks = [preconditioned.T @ g for g in self.train.columns(self.train_batch_size)]
+            return torch.cat([preconditioned.new_zeros(preconditioned.shape[1], 0), *blocks], dim=1)
+        blocks = [
+            torch.stack([preconditioned[index].T @ g[index] for index in parts])
+            for g in self.train.columns(self.train_batch_size)
+        ]
+        empty = preconditioned.new_zeros(len(parts), preconditioned.shape[1], 0)
+        return torch.cat([empty, *blocks], dim=2)
+
+    def parts(self) -> dict[str, Tensor]:
+        """``{label: flat indices}`` of the curvature's blocks (a block-diagonal ``F``: each
+        block's coordinates, by its label), or else of each module's parameters: the parts whose
+        scores sum to the total."""
+        layout = block_layout(self.op)
+        size = self.op.shape[0]
+        order = torch.arange(size) if layout.permutation is None else layout.permutation.cpu()
+        if layout.block_diagonal and layout.labels is not None:
+            parts, start = {}, 0
+            for label, block in zip(layout.labels, layout.blocks, strict=True):
+                parts[label] = order[start : start + block.shape[0]]
+                start += block.shape[0]
+            return parts
+        parts, start = {}, 0
+        for name, p in self.train.model_data.param_dict().items():
+            module = name.rpartition(".")[0] or type(self.model).__name__
+            indices = torch.arange(start, start + p.numel())
+            parts[module] = indices if module not in parts else torch.cat([parts[module], indices])
+            start += p.numel()
+        return parts
 
 
 def influence_curvature(

@@ -51,7 +51,9 @@ def influence_scores(
     progressbar: bool = False,
     curvature_options: Mapping[str, Any] | None = None,
     group: Any = None,
-) -> Tensor:
+    measurement: Callable[[Tensor, Tensor], Tensor] | None = None,
+    per_module: bool = False,
+) -> Tensor | dict[str, Tensor]:
     """Influence of every training example on every query: ``∇ℓ_t^T (F + Λ)^-1 ∇ℓ_n``.
 
     See :mod:`curvops.influence` for ``ℓ_n``, ``F``, ``Λ`` and the sign: a positive score means
@@ -90,10 +92,22 @@ def influence_scores(
             default group when ``torch.distributed`` is initialized); ``"local"`` keeps this
             process's data alone. ``F`` is the union's; the columns are this rank's examples
             (see :mod:`curvops.influence`).
+        measurement: what is measured on the queries in place of their loss ``ℓ_t``: a callable
+            ``(output, target) -> Tensor[n]`` of a batch of ``n`` query examples' outputs and
+            targets, one value per example (e.g. a margin ``f_y - max_{c≠y} f_c``, a logit, a
+            sequence's summed log-likelihood); the scores are ``∇m_t^T (F + Λ)^-1 ∇ℓ_n``, with the
+            sign as for the loss: positive means a step on ``n`` lowers ``m_t`` (pass ``-margin``
+            to rank the examples that raise the margin first). ``F`` and ``∇ℓ_n`` stay the
+            training loss's.
+        per_module: the scores per block of ``F`` instead: ``{label: [M, N]}`` over the blocks'
+            labels (a layer's, ``"<layer>.weight"``/``".bias"`` with ``bias="separate"``), the
+            products over each block's coordinates, ``∇m_t,b^T (F_b + Λ_b)^-1 ∇ℓ_n,b``; for an ``F``
+            without blocks (``"ggn"``, a dense operator) the coordinates of each module's
+            parameters. They sum to the total.
 
     Returns:
         ``[M, N]`` scores, query ``t`` by training example ``n``, in data order (over shards
-        ``N`` is this rank's number of examples).
+        ``N`` is this rank's number of examples); with ``per_module`` a ``dict`` of them.
 
     Example:
         >>> from curvops.influence import influence_scores
@@ -115,10 +129,15 @@ def influence_scores(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
         train_batch_size, query_batch_size, progressbar, curvature_options, group,
     )  # fmt: skip
-    query = problem.examples(query_data, "query_data")
+    if not isinstance(per_module, bool):
+        raise TypeError(f"per_module must be True or False, got {per_module!r}.")
+    query = problem.examples(query_data, "query_data", measurement)
     problem.build()
-    rows = [problem.scores(problem.inverse @ q) for q in query.columns(problem.query_batch_size)]
-    return torch.cat(rows, dim=0)
+    parts = problem.parts() if per_module else None
+    indices = None if parts is None else list(parts.values())
+    rows = [problem.scores(problem.inverse @ q, indices) for q in query.columns(problem.query_batch_size)]
+    scores = torch.cat(rows, dim=-2)
+    return scores if parts is None else dict(zip(parts, scores.unbind(0), strict=True))
 
 
 def self_influence(
