@@ -28,6 +28,7 @@ from .network import Network
 from .noise import GaussianNoise
 from .posterior import Posterior, check_prior_precision, warn_unless_minimum
 from .predictive import Predictives
+from .saved import SavedState
 from .tuning import (
     PRIOR_METHODS,
     check_grid,
@@ -38,7 +39,7 @@ from .tuning import (
 )
 
 
-class Laplace(Predictives):
+class Laplace(Predictives, SavedState):
     """The Laplace approximation ``N(θ*, P^-1)``, ``P = K/T + τ I``, of a trained network.
 
     ``θ*`` are the parameters' values now (they are copied: training on afterwards does not
@@ -132,14 +133,8 @@ class Laplace(Predictives):
     ) -> None:
         check_curvature(curvature, CURVATURES)
         shards = Shards.of(group)
-        self._loss_adapter = LossAdapter(loss_fn, likelihood=True, what="Laplace")
-        self._loss_adapter.check_sampling("Laplace")
-        self.loss_fn = loss_fn
-        self.likelihood = likelihood_of(loss_fn)
+        self._attach(model, loss_fn, data, params, shards.active)
         self.sigma_noise = self._check_sigma_noise(sigma_noise)
-        self.model = model
-        self._model = ModelData(model, data, params, allow_empty=shards.active)
-        self.param_names = list(self._model.names)
         self._theta = {name: p.detach().clone() for name, p in self._model.param_dict().items()}
         self.mean = torch.cat([t.reshape(-1) for t in self._theta.values()])
         self._prior_precision = self._check_prior_precision(prior_precision)
@@ -148,9 +143,9 @@ class Laplace(Predictives):
         fit = read_data(self._model, self._loss_adapter, self._theta, shards)
         self.num_terms = fit.num_terms
         self.loss = summed_negative_log_likelihood(fit, sigma_noise)
-        self._noise = (
-            GaussianNoise(fit.loss, fit.num_terms, sigma_noise) if self.likelihood == "regression" else None
-        )
+        base_variance = 0.5 if sigma_noise is None else sigma_noise**2  # N(f, ½ I) without a σ
+        regression = self.likelihood == "regression"
+        self._noise = GaussianNoise(fit.loss, fit.num_terms, base_variance) if regression else None
         self._noise_ratio: float = 1.0  # σ²/σ₀² once σ is learned: K is divided by it
         self._network = Network(self._model, self._theta, fit.output_shape, fit.input_example)
         op = build_curvature(curvature, self._model, self._loss_adapter, curvature_options, group)
@@ -159,6 +154,16 @@ class Laplace(Predictives):
         self.curvature = self._posterior.curvature
         gradient = fit.gradient * likelihood_scale(sigma_noise) / self._temperature
         warn_unless_minimum(self.posterior_covariance, gradient, self.mean)
+
+    def _attach(self, model: nn.Module, loss_fn: Callable, data: Iterable, params: Any, empty: bool) -> None:
+        """The loss (checked), the likelihood it gives, and the model with its chosen parameters."""
+        self._loss_adapter = LossAdapter(loss_fn, likelihood=True, what="Laplace")
+        self._loss_adapter.check_sampling("Laplace")
+        self.loss_fn = loss_fn
+        self.likelihood = likelihood_of(loss_fn)
+        self.model = model
+        self._model = ModelData(model, data, params, allow_empty=empty)
+        self.param_names = list(self._model.names)
 
     def __repr__(self) -> str:
         tau = self._prior_precision

@@ -22,20 +22,20 @@ class GaussianNoise:
     Args:
         squared_errors: ``E = Σ (f - y)²`` at ``θ*`` (a 0-dim tensor).
         num_terms: ``N``, the number of squared errors.
-        sigma: the ``σ₀`` the curvature was built with (``None``: ``σ₀² = ½``).
+        base_variance: the ``σ₀²`` the curvature was built with (``½`` without a ``σ``).
 
     Example:
-        >>> noise = GaussianNoise(torch.tensor(4.0, dtype=torch.float64), 8, None)
+        >>> noise = GaussianNoise(torch.tensor(4.0, dtype=torch.float64), 8, 0.5)
         >>> float(noise.ratio(torch.tensor(1.0)))  # σ² / σ₀² = 1 / ½
         2.0
         >>> math.isclose(float(noise.loss(torch.tensor(1.0))), 2.0 + 4 * math.log(2 * math.pi))
         True
     """
 
-    def __init__(self, squared_errors: Tensor, num_terms: float, sigma: float | None) -> None:
+    def __init__(self, squared_errors: Tensor, num_terms: float, base_variance: float) -> None:
         self.squared_errors = squared_errors
         self.num_terms = num_terms
-        self.base_variance = 0.5 if sigma is None else sigma**2
+        self.base_variance = base_variance
 
     def ratio(self, sigma: float | Tensor) -> float | Tensor:
         """``σ² / σ₀²``: ``K(σ) = K(σ₀) / ratio``."""
