@@ -32,13 +32,23 @@ The package, one job per module: ``curvature`` (the pass over the data at ``θ*`
 curvature operator), ``posterior`` (the blocks of ``K``, the prior, ``P``, ``P^-1``, ``P^p`` and
 the evidence), ``tuning`` (choosing ``τ``), ``network`` (the model at the copy of ``θ*``:
 checked inputs, per-datum Jacobians from :func:`curvops.nn.jacobian.datum_jacobians`),
-``predictive`` (the GLM and Monte-Carlo predictives) and ``approximation`` (:class:`Laplace`,
-which puts them together). The diagonal GGN is built in :mod:`curvops.nn.diagonal`.
+``predictive`` (the GLM, Laplace-bridge and Monte-Carlo predictives), ``noise`` (a Gaussian's
+``σ`` as a variable), ``saved`` (the ``state_dict``), ``approximation`` (:class:`Laplace`, which
+puts them together) and ``online`` (:class:`OnlineMarglik`: hyperparameters learned during
+training). The diagonal GGN is built in :mod:`curvops.nn.diagonal`.
 """
 
 from .approximation import Laplace
 from .curvature import CURVATURES
+from .online import OnlineMarglik
 from .predictive import LINK_APPROXIMATIONS, PREDICTIVE_METHODS
 from .tuning import PRIOR_METHODS
 
-__all__ = ["CURVATURES", "LINK_APPROXIMATIONS", "PREDICTIVE_METHODS", "PRIOR_METHODS", "Laplace"]
+__all__ = [
+    "CURVATURES",
+    "LINK_APPROXIMATIONS",
+    "PREDICTIVE_METHODS",
+    "PRIOR_METHODS",
+    "Laplace",
+    "OnlineMarglik",
+]
