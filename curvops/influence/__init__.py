@@ -65,10 +65,12 @@ The package, one job a module: ``examples`` (per-datum losses and per-example gr
 ``curvature`` (the curvature a name builds, its options, dampings and inverse), ``problem``
 (the checked arguments and :func:`influence_curvature`), ``scores`` (:func:`influence_scores`,
 :func:`self_influence`, :func:`top_influences`) and ``leave_one_out``
-(:func:`leave_one_out_scores`).
+(:func:`leave_one_out_scores`), ``fitted`` (:class:`Influence`: fit once, score many, save and
+load) and ``files`` (its state in a torch or safetensors file).
 """
 
 from .curvature import CURVATURES, FISHER_TYPES, HEURISTIC_FACTOR, OWN_ARGUMENTS, Damping
+from .fitted import Influence
 from .leave_one_out import leave_one_out_scores
 from .problem import influence_curvature
 from .scores import TopInfluences, influence_scores, self_influence, top_influences
@@ -79,6 +81,7 @@ __all__ = [
     "HEURISTIC_FACTOR",
     "OWN_ARGUMENTS",
     "Damping",
+    "Influence",
     "TopInfluences",
     "influence_curvature",
     "influence_scores",

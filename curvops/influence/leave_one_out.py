@@ -86,12 +86,21 @@ def leave_one_out_scores(
         >>> leave_one_out_scores(model, loss, train, query, removed=[0, 3], damping=1e-2).shape
         torch.Size([2, 2, 6])
     """
-    single, indices = _removed_indices(removed)
+    _removed_indices(removed)
     check_bool(renormalize, "renormalize")
     problem = _Problem(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
         train_batch_size, query_batch_size, progressbar, curvature_options, group,
     )  # fmt: skip
+    return scores_without(problem, query_data, removed, renormalize, measurement)
+
+
+def scores_without(
+    problem: _Problem, query_data: Iterable, removed: Any, renormalize: bool, measurement: Callable | None
+) -> Tensor:
+    """:func:`leave_one_out_scores` of a checked problem (its curvature built once, on first use)."""
+    single, indices = _removed_indices(removed)
+    check_bool(renormalize, "renormalize")
     query = problem.examples(query_data, "query_data", measurement)
     problem.train.check()
     totals = problem.train.totals()

@@ -100,7 +100,9 @@ class _Problem:
         )  # fmt: skip
 
     def build(self) -> None:
-        """Build (or take) ``F``, its block dampings and ``(F + Λ)^-1``."""
+        """Build (or take) ``F``, its block dampings and ``(F + Λ)^-1``, once."""
+        if hasattr(self, "inverse"):
+            return
         self.op = self.operator()
         self.dampings = _block_dampings(self.op, self.damping)
         self.inverse = _inverse(_damped(self.op, self.dampings), self.op)

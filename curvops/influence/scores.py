@@ -129,6 +129,13 @@ def influence_scores(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
         train_batch_size, query_batch_size, progressbar, curvature_options, group,
     )  # fmt: skip
+    return pairwise_scores(problem, query_data, measurement, per_module)
+
+
+def pairwise_scores(
+    problem: _Problem, query_data: Iterable, measurement: Callable | None, per_module: bool
+) -> Tensor | dict[str, Tensor]:
+    """:func:`influence_scores` of a checked problem (its curvature built once, on first use)."""
     if not isinstance(per_module, bool):
         raise TypeError(f"per_module must be True or False, got {per_module!r}.")
     query = problem.examples(query_data, "query_data", measurement)
@@ -179,6 +186,11 @@ def self_influence(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
         train_batch_size, 1, progressbar, curvature_options, group,
     )  # fmt: skip
+    return own_scores(problem)
+
+
+def own_scores(problem: _Problem) -> Tensor:
+    """:func:`self_influence` of a checked problem (its curvature built once, on first use)."""
     problem.build()
     parts = [(g * (problem.inverse @ g)).sum(dim=0) for g in problem.train.columns(problem.train_batch_size)]
     model_data = problem.train.model_data
