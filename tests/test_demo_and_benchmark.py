@@ -51,6 +51,11 @@ def test_readme_training_example_runs():
     assert namespace["opt"].steps == 20
 
 
+def test_influence_low_rank_benchmark_quick_mode_runs():
+    out = _quick("influence_low_rank.py")
+    assert "top-10 overlap" in out and "exact" in out
+
+
 def test_kfac_benchmark_quick_mode_runs():
     out = _quick("kfac.py", "--workloads", "tokens")
     assert "statistics (factors)" in out and "tokens: D =" in out and out.count("x)") >= 5

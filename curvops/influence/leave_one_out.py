@@ -18,6 +18,7 @@ from ..linalg.checks import check_bool
 from ..nn.shard_sums import Part
 from .curvature import _damped, _inverse
 from .problem import _Problem
+from .queries import ExactQueries
 
 
 def leave_one_out_scores(
@@ -115,7 +116,8 @@ def scores_without(
     blocks = []
     for q in query.columns(problem.query_batch_size):
         preconditioned = torch.cat([inverse @ q for inverse in inverses], dim=1)
-        blocks.append(problem.scores(preconditioned).reshape(len(inverses), q.shape[1], -1))
+        columns = problem.scores(ExactQueries(preconditioned), preconditioned.shape[1])
+        blocks.append(columns.reshape(len(inverses), q.shape[1], -1))
     result = torch.cat(blocks, dim=1)
     return result[0] if single else result
 

@@ -34,6 +34,7 @@ from .curvature import (
     _inverse,
 )
 from .examples import _check_mode, _Examples, _Losses
+from .queries import CompressedQueries, ExactQueries
 
 
 class _Problem:
@@ -107,19 +108,17 @@ class _Problem:
         self.dampings = _block_dampings(self.op, self.damping)
         self.inverse = _inverse(_damped(self.op, self.dampings), self.op)
 
-    def scores(self, preconditioned: Tensor, parts: list[Tensor] | None = None) -> Tensor:
-        """``P^T [∇ℓ_1, ..., ∇ℓ_N]`` for preconditioned query columns ``P``, streaming the train data
-        (``N = 0`` columns for a rank's empty shard): ``[K, N]``; with ``parts`` (flat parameter
-        indices per part) ``[parts, K, N]``, the products over each part's coordinates."""
-        if parts is None:
-            blocks = [preconditioned.T @ g for g in self.train.columns(self.train_batch_size)]
-            return torch.cat([preconditioned.new_zeros(preconditioned.shape[1], 0), *blocks], dim=1)
-        blocks = [
-            torch.stack([preconditioned[index].T @ g[index] for index in parts])
-            for g in self.train.columns(self.train_batch_size)
-        ]
-        empty = preconditioned.new_zeros(len(parts), preconditioned.shape[1], 0)
-        return torch.cat([empty, *blocks], dim=2)
+    def scores(
+        self, queries: ExactQueries | CompressedQueries, count: int, parts: int | None = None
+    ) -> Tensor:
+        """``[K, N]`` scores of ``count`` preconditioned query columns with every training gradient,
+        streaming the train data (``N = 0`` columns for a rank's empty shard); ``[parts, K, N]``
+        per part."""
+        blocks = [queries.scores(g) for g in self.train.columns(self.train_batch_size)]
+        model_data = self.train.model_data
+        leading = (count,) if parts is None else (parts, count)
+        empty = torch.zeros(*leading, 0, dtype=model_data.dtype, device=model_data.device)
+        return torch.cat([empty, *blocks], dim=-1)
 
     def parts(self) -> dict[str, Tensor]:
         """``{label: flat indices}`` of the curvature's blocks (a block-diagonal ``F``: each

@@ -14,7 +14,9 @@ from torch import Tensor, nn
 
 from ..distributed import Shards
 from ..linalg import CurvatureOperator
+from ..linalg.checks import check_positive_int
 from .problem import _Problem
+from .queries import CompressedQueries, ExactQueries
 
 
 class TopInfluences(NamedTuple):
@@ -53,6 +55,7 @@ def influence_scores(
     group: Any = None,
     measurement: Callable[[Tensor, Tensor], Tensor] | None = None,
     per_module: bool = False,
+    query_rank: int | None = None,
 ) -> Tensor | dict[str, Tensor]:
     """Influence of every training example on every query: ``∇ℓ_t^T (F + Λ)^-1 ∇ℓ_n``.
 
@@ -104,6 +107,12 @@ def influence_scores(
             products over each block's coordinates, ``∇m_t,b^T (F_b + Λ_b)^-1 ∇ℓ_n,b``; for an ``F``
             without blocks (``"ggn"``, a dense operator) the coordinates of each module's
             parameters. They sum to the total.
+        query_rank: ``r``: keep each query's preconditioned gradient, per Kronecker block a matrix
+            ``[n_out, n_in]``, as its top ``r`` singular triplets while the training data streams
+            past (``r (n_out + n_in)`` numbers instead of ``n_out n_in``: more queries per
+            ``query_batch_size`` pass; kronfluence's ``query_gradient_low_rank``). Blocks without
+            that structure stay exact; ``r >= min(n_out, n_in)`` is exact. The error is measured
+            in ``benchmarks/influence_low_rank.py``.
 
     Returns:
         ``[M, N]`` scores, query ``t`` by training example ``n``, in data order (over shards
@@ -129,20 +138,34 @@ def influence_scores(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
         train_batch_size, query_batch_size, progressbar, curvature_options, group,
     )  # fmt: skip
-    return pairwise_scores(problem, query_data, measurement, per_module)
+    return pairwise_scores(problem, query_data, measurement, per_module, query_rank)
 
 
 def pairwise_scores(
-    problem: _Problem, query_data: Iterable, measurement: Callable | None, per_module: bool
+    problem: _Problem,
+    query_data: Iterable,
+    measurement: Callable | None,
+    per_module: bool,
+    query_rank: int | None = None,
 ) -> Tensor | dict[str, Tensor]:
     """:func:`influence_scores` of a checked problem (its curvature built once, on first use)."""
     if not isinstance(per_module, bool):
         raise TypeError(f"per_module must be True or False, got {per_module!r}.")
+    if query_rank is not None:
+        check_positive_int(query_rank, "query_rank")
     query = problem.examples(query_data, "query_data", measurement)
     problem.build()
     parts = problem.parts() if per_module else None
     indices = None if parts is None else list(parts.values())
-    rows = [problem.scores(problem.inverse @ q, indices) for q in query.columns(problem.query_batch_size)]
+    rows = []
+    for q in query.columns(problem.query_batch_size):
+        preconditioned = problem.inverse @ q
+        if query_rank is None:
+            queries = ExactQueries(preconditioned, indices)
+        else:
+            queries = CompressedQueries(preconditioned, problem.op, query_rank, indices)
+        del preconditioned  # the compressed form is what the training pass holds
+        rows.append(problem.scores(queries, q.shape[1], None if parts is None else len(parts)))
     scores = torch.cat(rows, dim=-2)
     return scores if parts is None else dict(zip(parts, scores.unbind(0), strict=True))
 
