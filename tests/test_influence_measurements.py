@@ -182,3 +182,62 @@ def test_leave_one_out_takes_the_measurement(data):
     expected = _dense_scores(damped, _measurement_gradients(model, margin, xq, yq), trains)
     scores = leave_one_out_scores(model, CE, train, query, removed=2, damping=DAMPING, measurement=margin)
     torch.testing.assert_close(scores, expected)
+
+
+class _Tokens(nn.Module):
+    """``[N, S, 3]`` to logits ``[N, 4, S]``: a token-wise linear layer and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(3, 5), nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x))).transpose(1, 2)
+
+
+def _token_problem():
+    torch.manual_seed(3)
+    model = _Tokens().double()
+    x = torch.randn(6, 5, 3, generator=generator(4), dtype=DOUBLE)
+    y = torch.randint(0, 4, (6, 5), generator=generator(5))
+    y[0, 3:] = -100
+    y[4, :2] = -100
+    return model, x, y, nn.CrossEntropyLoss(ignore_index=-100)
+
+
+def test_per_token_scores_are_each_positions_gradient_and_sum_to_the_datums():
+    model, x, y, loss = _token_problem()
+    train, query = [(x[:4], y[:4]), (x[4:], y[4:])], (x[:2], y[:2])
+    scores = influence_scores(model, loss, train, query, "ggn", DAMPING, per_token=True)
+    assert scores.shape == (2, 6, 5)
+    torch.testing.assert_close(scores.sum(-1), influence_scores(model, loss, train, query, "ggn", DAMPING))
+    ggn = Truth(model, loss, x, y).ggn()
+    preconditioned = torch.linalg.solve(
+        ggn + DAMPING * torch.eye(ggn.shape[0], dtype=DOUBLE), _gradients(model, loss, *query)
+    )
+    params = list(model.parameters())
+    for n in range(6):
+        for s in range(5):
+            if y[n, s] == -100:
+                assert torch.all(scores[:, n, s] == 0)
+                continue
+            token_loss = F.cross_entropy(model(x[n : n + 1])[:, :, s], y[n : n + 1, s], reduction="sum")
+            gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(token_loss, params)])
+            torch.testing.assert_close(scores[:, n, s], preconditioned.T @ gradient)
+
+
+def test_per_token_goes_with_per_module_and_low_rank_and_refuses_targets_without_tokens():
+    model, x, y, loss = _token_problem()
+    train, query = (x, y), (x[:2], y[:2])
+    parts = influence_scores(
+        model, loss, train, query, "kfac", DAMPING, per_token=True, per_module=True, query_rank=1
+    )
+    assert list(parts) == ["lin", "head"] and parts["lin"].shape == (2, 6, 5)
+    whole = influence_scores(model, loss, train, query, "kfac", DAMPING, per_token=True, query_rank=1)
+    torch.testing.assert_close(sum(parts.values()), whole)
+    classifier, xs, ys = _model(), torch.randn(4, 4, dtype=DOUBLE), torch.randint(0, 2, (4,))
+    with pytest.raises(ValueError, match=r"per_token needs targets \[N, S\]"):
+        influence_scores(classifier, CE, (xs, ys), (xs, ys), "kfac", per_token=True)
+    uneven = [(x[:3], y[:3]), (x[3:, :4], y[3:, :4])]
+    with pytest.raises(ValueError, match="padded to the same length"):
+        influence_scores(model, loss, uneven, query, "kfac", per_token=True)

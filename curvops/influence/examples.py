@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import grad, jacrev, vmap
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ..distributed import Shards
@@ -57,6 +57,7 @@ class _Losses:
         self.counter = LossAdapter(self.mean)  # checks the reduction; counts the mean's terms
         # ℓ_n: a torch loss summed over the datum's terms; another callable's mean over one datum
         self.datum = LossAdapter(_with_reduction(loss_fn, "sum"))
+        self.terms = _with_reduction(loss_fn, "none")  # ℓ_ns: a torch loss's every term
 
 
 class _Totals(NamedTuple):
@@ -231,6 +232,44 @@ class _Examples:
                 f"{model_data.non_finite_tensors()}"
             )
         return columns
+
+    def _token_gradients(self, index: int, params: dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
+        """``[D, b, S]``: the gradients ``∇ℓ_ns`` of each datum's every target position ``s``
+        (``y`` ``[b, S]``; a position of ``ignore_index`` has no loss, so a zero gradient)."""
+        model_data, terms = self.model_data, self.losses.terms
+        if not isinstance(terms, nn.modules.loss._Loss):
+            raise ValueError(
+                "per_token needs a torch.nn loss (its reduction='none' gives every token's loss)."
+            )
+        if y.ndim != 2:
+            raise ValueError(
+                f"{self.what} batch {index}: per_token needs targets [N, S] (a token axis), got shape "
+                f"{list(y.shape)}."
+            )
+
+        def token_losses(p: dict[str, Tensor], xn: Any, yn: Tensor) -> Tensor:
+            output = model_data.forward(p, tree_map(lambda t: t.unsqueeze(0), xn))
+            return terms(output, yn.unsqueeze(0)).reshape(-1)
+
+        with fixed_forward():
+            tree = vmap(jacrev(token_losses), in_dims=(None, 0, 0))(params, x, y)  # {name: [b, S, *shape]}
+        flat = {name: t.flatten(0, 1) for name, t in tree.items()}
+        return model_data.from_tree(flat).reshape(model_data.size, len(y), y.shape[1])
+
+    def token_columns(self, size: int) -> Iterator[Tensor]:
+        """``∇ℓ_ns`` for every datum in order, as ``[D, b, S]`` blocks of at most ``size`` data;
+        every batch's targets need the same ``S``."""
+        params, tokens = self.model_data.param_dict(), None
+        for index, x, y in self.batches():
+            if tokens is not None and y.ndim == 2 and y.shape[1] != tokens:
+                raise ValueError(
+                    f"{self.what} batch {index} has {y.shape[1]} target positions, batch 0 had {tokens}: "
+                    "per_token scores need every batch padded to the same length (ignore_index)."
+                )
+            tokens = y.shape[1] if y.ndim == 2 else tokens
+            for start in range(0, len(y), size):
+                rows = slice(start, start + size)
+                yield self._token_gradients(index, params, tree_map(lambda t, rows=rows: t[rows], x), y[rows])
 
     def columns(self, size: int) -> Iterator[Tensor]:
         """``∇ℓ_n`` for every datum in order, as ``[D, size]`` blocks (the last one smaller)."""

@@ -86,10 +86,12 @@ class Influence:
         measurement: Callable[[Tensor, Tensor], Tensor] | None = None,
         per_module: bool = False,
         query_rank: int | None = None,
+        per_token: bool = False,
     ) -> Tensor | dict[str, Tensor]:
         """``[M, N]`` scores of the training examples on ``query_data`` (``{label: [M, N]}`` per
-        module): :func:`~curvops.influence.influence_scores` with the fitted ``F``."""
-        return pairwise_scores(self._problem, query_data, measurement, per_module, query_rank)
+        module, ``[M, N, S]`` per token): :func:`~curvops.influence.influence_scores` with the
+        fitted ``F``."""
+        return pairwise_scores(self._problem, query_data, measurement, per_module, query_rank, per_token)
 
     def self_influence(self) -> Tensor:
         """``[N]`` self-influence: :func:`~curvops.influence.self_influence` with the fitted ``F``."""

@@ -120,6 +120,17 @@ class _Problem:
         empty = torch.zeros(*leading, 0, dtype=model_data.dtype, device=model_data.device)
         return torch.cat([empty, *blocks], dim=-1)
 
+    def token_scores(self, queries: ExactQueries | CompressedQueries) -> Tensor:
+        """``[K, N, S]`` (``[parts, K, N, S]``) scores with every training datum's every target
+        position's gradient ``∇ℓ_ns``."""
+        blocks = []
+        for g in self.train.token_columns(self.train_batch_size):
+            size, data, tokens = g.shape
+            blocks.append(queries.scores(g.reshape(size, data * tokens)).unflatten(-1, (data, tokens)))
+        if not blocks:
+            raise ValueError(f"{self.train.what} holds no examples to score per token on this rank.")
+        return torch.cat(blocks, dim=-2)
+
     def parts(self) -> dict[str, Tensor]:
         """``{label: flat indices}`` of the curvature's blocks (a block-diagonal ``F``: each
         block's coordinates, by its label), or else of each module's parameters: the parts whose

@@ -56,6 +56,7 @@ def influence_scores(
     measurement: Callable[[Tensor, Tensor], Tensor] | None = None,
     per_module: bool = False,
     query_rank: int | None = None,
+    per_token: bool = False,
 ) -> Tensor | dict[str, Tensor]:
     """Influence of every training example on every query: ``∇ℓ_t^T (F + Λ)^-1 ∇ℓ_n``.
 
@@ -113,6 +114,10 @@ def influence_scores(
             ``query_batch_size`` pass; kronfluence's ``query_gradient_low_rank``). Blocks without
             that structure stay exact; ``r >= min(n_out, n_in)`` is exact. The error is measured
             in ``benchmarks/influence_low_rank.py``.
+        per_token: the scores of every training datum's every target position (sequence models,
+            targets ``[N, S]``): ``[M, N, S]``, ``∇m_t^T (F + Λ)^-1 ∇ℓ_ns`` with ``ℓ_ns`` the loss of
+            position ``s`` alone (a padding position, ``ignore_index``, scores 0); they sum over
+            ``s`` to the datum's score. Every batch's targets need the same ``S``.
 
     Returns:
         ``[M, N]`` scores, query ``t`` by training example ``n``, in data order (over shards
@@ -138,7 +143,7 @@ def influence_scores(
         model, loss_fn, train_data, curvature, damping, fisher_type, bias, params,
         train_batch_size, query_batch_size, progressbar, curvature_options, group,
     )  # fmt: skip
-    return pairwise_scores(problem, query_data, measurement, per_module, query_rank)
+    return pairwise_scores(problem, query_data, measurement, per_module, query_rank, per_token)
 
 
 def pairwise_scores(
@@ -147,10 +152,12 @@ def pairwise_scores(
     measurement: Callable | None,
     per_module: bool,
     query_rank: int | None = None,
+    per_token: bool = False,
 ) -> Tensor | dict[str, Tensor]:
     """:func:`influence_scores` of a checked problem (its curvature built once, on first use)."""
-    if not isinstance(per_module, bool):
-        raise TypeError(f"per_module must be True or False, got {per_module!r}.")
+    for name, value in (("per_module", per_module), ("per_token", per_token)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}.")
     if query_rank is not None:
         check_positive_int(query_rank, "query_rank")
     query = problem.examples(query_data, "query_data", measurement)
@@ -165,8 +172,11 @@ def pairwise_scores(
         else:
             queries = CompressedQueries(preconditioned, problem.op, query_rank, indices)
         del preconditioned  # the compressed form is what the training pass holds
-        rows.append(problem.scores(queries, q.shape[1], None if parts is None else len(parts)))
-    scores = torch.cat(rows, dim=-2)
+        if per_token:
+            rows.append(problem.token_scores(queries))
+        else:
+            rows.append(problem.scores(queries, q.shape[1], None if parts is None else len(parts)))
+    scores = torch.cat(rows, dim=-3 if per_token else -2)
     return scores if parts is None else dict(zip(parts, scores.unbind(0), strict=True))
 
 
