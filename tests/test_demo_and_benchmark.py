@@ -56,6 +56,11 @@ def test_influence_low_rank_benchmark_quick_mode_runs():
     assert "top-10 overlap" in out and "exact" in out
 
 
+def test_laplace_last_layer_benchmark_quick_mode_runs():
+    out = _quick("laplace_last_layer.py")
+    assert "speed-up" in out and "kfac" in out
+
+
 def test_kfac_benchmark_quick_mode_runs():
     out = _quick("kfac.py", "--workloads", "tokens")
     assert "statistics (factors)" in out and "tokens: D =" in out and out.count("x)") >= 5

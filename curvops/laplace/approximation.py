@@ -24,6 +24,7 @@ from .curvature import (
     read_data,
     summed_negative_log_likelihood,
 )
+from .last_layer import LAST_LAYER, head_model, last_layer_features
 from .network import Network
 from .noise import GaussianNoise
 from .posterior import Posterior, check_prior_precision, warn_unless_minimum
@@ -92,6 +93,9 @@ class Laplace(Predictives, SavedState):
         params: the parameters the posterior is over (default: the model's trainable ones);
             the others stay at their values (a change of one of them, or of a buffer, raises
             :class:`~curvops.errors.StaleParametersError` at the next prediction).
+            ``"last_layer"``: the last layer's (an ``nn.Linear`` producing the output), fitted on
+            its input features computed once, without backward passes through the network
+            (:mod:`curvops.laplace.last_layer`): the posterior of ``params=[W, b]``, faster.
         sigma_noise: ``σ > 0`` of a Gaussian likelihood, with ``MSELoss`` only (see above).
         curvature_options: keyword arguments for the Kronecker builders (``fisher_type``,
             default ``"type-2"``; ``bias``, ``kfac_approx``, ``unsupported``, ...).
@@ -126,29 +130,39 @@ class Laplace(Predictives, SavedState):
         curvature: str | CurvatureOperator = "kfac",
         prior_precision: float | Sequence[float] | Tensor = 1.0,
         temperature: float = 1.0,
-        params: Sequence[nn.Parameter] | None = None,
+        params: Sequence[nn.Parameter] | str | None = None,
         sigma_noise: float | None = None,
         curvature_options: dict[str, Any] | None = None,
         group: Any = None,
     ) -> None:
         check_curvature(curvature, CURVATURES)
         shards = Shards.of(group)
-        self._attach(model, loss_fn, data, params, shards.active)
+        last = isinstance(params, str)
+        if last and params != LAST_LAYER:
+            raise ValueError(f"params must be parameters or {LAST_LAYER!r}, got {params!r}.")
+        self._attach(model, loss_fn, data, None if last else params, shards.active)
+        fitted, input_shape = self._model, None  # the model the posterior is fitted on
+        if last:  # the last layer on its features: no passes through the body but one
+            layer, batches, input_shape = last_layer_features(self._model)
+            fitted = head_model(layer, batches, shards.active)
+            self._model = ModelData(model, data, fitted.params, allow_empty=shards.active)
+            self.param_names = list(self._model.names)
         self.sigma_noise = self._check_sigma_noise(sigma_noise)
         self._theta = {name: p.detach().clone() for name, p in self._model.param_dict().items()}
         self.mean = torch.cat([t.reshape(-1) for t in self._theta.values()])
         self._prior_precision = self._check_prior_precision(prior_precision)
         self._temperature = check_positive(temperature, "temperature")
 
-        fit = read_data(self._model, self._loss_adapter, self._theta, shards)
+        theta = dict(zip(fitted.names, self._theta.values(), strict=True))
+        fit = read_data(fitted, self._loss_adapter, theta, shards)
         self.num_terms = fit.num_terms
         self.loss = summed_negative_log_likelihood(fit, sigma_noise)
         base_variance = 0.5 if sigma_noise is None else sigma_noise**2  # N(f, ½ I) without a σ
         regression = self.likelihood == "regression"
         self._noise = GaussianNoise(fit.loss, fit.num_terms, base_variance) if regression else None
         self._noise_ratio: float = 1.0  # σ²/σ₀² once σ is learned: K is divided by it
-        self._network = Network(self._model, self._theta, fit.output_shape, fit.input_example)
-        op = build_curvature(curvature, self._model, self._loss_adapter, curvature_options, group)
+        self._network = Network(self._model, self._theta, fit.output_shape, input_shape or fit.input_example)
+        op = build_curvature(curvature, fitted, self._loss_adapter, curvature_options, group)
         scale = curvature_scale(curvature, self._loss_adapter, self.num_terms, sigma_noise)
         self._posterior = Posterior(op, scale, self._theta, self.loss)
         self.curvature = self._posterior.curvature

@@ -1,0 +1,75 @@
+"""Last-layer Laplace from features (``params="last_layer"``): the posterior of ``params=[W, b]``
+on the whole network, without passes through the body but one; clear errors where the last
+module is no ``nn.Linear`` producing the output."""
+
+import pytest
+import torch
+from test_laplace import DOUBLE, batches, train
+from test_laplace_tuning import LOSSES, _data
+from torch import nn
+
+from curvops.laplace import Laplace
+
+
+def _deep(outputs):
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, outputs)).to(
+        DOUBLE
+    )
+
+
+@pytest.mark.parametrize("curvature", ["kfac", "ekfac", "full", "diagonal"])
+@pytest.mark.parametrize("kind", ["classification", "regression", "binary"])
+def test_last_layer_is_the_posterior_of_its_parameters(kind, curvature):
+    x, y = _data(kind)
+    model = train(_deep(3 if kind == "classification" else 2), LOSSES[kind](reduction="sum"), x, y)
+    head = model[4]
+    options = {"curvature": curvature, "prior_precision": 0.7}
+    if kind == "regression":
+        options["sigma_noise"] = 0.3
+    last = Laplace(model, LOSSES[kind](), batches(x, y), params="last_layer", **options)
+    explicit = Laplace(model, LOSSES[kind](), batches(x, y), params=[head.weight, head.bias], **options)
+    assert last.param_names == ["4.weight", "4.bias"] == explicit.param_names
+    torch.testing.assert_close(last.mean, explicit.mean)
+    torch.testing.assert_close(last.loss, explicit.loss)
+    torch.testing.assert_close(last.posterior_precision.to_dense(), explicit.posterior_precision.to_dense())
+    torch.testing.assert_close(last.log_marginal_likelihood(), explicit.log_marginal_likelihood())
+    x_test = torch.randn(4, 4, generator=torch.Generator().manual_seed(8), dtype=DOUBLE)
+    mine, theirs = last.predictive(x_test), explicit.predictive(x_test)
+    for a, b in zip(
+        mine if isinstance(mine, tuple) else [mine],
+        theirs if isinstance(theirs, tuple) else [theirs],
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_body_runs_forward_once_per_batch_and_never_backward(monkeypatch):
+    x, y = _data("classification")
+    model = train(_deep(3), nn.CrossEntropyLoss(reduction="sum"), x, y)
+    calls = {"forward": 0, "backward": 0}
+    body = model[0]
+    body.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
+    body.register_full_backward_hook(lambda *a: calls.__setitem__("backward", calls["backward"] + 1))
+    Laplace(model, nn.CrossEntropyLoss(), batches(x, y), params="last_layer", curvature="kfac")
+    assert calls == {"forward": 2, "backward": 0}  # one per batch
+
+
+def test_models_without_a_linear_last_layer_are_refused():
+    x, y = _data("classification")
+    conv_last = nn.Sequential(nn.Unflatten(1, (1, 4)), nn.Conv1d(1, 3, 4), nn.Flatten()).to(DOUBLE)
+    with pytest.raises(ValueError, match=r"nn.Linear last layer.*'1' \(Conv1d\)"):
+        Laplace(conv_last, nn.CrossEntropyLoss(), (x, y), params="last_layer")
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, z):
+            return 2 * self.head(z)
+
+    with pytest.raises(ValueError, match="is not the model's output"):
+        Laplace(Scaled().to(DOUBLE), nn.CrossEntropyLoss(), (x, y), params="last_layer")
+    with pytest.raises(ValueError, match="params must be parameters or 'last_layer'"):
+        Laplace(_deep(3), nn.CrossEntropyLoss(), (x, y), params="last")
