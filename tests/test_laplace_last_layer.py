@@ -73,3 +73,12 @@ def test_models_without_a_linear_last_layer_are_refused():
         Laplace(Scaled().to(DOUBLE), nn.CrossEntropyLoss(), (x, y), params="last_layer")
     with pytest.raises(ValueError, match="params must be parameters or 'last_layer'"):
         Laplace(_deep(3), nn.CrossEntropyLoss(), (x, y), params="last")
+
+
+def test_a_saved_last_layer_posterior_restores_on_its_parameters():
+    x, y = _data("classification")
+    model = train(_deep(3), nn.CrossEntropyLoss(reduction="sum"), x, y)
+    la = Laplace(model, nn.CrossEntropyLoss(), batches(x, y), params="last_layer")
+    restored = Laplace.from_state_dict(model, nn.CrossEntropyLoss(), la.state_dict())
+    assert restored.param_names == ["4.weight", "4.bias"]
+    torch.testing.assert_close(restored.predictive(x[:3]), la.predictive(x[:3]))

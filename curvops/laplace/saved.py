@@ -118,10 +118,11 @@ class SavedState:
     ) -> SavedState:
         """A posterior restored from :meth:`state_dict` on ``model`` (the same architecture; its
         parameters' values need not be ``θ*``, which the state holds), without the training data:
-        the same evidence, samples and predictives to rounding.
+        the same evidence, samples and predictives to rounding. ``params`` defaults to the
+        model's parameters of the state's names (a last-layer posterior's, say).
 
         Raises ``ValueError`` (naming the key) for a state of another likelihood or other
-        parameters (``params``: as when fitted).
+        parameters.
 
         Example:
             >>> model = torch.nn.Linear(2, 2).double()
@@ -133,6 +134,10 @@ class SavedState:
             >>> torch.allclose(again.predictive(x), la.predictive(x))
             True
         """
+        if params is None and isinstance(state, dict) and isinstance(state.get("param_names"), list):
+            named = dict(model.named_parameters())  # default: the parameters the state was fitted on
+            if all(name in named for name in state["param_names"]):
+                params = [named[name] for name in state["param_names"]]
         laplace = cls.__new__(cls)
         laplace._attach(model, loss_fn, [], params, True)
         laplace.load_state_dict(state)
