@@ -26,6 +26,7 @@ from .curvature import (
 )
 from .last_layer import LAST_LAYER, head_model, last_layer_features
 from .network import Network
+from .nll_gradient import differentiable, refine
 from .noise import GaussianNoise
 from .posterior import Posterior, check_prior_precision, warn_unless_minimum
 from .predictive import Predictives
@@ -362,7 +363,10 @@ class Laplace(Predictives, SavedState):
           Bernoulli's for ``BCEWithLogitsLoss``, the Gaussian's ``½ log(2πv) + (y - μ)²/(2v)`` of
           the predictive mean and variance for ``MSELoss``; ``ignore_index`` targets left out),
           as ``laplace-torch``'s grid search; ``predictive_options`` go to :meth:`predictive`
-          (``method``, ``link_approx``, ``n_samples``, ``generator``, ``batch_size``).
+          (``method``, ``link_approx``, ``n_samples``, ``generator``, ``batch_size``). Where the
+          predictive is differentiable in ``τ`` (the GLM with the probit or bridge link, or a
+          regression's), ``steps`` Adam steps on ``log τ`` then refine the grid's best with the
+          exact gradient (:mod:`curvops.laplace.nll_gradient`), kept where they lower the NLL.
 
         Args:
             method: ``"marglik"``, ``"grid"`` or ``"nll"``.
@@ -402,9 +406,10 @@ class Laplace(Predictives, SavedState):
         if method == "grid":
             tau = grid_search(self._evidence, start, grid)
         elif method == "nll":
-            tau = grid_search(
-                lambda t: -self._validation_nll(t, val_data, predictive_options or {}), start, grid
-            )
+            options = predictive_options or {}
+            tau = grid_search(lambda t: -self._validation_nll(t, val_data, options), start, grid)
+            if differentiable(self, tau, options):
+                tau = refine(self, tau, as_batches(val_data), options, steps, lr)
         elif learn_sigma_noise:
             sigma = self.sigma_noise or self._noise.maximum_likelihood()
             tau, sigma = maximize(self._evidence, [start, start.new_tensor(sigma)], steps, lr)
