@@ -73,12 +73,12 @@ def load_state(path: str | Path, device: torch.device | str = "cpu") -> dict[str
     path = Path(path)
     if path.suffix != ".safetensors":
         return torch.load(path, map_location=device, weights_only=True)
-    module = _safetensors()
+    _safetensors()
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device=str(device)) as file:
         metadata = file.metadata() or {}
         if _METADATA_KEY not in metadata:
             raise ValueError(f"{path} holds no curvops state (its metadata has no {_METADATA_KEY!r} entry).")
-    tensors = module.load_file(str(path), device=str(device))
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
     return _restored(json.loads(metadata[_METADATA_KEY]), tensors)

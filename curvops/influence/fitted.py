@@ -1,8 +1,9 @@
 """Fit once, score many: :class:`Influence` holds a fitted influence curvature ``F`` (and its
 damped inverse) and computes pairwise, self and leave-one-out scores for any number of query
-sets; it saves ``F`` with its damping and restores it without refitting. The functions
-:func:`~curvops.influence.influence_scores`, :func:`~curvops.influence.self_influence` and
-:func:`~curvops.influence.leave_one_out_scores` are one-shot uses of it."""
+sets; it saves ``F`` with its damping and restores it without refitting. It and the one-shot
+functions :func:`~curvops.influence.influence_scores`, :func:`~curvops.influence.self_influence`
+and :func:`~curvops.influence.leave_one_out_scores` run the same code (``pairwise_scores``,
+``own_scores``, ``scores_without`` on one checked problem)."""
 
 from __future__ import annotations
 
