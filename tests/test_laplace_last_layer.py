@@ -82,3 +82,39 @@ def test_a_saved_last_layer_posterior_restores_on_its_parameters():
     restored = Laplace.from_state_dict(model, nn.CrossEntropyLoss(), la.state_dict())
     assert restored.param_names == ["4.weight", "4.bias"]
     torch.testing.assert_close(restored.predictive(x[:3]), la.predictive(x[:3]))
+
+
+class _SharedBody(nn.Module):
+    """A body whose linear layer runs twice (shared), then the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+@pytest.mark.filterwarnings("ignore:The parameters are not at a minimum")  # an untrained model
+def test_a_real_pipeline_gives_the_one_batch_last_layer_posterior():
+    """A shuffled loader of uneven batches with ignore_index labels, a shared body layer, train
+    mode without randomness: the posterior of one batch in eval mode; the model untouched."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(6)
+    model = _SharedBody().to(DOUBLE)
+    x, y = _data("classification", n=23)
+    y[:4] = -100
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = DataLoader(
+        TensorDataset(x, y), batch_size=5, shuffle=True, generator=torch.Generator().manual_seed(1)
+    )
+    shuffled = Laplace(model.train(), loss_fn, loader, params="last_layer", curvature="kfac")
+    reference = Laplace(model.eval(), loss_fn, [(x, y)], params="last_layer", curvature="kfac")
+    assert shuffled.num_terms == reference.num_terms == 19
+    torch.testing.assert_close(shuffled.log_marginal_likelihood(), reference.log_marginal_likelihood())
+    torch.testing.assert_close(shuffled.predictive(x[:3]), reference.predictive(x[:3]))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert not shuffled.predictive(x[:3]).requires_grad
